@@ -1,0 +1,75 @@
+"""python -m megatron_patch.convert {hf2mcore,mcore2hf,verify} ..."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .hf_io import CheckpointError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m megatron_patch.convert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    h2m = sub.add_parser("hf2mcore", help="HF directory -> Megatron checkpoint sharded for TP x PP")
+    h2m.add_argument("--load", required=True, help="HF model directory")
+    h2m.add_argument("--save", required=True, help="output Megatron checkpoint directory")
+    h2m.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
+    h2m.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
+    h2m.add_argument("--format", dest="fmt", choices=("torch_dist", "legacy"), default="torch_dist",
+                     help="torch_dist (megatron-core dist_checkpointing, reshardable) or legacy mp_rank_* files")
+    h2m.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local",
+                     help="layer spec the checkpoint is for (affects legacy key names only)")
+    h2m.add_argument("--model-name", "--family", dest="family", default=None,
+                     help="model family; detected from config.json when omitted")
+    h2m.add_argument("--extra-vocab-size", type=int, default=0, help="new token rows to append to the vocabulary")
+    h2m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    h2m.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
+
+    m2h = sub.add_parser("mcore2hf", help="Megatron checkpoint (any TP x PP, either format) -> HF directory")
+    m2h.add_argument("--load", required=True, help="Megatron checkpoint directory (or one iteration directory)")
+    m2h.add_argument("--save", required=True, help="output HF directory")
+    m2h.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    m2h.add_argument("--overwrite", action="store_true")
+
+    ver = sub.add_parser("verify", help="compare HF and Megatron logits on a fixed text")
+    ver.add_argument("--hf", required=True, help="HF model directory")
+    ver.add_argument("--mcore", required=True, help="Megatron checkpoint directory")
+    ver.add_argument("--tp", type=int, default=None, help="TP to run at (default: as saved)")
+    ver.add_argument("--pp", type=int, default=None, help="PP to run at (default: as saved)")
+    ver.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (fp32)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..runtime import UnsupportedVersionError, WorkerError
+
+    try:
+        if args.command == "hf2mcore":
+            from .hf_to_mcore import hf_to_mcore
+
+            out = hf_to_mcore(args.load, args.save, args.tp, args.pp, args.fmt, args.transformer_impl, args.family,
+                              args.extra_vocab_size, args.make_vocab_size_divisible_by, args.overwrite)
+            print(f"saved Megatron checkpoint ({args.fmt}, TP={args.tp}, PP={args.pp}) to {out}")
+        elif args.command == "mcore2hf":
+            from .mcore_to_hf import mcore_to_hf
+
+            out = mcore_to_hf(args.load, args.save, args.overwrite, int(args.max_shard_size_gb * 2**30))
+            print(f"saved HF model to {out}")
+        else:
+            from .verify import verify
+
+            report = verify(args.hf, args.mcore, args.tp, args.pp, args.tolerance)
+            print(report.line())
+            return 0 if report.ok else 1
+    except (CheckpointError, ValueError, FileExistsError, FileNotFoundError, UnsupportedVersionError,
+            WorkerError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

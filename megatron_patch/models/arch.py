@@ -1,0 +1,80 @@
+"""A family-independent description of a decoder-only model: what megatron-core needs to build it.
+
+Each family (``models/<family>.py``) turns a HF ``config.json`` into a ``ModelArch``; everything downstream
+(TransformerConfig, layer spec, converter shapes) reads only this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    normalization: str = "RMSNorm"  # or "LayerNorm"
+    norm_epsilon: float = 1e-5
+    gated_linear_unit: bool = True  # SwiGLU (silu gate) when True, GeLU MLP when False
+    add_qkv_bias: bool = False
+    add_linear_bias: bool = False  # biases on proj, fc1, fc2
+    qk_layernorm: bool = False
+    tie_word_embeddings: bool = False
+    position_embedding: str = "rope"  # "rope" | "alibi"
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    init_std: float = 0.02
+    dtype: str = "float32"  # the dtype the HF checkpoint declares
+    extras: dict = field(default_factory=dict)  # family-specific switches (e.g. embedding LayerNorm)
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_query_groups}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelArch":
+        return cls(**data)
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """Raise a one-line error naming the flag to change if this model cannot be split TP x PP."""
+        if tp < 1 or pp < 1:
+            raise ValueError(f"--tp and --pp must be >= 1 (got {tp}, {pp})")
+        if self.num_attention_heads % tp:
+            raise ValueError(f"--tp {tp} does not divide the {self.num_attention_heads} attention heads")
+        if self.num_query_groups % tp:
+            raise ValueError(
+                f"--tp {tp} does not divide the {self.num_query_groups} key/value groups (num_key_value_heads)"
+            )
+        if self.ffn_hidden_size % tp:
+            raise ValueError(f"--tp {tp} does not divide the FFN width {self.ffn_hidden_size}")
+        if pp > self.num_layers:
+            raise ValueError(f"--pp {pp} is larger than the number of layers ({self.num_layers})")
+        if self.num_layers % pp:
+            raise ValueError(f"--pp {pp} does not divide the {self.num_layers} layers evenly")
+
+
+def parse_rope(hf_config: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from a config written by transformers 4.x (``rope_theta``, ``rope_scaling``)
+    or 5.x (``rope_parameters``). Scaling is None for plain RoPE."""
+    params = dict(hf_config.get("rope_parameters") or {})
+    legacy = hf_config.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
+    scaling = {k: v for k, v in {**legacy, **params}.items() if k != "rope_theta"}
+    if "type" in scaling and "rope_type" not in scaling:  # transformers < 4.40 spelled it "type"
+        scaling["rope_type"] = scaling.pop("type")
+    scaling.pop("type", None)
+    if scaling.get("rope_type", "default") == "default":
+        return theta, None
+    return theta, scaling

@@ -1,0 +1,135 @@
+"""ModelArch -> megatron-core TransformerConfig, layer spec and GPTModel. Written once for every family."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..layers.rope import rope_inv_freq, set_rope_inv_freq
+from ..runtime.cpu import cuda_available
+from .arch import ModelArch
+
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+
+
+def have_transformer_engine() -> bool:
+    from megatron.core.extensions import transformer_engine
+
+    return bool(transformer_engine.HAVE_TE)
+
+
+def check_transformer_impl(transformer_impl: str) -> None:
+    """Refuse a Transformer Engine build on a machine that cannot run one, saying what is missing."""
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"--transformer-impl must be one of {', '.join(TRANSFORMER_IMPLS)} (got {transformer_impl})")
+    if transformer_impl == "transformer_engine":
+        missing = []
+        if not cuda_available():
+            missing.append("a CUDA GPU")
+        if not have_transformer_engine():
+            missing.append("Transformer Engine (pip install 'megatron-patch[gpu]')")
+        if missing:
+            raise RuntimeError(
+                f"--transformer-impl transformer_engine needs {' and '.join(missing)}; "
+                "use --transformer-impl local on this machine"
+            )
+
+
+def transformer_config(
+    arch: ModelArch,
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    **overrides,
+):
+    """The megatron-core TransformerConfig for ``arch``; ``overrides`` are TransformerConfig fields (training flags)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization=arch.normalization,
+        layernorm_epsilon=arch.norm_epsilon,
+        gated_linear_unit=arch.gated_linear_unit,
+        activation_func=F.silu if arch.gated_linear_unit else _gelu,
+        add_bias_linear=arch.add_linear_bias,
+        add_qkv_bias=arch.add_qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=arch.init_std,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        pipeline_dtype=params_dtype,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        # Initialise the full weight on the CPU, then split: the same init at every TP size (and no GPU needed).
+        use_cpu_initialization=True,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def _gelu(x):
+    # HF bloom/gpt2-style MLPs use the tanh approximation.
+    return F.gelu(x, approximate="tanh")
+
+
+def layer_spec(arch: ModelArch, transformer_impl: str = "local"):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    check_transformer_impl(transformer_impl)
+    if transformer_impl == "transformer_engine":
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization=arch.normalization)
+
+
+def build_model(
+    arch: ModelArch,
+    padded_vocab_size: int,
+    *,
+    config=None,
+    transformer_impl: str = "local",
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    parallel_output: bool = True,
+):
+    """One pipeline stage of ``arch`` as a megatron-core GPTModel on the current TP/PP ranks."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    if config is None:
+        config = transformer_config(
+            arch,
+            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+            pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        )
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, transformer_impl),
+        vocab_size=padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope" if arch.position_embedding == "rope" else "none",
+        rotary_base=arch.rope_theta,
+    )
+    if arch.position_embedding == "rope":
+        set_rope_inv_freq(model, rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling))
+    return model

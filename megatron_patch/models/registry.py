@@ -1,0 +1,81 @@
+"""The family registry: a family is data (config mapping, flavors, weight table), registered by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .arch import ModelArch
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What one HF model family needs to become a megatron-core GPTModel and back.
+
+    Attributes:
+        name: registry name (``llama``), also the ``MODEL_NAME`` shell scripts accept.
+        architectures: HF ``architectures`` entries this family reads.
+        model_types: HF ``model_type`` values this family reads.
+        arch_from_hf: HF ``config.json`` dict -> ModelArch (validates what it cannot represent).
+        weight_mapping: ModelArch -> list of ``convert.mapping`` rows (one per megatron parameter name).
+        flavors: named size presets as HF config dicts; ``tiny`` is the CPU/test preset.
+        ignored_hf_keys: regexes of HF tensors that hold no weights (e.g. cached rotary frequencies).
+    """
+
+    name: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    arch_from_hf: Callable[[dict], ModelArch]
+    weight_mapping: Callable[[ModelArch], list]
+    flavors: dict[str, dict] = field(default_factory=dict)
+    ignored_hf_keys: tuple[str, ...] = ()
+
+    def flavor(self, size: str) -> dict:
+        key = size.lower()
+        for name, cfg in self.flavors.items():
+            if name.lower() == key:
+                return dict(cfg)
+        raise ValueError(f"{self.name} has no size preset '{size}' (available: {', '.join(self.flavors)})")
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    if family.name in _FAMILIES:
+        raise ValueError(f"model family '{family.name}' is registered twice")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def _load_builtin_families() -> None:
+    from . import llama  # noqa: F401  (registers itself)
+
+
+def supported_families() -> list[str]:
+    _load_builtin_families()
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> ModelFamily:
+    _load_builtin_families()
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown model family '{name}' (supported: {', '.join(sorted(_FAMILIES))})")
+    return _FAMILIES[name]
+
+
+def detect_family(hf_config: dict) -> ModelFamily:
+    """Pick the family from ``architectures`` (first) or ``model_type``; the error names what is supported."""
+    _load_builtin_families()
+    architectures = hf_config.get("architectures") or []
+    for family in _FAMILIES.values():
+        if any(arch in family.architectures for arch in architectures):
+            return family
+    model_type = hf_config.get("model_type")
+    for family in _FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    known = sorted(a for f in _FAMILIES.values() for a in f.architectures)
+    raise ValueError(
+        f"unsupported architecture {architectures or model_type!r} (supported: {', '.join(known)})"
+    )

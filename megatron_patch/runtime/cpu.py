@@ -1,0 +1,136 @@
+"""Run megatron-core on a machine without CUDA (gloo backend), without editing megatron-core.
+
+megatron-core 0.16 assumes CUDA in a handful of places (see ../shared/notes/megatron-core-on-cpu.md):
+tensors created with ``device="cuda"`` or ``device=torch.cuda.current_device()``, ``torch.cuda.synchronize()``
+in the pipeline p2p code, and an RNG tracker that forks the CUDA generator. Rather than patching each call
+site (they move between releases), a ``TorchFunctionMode`` rewrites any CUDA device argument to the CPU, and
+three ``torch.cuda`` functions get CPU stand-ins. The RNG tracker is replaced by one that forks the CPU
+generator. Everything here is a no-op when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ENABLED = False
+_MODE: TorchFunctionMode | None = None
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # An int device is a CUDA ordinal (that is what torch.cuda.current_device() returns).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to the CPU for every torch call made while the mode is active."""
+
+    _CPU = torch.device("cpu")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": self._CPU}
+        if kwargs.get("pin_memory"):
+            # pinned host memory needs a CUDA driver; on a CPU-only machine it has no purpose.
+            kwargs = {**kwargs, "pin_memory": False}
+        if func is torch.Tensor.to and len(args) > 1 and not isinstance(args[1], (torch.dtype, torch.Tensor)):
+            if _is_cuda_device(args[1]):
+                args = (args[0], self._CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+class CPURNGStatesTracker:
+    """Drop-in for megatron-core's ``CudaRNGStatesTracker`` that forks the CPU default generator.
+
+    Megatron keeps one RNG stream per model-parallel rank (dropout inside TP regions must differ across TP
+    ranks) next to the default stream; on a GPU those are CUDA generator states, here CPU generator states.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name, seed):
+        if seed in self.seeds_:
+            raise ValueError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"rng state {name} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise KeyError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def enable_cpu_path() -> bool:
+    """Make megatron-core run on the CPU when CUDA is absent. Returns True if the CPU path is active.
+
+    Idempotent. Affects only this process (and the thread that calls it: torch function modes are per thread).
+    """
+    global _ENABLED, _MODE
+    if cuda_available():
+        return False
+    if _ENABLED:
+        return True
+    # Megatron calls these unconditionally; without CUDA they raise. Ordinal 0 is mapped to the CPU by the mode.
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.device_count = lambda: 0
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
+    _ENABLED = True
+    return True
+
+
+def seed_model_parallel_rng(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: int = 0) -> None:
+    """Seed the tracker's streams with the offsets ``model_parallel_cuda_manual_seed`` uses on a GPU."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    tracker = mcore_random.get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)

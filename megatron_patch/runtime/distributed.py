@@ -1,0 +1,88 @@
+"""Process-group and model-parallel setup: NCCL on GPUs, gloo on the CPU path; torchrun's environment or one process."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .cpu import cuda_available, enable_cpu_path, seed_model_parallel_rng
+from .versions import check_megatron_version
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: float = 10.0,
+) -> None:
+    """Initialise torch.distributed (if needed), megatron-core's parallel state and the RNG streams.
+
+    Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT as torchrun sets them; without them runs as a single
+    process. Uses NCCL when CUDA is available, else gloo plus the CPU path (``runtime.cpu``).
+    """
+    check_megatron_version()
+    from megatron.core import parallel_state
+
+    on_cpu = enable_cpu_path()
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if os.environ["WORLD_SIZE"] != "1":
+                raise RuntimeError("MASTER_PORT is not set for a multi-process run; launch with torchrun")
+            os.environ["MASTER_PORT"] = str(free_port())
+        if not on_cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="gloo" if on_cpu else "nccl",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    world = dist.get_world_size()
+    if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
+        raise ValueError(
+            f"world size {world} is not divisible by tensor x pipeline parallel size "
+            f"{tensor_model_parallel_size}x{pipeline_model_parallel_size}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, numpy and torch; offset by pipeline rank as Megatron-LM does, then the TP RNG streams."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if cuda_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        seed_model_parallel_rng(seed, parallel_state.get_tensor_model_parallel_rank())
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

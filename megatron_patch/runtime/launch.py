@@ -1,0 +1,86 @@
+"""Run a function on N local ranks (one process each), as torchrun would, for tools that shard work themselves.
+
+Used by the converter (torch_dist needs every TP x PP rank to save its own shards) and by the tests. Every child
+is joined; a child that fails or a run that exceeds its timeout stops all of them and raises in the parent.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+import traceback
+
+import torch.multiprocessing as mp
+
+from .distributed import free_port
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+def _child(rank, world_size, port, env, fn, args, results):
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    try:
+        results.put((rank, True, fn(*args)))
+    except Exception as error:  # reported to the parent, which re-raises; the child then exits non-zero
+        message = str(error) if isinstance(error, (ValueError, FileNotFoundError)) else traceback.format_exc()
+        results.put((rank, False, message))
+        raise SystemExit(1) from None
+    finally:
+        from .distributed import destroy_distributed
+
+        destroy_distributed()
+
+
+def run_on_local_ranks(fn, world_size: int, *args, timeout: float = 900.0, env: dict | None = None) -> list:
+    """Call ``fn(*args)`` in ``world_size`` spawned processes with torchrun's environment; return their results.
+
+    ``fn`` must be importable (module level) and return something picklable. Raises ``WorkerError`` with the
+    first failing rank's message.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    procs = [
+        ctx.Process(target=_child, args=(rank, world_size, port, env, fn, args, results), daemon=False)
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    outcomes: dict[int, tuple[bool, object]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outcomes) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerError(f"local ranks did not finish within {timeout:.0f}s")
+            try:
+                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead and len(outcomes) < world_size and results.empty():
+                    time.sleep(0.5)  # let a dying child's report arrive before declaring it lost
+                    if results.empty():
+                        raise WorkerError(f"a local rank exited with code {dead[0].exitcode} without a report")
+                continue
+            outcomes[rank] = (ok, value)
+            if not ok:
+                raise WorkerError(f"rank {rank} failed: {value}")
+    finally:
+        for proc in procs:
+            proc.join(timeout=5 if outcomes and all(ok for ok, _ in outcomes.values()) else 0.1)
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return [outcomes[rank][1] for rank in range(world_size)]
