@@ -42,9 +42,10 @@ def run_on_local_ranks(fn, world_size: int, *args, timeout: float = 900.0, env: 
     """Call ``fn(*args)`` in ``world_size`` spawned processes with torchrun's environment; return their results.
 
     ``fn`` must be importable (module level) and return something picklable. Raises ``WorkerError`` with the
-    first failing rank's message.
+    first failing rank's message. Children start with ``spawn`` (a fresh interpreter); a test suite that has
+    already imported megatron-core may set MEGATRON_PATCH_START_METHOD=fork to skip re-importing it per rank.
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(os.environ.get("MEGATRON_PATCH_START_METHOD", "spawn"))
     results = ctx.Queue()
     port = free_port()
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
