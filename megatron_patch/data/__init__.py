@@ -1,0 +1,1 @@
+"""Data: tokenizers, jsonl -> indexed dataset, pretraining and SFT datasets."""

@@ -1,0 +1,188 @@
+"""jsonl (one document per line) -> megatron-core mmap indexed dataset (``<prefix>.bin`` + ``<prefix>.idx``).
+
+Documents are tokenized by a pool of worker processes in chunks, written in input order through
+``megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder`` with the tokenizer's EOD appended to each.
+Both files appear atomically (written under a temporary name, renamed when complete).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .tokenizers import Tokenizer, load_tokenizer
+
+
+class BadLineError(ValueError):
+    pass
+
+
+@dataclass
+class PreprocessSummary:
+    output_prefix: str
+    documents: int
+    tokens: int
+    skipped_lines: int
+    empty_documents: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def line(self) -> str:
+        return (f"{self.documents} documents, {self.tokens} tokens, {self.tokens_per_second:,.0f} tokens/s "
+                f"({self.seconds:.1f}s); skipped {self.skipped_lines} bad lines, {self.empty_documents} empty "
+                f"documents -> {self.output_prefix}.bin/.idx")
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_path: str, tokenizer_kind: str | None, key: str) -> None:
+    _WORKER["tok"] = load_tokenizer(tokenizer_path, tokenizer_kind)
+    _WORKER["key"] = key
+
+
+def parse_line(line: str, line_no: int, key: str) -> str:
+    """The document text of one jsonl line; BadLineError names the line and what is wrong with it."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise BadLineError(f"line {line_no}: not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise BadLineError(f"line {line_no}: expected a JSON object, got {type(record).__name__}")
+    if key not in record:
+        raise BadLineError(f"line {line_no}: no key '{key}' (keys: {', '.join(sorted(record)) or 'none'}); "
+                           f"pass --json-key to choose the text field")
+    text = record[key]
+    if not isinstance(text, str):
+        raise BadLineError(f"line {line_no}: '{key}' is a {type(text).__name__}, not a string")
+    return text
+
+
+def _encode_chunk(chunk: tuple[int, list[str]]) -> list[tuple[int, list[int] | None, str | None]]:
+    """[(line_no, ids (EOD appended) or None, error or None)] for a chunk of lines starting at ``first``."""
+    first, lines = chunk
+    tok: Tokenizer = _WORKER["tok"]
+    out = []
+    for offset, line in enumerate(lines):
+        line_no = first + offset
+        if not line.strip():
+            continue  # blank lines between documents carry nothing
+        try:
+            text = parse_line(line, line_no, _WORKER["key"])
+        except BadLineError as error:
+            out.append((line_no, None, str(error)))
+            continue
+        ids = tok.encode(text) if text else []
+        out.append((line_no, ids + [tok.eod] if ids else [], None))
+    return out
+
+
+def _chunks(path: Path, size: int):
+    with open(path, encoding="utf-8") as handle:
+        line_no = 1
+        while True:
+            lines = list(islice(handle, size))
+            if not lines:
+                return
+            yield line_no, lines
+            line_no += len(lines)
+
+
+def token_dtype(vocab_size: int):
+    # uint16 halves the .bin when every id fits, as Megatron-LM does.
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def build_indexed_dataset(
+    input_path: str | os.PathLike,
+    output_prefix: str | os.PathLike,
+    tokenizer_path: str | os.PathLike,
+    tokenizer_kind: str | None = None,
+    json_key: str = "text",
+    workers: int = 1,
+    chunk_lines: int = 64,
+    skip_bad_lines: bool = False,
+    progress: bool | None = None,
+) -> PreprocessSummary:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    input_path = Path(input_path)
+    if not input_path.is_file():
+        raise FileNotFoundError(f"input {input_path} does not exist")
+    if input_path.stat().st_size == 0:
+        raise ValueError(f"input {input_path} is empty: nothing to tokenize")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1 (got {workers})")
+    tokenizer = load_tokenizer(tokenizer_path, tokenizer_kind)  # fail here, not in a worker
+    # The key must exist on the first document: a wrong --json-key is a usage error, not a bad line.
+    with open(input_path, encoding="utf-8") as handle:
+        first = next(((i, ln) for i, ln in enumerate(handle, 1) if ln.strip()), None)
+    if first is None:
+        raise ValueError(f"input {input_path} has no documents (only blank lines)")
+    try:
+        record = json.loads(first[1])
+        if isinstance(record, dict) and json_key not in record:
+            raise ValueError(f"--json-key '{json_key}' is not in the documents of {input_path} "
+                             f"(line {first[0]} has keys: {', '.join(sorted(record)) or 'none'})")
+    except json.JSONDecodeError:
+        pass  # reported with its line number below (or skipped)
+
+    prefix = Path(output_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp_bin = prefix.with_name(prefix.name + ".tmp.bin")
+    tmp_idx = prefix.with_name(prefix.name + ".tmp.idx")
+    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=token_dtype(tokenizer.vocab_size))
+    documents = tokens = skipped = empty = 0
+    start = time.perf_counter()
+    pool = mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path), tokenizer_kind, json_key)) \
+        if workers > 1 else None
+    try:
+        if pool is None:
+            _init_worker(str(tokenizer_path), tokenizer_kind, json_key)
+            results = map(_encode_chunk, _chunks(input_path, chunk_lines))
+        else:
+            results = pool.imap(_encode_chunk, _chunks(input_path, chunk_lines))
+        with tqdm(unit="doc", desc="tokenizing", disable=progress is False) as bar:
+            for chunk in results:
+                for line_no, ids, error in chunk:
+                    if error is not None:
+                        if not skip_bad_lines:
+                            raise BadLineError(f"{input_path}: {error} (pass --skip-bad-lines to skip such lines)")
+                        skipped += 1
+                        continue
+                    if not ids:
+                        empty += 1
+                        continue
+                    builder.add_item(torch.tensor(ids, dtype=torch.int64))
+                    builder.end_document()
+                    documents += 1
+                    tokens += len(ids)
+                bar.update(len(chunk))
+                bar.set_postfix(tokens=tokens, refresh=False)
+        if documents == 0:
+            raise ValueError(f"no documents in {input_path} could be tokenized ({skipped} bad lines, {empty} empty)")
+        builder.finalize(str(tmp_idx))
+    except BaseException:
+        builder.data_file.close()
+        for path in (tmp_bin, tmp_idx):
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    os.replace(tmp_bin, prefix.with_name(prefix.name + ".bin"))
+    os.replace(tmp_idx, prefix.with_name(prefix.name + ".idx"))
+    return PreprocessSummary(str(prefix), documents, tokens, skipped, empty, time.perf_counter() - start)

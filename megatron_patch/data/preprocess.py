@@ -1,0 +1,49 @@
+"""python -m megatron_patch.data.preprocess --input docs.jsonl --output-prefix out/corpus --tokenizer DIR ...
+
+Writes ``<output-prefix>_<json-key>_document.bin/.idx`` (Megatron-LM's naming); pass that prefix to --data-path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .indexed import BadLineError, build_indexed_dataset
+from .tokenizers import tokenizer_kinds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m megatron_patch.data.preprocess", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="jsonl file, one document per line")
+    parser.add_argument("--output-prefix", required=True, help="output path prefix")
+    parser.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
+                        help="HF tokenizer directory, sentencepiece .model or qwen.tiktoken")
+    parser.add_argument("--tokenizer-type", choices=tokenizer_kinds(), default=None,
+                        help="tokenizer kind (detected from the path when omitted)")
+    parser.add_argument("--json-key", "--json-keys", dest="json_key", default="text", help="the text field")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
+    parser.add_argument("--chunk-lines", type=int, default=64, help="lines per work item")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="count and skip malformed lines instead of stopping at the first one")
+    parser.add_argument("--exact-prefix", action="store_true",
+                        help="write <output-prefix>.bin/.idx instead of <output-prefix>_<key>_document.*")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    prefix = args.output_prefix if args.exact_prefix else f"{args.output_prefix}_{args.json_key}_document"
+    try:
+        summary = build_indexed_dataset(args.input, prefix, args.tokenizer, args.tokenizer_type, args.json_key,
+                                        args.workers, args.chunk_lines, args.skip_bad_lines)
+    except (BadLineError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    print(f"data prefix for --data-path: {summary.output_prefix}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

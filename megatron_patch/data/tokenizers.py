@@ -1,0 +1,217 @@
+"""Tokenizers the toolkit loads, by kind, behind one small interface.
+
+Kinds (a registry; ``load_tokenizer`` picks one from the path when no kind is given):
+  - ``hf``: a HuggingFace tokenizer directory (``tokenizer.json`` / ``tokenizer_config.json``), loaded offline.
+  - ``sentencepiece``: a SentencePiece ``.model`` file.
+  - ``qwen-tiktoken``: Qwen v1's ``qwen.tiktoken`` BPE ranks file, read without trusting remote code.
+
+Every tokenizer exposes ``encode(text) -> list[int]``, ``decode(ids)``, ``eod`` (the id appended after each
+document), ``pad`` and ``vocab_size`` (ids the tokenizer can produce, before any vocabulary padding).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import Callable
+
+
+class Tokenizer:
+    """The interface the data pipeline and megatron-core's GPTDataset read (``eod``, ``pad``, ``vocab_size``)."""
+
+    kind = "base"
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    @property
+    def eod(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def pad(self) -> int:
+        return self.eod
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def chat_template_ids(self, messages: list[dict]) -> tuple[list[int], list[bool]] | None:
+        """(ids, is_response) for a chat, using the tokenizer's own chat template; None if it has none."""
+        return None
+
+
+class HFTokenizer(Tokenizer):
+    kind = "hf"
+
+    def __init__(self, path: str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"the tokenizer in {path} has no eos token to mark document ends")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids))
+
+    @property
+    def eod(self) -> int:
+        return int(self.tok.eos_token_id)
+
+    @property
+    def pad(self) -> int:
+        return int(self.tok.pad_token_id) if self.tok.pad_token_id is not None else self.eod
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def chat_template_ids(self, messages):
+        if not getattr(self.tok, "chat_template", None):
+            return None
+        # Render prefix by prefix: tokens added by an assistant turn are the response, the rest is prompt.
+        ids: list[int] = []
+        mask: list[bool] = []
+        for end in range(1, len(messages) + 1):
+            rendered = self.tok.apply_chat_template(messages[:end], tokenize=False)
+            full = self.tok.encode(rendered, add_special_tokens=False)
+            if full[: len(ids)] != ids:
+                raise ValueError("the chat template does not render a conversation prefix-consistently")
+            new = full[len(ids):]
+            ids += new
+            mask += [messages[end - 1].get("role") == "assistant"] * len(new)
+        return ids, mask
+
+
+class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+
+    def __init__(self, path: str | os.PathLike):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self._eod = self.sp.eos_id()
+        if self._eod < 0:
+            raise ValueError(f"the sentencepiece model {path} has no eos piece to mark document ends")
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode(list(ids))
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def pad(self) -> int:
+        return self.sp.pad_id() if self.sp.pad_id() >= 0 else self._eod
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+
+# Qwen v1 (qwen.tiktoken): the split pattern and special tokens of its tokenization_qwen.py, restated here so the
+# file loads without trust_remote_code.
+_QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
+
+
+class QwenTiktokenTokenizer(Tokenizer):
+    kind = "qwen-tiktoken"
+
+    def __init__(self, path: str | os.PathLike):
+        import tiktoken
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "qwen.tiktoken"
+        ranks = {}
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+            except ValueError:
+                raise ValueError(f"{path}:{line_no}: not a '<base64 token> <rank>' line") from None
+        start = len(ranks)
+        special = {tok: start + i for i, tok in enumerate(_QWEN_SPECIAL)}
+        self.enc = tiktoken.Encoding("qwen", pat_str=_QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+        self._eod = special["<|endoftext|>"]
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode(text, allowed_special=set(), disallowed_special=())
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(list(ids))
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+
+_KINDS: dict[str, Callable[[str], Tokenizer]] = {}
+
+
+def register_tokenizer(kind: str, factory: Callable[[str], Tokenizer]) -> None:
+    if kind in _KINDS:
+        raise ValueError(f"tokenizer kind '{kind}' is registered twice")
+    _KINDS[kind] = factory
+
+
+register_tokenizer("hf", HFTokenizer)
+register_tokenizer("sentencepiece", SentencePieceTokenizer)
+register_tokenizer("qwen-tiktoken", QwenTiktokenTokenizer)
+
+
+def tokenizer_kinds() -> list[str]:
+    return sorted(_KINDS)
+
+
+def detect_kind(path: str | os.PathLike) -> str:
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".model":
+            return "sentencepiece"
+        if path.suffix == ".tiktoken":
+            return "qwen-tiktoken"
+    elif path.is_dir():
+        if (path / "qwen.tiktoken").is_file() and not (path / "tokenizer.json").is_file():
+            return "qwen-tiktoken"
+        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            return "hf"
+        if (path / "tokenizer.model").is_file():
+            return "sentencepiece"
+    else:
+        raise FileNotFoundError(f"tokenizer path {path} does not exist")
+    raise ValueError(
+        f"cannot tell what tokenizer {path} is: expected a HF tokenizer directory, a sentencepiece .model or "
+        f"qwen.tiktoken (or pass the kind: {', '.join(tokenizer_kinds())})"
+    )
+
+
+def load_tokenizer(path: str | os.PathLike, kind: str | None = None) -> Tokenizer:
+    """Load a tokenizer; ``kind`` is detected from ``path`` when omitted."""
+    kind = kind or detect_kind(path)
+    if kind not in _KINDS:
+        raise ValueError(f"unknown tokenizer kind '{kind}' (supported: {', '.join(tokenizer_kinds())})")
+    path = Path(path)
+    if kind == "sentencepiece" and path.is_dir():
+        path = path / "tokenizer.model"
+    return _KINDS[kind](str(path))
