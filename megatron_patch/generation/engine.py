@@ -1,0 +1,145 @@
+"""Batched autoregressive generation over a megatron-core GPTModel, with megatron-core's static KV cache.
+
+Batching follows Megatron-LM's static scheme: prompts of different lengths are right-padded into one
+(batch, max_prompt + max_new) token buffer; the first step encodes every row up to the shortest prompt, then each
+step feeds one column. A row whose prompt is longer than the current column keeps its own prompt token instead of
+the sampled one, so every cached position holds a real token of that row and no padding mask is needed: a row's
+result equals generating it alone.
+
+The cache is megatron-core's ``StaticInferenceContext``, passed to ``GPTModel.forward`` as ``inference_context``:
+each attention layer keeps (max_seq, batch, groups, head_dim) key/value buffers and, after the first step, a step
+costs one token's forward. It runs unchanged on the CPU path with the local layer spec. ``use_cache=False`` re-runs
+the whole prefix every step (the reference the cache is tested against).
+
+Tensor parallelism: the model is built with ``parallel_output=False`` so every TP rank sees the full vocabulary;
+TP rank 0 picks the tokens and broadcasts them, so all ranks feed identical inputs. Pipeline parallelism is
+refused (a checkpoint saved at any PP loads at PP=1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .sampling import SamplingParams, select_next
+
+_LOADED_MARK = "_megatron_patch_weights_from"
+
+
+def mark_weights_loaded(model: torch.nn.Module, source: str) -> None:
+    """Record where ``model``'s weights came from; the engine refuses a model without this mark."""
+    setattr(model, _LOADED_MARK, str(source))
+
+
+def weights_source(model: torch.nn.Module) -> str | None:
+    return getattr(model, _LOADED_MARK, None)
+
+
+class GenerationError(ValueError):
+    """A generation request that cannot run (one-line message)."""
+
+
+class GenerationEngine:
+    """Generates continuations of token-id prompts with one model stage per TP rank (PP must be 1).
+
+    Args:
+        model: a GPTModel built with ``parallel_output=False`` whose weights were loaded (see ``load_model``).
+        vocab_size: real vocabulary size; logits of padding rows beyond it are never sampled.
+        eos_token_id: id(s) that end a row; None generates exactly ``max_new_tokens``.
+        max_sequence_length: longest prompt + completion the model supports (position embeddings, SEQ_LEN).
+        use_cache: use megatron-core's KV cache (one token per step) instead of re-running the prefix.
+    """
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, eos_token_id: int | Sequence[int] | None,
+                 max_sequence_length: int, use_cache: bool = True):
+        from megatron.core import parallel_state
+
+        if weights_source(model) is None:
+            raise GenerationError("no checkpoint weights were loaded into this model; refusing to generate from "
+                                  "random initialisation (load it with megatron_patch.generation.load_model)")
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise GenerationError("generation runs at pipeline-parallel size 1 (a checkpoint saved at any PP loads "
+                                  "at PP=1); launch with PP=1 and use TP to split a large model")
+        self.model = model.eval()
+        self.vocab_size = vocab_size
+        if eos_token_id is None:
+            eos_token_id = []
+        self.eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.max_sequence_length = max_sequence_length
+        self.use_cache = use_cache
+        self._tp_group = parallel_state.get_tensor_model_parallel_group()
+        self._tp_src = parallel_state.get_tensor_model_parallel_src_rank()
+        self._tp = parallel_state.get_tensor_model_parallel_world_size()
+
+    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        if not prompts:
+            raise GenerationError("no prompts to generate from")
+        if max_new_tokens < 1:
+            raise GenerationError(f"the output length must be >= 1 (got {max_new_tokens})")
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise GenerationError(f"prompt {i} is empty after tokenization")
+            if len(prompt) + max_new_tokens > self.max_sequence_length:
+                raise GenerationError(
+                    f"prompt {i} has {len(prompt)} tokens; with {max_new_tokens} new tokens it exceeds the maximum "
+                    f"sequence length {self.max_sequence_length} (shorten the input or the output length)")
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary of {self.vocab_size}")
+
+    def _forward(self, tokens: torch.Tensor, start: int, context) -> torch.Tensor:
+        """Logits (batch, vocab) of the last column of ``tokens`` (batch, n), whose first column is at ``start``."""
+        positions = torch.arange(start, start + tokens.size(1)).unsqueeze(0).expand(tokens.size(0), -1)
+        logits = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
+        return logits[:, -1, : self.vocab_size]
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: SamplingParams | None = None) -> list[list[int]]:
+        """Continuations of ``prompts`` (lists of token ids), each ending at its first EOS (kept) or after
+        ``max_new_tokens`` tokens. Every TP rank must call this with the same arguments."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        sampling = sampling or SamplingParams()
+        self._check(prompts, max_new_tokens)
+        batch = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts])
+        total = int(lengths.max()) + max_new_tokens
+        tokens = torch.zeros(batch, total, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            tokens[i, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+        ends = lengths + max_new_tokens  # exclusive end of each row
+        done = torch.zeros(batch, dtype=torch.bool)
+        eos = torch.tensor(self.eos_ids, dtype=torch.long)
+        generator = torch.Generator().manual_seed(sampling.seed)
+        context = StaticInferenceContext(batch, total) if self.use_cache else None
+
+        prev = 0
+        for cur in range(int(lengths.min()), total):
+            if context is not None:
+                logits = self._forward(tokens[:, prev:cur], prev, context)
+                context.increment_sequence_len_offset(cur - prev)
+                context.enable_decode_mode()
+            else:
+                logits = self._forward(tokens[:, :cur], 0, None)
+            prev = cur
+            chosen = select_next(logits, sampling, tokens[:, :cur], generator)
+            if self._tp > 1:
+                torch.distributed.broadcast(chosen, self._tp_src, group=self._tp_group)
+            generating = (cur >= lengths) & ~done & (cur < ends)
+            tokens[:, cur] = torch.where(generating, chosen, tokens[:, cur])
+            done |= generating & torch.isin(chosen, eos)
+            done |= cur + 1 >= ends
+            if bool(done.all()):
+                break
+
+        completions = []
+        for i in range(batch):
+            row = tokens[i, int(lengths[i]) : min(int(ends[i]), cur + 1)].tolist()
+            for j, token in enumerate(row):
+                if token in self.eos_ids:
+                    row = row[: j + 1]
+                    break
+            completions.append(row)
+        return completions

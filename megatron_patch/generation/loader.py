@@ -1,0 +1,74 @@
+"""Build a megatron-core model for generation on this rank and fill it from a megatron-patch checkpoint."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .engine import GenerationError, mark_weights_loaded
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model stage with loaded weights and what generation needs to know about its checkpoint."""
+
+    model: torch.nn.Module
+    iter_dir: Path
+    meta: dict
+    vocab_size: int  # real tokens (HF vocabulary + extra tokens); the embedding may hold padding rows beyond
+
+    @property
+    def hf_config(self) -> dict:
+        return self.meta["hf_config"]
+
+    @property
+    def assets_dir(self) -> Path:
+        from ..convert.mcore_io import ASSETS
+
+        return self.iter_dir / ASSETS
+
+    @property
+    def max_sequence_length(self) -> int:
+        return int(self.hf_config.get("max_position_embeddings") or self.hf_config.get("seq_length") or 2048)
+
+    def eos_token_id(self):
+        """EOS id(s) from the checkpoint's generation_config.json (as transformers reads it), else config.json."""
+        import json
+
+        generation_config = self.assets_dir / "generation_config.json"
+        if generation_config.is_file():
+            eos = json.loads(generation_config.read_text()).get("eos_token_id")
+            if eos is not None:
+                return eos
+        return self.hf_config.get("eos_token_id")
+
+
+def load_model(checkpoint: str | os.PathLike, precision: str = "fp32") -> LoadedModel:
+    """Load a converted or trained checkpoint (torch_dist or legacy, saved at any TP x PP) into a model stage for
+    the current TP size. ``init_distributed(tp, 1)`` must have run on every rank."""
+    from megatron.core import parallel_state
+
+    from ..convert.mcore_io import load_checkpoint_into_model, plan_from_meta, read_meta, resolve_checkpoint
+    from ..models.builder import build_model, transformer_config
+
+    if precision not in DTYPES:
+        raise GenerationError(f"precision must be one of {', '.join(DTYPES)} (got {precision})")
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise GenerationError("generation runs at pipeline-parallel size 1; launch with PP=1 (a checkpoint saved "
+                              "at any PP loads at PP=1)")
+    iter_dir = resolve_checkpoint(checkpoint)
+    meta = read_meta(iter_dir)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    plan = plan_from_meta(meta, tp=tp, pp=1)
+    config = transformer_config(plan.arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+                                params_dtype=DTYPES[precision])
+    model = build_model(plan.arch, plan.padded_vocab_size, config=config, parallel_output=False)
+    load_checkpoint_into_model(model, iter_dir)
+    mark_weights_loaded(model, str(iter_dir))
+    model.eval()
+    return LoadedModel(model=model, iter_dir=iter_dir, meta=meta, vocab_size=plan.vocab_size)
