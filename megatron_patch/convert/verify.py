@@ -52,17 +52,18 @@ def hf_logits(hf_dir, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits.float()
 
 
-def megatron_logits(iter_dir, tokens: torch.Tensor, tp: int, pp: int) -> torch.Tensor:
-    """Run the checkpoint at TP x PP (local ranks, fp32) and return the last stage's logits (real vocabulary)."""
+def megatron_logits(iter_dirs: list, tokens: torch.Tensor, tp: int, pp: int) -> list[torch.Tensor]:
+    """Run each checkpoint at TP x PP (one set of local ranks, fp32); return the logits over the real vocabulary."""
     from ..runtime import run_on_local_ranks
 
-    results = run_on_local_ranks(_megatron_logits_rank, tp * pp, str(iter_dir), tokens, tp, pp,
+    iter_dirs = [str(d) for d in iter_dirs]
+    results = run_on_local_ranks(_megatron_logits_rank, tp * pp, iter_dirs, tokens, tp, pp,
                                  env={"CUDA_VISIBLE_DEVICES": ""})
     logits = next(r for r in results if r is not None)
-    return logits[..., : read_meta(iter_dir)["vocab_size"]]
+    return [out[..., : read_meta(d)["vocab_size"]] for d, out in zip(iter_dirs, logits)]
 
 
-def _megatron_logits_rank(iter_dir, tokens, tp, pp):
+def _megatron_logits_rank(iter_dirs, tokens, tp, pp):
     from megatron.core import parallel_state
 
     from ..models.builder import build_model
@@ -71,13 +72,15 @@ def _megatron_logits_rank(iter_dir, tokens, tp, pp):
     from .mcore_io import load_checkpoint_into_model, plan_from_meta
 
     init_distributed(tp, pp)
-    plan = plan_from_meta(read_meta(iter_dir), tp=tp, pp=pp)
-    model = build_model(plan.arch, plan.padded_vocab_size, parallel_output=False)
-    load_checkpoint_into_model(model, iter_dir)
-    model.eval()
-    logits = forward_logits(model, tokens)
-    if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
-        return logits.float()
+    outputs = []
+    for iter_dir in iter_dirs:
+        plan = plan_from_meta(read_meta(iter_dir), tp=tp, pp=pp)
+        model = build_model(plan.arch, plan.padded_vocab_size, parallel_output=False)
+        load_checkpoint_into_model(model, iter_dir)
+        model.eval()
+        outputs.append(forward_logits(model, tokens))
+    if outputs[0] is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+        return [out.float() for out in outputs]
     return None
 
 
@@ -95,7 +98,7 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, tp: int | No
     pp = pp or meta["pipeline_model_parallel_size"]
     tokens = fixed_tokens(hf_dir, meta["hf_config"]["vocab_size"])
     reference = hf_logits(hf_dir, tokens)
-    candidate = megatron_logits(iter_dir, tokens, tp, pp)
+    candidate = megatron_logits([iter_dir], tokens, tp, pp)[0]
     if reference.shape != candidate.shape:
         raise ValueError(f"HF logits {tuple(reference.shape)} and Megatron logits {tuple(candidate.shape)} differ in "
                          "shape (was the vocabulary extended?)")

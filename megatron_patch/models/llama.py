@@ -19,6 +19,11 @@ def arch_from_hf(hf: dict) -> ModelArch:
     if hf.get("sliding_window") and hf.get("model_type") == "mistral":
         if hf["sliding_window"] < hf.get("max_position_embeddings", 0):
             raise ValueError("Mistral sliding-window attention is not supported; only full-attention configs convert")
+    attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    if attention_bias != mlp_bias:
+        # megatron-core ties the o_proj bias to the MLP biases (add_bias_linear); q/k/v-only bias is qwen2's layout.
+        raise ValueError(f"llama with attention_bias={attention_bias} and mlp_bias={mlp_bias} cannot be represented in "
+                         "megatron-core (its output-projection bias comes with MLP biases); only equal values convert")
     return ModelArch(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -31,8 +36,8 @@ def arch_from_hf(hf: dict) -> ModelArch:
         normalization="RMSNorm",
         norm_epsilon=hf.get("rms_norm_eps", 1e-6),
         gated_linear_unit=True,
-        add_qkv_bias=bool(hf.get("attention_bias", False)),
-        add_linear_bias=bool(hf.get("mlp_bias", False)),
+        add_qkv_bias=attention_bias,
+        add_linear_bias=mlp_bias,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         position_embedding="rope",
         rope_theta=theta,
@@ -59,8 +64,8 @@ def weight_mapping(arch: ModelArch) -> list:
     if arch.add_qkv_bias:
         rows.append(QKV("decoder.layers.*.self_attention.linear_qkv.bias",
                         f"{attn}.q_proj.bias", f"{attn}.k_proj.bias", f"{attn}.v_proj.bias"))
-        rows.append(Direct("decoder.layers.*.self_attention.linear_proj.bias", f"{attn}.o_proj.bias", REPLICATED))
     if arch.add_linear_bias:
+        rows.append(Direct("decoder.layers.*.self_attention.linear_proj.bias", f"{attn}.o_proj.bias", REPLICATED))
         rows.append(GatedMLP("decoder.layers.*.mlp.linear_fc1.bias", f"{mlp}.gate_proj.bias", f"{mlp}.up_proj.bias"))
         rows.append(Direct("decoder.layers.*.mlp.linear_fc2.bias", f"{mlp}.down_proj.bias", REPLICATED))
     return rows
