@@ -1,0 +1,50 @@
+"""The positional shell wrapper end to end, through the real CLI processes (spawned ranks included)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "toolkits" / "model_checkpoints_convertor" / "model_convertor.sh"
+
+
+def run(*args, check=True):
+    env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(Path.home())}
+    proc = subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("args,needle", [
+    ((1, 2, 3), "expected 8 or 9 arguments"),
+    (("none", "SRC", "DST", "two", 1, "llama", 0, "false"), "TP must be a positive integer"),
+    (("none", "SRC", "DST", 1, 1, "llama", 0, "maybe"), "MG2HF must be true or false"),
+    (("none", "SRC", "DST", 1, 1, "llama", 0, "false", "zarr"), "FORMAT must be torch_dist or legacy"),
+    (("none", "/does/not/exist", "DST", 1, 1, "llama", 0, "false"), "does not exist"),
+])
+def test_wrapper_validates_arguments(args, needle):
+    proc = run(*args, check=False)
+    assert proc.returncode == 2 and needle in proc.stderr and "MEGATRON_PATH" in proc.stderr
+
+
+def test_wrapper_round_trip_with_extra_vocab(make_hf, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = make_hf("gqa_untied")
+    run("none", hf_dir, tmp_path / "mcore", 1, 2, "llama-2-7b", 3, "false")
+    run("none", tmp_path / "mcore", tmp_path / "back", 1, 1, "llama", 0, "true")
+    original = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    extended = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+    assert extended.config.vocab_size == original.config.vocab_size + 3
+    tokens = torch.arange(1, 40).unsqueeze(0)
+    with torch.no_grad():
+        before, after = original(tokens).logits, extended(tokens).logits
+    # Old tokens keep their logits; the three new rows start as the mean of the old embeddings.
+    assert torch.equal(after[..., : original.config.vocab_size], before)
+    emb = extended.get_input_embeddings().weight
+    assert torch.allclose(emb[-3:], original.get_input_embeddings().weight.mean(0).expand(3, -1), atol=1e-6)

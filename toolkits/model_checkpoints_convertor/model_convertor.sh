@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# HF <-> Megatron checkpoint conversion for every supported family (one script, not one per family).
+#
+#   model_convertor.sh MEGATRON_PATH SOURCE_CKPT_PATH TARGET_CKPT_PATH TP PP MODEL_NAME EXTRA_VOCAB_SIZE MG2HF [FORMAT]
+#
+#   MEGATRON_PATH     a Megatron-LM checkout to put on PYTHONPATH, or "none" for the installed megatron-core
+#   SOURCE_CKPT_PATH  HF directory (MG2HF=false) or Megatron checkpoint directory (MG2HF=true)
+#   TARGET_CKPT_PATH  output directory (must not exist or be empty)
+#   TP, PP            tensor / pipeline parallel sizes of the Megatron checkpoint (ignored for MG2HF=true:
+#                     they are read from the checkpoint)
+#   MODEL_NAME        model family (llama, qwen, baichuan, bloom) or "auto" to detect it from config.json;
+#                     a size suffix such as llama-2-7b is accepted and ignored (config.json has the sizes)
+#   EXTRA_VOCAB_SIZE  new token rows to append to the vocabulary (0 for none)
+#   MG2HF             false: HF -> Megatron; true: Megatron -> HF
+#   FORMAT            torch_dist (default) or legacy
+set -euo pipefail
+
+usage() {
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+  [ $# -gt 0 ] && echo "error: $*" >&2
+  exit 2
+}
+
+[ $# -eq 8 ] || [ $# -eq 9 ] || usage "expected 8 or 9 arguments, got $#"
+MEGATRON_PATH=$1 SOURCE_CKPT_PATH=$2 TARGET_CKPT_PATH=$3 TP=$4 PP=$5 MODEL_NAME=$6 EXTRA_VOCAB_SIZE=$7 MG2HF=$8
+FORMAT=${9:-torch_dist}
+
+is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+is_uint "$TP" && [ "$TP" -ge 1 ] || usage "TP must be a positive integer (got '$TP')"
+is_uint "$PP" && [ "$PP" -ge 1 ] || usage "PP must be a positive integer (got '$PP')"
+is_uint "$EXTRA_VOCAB_SIZE" || usage "EXTRA_VOCAB_SIZE must be a non-negative integer (got '$EXTRA_VOCAB_SIZE')"
+case $MG2HF in true|false) ;; *) usage "MG2HF must be true or false (got '$MG2HF')" ;; esac
+case $FORMAT in torch_dist|legacy) ;; *) usage "FORMAT must be torch_dist or legacy (got '$FORMAT')" ;; esac
+[ -e "$SOURCE_CKPT_PATH" ] || usage "SOURCE_CKPT_PATH '$SOURCE_CKPT_PATH' does not exist"
+if [ "$MEGATRON_PATH" != none ]; then
+  [ -d "$MEGATRON_PATH" ] || usage "MEGATRON_PATH '$MEGATRON_PATH' is not a directory (use 'none' for the installed megatron-core)"
+  export PYTHONPATH="$MEGATRON_PATH${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+PYTHON=${PYTHON:-python}
+if [ "$MG2HF" = true ]; then
+  exec "$PYTHON" -m megatron_patch.convert mcore2hf --load "$SOURCE_CKPT_PATH" --save "$TARGET_CKPT_PATH"
+fi
+
+family_args=()
+family=${MODEL_NAME,,}
+family=${family%%[-_]*}  # llama-2-7b -> llama, qwen2.5-7b -> qwen2.5
+family=${family%%[0-9.]*}  # qwen2.5 -> qwen
+[ "$family" = auto ] || family_args=(--model-name "$family")
+exec "$PYTHON" -m megatron_patch.convert hf2mcore --load "$SOURCE_CKPT_PATH" --save "$TARGET_CKPT_PATH" \
+  --tp "$TP" --pp "$PP" --format "$FORMAT" --extra-vocab-size "$EXTRA_VOCAB_SIZE" "${family_args[@]}"
