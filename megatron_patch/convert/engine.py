@@ -8,8 +8,8 @@ spelling used by legacy checkpoints of TE models.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -167,8 +167,7 @@ class ConversionPlan:
             full = get_full(entry)
             if entry.row.split == VOCAB:
                 full = layouts.unpad_vocab(full, self.vocab_size)
-            for name, tensor in zip(entry.hf_names, entry.row.megatron_to_hf(full, self.arch)):
-                yield name, tensor
+            yield from zip(entry.hf_names, entry.row.megatron_to_hf(full, self.arch))
             if progress is not None:
                 progress.update(1)
 

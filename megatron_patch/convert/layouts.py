@@ -42,6 +42,44 @@ def split_qkv(
     return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
 
 
+def qkv_blocks_to_megatron(fused: torch.Tensor, num_attention_heads: int, num_query_groups: int) -> torch.Tensor:
+    """A fused projection stored as three blocks [q; k; v] (Baichuan ``W_pack``, Qwen v1 ``c_attn``) ->
+    megatron-core's per-group ``linear_qkv`` rows.
+
+    ``fused`` rows: q (heads * d), then k (groups * d), then v (groups * d); any trailing dims (hidden) are kept.
+    """
+    head_dim = fused.shape[0] // (num_attention_heads + 2 * num_query_groups)
+    q, k, v = torch.split(fused, [num_attention_heads * head_dim, num_query_groups * head_dim,
+                                  num_query_groups * head_dim], dim=0)
+    return interleave_qkv(q, k, v, num_query_groups)
+
+
+def megatron_to_qkv_blocks(qkv: torch.Tensor, num_attention_heads: int, num_query_groups: int) -> torch.Tensor:
+    """Inverse of ``qkv_blocks_to_megatron``."""
+    return torch.cat(split_qkv(qkv, num_attention_heads, num_query_groups), dim=0)
+
+
+def per_head_qkv_to_megatron(fused: torch.Tensor, num_attention_heads: int) -> torch.Tensor:
+    """A fused projection stored per head as (q_h, k_h, v_h), each d rows (bloom ``query_key_value``) ->
+    megatron-core's per-group ``linear_qkv`` rows, for multi-head attention (one query group per head).
+
+    With groups == heads megatron-core's order is also [q_h, k_h, v_h] per head, so this is the identity on
+    values; it is written as the general reordering so that the equality is checked, not assumed.
+    """
+    tail = fused.shape[1:]
+    per_head = fused.reshape(num_attention_heads, 3, -1, *tail)
+    q, k, v = (per_head[:, i].reshape(-1, *tail) for i in range(3))
+    return interleave_qkv(q, k, v, num_attention_heads)
+
+
+def megatron_to_per_head_qkv(qkv: torch.Tensor, num_attention_heads: int) -> torch.Tensor:
+    """Inverse of ``per_head_qkv_to_megatron``."""
+    tail = qkv.shape[1:]
+    q, k, v = split_qkv(qkv, num_attention_heads, num_attention_heads)
+    heads = num_attention_heads
+    return torch.stack([t.reshape(heads, -1, *tail) for t in (q, k, v)], dim=1).reshape(-1, *tail)
+
+
 # --- tensor-parallel split / merge ---------------------------------------------------------------------------
 
 

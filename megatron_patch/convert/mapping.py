@@ -83,6 +83,52 @@ class GatedMLP:
         return list(torch.chunk(tensor, 2, dim=0))
 
 
+@dataclass(frozen=True)
+class FusedQKV:
+    """One HF tensor holding [q; k; v] as three consecutive blocks (Baichuan ``W_pack``, Qwen v1 ``c_attn``)
+    <-> megatron-core's per-group ``linear_qkv`` (weight or bias)."""
+
+    megatron: str
+    hf: str
+    split: str = COLUMN
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.hf,)
+
+    def hf_to_megatron(self, tensors, arch):
+        return layouts.qkv_blocks_to_megatron(tensors[0], arch.num_attention_heads, arch.num_query_groups)
+
+    def megatron_to_hf(self, tensor, arch):
+        return [layouts.megatron_to_qkv_blocks(tensor, arch.num_attention_heads, arch.num_query_groups)]
+
+
+@dataclass(frozen=True)
+class PerHeadQKV:
+    """One HF tensor holding (q_h, k_h, v_h) per head (bloom ``query_key_value``) <-> megatron-core's
+    ``linear_qkv``; multi-head attention only (the layout has no place for shared k/v heads)."""
+
+    megatron: str
+    hf: str
+    split: str = COLUMN
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.hf,)
+
+    def _check(self, arch):
+        if arch.num_query_groups != arch.num_attention_heads:
+            raise ValueError(f"{self.hf}: a per-head fused q/k/v tensor needs one key/value head per query head")
+
+    def hf_to_megatron(self, tensors, arch):
+        self._check(arch)
+        return layouts.per_head_qkv_to_megatron(tensors[0], arch.num_attention_heads)
+
+    def megatron_to_hf(self, tensor, arch):
+        self._check(arch)
+        return [layouts.megatron_to_per_head_qkv(tensor, arch.num_attention_heads)]
+
+
 def layer_names(pattern: str, layer: int | None) -> str:
     return pattern if layer is None else pattern.replace("*", str(layer), 1)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+POSITION_EMBEDDINGS = ("rope", "alibi")
+
 
 @dataclass(frozen=True)
 class ModelArch:
@@ -29,11 +31,18 @@ class ModelArch:
     position_embedding: str = "rope"  # "rope" | "alibi"
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    embedding_norm: bool = False  # a norm (``normalization``) right after the word embedding (bloom)
+    norm_head: bool = False  # output layer rows L2-normalised before the matmul (Baichuan2 NormHead)
     init_std: float = 0.02
     dtype: str = "float32"  # the dtype the HF checkpoint declares
-    extras: dict = field(default_factory=dict)  # family-specific switches (e.g. embedding LayerNorm)
+    extras: dict = field(default_factory=dict)  # family-specific facts the builder does not read (e.g. HF layout)
 
     def __post_init__(self):
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position embedding must be one of {', '.join(POSITION_EMBEDDINGS)} "
+                             f"(got {self.position_embedding})")
+        if self.norm_head and self.tie_word_embeddings:
+            raise ValueError("NormHead with tied input/output embeddings is not supported")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -44,7 +53,7 @@ class ModelArch:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelArch":
+    def from_dict(cls, data: dict) -> ModelArch:
         return cls(**data)
 
     def check_parallel(self, tp: int, pp: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -90,8 +92,28 @@ def layer_spec(arch: ModelArch, transformer_impl: str = "local"):
 
     check_transformer_impl(transformer_impl)
     if transformer_impl == "transformer_engine":
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization=arch.normalization)
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization=arch.normalization)
+    if arch.position_embedding == "alibi":
+        from ..layers.alibi import alibi_core_attention
+
+        spec = copy.deepcopy(spec)  # specs are plain dataclasses: never alter one megatron-core may hand out again
+        spec.submodules.self_attention.submodules.core_attention = alibi_core_attention(transformer_impl)
+    return spec
+
+
+def add_model_patches(model, arch: ModelArch, config) -> None:
+    """The additions to GPTModel's own modules that ``arch`` asks for (each in ``layers/``), on the stages that
+    hold those modules: the embedding norm on the first stage, NormHead on the last."""
+    if arch.embedding_norm and model.pre_process:
+        from ..layers.embedding_norm import add_embedding_norm
+
+        add_embedding_norm(model.embedding, config)
+    if arch.norm_head and model.post_process:
+        from ..layers.norm_head import use_norm_head
+
+        use_norm_head(model.output_layer, config)
 
 
 def build_model(
@@ -130,6 +152,7 @@ def build_model(
         position_embedding_type="rope" if arch.position_embedding == "rope" else "none",
         rotary_base=arch.rope_theta,
     )
+    add_model_patches(model, arch, config)
     if arch.position_embedding == "rope":
         set_rope_inv_freq(model, rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling))
     return model

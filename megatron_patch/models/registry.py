@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .arch import ModelArch
 
@@ -49,7 +49,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 
 def _load_builtin_families() -> None:
-    from . import llama  # noqa: F401  (registers itself)
+    from . import baichuan, bloom, llama, qwen  # noqa: F401  (each registers itself)
 
 
 def supported_families() -> list[str]:
