@@ -156,7 +156,7 @@ def build_indexed_dataset(
             results = pool.imap(_encode_chunk, _chunks(input_path, chunk_lines))
         with tqdm(unit="doc", desc="tokenizing", disable=progress is False) as bar:
             for chunk in results:
-                for line_no, ids, error in chunk:
+                for _line_no, ids, error in chunk:
                     if error is not None:
                         if not skip_bad_lines:
                             raise BadLineError(f"{input_path}: {error} (pass --skip-bad-lines to skip such lines)")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 class Tokenizer:

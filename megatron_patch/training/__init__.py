@@ -1,0 +1,1 @@
+"""Training: arguments (typed config), model/optimizer/scheduler setup, the loop, checkpointing, logging."""

@@ -1,0 +1,214 @@
+"""Training configuration: one typed dataclass whose fields are Megatron-LM's flag names (``--lr`` <-> ``lr``).
+
+Unknown keys are rejected; cross-field rules are checked once in ``TrainConfig.validate`` with a message naming
+the flag to change; the resolved config is written next to the checkpoints (``train_config.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+RECOMPUTE = (None, "selective", "full")
+FP8_FORMATS = (None, "hybrid", "e4m3")
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train ---
+    mode: str = field(default="pretrain", metadata={"help": "pretrain | finetune (set by the subcommand)"})
+    model_name: str | None = field(default=None, metadata={
+        "help": "model family (llama, qwen, ...); read from the --load checkpoint when omitted"})
+    model_size: str | None = field(default=None, metadata={
+        "help": "size preset of the family (e.g. tiny, 7B); used when there is no --load checkpoint"})
+    tokenizer_model: str | None = field(default=None, metadata={
+        "help": "tokenizer (HF dir, sentencepiece .model, qwen.tiktoken); default: the checkpoint's hf_assets"})
+    extra_vocab_size: int = field(default=0, metadata={"help": "new token rows added to the vocabulary"})
+    make_vocab_size_divisible_by: int = field(default=128, metadata={
+        "help": "vocab padding multiple (times TP); the padded size is computed, never given"})
+    transformer_impl: str = field(default="local", metadata={"help": "local | transformer_engine"})
+    # --- parallelism ---
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    # --- batch and schedule ---
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 128
+    train_iters: int | None = field(default=None, metadata={"help": "optimizer steps (pretrain; finetune: from --epochs)"})
+    epochs: int = field(default=1, metadata={"help": "passes over --train-data-path (finetune)"})
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = field(default="cosine", metadata={"help": "cosine | linear | constant"})
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = field(default=None, metadata={"help": "default: --train-iters"})
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    # --- precision ---
+    bf16: bool = False
+    fp16: bool = False
+    loss_scale: float | None = field(default=None, metadata={"help": "static fp16 loss scale (default: dynamic)"})
+    initial_loss_scale: float = 2.0**16
+    fp8_format: str | None = field(default=None, metadata={"help": "hybrid (E4M3 fwd / E5M2 bwd) | e4m3"})
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    use_flash_attn: bool = False
+    recompute_granularity: str | None = field(default=None, metadata={"help": "selective | full"})
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    # --- data ---
+    data_path: list[str] | None = field(default=None, metadata={
+        "help": "indexed dataset prefixes, optionally weighted: [W1] PREFIX1 [W2 PREFIX2 ...] (pretrain)"})
+    split: str = field(default="99,1,0", metadata={"help": "train,valid,test weights of --data-path"})
+    data_cache_path: str | None = None
+    train_data_path: str | None = field(default=None, metadata={"help": "SFT jsonl (finetune)"})
+    valid_data_path: str | None = field(default=None, metadata={"help": "SFT validation jsonl (finetune)"})
+    max_padding_length: int | None = field(default=None, metadata={
+        "help": "SFT: pad (or truncate) each sample to this length; default --seq-length"})
+    sft_packing: bool = field(default=False, metadata={"help": "SFT: pack several samples per sequence"})
+    # --- checkpoints ---
+    load: str | None = None
+    save: str | None = None
+    save_interval: int | None = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    finetune: bool = field(default=False, metadata={"help": "load weights only and restart at iteration 0"})
+    # --- logging, eval ---
+    log_interval: int = 1
+    eval_interval: int | None = None
+    eval_iters: int = 2
+    tensorboard_dir: str | None = None
+    seed: int = 1234
+    exit_interval: int | None = field(default=None, metadata={"help": "stop after this iteration (for tests)"})
+
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def params_dtype_name(self) -> str:
+        return "bfloat16" if self.bf16 or self.fp8_format else "float16" if self.fp16 else "float32"
+
+    def validate(self, world_size: int = 1) -> TrainConfig:
+        """Check every cross-field rule once; the error names the flag to change."""
+        def fail(message):
+            raise ValueError(message)
+
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if self.mode not in ("pretrain", "finetune"):
+            fail(f"mode must be pretrain or finetune (got {self.mode})")
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
+                     "global_batch_size", "seq_length", "log_interval", "epochs"):
+            if getattr(self, name) < 1:
+                fail(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if world_size % (tp * pp):
+            fail(f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
+                 f"--pipeline-model-parallel-size = {tp}x{pp}")
+        dp = world_size // (tp * pp)
+        if self.global_batch_size % (self.micro_batch_size * dp):
+            fail(f"--global-batch-size {self.global_batch_size} is not divisible by --micro-batch-size "
+                 f"{self.micro_batch_size} x data-parallel size {dp}")
+        if self.sequence_parallel and tp == 1:
+            fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.bf16 and self.fp16:
+            fail("--bf16 and --fp16 are exclusive")
+        if self.fp8_format not in FP8_FORMATS:
+            fail(f"--fp8-format must be one of hybrid, e4m3 (got {self.fp8_format})")
+        if self.fp8_format and not self.bf16:
+            fail("--fp8-format needs --bf16 (FP8 runs on top of bf16 weights)")
+        if self.fp8_format and self.transformer_impl != "transformer_engine":
+            fail("--fp8-format needs --transformer-impl transformer_engine")
+        if self.use_flash_attn and self.transformer_impl != "transformer_engine":
+            fail("--use-flash-attn needs --transformer-impl transformer_engine (flash attention through TE)")
+        if self.fp8_amax_compute_algo not in ("max", "most_recent"):
+            fail(f"--fp8-amax-compute-algo must be max or most_recent (got {self.fp8_amax_compute_algo})")
+        if self.recompute_granularity not in RECOMPUTE:
+            fail(f"--recompute-granularity must be selective or full (got {self.recompute_granularity})")
+        if self.recompute_method not in ("uniform", "block"):
+            fail(f"--recompute-method must be uniform or block (got {self.recompute_method})")
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            fail(f"--lr-decay-style must be cosine, linear or constant (got {self.lr_decay_style})")
+        if self.min_lr > self.lr:
+            fail(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
+        if self.extra_vocab_size < 0:
+            fail(f"--extra-vocab-size must be >= 0 (got {self.extra_vocab_size})")
+        if self.mode == "pretrain":
+            if not self.data_path:
+                fail("pretraining needs --data-path")
+            if self.train_iters is None or self.train_iters < 1:
+                fail("pretraining needs --train-iters >= 1")
+        else:
+            if not self.train_data_path:
+                fail("finetuning needs --train-data-path")
+            if self.max_padding_length is not None and self.max_padding_length > self.seq_length:
+                fail(f"--max-padding-length {self.max_padding_length} is larger than --seq-length {self.seq_length}")
+        if self.lr_warmup_iters < 0 or (self.train_iters and self.lr_warmup_iters > self.train_iters):
+            fail(f"--lr-warmup-iters {self.lr_warmup_iters} must be between 0 and --train-iters {self.train_iters}")
+        if self.load is None and self.model_size is None and self.model_name is not None:
+            fail("without --load, pass --model-size to pick a preset of the family")
+        if self.load is None and self.model_name is None:
+            fail("pass --load (a converted checkpoint) or --model-name and --model-size")
+        if self.load is None and self.tokenizer_model is None:
+            fail("without --load, pass --tokenizer-model")
+        if self.save_interval is not None and self.save_interval < 1:
+            fail(f"--save-interval must be >= 1 (got {self.save_interval})")
+        if self.save_interval and not self.save:
+            fail("--save-interval needs --save")
+        return self
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / "train_config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+
+# --- argparse, generated from the dataclass: one flag per field ---------------------------------------------------
+
+
+def _base_type(annotation: str):
+    text = annotation.replace(" ", "")
+    for name, typ in (("int", int), ("float", float), ("str", str), ("bool", bool)):
+        if text.startswith(name) or text.startswith(f"{name}|"):
+            return typ
+    if text.startswith("list[str]"):
+        return list
+    raise TypeError(f"unsupported config annotation {annotation}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in fields(TrainConfig):
+        if f.name == "mode":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        annotation = str(f.type)
+        typ = _base_type(annotation)
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not MISSING else None
+        if typ is bool:
+            parser.add_argument(flag, action="store_true", default=default, help=help_text)
+        elif typ is list:
+            parser.add_argument(flag, nargs="+", default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=typ, default=default, help=f"{help_text} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
+    data = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "mode"}
+    return TrainConfig.from_dict({**data, "mode": mode})

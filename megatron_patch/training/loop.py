@@ -1,0 +1,264 @@
+"""The training loop: build everything from a TrainConfig, then ``train_step`` until --train-iters.
+
+One step = megatron-core's pipeline schedule over the global batch's micro-batches (forward + backward, grads
+reduced by megatron-core DDP) -> optimizer step (grad clipping, fp16 loss scaling inside megatron-core's
+optimizer) -> scheduler step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..convert.mcore_io import TRACKER, resolve_checkpoint
+from .arguments import TrainConfig
+from .checkpointing import TrainerState, has_train_state, load_train_state, load_weights, save_checkpoint
+from .logging import MetricsLogger
+from .setup import (
+    build_ddp_model,
+    build_optimizer,
+    build_scheduler,
+    build_transformer_config,
+    check_precision_support,
+    resolve_model_source,
+)
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    model: object
+    optimizer: object
+    scheduler: object
+    source: object
+    state: TrainerState
+    train_data: object
+    valid_data: object | None
+    train_iters: int
+    seq_length: int
+    logger: MetricsLogger
+    history: list = field(default_factory=list)  # (iteration, loss) of every step
+
+    @property
+    def num_microbatches(self) -> int:
+        from megatron.core import parallel_state
+
+        return self.cfg.global_batch_size // (self.cfg.micro_batch_size * parallel_state.get_data_parallel_world_size())
+
+
+# --- one step ------------------------------------------------------------------------------------------------------
+
+
+def masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Mean loss over the micro-batch's unmasked tokens; also (sum, count) for an exact token-weighted report."""
+    mask = loss_mask.reshape(-1).float()
+    total = (per_token_loss.float().reshape(-1) * mask).sum()
+    count = mask.sum()
+    return total / count.clamp(min=1.0), {"lm loss": torch.stack([total.detach(), count])}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(masked_loss, batch["loss_mask"])
+
+
+def reduce_loss(reduced: list[dict]) -> float:
+    """Token-weighted mean loss of the global batch, on every rank (it lives on the last pipeline stage)."""
+    from megatron.core import parallel_state
+
+    pair = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage():
+        for item in reduced:
+            pair += item["lm loss"].double()
+        dist.all_reduce(pair, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(pair, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(pair[0] / pair[1].clamp(min=1.0))
+
+
+def run_schedule(t: Trainer, data_iterator, num_microbatches: int, forward_only: bool) -> float:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    reduced = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=[t.model],
+        num_microbatches=num_microbatches,
+        seq_length=t.seq_length,
+        micro_batch_size=t.cfg.micro_batch_size,
+        forward_only=forward_only,
+    )
+    return reduce_loss(reduced)
+
+
+def train_step(t: Trainer, data_iterator) -> tuple[float, float | None, bool]:
+    t.model.zero_grad_buffer()
+    t.optimizer.zero_grad()
+    loss = run_schedule(t, data_iterator, t.num_microbatches, forward_only=False)
+    update_successful, grad_norm, _ = t.optimizer.step()
+    if update_successful:
+        t.scheduler.step(increment=t.cfg.global_batch_size)
+    return loss, grad_norm, not update_successful
+
+
+def evaluate(t: Trainer) -> float | None:
+    if t.valid_data is None:
+        return None
+    from megatron.core import parallel_state
+
+    from ..data.loader import MicroBatchIterator
+
+    dp = parallel_state.get_data_parallel_world_size()
+    per_microbatch = t.cfg.micro_batch_size * dp
+    if t.cfg.mode == "finetune":  # the whole validation file
+        num = max(1, -(-len(t.valid_data) // per_microbatch))
+    else:
+        num = t.cfg.eval_iters * t.num_microbatches
+    iterator = MicroBatchIterator(t.valid_data, t.cfg.micro_batch_size, dp, parallel_state.get_data_parallel_rank())
+    t.model.eval()
+    with torch.no_grad():
+        loss = run_schedule(t, iterator, num, forward_only=True)
+    t.model.train()
+    return loss
+
+
+# --- the loop -----------------------------------------------------------------------------------------------------
+
+
+def train(t: Trainer, after_model_save=None) -> list[tuple[int, float]]:
+    from megatron.core import parallel_state
+
+    from ..data.loader import MicroBatchIterator
+
+    cfg = t.cfg
+    iterator = MicroBatchIterator(t.train_data, cfg.micro_batch_size, parallel_state.get_data_parallel_world_size(),
+                                  parallel_state.get_data_parallel_rank(), t.state.consumed_train_samples)
+    stop = t.train_iters if cfg.exit_interval is None else min(t.train_iters, cfg.exit_interval)
+    t.model.train()
+    while t.state.iteration < stop:
+        loss, grad_norm, skipped = train_step(t, iterator)
+        t.state.iteration += 1
+        t.state.consumed_train_samples += cfg.global_batch_size
+        t.history.append((t.state.iteration, loss))
+        scale = t.optimizer.get_loss_scale().item() if cfg.fp16 else None
+        t.logger.log_step(t.state.iteration, loss, t.optimizer.param_groups[0]["lr"],
+                          None if grad_norm is None else float(grad_norm), skipped, scale)
+        if cfg.eval_interval and t.state.iteration % cfg.eval_interval == 0:
+            t.logger.log_eval(t.state.iteration, evaluate(t))
+        if cfg.save and cfg.save_interval and t.state.iteration % cfg.save_interval == 0:
+            checkpoint(t, after_model_save)
+    if cfg.save and (not cfg.save_interval or t.state.iteration % cfg.save_interval):
+        checkpoint(t, after_model_save)
+    return t.history
+
+
+def checkpoint(t: Trainer, after_model_save=None) -> Path:
+    path = save_checkpoint(t.cfg.save, t.state.iteration, t.model, t.optimizer, t.scheduler, t.state, t.source, t.cfg,
+                           after_model_save)
+    t.logger.print(f"saved checkpoint of iteration {t.state.iteration} to {path}")
+    return path
+
+
+# --- building a run -----------------------------------------------------------------------------------------------
+
+
+def _load_dirs(cfg: TrainConfig) -> tuple[Path | None, bool]:
+    """(checkpoint to load, resume its training state?). A --save directory that already holds a checkpoint of
+    this run wins over --load: a restarted job continues where it stopped."""
+    if cfg.save and (Path(cfg.save) / TRACKER).is_file():
+        return resolve_checkpoint(cfg.save), not cfg.finetune
+    if cfg.load is None:
+        return None, False
+    load_dir = resolve_checkpoint(cfg.load)
+    return load_dir, has_train_state(load_dir) and not cfg.finetune
+
+
+def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
+    """Validate, initialise distributed state, build model/optimizer/data, load a checkpoint. Collective."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from ..data.tokenizers import load_tokenizer
+    from ..runtime import init_distributed
+
+    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    check_precision_support(cfg)
+    load_dir, resume = _load_dirs(cfg)
+    source = resolve_model_source(cfg, load_dir)
+    source.arch.check_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+    tokenizer_path = cfg.tokenizer_model or source.assets_dir
+    if tokenizer_path is None:
+        raise ValueError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > source.plan.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.plan.vocab_size} "
+                         "rows: pass --extra-vocab-size (or convert with hf2mcore --extra-vocab-size)")
+
+    init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed)
+    config = build_transformer_config(cfg, source)
+    model = build_ddp_model(cfg, source, config)
+    optimizer = build_optimizer(cfg, model)
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+
+    train_data, valid_data, seq_length, train_iters = _build_data(cfg, tokenizer)
+    scheduler = build_scheduler(cfg, optimizer, train_iters)
+    state = TrainerState()
+    if load_dir is not None:
+        load_weights(model, load_dir)
+        if resume:
+            state = load_train_state(load_dir, model, optimizer, scheduler, not cfg.no_load_optim, not cfg.no_load_rng)
+        # Weights changed under the optimizer: refresh its fp32 main copies (bf16/fp16 runs).
+        if not resume or cfg.no_load_optim:
+            optimizer.reload_model_params()
+    logger = MetricsLogger(cfg.log_interval, cfg.tensorboard_dir, cfg.global_batch_size * seq_length, quiet=quiet)
+    if load_dir is not None:
+        what = f"resumed at iteration {state.iteration}" if resume else "loaded weights (iteration restarted at 0)"
+        logger.print(f"{what} from {load_dir}")
+    if cfg.save and dist.get_rank() == 0:
+        cfg.write(cfg.save)
+    return Trainer(cfg, model, optimizer, scheduler, source, state, train_data, valid_data, train_iters,
+                   seq_length, logger)
+
+
+def _build_data(cfg: TrainConfig, tokenizer):
+    """(train dataset, valid dataset or None, sequence length of a sample, train iterations)."""
+    if cfg.mode == "finetune":
+        from ..data.sft import SFTDataset
+
+        length = cfg.max_padding_length or cfg.seq_length
+        train_data = SFTDataset(cfg.train_data_path, tokenizer, length, packing=cfg.sft_packing)
+        valid_data = (SFTDataset(cfg.valid_data_path, tokenizer, length, packing=cfg.sft_packing)
+                      if cfg.valid_data_path else None)
+        train_iters = cfg.train_iters or max(1, cfg.epochs * len(train_data) // cfg.global_batch_size)
+        return train_data, valid_data, length, train_iters
+
+    from ..data.gpt import build_gpt_datasets
+
+    train_samples = cfg.train_iters * cfg.global_batch_size
+    eval_runs = (cfg.train_iters // cfg.eval_interval + 1) if cfg.eval_interval else 0
+    valid_samples = eval_runs * cfg.eval_iters * cfg.global_batch_size
+    cache = cfg.data_cache_path or (str(Path(cfg.save) / "data_cache") if cfg.save else None)
+    train_data, valid_data, _ = build_gpt_datasets(
+        cfg.data_path, cfg.split, cfg.seq_length, cfg.seed, tokenizer.eod, tokenizer.vocab_size,
+        (train_samples, valid_samples, 0), cache)
+    if train_data is None:
+        raise ValueError(f"--split {cfg.split} leaves no training data")
+    return train_data, valid_data if valid_samples else None, cfg.seq_length, cfg.train_iters
+
+
+def run(cfg: TrainConfig | dict, quiet: bool = False, after_model_save=None) -> list[tuple[int, float]]:
+    """Build and train; returns [(iteration, loss)] for the steps this process ran."""
+    if isinstance(cfg, dict):
+        cfg = TrainConfig.from_dict(cfg)
+    trainer = build_trainer(cfg, quiet=quiet)
+    try:
+        return train(trainer, after_model_save)
+    finally:
+        trainer.logger.close()

@@ -1,0 +1,175 @@
+"""Build what a run trains: the model source (a converted checkpoint or a size preset), the megatron-core model
+wrapped in megatron-core DDP, its optimizer and the LR/WD scheduler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..convert.engine import ConversionPlan
+from ..convert.mcore_io import ASSETS, plan_from_meta, read_meta, resolve_checkpoint
+from ..models import get_family
+from ..runtime.cpu import cuda_available
+from .arguments import TrainConfig
+
+
+@dataclass
+class ModelSource:
+    """What the model is: family, HF config, vocabulary plan; and where its weights (if any) come from."""
+
+    plan: ConversionPlan
+    hf_config: dict
+    load_dir: Path | None  # iteration dir of the --load checkpoint
+    assets_dir: Path | None  # tokenizer / config files copied into every saved checkpoint
+
+    @property
+    def arch(self):
+        return self.plan.arch
+
+
+def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
+    """From the checkpoint's metadata when loading one, else from ``--model-name`` / ``--model-size``."""
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    if load_dir is not None:
+        meta = read_meta(load_dir)
+        if cfg.model_name and cfg.model_name != meta["family"]:
+            raise ValueError(f"--model-name {cfg.model_name} does not match the --load checkpoint ({meta['family']})")
+        if cfg.extra_vocab_size and cfg.extra_vocab_size != meta["extra_vocab_size"]:
+            raise ValueError(
+                f"--extra-vocab-size {cfg.extra_vocab_size} differs from the checkpoint's {meta['extra_vocab_size']}: "
+                "new token rows are added at conversion (hf2mcore --extra-vocab-size)"
+            )
+        plan = plan_from_meta(meta, tp=tp, pp=pp)
+        assets = load_dir / ASSETS
+        return ModelSource(plan, meta["hf_config"], load_dir, assets if assets.is_dir() else None)
+    family = get_family(cfg.model_name)
+    hf_config = family.flavor(cfg.model_size)
+    plan = ConversionPlan(family=family, arch=family.arch_from_hf(hf_config), tp=tp, pp=pp,
+                          make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
+                          extra_vocab_size=cfg.extra_vocab_size)
+    assets = Path(cfg.tokenizer_model) if cfg.tokenizer_model and Path(cfg.tokenizer_model).is_dir() else None
+    return ModelSource(plan, hf_config, None, assets)
+
+
+def find_load_dir(path: str | None) -> Path | None:
+    return None if path is None else resolve_checkpoint(path)
+
+
+def check_precision_support(cfg: TrainConfig) -> None:
+    """Stop before any work when the machine cannot run what was asked, naming what is missing."""
+    from ..models.builder import check_transformer_impl
+
+    if cfg.transformer_impl == "transformer_engine" or cfg.fp8_format or cfg.use_flash_attn:
+        what = "FP8" if cfg.fp8_format else "flash attention" if cfg.use_flash_attn else "Transformer Engine"
+        try:
+            check_transformer_impl("transformer_engine")
+        except RuntimeError as error:
+            raise RuntimeError(f"{what} requested but {error}") from None
+        if cfg.fp8_format:
+            major, minor = torch.cuda.get_device_capability()
+            if (major, minor) < (8, 9):
+                raise RuntimeError(f"FP8 needs a Hopper (sm_90) or Ada (sm_89) GPU; this GPU is sm_{major}{minor}")
+    if cfg.use_distributed_optimizer and not cuda_available():
+        # megatron-core's distributed optimizer reduce-scatters gradient buckets and all-gathers parameters with
+        # collectives (reduce_scatter_tensor / all_gather_into_tensor on flat buffers) that gloo does not provide.
+        raise RuntimeError("--use-distributed-optimizer needs NCCL (a CUDA GPU): gloo has no reduce-scatter; "
+                           "drop it on a CPU machine")
+
+
+def model_config_overrides(cfg: TrainConfig) -> dict:
+    """TransformerConfig fields the training flags set (and the CPU needs)."""
+    over = dict(
+        sequence_parallel=cfg.sequence_parallel,
+        recompute_granularity=cfg.recompute_granularity,
+    )
+    if cfg.recompute_granularity == "full":
+        over.update(recompute_method=cfg.recompute_method, recompute_num_layers=cfg.recompute_num_layers)
+    if cfg.fp8_format:
+        over.update(fp8=cfg.fp8_format, fp8_amax_history_len=cfg.fp8_amax_history_len,
+                    fp8_amax_compute_algo=cfg.fp8_amax_compute_algo, fp8_recipe="delayed")
+    if cfg.transformer_impl == "transformer_engine":
+        from megatron.core.transformer.enums import AttnBackend
+
+        over["attention_backend"] = AttnBackend.flash if cfg.use_flash_attn else AttnBackend.auto
+    if not cuda_available():
+        # The fused kernels are CUDA (or TorchScript-for-CUDA) code paths.
+        over.update(bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+                    persist_layer_norm=False, gradient_accumulation_fusion=False)
+    return over
+
+
+def build_transformer_config(cfg: TrainConfig, source: ModelSource):
+    from ..models.builder import transformer_config
+
+    return transformer_config(
+        source.arch,
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        params_dtype=getattr(torch, cfg.params_dtype_name),
+        **model_config_overrides(cfg),
+    )
+
+
+def build_ddp_model(cfg: TrainConfig, source: ModelSource, config):
+    """One pipeline stage as a GPTModel inside megatron-core's DistributedDataParallel."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from ..models.builder import build_model
+
+    module = build_model(source.arch, source.plan.padded_vocab_size, config=config,
+                         transformer_impl=cfg.transformer_impl)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+
+
+def build_optimizer(cfg: TrainConfig, model):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        params_dtype=getattr(torch, cfg.params_dtype_name),
+        loss_scale=cfg.loss_scale,
+        initial_loss_scale=cfg.initial_loss_scale,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(opt_config, [model])
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, train_iters: int):
+    """Linear warmup from 0 to --lr over --lr-warmup-iters, then --lr-decay-style down to --min-lr.
+
+    megatron-core's scheduler counts samples; iterations are converted with the global batch size.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    gbs = cfg.global_batch_size
+    decay_iters = cfg.lr_decay_iters or train_iters
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.lr_warmup_iters * gbs,
+        lr_decay_steps=max(decay_iters, cfg.lr_warmup_iters + 1) * gbs,
+        lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=max(train_iters, 1) * gbs,
+        wd_incr_style="constant",
+    )
