@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--tp", type=int, default=None, help="TP to run at (default: as saved)")
     ver.add_argument("--pp", type=int, default=None, help="PP to run at (default: as saved)")
     ver.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (fp32)")
+
+    demo = sub.add_parser("demo", help="tiny llama built offline -> Megatron TP x PP -> parity -> HF round trip")
+    demo.add_argument("--workdir", default="runs/convert_demo")
+    demo.add_argument("--tp", type=int, default=2)
+    demo.add_argument("--pp", type=int, default=2)
+    demo.add_argument("--format", dest="fmt", choices=("torch_dist", "legacy"), default="torch_dist")
     return parser
 
 
@@ -58,6 +64,12 @@ def main(argv=None) -> int:
 
             out = mcore_to_hf(args.load, args.save, args.overwrite, int(args.max_shard_size_gb * 2**30))
             print(f"saved HF model to {out}")
+        elif args.command == "demo":
+            from .demo import print_table, run_conversion_demo
+
+            rows = run_conversion_demo(args.workdir, args.tp, args.pp, args.fmt)
+            print_table(rows)
+            return 0 if all("FAIL" not in str(r[1]) for r in rows) else 1
         else:
             from .verify import verify
 
