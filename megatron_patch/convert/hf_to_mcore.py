@@ -11,7 +11,16 @@ from tqdm import tqdm
 from ..models import detect_family, get_family
 from .engine import ConversionPlan, te_name
 from .hf_io import HFCheckpointReader, copy_assets, read_config
-from .mcore_io import ASSETS, FORMATS, TRACKER, atomic_output_dir, check_output_dir, fill_model, save_legacy_rank, write_meta
+from .mcore_io import (
+    ASSETS,
+    FORMATS,
+    TRACKER,
+    atomic_output_dir,
+    check_output_dir,
+    fill_model,
+    save_legacy_rank,
+    write_meta,
+)
 
 
 def make_plan(hf_config: dict, tp: int, pp: int, family_name: str | None = None, extra_vocab_size: int = 0,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..convert.mapping import COLUMN, REPLICATED, ROW, VOCAB, Direct, GatedMLP, QKV
+from ..convert.mapping import QKV, REPLICATED, ROW, VOCAB, Direct, GatedMLP
 from ..layers.rope import check_rope_scaling
 from .arch import ModelArch, parse_rope
 from .registry import ModelFamily, register_family

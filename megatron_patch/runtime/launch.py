@@ -69,7 +69,7 @@ def run_on_local_ranks(fn, world_size: int, *args, timeout: float = 900.0, env: 
                 if dead and len(outcomes) < world_size and results.empty():
                     time.sleep(0.5)  # let a dying child's report arrive before declaring it lost
                     if results.empty():
-                        raise WorkerError(f"a local rank exited with code {dead[0].exitcode} without a report")
+                        raise WorkerError(f"a local rank exited with code {dead[0].exitcode} without a report") from None
                 continue
             outcomes[rank] = (ok, value)
             if not ok:
