@@ -16,6 +16,9 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match its configuration (one-line message)."""
 
@@ -91,6 +94,12 @@ class HFCheckpointReader:
         if isinstance(handle, dict):
             return tuple(handle[name].shape)
         return tuple(handle.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        handle = self._handles[self._lookup(name)]
+        if isinstance(handle, dict):
+            return handle[name].dtype
+        return _SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()]
 
     def get(self, name: str) -> torch.Tensor:
         handle = self._handles[self._lookup(name)]

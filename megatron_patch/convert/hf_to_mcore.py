@@ -39,7 +39,7 @@ def make_plan(hf_config: dict, tp: int, pp: int, family_name: str | None = None,
 def checkpoint_dtype(reader: HFCheckpointReader, plan: ConversionPlan) -> torch.dtype:
     """The dtype the weights are stored in (that of the word embedding), kept through the conversion."""
     first = plan.stage_entries(0)[0]
-    return reader.get(first.hf_names[0]).dtype
+    return reader.dtype(first.hf_names[0])
 
 
 def hf_to_mcore(

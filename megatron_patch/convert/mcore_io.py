@@ -201,12 +201,11 @@ def load_checkpoint_into_model(model: torch.nn.Module, iter_dir: Path, strict: b
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     if meta["format"] == "torch_dist":
         state = dist_checkpointing.load(model.sharded_state_dict(), str(iter_dir))
-        result = model.load_state_dict(state, strict=False)
-        unexpected = [k for k in result.unexpected_keys if not k.endswith(EXTRA_STATE)]
-        missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)]
-        if strict and (missing or unexpected):
-            raise CheckpointError(f"torch_dist checkpoint does not match the model: missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}")
+        try:
+            model.load_state_dict(state, strict=strict)
+        except RuntimeError as error:
+            raise CheckpointError(f"torch_dist checkpoint {iter_dir} does not match the model: "
+                                  f"{' '.join(str(error).split())[:300]}") from None
         return meta
     saved = plan_from_meta(meta)
     target = plan_from_meta(meta, tp=tp, pp=pp)
