@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class CheckpointError(ValueError):
@@ -33,18 +32,86 @@ def read_config(hf_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({error})") from None
 
 
+class MappedSafetensors:
+    """Zero-copy view of a ``.safetensors`` file: tensors are views of a private memory map of the file.
+
+    ``safe_open(...).get_tensor`` copies each tensor into fresh memory; converting one rank's shard of a tensor
+    would then hold a full copy per process. Here a tensor costs page cache only until it is transformed or cloned.
+    """
+
+    _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+               "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little") if size >= 8 else 0
+            if not 0 < header_len <= size - 8:
+                raise CheckpointError(f"cannot read shard {path}: truncated or not a safetensors file")
+            try:
+                header = json.loads(handle.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise CheckpointError(f"cannot read shard {path}: corrupt header") from None
+            header.pop("__metadata__", None)
+            self._base = 8 + header_len
+            self._entries = header
+            data_end = max((e["data_offsets"][1] for e in header.values()), default=0)
+            if self._base + data_end > size:
+                raise CheckpointError(f"shard {path} is truncated ({size} bytes, the header promises "
+                                      f"{self._base + data_end})")
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._DTYPES[self._entries[name]["dtype"]]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry, dtype, shape = self._entries[name], self.dtype(name), self.shape(name)
+        count = math.prod(shape)
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():  # ACCESS_COPY maps are writable; torch warns only for read-only buffers
+            warnings.simplefilter("ignore")
+            flat = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._base + entry["data_offsets"][0])
+        return flat.view(shape)
+
+
+class _TorchShard:
+    """A ``pytorch_model*.bin`` shard, memory-mapped by ``torch.load(mmap=True)``."""
+
+    def __init__(self, path: Path):
+        self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
 class HFCheckpointReader:
     """Reads tensors by name from a HF directory without loading the whole model.
 
-    safetensors shards are memory-mapped (``safe_open``); ``pytorch_model*.bin`` shards are loaded with
-    ``weights_only=True, mmap=True``. Every shard the index names is opened up front, so a missing or
-    truncated file fails before any work starts.
+    Shards (``*.safetensors`` or ``pytorch_model*.bin``) are memory-mapped; every shard the index names is opened
+    up front, so a missing or truncated file fails before any work starts.
     """
 
     def __init__(self, hf_dir: str | os.PathLike):
         self.dir = Path(hf_dir)
         self._where: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, MappedSafetensors | _TorchShard] = {}
         self._open_all()
 
     def _open_all(self) -> None:
@@ -59,7 +126,7 @@ class HFCheckpointReader:
         else:
             raise CheckpointError(f"{self.dir} has no model.safetensors, safetensors index or pytorch_model.bin")
         for path in files:
-            for name in self._open(path):
+            for name in self._open(path).keys():
                 self._where[name] = path
 
     def _from_index(self, index_name: str) -> list[Path]:
@@ -71,17 +138,15 @@ class HFCheckpointReader:
         return files
 
     def _open(self, path: Path):
-        try:
-            if path.suffix == ".safetensors":
-                handle = safe_open(str(path), framework="pt")
-                names = list(handle.keys())
-            else:
-                handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                names = list(handle)
-        except Exception as error:  # safetensors and torch raise several types for a damaged file
-            raise CheckpointError(f"cannot read shard {path} (truncated or corrupt?): {error}") from None
+        if path.suffix == ".safetensors":
+            handle = MappedSafetensors(path)
+        else:
+            try:
+                handle = _TorchShard(path)
+            except Exception as error:  # torch raises several types for a damaged file
+                raise CheckpointError(f"cannot read shard {path} (truncated or corrupt?): {error}") from None
         self._handles[path] = handle
-        return names
+        return handle
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -90,23 +155,14 @@ class HFCheckpointReader:
         return name in self._where
 
     def shape(self, name: str) -> tuple[int, ...]:
-        handle = self._handles[self._lookup(name)]
-        if isinstance(handle, dict):
-            return tuple(handle[name].shape)
-        return tuple(handle.get_slice(name).get_shape())
+        return self._handles[self._lookup(name)].shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        handle = self._handles[self._lookup(name)]
-        if isinstance(handle, dict):
-            return handle[name].dtype
-        return _SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()]
+        return self._handles[self._lookup(name)].dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
-        handle = self._handles[self._lookup(name)]
-        try:
-            return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
-        except Exception as error:
-            raise CheckpointError(f"cannot read tensor {name} from {self._where[name].name}: {error}") from None
+        """The tensor as stored: a view of the mapped file (clone it before writing to it or keeping it)."""
+        return self._handles[self._lookup(name)][name]
 
     def _lookup(self, name: str) -> Path:
         if name not in self._where:

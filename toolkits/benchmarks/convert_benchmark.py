@@ -6,8 +6,9 @@ Writes a random llama checkpoint of ~1.6 GB (fp32; use --dtype bfloat16 for half
   baseline   read every tensor with safetensors and write them all back (one process)
   hf2mcore   the converter CLI at TP x PP (torch_dist: one process per rank), and legacy
   mcore2hf   back to HF from each
-and prints each time / baseline time and the peak memory of the whole process tree (PSS summed over processes,
-so shared memory-mapped pages count once) / checkpoint size.
+and prints each time / baseline time and the peak memory of the whole process tree / checkpoint size, as PSS
+summed over processes (shared pages count once; includes the page cache of memory-mapped files) and as anonymous
+PSS (what the processes allocated: interpreters, tensors).
 """
 
 from __future__ import annotations
@@ -73,23 +74,38 @@ def baseline_read_write(src: Path, dst: Path) -> None:
         save_file(tensors, str(dst / fname), metadata={"format": "pt"})
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int]:
-    """Wall time and peak PSS summed over the process tree (polled every 50 ms)."""
+def _pss(pid: int) -> tuple[int, int]:
+    """(PSS, anonymous PSS) in bytes: shared pages are split between the processes that map them."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            key, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields.get("Pss", 0), fields.get("Pss_Anon", 0)
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int, int]:
+    """Wall time, peak PSS and peak anonymous PSS summed over the process tree (polled every 50 ms).
+
+    PSS includes the page cache of memory-mapped checkpoint files; anonymous PSS is the memory the process
+    tree allocated itself (tensors, interpreter), the part that "two copies of the model" would show in."""
     start = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
+    peak, peak_anon = 0, 0
     while proc.poll() is None:
-        total = 0
+        total, anon = 0, 0
         for p in [proc, *proc.children(recursive=True)]:
             try:
-                total += p.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        peak = max(peak, total)
+                pss, pss_anon = _pss(p.pid)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            total, anon = total + pss, anon + pss_anon
+        peak, peak_anon = max(peak, total), max(peak_anon, anon)
         time.sleep(0.05)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-2000:]}")
-    return time.perf_counter() - start, peak
+    return time.perf_counter() - start, peak, peak_anon
 
 
 def main() -> None:
@@ -109,20 +125,20 @@ def main() -> None:
     baseline_code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                      f"from convert_benchmark import baseline_read_write; from pathlib import Path; "
                      f"baseline_read_write(Path({str(work / 'hf')!r}), Path({str(work / 'baseline')!r}))")
-    base_time, base_mem = run_measured([sys.executable, "-c", baseline_code])
-    rows = [("safetensors read + write (baseline)", base_time, base_mem)]
+    base_time, base_mem, base_anon = run_measured([sys.executable, "-c", baseline_code])
+    rows = [("safetensors read + write (baseline)", base_time, base_mem, base_anon)]
     convert = [sys.executable, "-m", "megatron_patch.convert"]
     for fmt in ("torch_dist", "legacy"):
         mc = work / f"mcore_{fmt}"
-        t, m = run_measured(convert + ["hf2mcore", "--load", str(work / "hf"), "--save", str(mc), "--tp", str(args.tp),
-                                       "--pp", str(args.pp), "--format", fmt])
-        rows.append((f"hf2mcore {fmt} TP={args.tp} PP={args.pp}", t, m))
-        t, m = run_measured(convert + ["mcore2hf", "--load", str(mc), "--save", str(work / f"back_{fmt}")])
-        rows.append((f"mcore2hf from {fmt}", t, m))
+        measured = run_measured(convert + ["hf2mcore", "--load", str(work / "hf"), "--save", str(mc), "--tp",
+                                           str(args.tp), "--pp", str(args.pp), "--format", fmt])
+        rows.append((f"hf2mcore {fmt} TP={args.tp} PP={args.pp}", *measured))
+        measured = run_measured(convert + ["mcore2hf", "--load", str(mc), "--save", str(work / f"back_{fmt}")])
+        rows.append((f"mcore2hf from {fmt}", *measured))
 
-    print(f"\n{'step':40} {'seconds':>8} {'x baseline time':>16} {'peak mem / ckpt size':>21}")
-    for name, seconds, memory in rows:
-        print(f"{name:40} {seconds:8.1f} {seconds / base_time:16.2f} {memory / size:21.2f}")
+    print(f"\n{'step':40} {'seconds':>8} {'x baseline':>11} {'peak PSS / ckpt':>16} {'peak anon PSS / ckpt':>21}")
+    for name, seconds, memory, anon in rows:
+        print(f"{name:40} {seconds:8.1f} {seconds / base_time:11.2f} {memory / size:16.2f} {anon / size:21.2f}")
 
 
 if __name__ == "__main__":
