@@ -1,8 +1,9 @@
 """python -m megatron_patch.generate --load CKPT --text-generate-input-file IN --text-generate-output-file OUT [...]
 
 Offline batch generation from a converted or trained megatron-patch checkpoint (torch_dist or legacy, saved at any
-TP x PP). Launch one process per tensor-parallel rank, e.g.
+TP x PP). Launch a multiple of TP processes, e.g.
   torchrun --nproc-per-node 2 -m megatron_patch.generate --tensor-model-parallel-size 2 --load CKPT ...
+With more processes than TP, each data-parallel group of TP ranks generates its share of the prompts.
 
 Input: a text file with one prompt per line, or a .jsonl file whose objects carry the prompt under
 ``--prompt-key`` (default ``prompt``). Output: a .jsonl file with one {"prompt", "completion"} object per prompt,
@@ -68,9 +69,9 @@ def check_args(args) -> None:
         raise ValueError(f"--pipeline-model-parallel-size {args.pp}: generation runs at PP=1 (a checkpoint saved at "
                          "any PP loads at PP=1); use --tensor-model-parallel-size to split the model")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != args.tp:
-        raise ValueError(f"{world} processes were launched for --tensor-model-parallel-size {args.tp}; launch "
-                         f"exactly TP processes (torchrun --nproc-per-node {args.tp})")
+    if world % args.tp:
+        raise ValueError(f"{world} processes were launched for --tensor-model-parallel-size {args.tp}; launch a "
+                         f"multiple of TP processes (torchrun --nproc-per-node {args.tp})")
     if args.input_len is not None:
         if args.input_len < 1:
             raise ValueError(f"--input-len must be >= 1 (got {args.input_len})")
@@ -174,8 +175,10 @@ def check_checkpoint(args, meta: dict) -> None:
 
 
 def generate_file(args) -> int:
-    """Run on every TP rank; rank 0 writes the output. Returns the number of prompts."""
+    """Run on every rank; each data-parallel group takes every DP-th prompt, rank 0 writes the output. Returns the
+    number of prompts."""
     import torch.distributed as dist
+    from megatron.core import parallel_state
     from tqdm import tqdm
 
     from .convert.mcore_io import read_meta, resolve_checkpoint
@@ -205,18 +208,26 @@ def generate_file(args) -> int:
     eos_ids = [eos] if isinstance(eos, int) else list(eos)
     engine = GenerationEngine(loaded.model, loaded.vocab_size, eos_ids, args.seq_length, use_cache=args.use_cache)
     sampling = SamplingParams(args.top_k, args.top_p, args.temperature, args.repetition_penalty, args.seed)
-    rows = []
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    mine = list(range(dp_rank, len(prompts), dp))
+    done: dict[int, str] = {}
     batch = args.micro_batch_size
-    with tqdm(total=len(prompts), desc="generate", unit="prompt", disable=None if rank0 else True) as bar:
-        for start in range(0, len(prompts), batch):
-            completions = engine.generate(encoded[start : start + batch], args.out_seq_length, sampling)
-            for prompt, ids in zip(prompts[start : start + batch], completions):
-                rows.append({"prompt": prompt, "completion": codec.decode(ids, eos_ids)})
-            bar.update(len(completions))
+    with tqdm(total=len(mine), desc="generate", unit="prompt", disable=None if rank0 else True) as bar:
+        for start in range(0, len(mine), batch):
+            indices = mine[start : start + batch]
+            completions = engine.generate([encoded[i] for i in indices], args.out_seq_length, sampling)
+            done.update({i: codec.decode(ids, eos_ids) for i, ids in zip(indices, completions)})
+            bar.update(len(indices))
+    if dp > 1:
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, done)
+        for share in shares:
+            done.update(share)
     if rank0:
+        rows = [{"prompt": prompt, "completion": done[i]} for i, prompt in enumerate(prompts)]
         write_jsonl_atomic(args.text_generate_output_file, rows)
         print(f"wrote {len(rows)} completions to {args.text_generate_output_file}")
-    return len(rows)
+    return len(prompts)
 
 
 def main(argv=None) -> int:
