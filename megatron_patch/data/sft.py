@@ -132,3 +132,13 @@ class SFTDataset(torch.utils.data.Dataset):
             allowed = causal & (same | torch.eye(n, dtype=torch.bool))
             item["attention_mask"] = (~allowed).unsqueeze(0)
         return item
+
+
+def write_demo_sft(corpus: str | Path, path: str | Path, limit: int | None = None) -> str:
+    """A toy instruction set from a text corpus (one sentence per sample: echo it back), for demos and tests."""
+    sentences = [s.strip() + "." for line in Path(corpus).read_text().splitlines() for s in line.split(".") if s.strip()]
+    with open(path, "w", encoding="utf-8") as handle:
+        for sentence in sentences[:limit]:
+            handle.write(json.dumps({"instruction": "Repeat the sentence.", "input": sentence,
+                                     "output": sentence}) + "\n")
+    return str(path)

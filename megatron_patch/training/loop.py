@@ -170,13 +170,15 @@ def checkpoint(t: Trainer, after_model_save=None) -> Path:
 
 def _load_dirs(cfg: TrainConfig) -> tuple[Path | None, bool]:
     """(checkpoint to load, resume its training state?). A --save directory that already holds a checkpoint of
-    this run wins over --load: a restarted job continues where it stopped."""
+    this run wins over --load: a restarted job continues where it stopped. --load of a checkpoint with training
+    state resumes it when pretraining (Megatron-LM's behaviour), and gives weights only to --finetune / finetuning."""
     if cfg.save and (Path(cfg.save) / TRACKER).is_file():
         return resolve_checkpoint(cfg.save), not cfg.finetune
     if cfg.load is None:
         return None, False
     load_dir = resolve_checkpoint(cfg.load)
-    return load_dir, has_train_state(load_dir) and not cfg.finetune
+    # Finetuning starts from the weights of whatever --load holds; pretraining continues a run's state.
+    return load_dir, has_train_state(load_dir) and not cfg.finetune and cfg.mode == "pretrain"
 
 
 def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:

@@ -1,0 +1,1 @@
+from tests.training.conftest import workspace  # noqa: F401  (shared session fixture)

@@ -1,0 +1,102 @@
+"""jsonl -> indexed dataset: contents round-trip, errors name the line, tokenizer kinds load offline."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from megatron_patch.data.indexed import BadLineError, build_indexed_dataset
+from megatron_patch.data.tokenizers import load_tokenizer
+from megatron_patch.models.tiny import CORPUS, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    train_tokenizer(path, vocab_size=300)
+    return str(path)
+
+
+def write_jsonl(path, texts, key="text", raw_lines=()):
+    """One {key: text} line per text; ``raw_lines`` maps a 0-based line index to a literal line."""
+    lines = [json.dumps({key: t}) for t in texts]
+    for index, line in dict(raw_lines).items():
+        lines.insert(index, line)
+    with open(path, "w") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+    return path
+
+
+def read_documents(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))
+    return [np.asarray(dataset[i]).tolist() for i in range(len(dataset))]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_round_trip_with_eod(tmp_path, tokenizer_dir, workers):
+    texts = [line for line in CORPUS.read_text().splitlines() if line.strip()][:150]
+    src = write_jsonl(tmp_path / "in.jsonl", texts, key="content")
+    summary = build_indexed_dataset(src, tmp_path / "out", tokenizer_dir, json_key="content", workers=workers,
+                                    chunk_lines=16, progress=False)
+    tok = load_tokenizer(tokenizer_dir)
+    expected = [tok.encode(t) + [tok.eod] for t in texts]
+    assert read_documents(tmp_path / "out") == expected
+    assert summary.documents == len(texts) and summary.tokens == sum(map(len, expected))
+    assert not list(tmp_path.glob("*.tmp.*"))
+
+
+def test_bad_line_named_or_skipped(tmp_path, tokenizer_dir):
+    src = write_jsonl(tmp_path / "in.jsonl", ["one", "two", "four"], raw_lines={2: '{"text": "three"', 4: '{"text": 5}'})
+    with pytest.raises(BadLineError, match="line 3: not valid JSON"):
+        build_indexed_dataset(src, tmp_path / "out", tokenizer_dir, progress=False)
+    assert not (tmp_path / "out.bin").exists() and not list(tmp_path.glob("out*"))
+    summary = build_indexed_dataset(src, tmp_path / "out", tokenizer_dir, skip_bad_lines=True, progress=False)
+    assert summary.skipped_lines == 2 and summary.documents == 3
+    assert len(read_documents(tmp_path / "out")) == 3
+
+
+def test_empty_input_and_wrong_key(tmp_path, tokenizer_dir):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        build_indexed_dataset(tmp_path / "empty.jsonl", tmp_path / "out", tokenizer_dir, progress=False)
+    src = write_jsonl(tmp_path / "in.jsonl", ["a", "b"], key="body")
+    with pytest.raises(ValueError, match="--json-key 'text' is not in the documents.*body"):
+        build_indexed_dataset(src, tmp_path / "out", tokenizer_dir, progress=False)
+
+
+def test_cli_summary(tmp_path, tokenizer_dir, capsys):
+    from megatron_patch.data.preprocess import main
+
+    src = write_jsonl(tmp_path / "in.jsonl", ["alpha beta", "gamma"])
+    assert main(["--input", str(src), "--output-prefix", str(tmp_path / "c"), "--tokenizer", tokenizer_dir]) == 0
+    out = capsys.readouterr().out
+    assert "2 documents" in out and "tokens/s" in out and (tmp_path / "c_text_document.idx").is_file()
+    assert main(["--input", str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "d"),
+                 "--tokenizer", tokenizer_dir]) == 1
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    import sentencepiece
+
+    sentencepiece.SentencePieceTrainer.train(input=str(CORPUS), model_prefix=str(tmp_path / "sp"), vocab_size=120,
+                                             eos_id=2, bos_id=1, unk_id=0, pad_id=3,
+                                             minloglevel=2)
+    tok = load_tokenizer(tmp_path / "sp.model")
+    assert tok.kind == "sentencepiece" and tok.eod == 2 and tok.vocab_size == 120
+    text = "The optimizer finds a simple rule."
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_qwen_tiktoken_without_remote_code(tmp_path):
+    ranks = [bytes([b]) for b in range(256)] + [b"th", b"the", b" the"]
+    (tmp_path / "qwen.tiktoken").write_text(
+        "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for rank, tok in enumerate(ranks)))
+    tok = load_tokenizer(tmp_path)
+    assert tok.kind == "qwen-tiktoken" and tok.eod == len(ranks)
+    ids = tok.encode("the theory")
+    assert ids[0] == 257 and tok.decode(ids) == "the theory"
