@@ -1,0 +1,96 @@
+"""The positional launch scripts: validation names the bad argument; flags reach the Python entry (dry run)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FAMILIES = ["llama", "qwen", "baichuan", "bloom"]
+
+
+def pretrain_args(tmp_path, **kw) -> list[str]:
+    (tmp_path / "d.bin").write_text("")
+    args = dict(ENV="cpu", MEGATRON_PATH="none", MEGATRON_PATCH_PATH=str(ROOT), MODEL_SIZE="tiny", BATCH_SIZE="2",
+                GLOBAL_BATCH_SIZE="8", LR="1e-4", MIN_LR="1e-5", SEQ_LEN="128", PAD_LEN="128", EXTRA_VOCAB_SIZE="0",
+                PR="bf16", TP="2", PP="1", AC="sel", DO="false", FL="false", SP="true", SAVE_INTERVAL="100",
+                DATASET_PATH=str(tmp_path / "d"), PRETRAIN_CHECKPOINT_PATH=str(tmp_path),
+                TRAIN_TOKENS=str(8 * 128 * 50), WARMUP_TOKENS=str(8 * 128 * 5), OUTPUT_BASEPATH=str(tmp_path / "o"))
+    args.update(kw)
+    return list(args.values())
+
+
+def finetune_args(tmp_path, **kw) -> list[str]:
+    (tmp_path / "t.jsonl").write_text("{}\n")
+    args = dict(ENV="cpu", MEGATRON_PATH="none", MEGATRON_PATCH_PATH=str(ROOT), MODEL_SIZE="tiny", BATCH_SIZE="2",
+                LR="1e-4", MIN_LR="1e-5", SEQ_LEN="128", PAD_LEN="64", EXTRA_VOCAB_SIZE="16", PR="fp32", TP="1",
+                PP="2", AC="full", DO="false", FL="false", SP="false", TRAIN_DATASET_PATH=str(tmp_path / "t.jsonl"),
+                VALID_DATASET_PATH="none", PRETRAIN_CHECKPOINT_PATH=str(tmp_path), EPOCH="3",
+                OUTPUT_BASEPATH=str(tmp_path / "o"))
+    args.update(kw)
+    return list(args.values())
+
+
+def run_script(family: str, kind: str, args: list[str]):
+    script = ROOT / "examples" / family / f"run_{kind}_megatron_{family}.sh"
+    env = {**os.environ, "MP_DRY_RUN": "1"}
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pretrain_flags(tmp_path, family):
+    result = run_script(family, "pretrain", pretrain_args(tmp_path))
+    assert result.returncode == 0, result.stderr
+    cmd = result.stdout
+    for flag in (f"--model-name {family}", "--tensor-model-parallel-size 2", "--global-batch-size 8",
+                 "--train-iters 50", "--lr-warmup-iters 5", "--bf16", "--sequence-parallel",
+                 "--recompute-granularity selective", "--nproc-per-node 2", "-m megatron_patch.train pretrain"):
+        assert flag in cmd, (flag, cmd)
+
+
+def test_finetune_flags(tmp_path):
+    result = run_script("llama", "finetune", finetune_args(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for flag in ("--epochs 3", "--max-padding-length 64", "--extra-vocab-size 16", "--global-batch-size 2",
+                 "--recompute-granularity full", "-m megatron_patch.train finetune"):
+        assert flag in result.stdout, (flag, result.stdout)
+
+
+def test_fp8_flags(tmp_path):
+    result = run_script("llama", "pretrain", pretrain_args(tmp_path, PR="fp8", FL="true"))
+    assert result.returncode == 0, result.stderr
+    for flag in ("--bf16", "--fp8-format hybrid", "--fp8-amax-history-len 1024", "--fp8-amax-compute-algo max",
+                 "--transformer-impl transformer_engine", "--use-flash-attn"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(PR="fp9"), "PR must be one of: fp32 fp16 bf16 fp8"),
+    (dict(SP="true", TP="1"), "SP=true needs TP > 1"),
+    (dict(GLOBAL_BATCH_SIZE="7"), "GLOBAL_BATCH_SIZE (7) must be divisible"),
+    (dict(BATCH_SIZE="two"), "BATCH_SIZE must be an integer"),
+    (dict(AC="some"), "AC must be one of: none sel full"),
+    (dict(ENV="k8s"), "ENV must be one of: dsw dlc cpu"),
+    (dict(TRAIN_TOKENS="100"), "TRAIN_TOKENS (100) is less than one global batch"),
+    (dict(DO="yes"), "DO must be one of: true false"),
+])
+def test_bad_argument_named(tmp_path, change, message):
+    result = run_script("llama", "pretrain", pretrain_args(tmp_path, **change))
+    assert result.returncode == 2
+    assert message in result.stderr and "usage: run_pretrain_megatron_llama.sh ENV MEGATRON_PATH" in result.stderr
+
+
+def test_wrong_count(tmp_path):
+    result = run_script("qwen", "finetune", finetune_args(tmp_path)[:-1])
+    assert result.returncode == 2 and "expected 22 arguments, got 21" in result.stderr
+
+
+def test_dlc_needs_scheduler_env(tmp_path):
+    env_free = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    script = ROOT / "examples" / "llama" / "run_pretrain_megatron_llama.sh"
+    result = subprocess.run(["bash", str(script), *pretrain_args(tmp_path, ENV="dlc")], capture_output=True,
+                            text=True, env={**env_free, "MP_DRY_RUN": "1", "GPUS_PER_NODE": "8"}, timeout=60)
+    assert result.returncode == 2 and "ENV=dlc needs MASTER_ADDR" in result.stderr
