@@ -98,8 +98,11 @@ def _local_class():
 
 @functools.cache
 def _te_class():
-    from megatron.core.extensions.transformer_engine import TEDotProductAttention, te
+    from megatron.core.extensions.transformer_engine import HAVE_TE, TEDotProductAttention, te
 
+    if not HAVE_TE:
+        raise RuntimeError("ALiBi with --transformer-impl transformer_engine needs Transformer Engine, which is not "
+                           "installed; use --transformer-impl local")
     te_forward = te.pytorch.DotProductAttention.forward
     if "alibi_slopes" not in inspect.signature(te_forward).parameters:
         raise RuntimeError("this Transformer Engine build has no ALiBi support (DotProductAttention.forward takes "
