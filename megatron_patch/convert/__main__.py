@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .hf_io import CheckpointError
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.convert", description=__doc__)
@@ -51,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from ..runtime import UnsupportedVersionError, WorkerError
+    from .hf_io import CheckpointError
 
     try:
         if args.command == "hf2mcore":
