@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_patch.convert import hf_to_mcore
+from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.generate import main as generate_main
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,8 +3,9 @@
 * greedy continuations equal transformers' ``generate`` on the HF original, token for token, at TP=1 and TP=2,
   from legacy checkpoints (saved at TP=1, split at load) and a torch_dist training-style checkpoint (saved at
   TP=2 in ``iter_0000010/``, resharded to TP=1 at load);
-* Baichuan (remote code, no transformers class) is checked as Baichuan-7B against transformers' llama on the same
-  weights (``W_pack`` = q, k, v stacked);
+* Baichuan-7B (remote code, no transformers class) is checked against transformers' llama on the same weights
+  (``W_pack`` = q, k, v stacked); Baichuan2-7B (NormHead), Baichuan-13B / Baichuan2-13B (ALiBi) and Qwen v1 against
+  greedy decoding over the independent forward passes of ``tests/reference``;
 * the KV-cache path equals re-running the whole prefix; batched prompts of different lengths equal one-by-one;
 * greedy with a repetition penalty equals transformers'; generation stops at EOS where transformers' does;
 * seeded sampling is reproducible (and a different seed differs) at TP=1 and TP=2;
@@ -15,6 +16,7 @@ All megatron work runs in two spawned jobs (TP=2, then TP=1) shared by every tes
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -22,13 +24,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_patch.convert import hf_to_mcore
+from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.models import get_family, supported_families
 from megatron_patch.runtime import run_on_local_ranks
 
 from . import jobs
 
 FAMILIES = ["llama", "qwen", "baichuan", "bloom"]
+# variant -> (family, flavor, reference). References: "hf" = transformers' generate on the HF original; "llama-twin"
+# = transformers' llama on the same weights (Baichuan-7B is llama with q, k, v fused into W_pack); otherwise an
+# independent forward pass in tests/reference (remote-code models transformers does not ship), decoded greedily.
+VARIANTS = {
+    "llama": ("llama", "tiny", "hf"),
+    "qwen2": ("qwen", "tiny", "hf"),
+    "qwen1": ("qwen", "tiny-qwen1", "qwen_v1"),
+    "baichuan-7b": ("baichuan", "tiny", "llama-twin"),
+    "baichuan2-7b": ("baichuan", "tiny-baichuan2", "baichuan"),
+    "baichuan-13b": ("baichuan", "tiny-13b", "baichuan"),
+    "baichuan2-13b": ("baichuan", "tiny-baichuan2-13b", "baichuan"),
+    "bloom": ("bloom", "tiny", "hf"),
+}
+BAICHUAN_SWITCHES = {  # what the reference is told directly (the converter infers it from config.json)
+    "baichuan2-7b": dict(alibi=False, norm_head=True),
+    "baichuan-13b": dict(alibi=True, norm_head=False),
+    "baichuan2-13b": dict(alibi=True, norm_head=True),
+}
 TRAINED = "llama/torch_dist"  # saved from llama/legacy by the TP=2 job, loaded by the TP=1 job
 ENV = {"CUDA_VISIBLE_DEVICES": ""}
 # With the default init (std 0.02) tiny bloom's tied, LayerNorm-ed embedding dominates the residual stream and
@@ -64,6 +84,10 @@ def _baichuan_from_llama(root: Path) -> tuple[str, str]:
     return str(out), twin
 
 
+def _eos_list(eos) -> list[int]:
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 def hf_generate(model, prompts, new_tokens, eos, **kwargs):
     """transformers' generate, one prompt at a time (no padding), returning only the new tokens."""
     outputs = []
@@ -76,6 +100,61 @@ def hf_generate(model, prompts, new_tokens, eos, **kwargs):
     return outputs
 
 
+def forward_generate(forward, prompts, new_tokens, eos, repetition_penalty=1.0):
+    """Greedy decoding with a full forward pass per token (a reference without any cache), transformers' rules for
+    the repetition penalty and EOS."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty) if repetition_penalty != 1.0 else None
+    outputs = []
+    for prompt in prompts:
+        sequence, new = list(prompt), []
+        while len(new) < new_tokens:
+            ids = torch.tensor([sequence])
+            with torch.no_grad():
+                logits = forward(ids)[:, -1].float()
+            if penalty is not None:
+                logits = penalty(ids, logits)
+            token = int(logits.argmax(-1))
+            sequence.append(token)
+            new.append(token)
+            if token in _eos_list(eos):
+                break
+        outputs.append(new)
+    return outputs
+
+
+def _reference(variant: str, root: Path, make_hf):
+    """(HF directory, generate(prompts, new_tokens, eos, **kwargs), the model's EOS) for a variant."""
+    family, flavor, kind = VARIANTS[variant]
+    if kind in ("hf", "llama-twin"):
+        from transformers import AutoModelForCausalLM
+
+        if variant == "llama":
+            hf_dir = reference_dir = make_hf("gqa_untied")  # the converter tests' llama: built once per session
+        elif kind == "llama-twin":
+            hf_dir, reference_dir = _baichuan_from_llama(root)
+        else:
+            config = {**get_family(family).flavor(flavor), **INIT_OVERRIDES.get(family, {})}
+            hf_dir = reference_dir = _tiny_hf(root / f"{variant}-hf", config)
+        model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+        return hf_dir, functools.partial(hf_generate, model), model.config.eos_token_id
+    from tests.reference import baichuan as baichuan_reference
+    from tests.reference import qwen_v1 as qwen_v1_reference
+    from tests.reference import save_hf_dir
+
+    module = {"baichuan": baichuan_reference, "qwen_v1": qwen_v1_reference}[kind]
+    config = get_family(family).flavor(flavor)
+    tensors = module.random_checkpoint(config, seed=0)
+    hf_dir = save_hf_dir(root / f"{variant}-hf", config, tensors)
+    forward = functools.partial(module.forward, tensors, config, **BAICHUAN_SWITCHES.get(variant, {}))
+
+    def generate(prompts, new_tokens, eos, repetition_penalty=1.0):
+        return forward_generate(forward, prompts, new_tokens, eos, repetition_penalty)
+
+    return hf_dir, generate, config.get("eos_token_id")
+
+
 def _stop_token(greedy: list[list[int]]) -> tuple[int, int] | None:
     """(row, token): a token some row's greedy continuation first produces at step >= 2."""
     for row, tokens in enumerate(greedy):
@@ -85,37 +164,39 @@ def _stop_token(greedy: list[list[int]]) -> tuple[int, int] | None:
     return None
 
 
+def _available_variants() -> list[str]:
+    try:
+        import tests.reference  # noqa: F401  (remote-code references; written with the families)
+        have_references = True
+    except ImportError:
+        have_references = False
+    return [v for v, (family, _, kind) in VARIANTS.items()
+            if family in supported_families() and (kind in ("hf", "llama-twin") or have_references)]
+
+
 @pytest.fixture(scope="module")
 def generated(make_hf, tmp_path_factory):
-    """Both jobs, run once for every registered family: (checkpoints, references, TP=1 results, TP=2 results)."""
-    from transformers import AutoModelForCausalLM
-
+    """Both jobs, run once for every variant of every registered family:
+    (checkpoints, references, TP=1 results, TP=2 results); checkpoint names are ``<variant>/<format>``."""
     root = tmp_path_factory.mktemp("generation")
     checkpoints, references, stop_tokens = {}, {}, {}
-    for family in [f for f in FAMILIES if f in supported_families()]:
-        if family == "llama":
-            hf_dir = reference_dir = make_hf("gqa_untied")  # the converter tests' llama: built once per session
-        elif family == "baichuan":
-            hf_dir, reference_dir = _baichuan_from_llama(root)
-        else:
-            config = {**get_family(family).flavor("tiny"), **INIT_OVERRIDES.get(family, {})}
-            hf_dir = reference_dir = _tiny_hf(root / f"{family}-hf", config)
-        hf_to_mcore(hf_dir, root / f"{family}-legacy", tp=1, fmt="legacy")
-        checkpoints[f"{family}/legacy"] = str(root / f"{family}-legacy")
-
-        model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
-        eos = model.config.eos_token_id
-        greedy = hf_generate(model, jobs.PROMPTS, jobs.TP1_NEW_TOKENS, eos)
+    for variant in _available_variants():
+        hf_dir, generate, eos = _reference(variant, root, make_hf)
+        hf_to_mcore(hf_dir, root / f"{variant}-legacy", tp=1, fmt="legacy")
+        checkpoints[f"{variant}/legacy"] = str(root / f"{variant}-legacy")
+        greedy = generate(jobs.PROMPTS, jobs.TP1_NEW_TOKENS, eos)
         stop = _stop_token(greedy)
-        references[family] = {
+        references[variant] = {
             "greedy": greedy,
-            "penalty": hf_generate(model, jobs.PROMPTS, jobs.TP1_NEW_TOKENS, eos, repetition_penalty=jobs.PENALTY),
-            "greedy_tp2": hf_generate(model, jobs.PROMPTS, jobs.TP2_NEW_TOKENS, eos),
+            "penalty": generate(jobs.PROMPTS, jobs.TP1_NEW_TOKENS, eos, repetition_penalty=jobs.PENALTY),
+            "greedy_tp2": [g[: jobs.TP2_NEW_TOKENS] for g in greedy],
             "stop": stop,
-            "stopped": hf_generate(model, jobs.PROMPTS, jobs.TP1_NEW_TOKENS, stop[1]) if stop else None,
+            "stopped": generate(jobs.PROMPTS, jobs.TP1_NEW_TOKENS, stop[1]) if stop else None,
         }
         if stop:
-            stop_tokens[f"{family}/legacy"] = stop_tokens[f"{family}/torch_dist"] = stop[1]
+            stop_tokens[f"{variant}/legacy"] = stop[1]
+    if "llama/legacy" in stop_tokens:
+        stop_tokens[TRAINED] = stop_tokens["llama/legacy"]
 
     trained_dir = root / "llama-trained"
     tp2 = run_on_local_ranks(jobs.tp2_job, 2, checkpoints, "llama/legacy", str(trained_dir), env=ENV)[0]
@@ -125,16 +206,21 @@ def generated(make_hf, tmp_path_factory):
 
 
 def _names(checkpoints, family):
+    """The checkpoints of every variant of ``family``."""
     if family not in supported_families():
         pytest.skip(f"family '{family}' is not registered yet")
-    return [name for name in checkpoints if name.startswith(family + "/")]
+    return [name for name in checkpoints if VARIANTS[name.split("/")[0]][0] == family]
+
+
+def _variant(name: str) -> str:
+    return name.split("/")[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_matches_transformers_at_tp1(generated, family):
     checkpoints, references, tp1, _ = generated
-    reference = references[family] if family in references else None
     for name in _names(checkpoints, family):
+        reference = references[_variant(name)]
         assert tp1[name]["greedy"] == reference["greedy"], name
         assert tp1[name]["penalty"] == reference["penalty"], name
         if reference["stopped"] is not None:
@@ -146,7 +232,7 @@ def test_greedy_matches_transformers_at_tp2(generated, family):
     checkpoints, references, _, tp2 = generated
     for name in _names(checkpoints, family):
         if name != TRAINED:  # written by the TP=2 job itself
-            assert tp2[name] == references[family]["greedy_tp2"], name
+            assert tp2[name] == references[_variant(name)]["greedy_tp2"], name
 
 
 @pytest.mark.parametrize("family", FAMILIES)

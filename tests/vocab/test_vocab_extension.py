@@ -54,7 +54,8 @@ def _llama_sp_model(root: Path) -> str:
 @pytest.fixture(scope="module")
 def extended(tmp_path_factory, make_hf):
     """{case: (old HF dir, extended HF dir, summary)} for both tokenizer kinds; plus the Megatron round."""
-    from megatron_patch.convert import hf_to_mcore, mcore_to_hf
+    from megatron_patch.convert.hf_to_mcore import hf_to_mcore
+    from megatron_patch.convert.mcore_to_hf import mcore_to_hf
 
     root = tmp_path_factory.mktemp("vocab")
     trained = ev.train_sentencepiece([_write_corpus(root / "corpus.txt")], root / "new", vocab_size=120)

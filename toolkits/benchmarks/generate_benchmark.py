@@ -47,7 +47,7 @@ def main(argv=None) -> None:
 def run(args, work: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from megatron_patch.convert import hf_to_mcore
+    from megatron_patch.convert.hf_to_mcore import hf_to_mcore
     from megatron_patch.generation import GenerationEngine, SamplingParams, load_model
     from megatron_patch.models import get_family
     from megatron_patch.models.tiny import make_hf_checkpoint

@@ -289,8 +289,9 @@ def extend_hf(hf_dir: Path, out_dir: Path, trained_model: Path) -> dict:
 def extend_megatron(checkpoint: Path, out_dir: Path, trained_model: Path) -> dict:
     """Megatron checkpoint -> Megatron checkpoint (same format, TP x PP): exported to HF, extended, converted back
     (the converter's round trip is bit-exact, so only the vocabulary rows change)."""
-    from megatron_patch.convert import hf_to_mcore, mcore_to_hf
+    from megatron_patch.convert.hf_to_mcore import hf_to_mcore
     from megatron_patch.convert.mcore_io import check_output_dir, read_meta, resolve_checkpoint
+    from megatron_patch.convert.mcore_to_hf import mcore_to_hf
 
     check_output_dir(out_dir, overwrite=False)
     meta = read_meta(resolve_checkpoint(checkpoint))
