@@ -14,7 +14,9 @@ def run_conversion_demo(workdir: str | Path, tp: int = 2, pp: int = 2, fmt: str 
     """Returns the rows of the printed table: (step, result, seconds)."""
     from ..models import get_family
     from ..models.tiny import make_hf_checkpoint
-    from . import hf_to_mcore, mcore_to_hf, verify
+    from .hf_to_mcore import hf_to_mcore
+    from .mcore_to_hf import mcore_to_hf
+    from .verify import verify
 
     workdir = Path(workdir)
     hf_dir, mcore_dir, back_dir = workdir / "hf_llama_tiny", workdir / f"mcore_tp{tp}_pp{pp}", workdir / "hf_roundtrip"

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_patch.convert import hf_to_mcore, mcore_to_hf
+from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.convert.mcore_io import read_meta, resolve_checkpoint
+from megatron_patch.convert.mcore_to_hf import mcore_to_hf
 from megatron_patch.convert.verify import fixed_tokens, hf_logits, megatron_logits
 from megatron_patch.runtime import run_on_local_ranks
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from megatron_patch.convert import hf_to_mcore, mcore_to_hf
 from megatron_patch.convert.hf_io import HFCheckpointReader
+from megatron_patch.convert.hf_to_mcore import hf_to_mcore
+from megatron_patch.convert.mcore_to_hf import mcore_to_hf
 
 
 def test_legacy_transformer_engine_names_round_trip(make_hf, tmp_path):
