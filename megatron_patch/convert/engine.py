@@ -74,6 +74,38 @@ class Entry:
         return [layer_names(name, self.layer) for name in self.row.hf_names]
 
 
+class PrefixTolerantReader:
+    """A view of an HF checkpoint in which tensors saved without ``prefix`` answer to their prefixed names.
+
+    Some hub repositories were saved from the base model rather than the ``*ForCausalLM`` wrapper (bloom's hold
+    ``h.0...`` for ``transformer.h.0...``); transformers loads both spellings, and so does the converter. Exports
+    always use the prefixed names.
+    """
+
+    def __init__(self, reader: HFCheckpointReader, prefix: str):
+        self.reader, self.prefix = reader, prefix
+
+    def _stored(self, name: str) -> str:
+        if name not in self.reader and name.startswith(self.prefix) and name[len(self.prefix):] in self.reader:
+            return name[len(self.prefix):]
+        return name
+
+    def names(self) -> list[str]:
+        return self.reader.names()
+
+    def __contains__(self, name: str) -> bool:
+        return self._stored(name) in self.reader
+
+    def shape(self, name: str):
+        return self.reader.shape(self._stored(name))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.reader.dtype(self._stored(name))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.reader.get(self._stored(name))
+
+
 @dataclass
 class ConversionPlan:
     """Everything needed to place a family's weights on TP x PP ranks.
@@ -109,6 +141,12 @@ class ConversionPlan:
         if self.saved_padded_vocab_size is not None:
             return self.saved_padded_vocab_size
         return layouts.padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, self.tp)
+
+    def open_hf(self, hf_dir) -> HFCheckpointReader | PrefixTolerantReader:
+        """A reader of ``hf_dir`` that also finds tensors stored without the family's optional name prefix."""
+        reader = HFCheckpointReader(hf_dir)
+        prefix = self.family.optional_hf_prefix
+        return PrefixTolerantReader(reader, prefix) if prefix else reader
 
     # --- placement -------------------------------------------------------------------------------------------
 
@@ -177,6 +215,7 @@ class ConversionPlan:
         """Check before any work: every tensor the mapping needs exists with the shape the config implies, and
         no tensor is left unconverted. Runs the transforms on meta tensors, so nothing is read."""
         ignored = [re.compile(p) for p in self.family.ignored_hf_keys]
+        prefix = self.family.optional_hf_prefix
         used: set[str] = set()
         for stage in range(self.pp):
             for entry in self.stage_entries(stage):
@@ -195,7 +234,8 @@ class ConversionPlan:
                     shapes = ", ".join(f"{n} {tuple(reader.shape(n))}" for n in names)
                     raise CheckpointError(f"config.json does not match the weights: {shapes} cannot form "
                                           f"{entry.global_name} of shape {expected}")
-        unused = [n for n in reader.names() if n not in used and not any(p.fullmatch(n) for p in ignored)]
+        unused = [n for n in reader.names()
+                  if n not in used and prefix + n not in used and not any(p.fullmatch(n) for p in ignored)]
         if unused:
             more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
             raise CheckpointError(f"the HF checkpoint has tensors config.json does not account for: "

@@ -62,7 +62,7 @@ def hf_to_mcore(
     hf_config = read_config(hf_dir)
     plan = make_plan(hf_config, tp, pp, family, extra_vocab_size, make_vocab_size_divisible_by)
     check_output_dir(out_dir, overwrite)
-    reader = HFCheckpointReader(hf_dir)
+    reader = plan.open_hf(hf_dir)
     plan.validate_hf(reader)
     dtype = checkpoint_dtype(reader, plan)
 
@@ -118,7 +118,7 @@ def _torch_dist_rank(hf_dir, iter_dir, family, tp, pp, extra_vocab_size, divisib
     model = build_model(plan.arch, plan.padded_vocab_size, config=config)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    reader = HFCheckpointReader(hf_dir)
+    reader = plan.open_hf(hf_dir)
     show = tp_rank == 0 and pp_rank == 0
     with tqdm(total=len(plan.stage_entries(pp_rank)), desc="hf2mcore", unit="tensor", disable=None if show else True) as bar:
         tensors = ((name, shards[tp_rank]) for name, shards in plan.hf_to_megatron(reader, pp_rank, [tp_rank], bar))

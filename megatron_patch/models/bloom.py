@@ -99,4 +99,5 @@ BLOOM = register_family(ModelFamily(
     flavors=FLAVORS,
     # save_pretrained may or may not write the tied duplicate; it holds no weights of its own.
     ignored_hf_keys=(r"lm_head\.weight",),
+    optional_hf_prefix="transformer.",  # the bigscience repositories were saved from BloomModel
 ))

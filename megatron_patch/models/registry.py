@@ -20,6 +20,8 @@ class ModelFamily:
         weight_mapping: ModelArch -> list of ``convert.mapping`` rows (one per megatron parameter name).
         flavors: named size presets as HF config dicts; ``tiny`` is the CPU/test preset.
         ignored_hf_keys: regexes of HF tensors that hold no weights (e.g. cached rotary frequencies).
+        optional_hf_prefix: a prefix of the mapping's HF names that checkpoints saved from the base model lack
+            (bloom's hub repositories store ``h.0...`` for ``transformer.h.0...``); both spellings are read.
     """
 
     name: str
@@ -29,6 +31,7 @@ class ModelFamily:
     weight_mapping: Callable[[ModelArch], list]
     flavors: dict[str, dict] = field(default_factory=dict)
     ignored_hf_keys: tuple[str, ...] = ()
+    optional_hf_prefix: str = ""
 
     def flavor(self, size: str) -> dict:
         key = size.lower()

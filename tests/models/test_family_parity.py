@@ -188,3 +188,19 @@ def test_baichuan_variants_are_told_apart(runs, name):
         with torch.no_grad():
             logits = baichuan_ref.forward(tensors, config, _tokens(config["vocab_size"]), **wrong)
         assert (logits - megatron).abs().max().item() > 100 * TOLERANCE, f"{flip} made no difference"
+
+
+def test_bloom_checkpoint_saved_without_transformer_prefix(make_hf, tmp_path):
+    """bigscience's bloom repositories store ``h.0...`` (saved from BloomModel); they convert to the same model."""
+    from safetensors.torch import save_file
+
+    hf_dir = Path(make_hf("family-bloom", family="bloom", flavor="tiny"))
+    original = load_file(str(hf_dir / "model.safetensors"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((hf_dir / "config.json").read_text())
+    save_file({k.removeprefix("transformer."): v for k, v in original.items()}, str(bare / "model.safetensors"))
+    hf_to_mcore(bare, tmp_path / "mcore", tp=2, pp=2, fmt="legacy")
+    back = load_file(str(mcore_to_hf(tmp_path / "mcore", tmp_path / "back") / "model.safetensors"))
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[k], v) for k, v in original.items())
