@@ -101,11 +101,13 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
     check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    finished = False
     try:
         yield temp
-    except BaseException:  # clean up on any interruption, then re-raise unchanged
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+        finished = True
+    finally:
+        if not finished:  # an error or an interrupt: leave nothing behind
+            shutil.rmtree(temp, ignore_errors=True)
     if path.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
         os.replace(path, trash / path.name)
