@@ -169,8 +169,8 @@ def check_checkpoint(args, meta: dict) -> None:
     if args.extra_vocab_size is not None and args.extra_vocab_size != meta["extra_vocab_size"]:
         raise ValueError(f"--extra-vocab-size {args.extra_vocab_size} differs from the checkpoint's "
                          f"{meta['extra_vocab_size']} (the value it was converted with)")
-    max_positions = int(meta["hf_config"].get("max_position_embeddings") or meta["hf_config"].get("seq_length") or 0)
-    if max_positions and args.seq_length > max_positions:
+    max_positions = family.arch_from_hf(meta["hf_config"]).max_position_embeddings
+    if args.seq_length > max_positions:
         raise ValueError(f"--seq-length {args.seq_length} exceeds the model's {max_positions} positions")
 
 

@@ -21,6 +21,7 @@ class LoadedModel:
     iter_dir: Path
     meta: dict
     vocab_size: int  # real tokens (HF vocabulary + extra tokens); the embedding may hold padding rows beyond
+    max_sequence_length: int  # positions the model was built for (the family reads it from its HF config)
 
     @property
     def hf_config(self) -> dict:
@@ -31,10 +32,6 @@ class LoadedModel:
         from ..convert.mcore_io import ASSETS
 
         return self.iter_dir / ASSETS
-
-    @property
-    def max_sequence_length(self) -> int:
-        return int(self.hf_config.get("max_position_embeddings") or self.hf_config.get("seq_length") or 2048)
 
     def eos_token_id(self):
         """EOS id(s) from the checkpoint's generation_config.json (as transformers reads it), else config.json."""
@@ -71,4 +68,5 @@ def load_model(checkpoint: str | os.PathLike, precision: str = "fp32") -> Loaded
     load_checkpoint_into_model(model, iter_dir)
     mark_weights_loaded(model, str(iter_dir))
     model.eval()
-    return LoadedModel(model=model, iter_dir=iter_dir, meta=meta, vocab_size=plan.vocab_size)
+    return LoadedModel(model=model, iter_dir=iter_dir, meta=meta, vocab_size=plan.vocab_size,
+                       max_sequence_length=plan.arch.max_position_embeddings)

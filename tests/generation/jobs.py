@@ -102,7 +102,7 @@ def tp1_job(checkpoints: dict[str, str], stop_tokens: dict[str, int]) -> dict:
             arch = plan_from_meta(loaded.meta, tp=1, pp=1).arch
             fresh = build_model(arch, loaded.model.vocab_size, parallel_output=False)
             try:
-                _engine(type(loaded)(fresh, loaded.iter_dir, loaded.meta, loaded.vocab_size), eos)
+                _engine(type(loaded)(fresh, loaded.iter_dir, loaded.meta, loaded.vocab_size, 512), eos)
                 results["refused"] = ""
             except GenerationError as error:
                 results["refused"] = str(error)

@@ -149,3 +149,36 @@ def test_megatron_checkpoint_gets_the_same_extension(extended):
     for name, tensor in reference.items():
         assert torch.equal(got[name], tensor), name
     assert _tokenizer(exported).encode(NEW_TEXT) == _tokenizer(hf_extended).encode(NEW_TEXT)
+
+
+def test_command_line_extends_a_hf_directory_and_refuses_bad_input(extended, tmp_path, capsys):
+    old_dir, reference_dir, _ = extended["byte_level"]
+    corpus = _write_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "out"
+    assert ev.main(["--corpus", str(corpus), "--load", old_dir, "--save", str(out), "--vocab-size", "120"]) == 0
+    assert _tokenizer(out).encode(NEW_TEXT) == _tokenizer(reference_dir).encode(NEW_TEXT)
+    assert load_file(f"{out}/model.safetensors").keys() == load_file(f"{reference_dir}/model.safetensors").keys()
+    capsys.readouterr()
+    assert ev.main(["--corpus", str(corpus), "--load", old_dir, "--save", str(out), "--vocab-size", "120"]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert ev.main(["--corpus", str(tmp_path / "missing.txt"), "--load", old_dir, "--save", str(tmp_path / "o2")]) == 1
+    assert "missing.txt does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["CORPUS"], "expected 5 or 6 arguments, got 1"),
+    (["/nonexistent.txt", "LOAD", "SAVE", "100"], "CORPUS file '/nonexistent.txt' does not exist"),
+    (["CORPUS", "LOAD", "SAVE", "many"], "VOCAB_SIZE must be an integer >= 2"),
+    (["CORPUS", "LOAD", "SAVE", "100", "wordpiece"], "MODEL_TYPE must be bpe or unigram"),
+])
+def test_shell_wrapper_validates_its_arguments(extended, tmp_path, args, message):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    corpus = _write_corpus(tmp_path / "corpus.txt")
+    names = {"CORPUS": str(corpus), "LOAD": extended["byte_level"][0], "SAVE": str(tmp_path / "out")}
+    argv = [str(root), *(names.get(a, a) for a in args)] if len(args) > 1 else [str(root)]
+    result = subprocess.run(["bash", str(root / "toolkits/vocab_extension/run_vocab_extension.sh"), *argv],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
