@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
     pretrain_dir = work / "pretrain"
     pretrain = dict(mode="pretrain", load=str(mcore_dir), save=str(pretrain_dir), data_path=[summary.output_prefix],
-                    split="98,2,0", pipeline_model_parallel_size=2, seq_length=args.seq_length, micro_batch_size=4,
+                    split="98,2,0", pipeline_model_parallel_size=2, seq_length=args.seq_length, micro_batch_size=2,
                     global_batch_size=8, train_iters=args.pretrain_iters, lr=2e-3, min_lr=2e-4,
                     lr_warmup_iters=max(1, args.pretrain_iters // 20), log_interval=max(1, args.pretrain_iters // 10),
                     save_interval=max(1, args.pretrain_iters // 2), eval_interval=args.pretrain_iters, eval_iters=2,

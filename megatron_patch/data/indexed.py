@@ -16,7 +16,6 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from .tokenizers import Tokenizer, load_tokenizer
@@ -116,6 +115,7 @@ def build_indexed_dataset(
     skip_bad_lines: bool = False,
     progress: bool | None = None,
 ) -> PreprocessSummary:
+    import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     input_path = Path(input_path)

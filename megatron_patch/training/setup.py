@@ -42,6 +42,12 @@ def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource
                 "new token rows are added at conversion (hf2mcore --extra-vocab-size)"
             )
         plan = plan_from_meta(meta, tp=tp, pp=pp)
+        if cfg.model_size:  # the preset must describe the checkpoint (the launch scripts always pass one)
+            preset = plan.family.arch_from_hf(plan.family.flavor(cfg.model_size))
+            if (preset.num_layers, preset.hidden_size) != (plan.arch.num_layers, plan.arch.hidden_size):
+                raise ValueError(
+                    f"--model-size {cfg.model_size} ({preset.num_layers} layers, hidden {preset.hidden_size}) does not "
+                    f"match the --load checkpoint ({plan.arch.num_layers} layers, hidden {plan.arch.hidden_size})")
         assets = load_dir / ASSETS
         return ModelSource(plan, meta["hf_config"], load_dir, assets if assets.is_dir() else None)
     family = get_family(cfg.model_name)
