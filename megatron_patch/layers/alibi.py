@@ -70,11 +70,12 @@ class _AlibiSoftmax(torch.nn.Module):
     def __init__(self, softmax: torch.nn.Module, slopes: torch.Tensor):
         super().__init__()
         self.softmax = softmax
-        # Not persistent: the slopes are a function of the head count, not weights (no checkpoint entry).
-        self.register_buffer("slopes", slopes, persistent=False)
+        # A plain fp32 attribute, not a buffer: no checkpoint entry (the slopes follow from the head count), and
+        # Float16Module's .half()/.bfloat16() cannot round them (HF builds the bias in fp32, then casts it).
+        self.slopes = slopes.float()
 
     def forward(self, scores: torch.Tensor, mask, *args, **kwargs):
-        # scores: (batch, local heads, query length, key length)
+        # scores: (batch, local heads, query length, key length), already multiplied by 1/sqrt(head_dim)
         bias = alibi_bias(self.slopes, scores.shape[-1], scores.dtype, scores.device)
         return self.softmax(scores + bias, mask, *args, **kwargs)
 
@@ -90,6 +91,9 @@ def _local_class():
             super().__init__(config, *args, **kwargs)
             if config.softmax_type != "vanilla":
                 raise ValueError(f"ALiBi attention supports --softmax-type vanilla only (got {config.softmax_type})")
+            if config.apply_query_key_layer_scaling:
+                # The softmax would multiply the bias by the layer number along with the scores.
+                raise ValueError("ALiBi attention does not support --apply-query-key-layer-scaling")
             slopes = _this_rank_slopes(config, self.tp_group)
             self.scale_mask_softmax = _AlibiSoftmax(self.scale_mask_softmax, slopes)
 
@@ -122,7 +126,7 @@ def _te_class():
             from megatron.core import parallel_state
 
             slopes = _this_rank_slopes(config, parallel_state.get_tensor_model_parallel_group())
-            self.register_buffer("alibi_slopes", slopes.float(), persistent=False)
+            self.alibi_slopes = slopes.float()  # TE wants fp32 slopes; a plain attribute keeps them fp32
 
         def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None,
                     packed_seq_params=None, **kwargs):
