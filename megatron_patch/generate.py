@@ -1,9 +1,9 @@
 """python -m megatron_patch.generate --load CKPT --text-generate-input-file IN --text-generate-output-file OUT [...]
 
 Offline batch generation from a converted or trained megatron-patch checkpoint (torch_dist or legacy, saved at any
-TP x PP). Launch a multiple of TP processes, e.g.
+TP x PP, run at any TP x PP). Launch a multiple of TP x PP processes, e.g.
   torchrun --nproc-per-node 2 -m megatron_patch.generate --tensor-model-parallel-size 2 --load CKPT ...
-With more processes than TP, each data-parallel group of TP ranks generates its share of the prompts.
+With more processes than TP x PP, each data-parallel group generates its share of the prompts.
 
 Input: a text file with one prompt per line, or a .jsonl file whose objects carry the prompt under
 ``--prompt-key`` (default ``prompt``). Output: a .jsonl file with one {"prompt", "completion"} object per prompt,
@@ -30,8 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-size", default=None, help="expected size preset of the family (checked against the "
                                                       "checkpoint's layers / hidden size / heads)")
     p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
-    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1,
-                   help="must be 1: generation splits a model with TP only")
+    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
     p.add_argument("--micro-batch-size", type=int, default=1, help="prompts generated together")
     p.add_argument("--seq-length", type=int, required=True, help="longest prompt + completion, in tokens")
     p.add_argument("--max-padding-length", type=int, default=None,
@@ -62,16 +61,13 @@ def check_args(args) -> None:
     """Everything that can be checked before a model is built; one line naming the flag per problem."""
     from .generation import SamplingParams
 
-    for flag in ("tp", "micro_batch_size", "seq_length", "out_seq_length"):
+    for flag in ("tp", "pp", "micro_batch_size", "seq_length", "out_seq_length"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
-    if args.pp != 1:
-        raise ValueError(f"--pipeline-model-parallel-size {args.pp}: generation runs at PP=1 (a checkpoint saved at "
-                         "any PP loads at PP=1); use --tensor-model-parallel-size to split the model")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % args.tp:
-        raise ValueError(f"{world} processes were launched for --tensor-model-parallel-size {args.tp}; launch a "
-                         f"multiple of TP processes (torchrun --nproc-per-node {args.tp})")
+    if world % (args.tp * args.pp):
+        raise ValueError(f"{world} processes were launched for TP x PP = {args.tp} x {args.pp}; launch a multiple "
+                         f"of TP x PP processes (torchrun --nproc-per-node {args.tp * args.pp})")
     if args.input_len is not None:
         if args.input_len < 1:
             raise ValueError(f"--input-len must be >= 1 (got {args.input_len})")
@@ -169,7 +165,9 @@ def check_checkpoint(args, meta: dict) -> None:
     if args.extra_vocab_size is not None and args.extra_vocab_size != meta["extra_vocab_size"]:
         raise ValueError(f"--extra-vocab-size {args.extra_vocab_size} differs from the checkpoint's "
                          f"{meta['extra_vocab_size']} (the value it was converted with)")
-    max_positions = family.arch_from_hf(meta["hf_config"]).max_position_embeddings
+    arch = family.arch_from_hf(meta["hf_config"])
+    arch.check_parallel(args.tp, args.pp)
+    max_positions = arch.max_position_embeddings
     if args.seq_length > max_positions:
         raise ValueError(f"--seq-length {args.seq_length} exceeds the model's {max_positions} positions")
 
@@ -196,7 +194,7 @@ def generate_file(args) -> int:
     truncated = sum(len(ids) > limit for ids in encoded)
     encoded = [ids[-limit:] for ids in encoded]
 
-    init_distributed(args.tp, 1, seed=args.seed)
+    init_distributed(args.tp, args.pp, seed=args.seed)
     rank0 = dist.get_rank() == 0
     if truncated and rank0:
         print(f"warning: {truncated} prompt(s) longer than {limit} tokens keep their last {limit} tokens",

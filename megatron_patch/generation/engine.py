@@ -41,7 +41,7 @@ class GenerationError(ValueError):
 
 
 class GenerationEngine:
-    """Generates continuations of token-id prompts with one model stage per TP rank (PP must be 1).
+    """Generates continuations of token-id prompts; every rank of the model (TP x PP) holds its stage.
 
     Args:
         model: a GPTModel built with ``parallel_output=False`` whose weights were loaded (see ``load_model``).
@@ -58,9 +58,6 @@ class GenerationEngine:
         if weights_source(model) is None:
             raise GenerationError("no checkpoint weights were loaded into this model; refusing to generate from "
                                   "random initialisation (load it with megatron_patch.generation.load_model)")
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise GenerationError("generation runs at pipeline-parallel size 1 (a checkpoint saved at any PP loads "
-                                  "at PP=1); launch with PP=1 and use TP to split a large model")
         self.model = model.eval()
         self.vocab_size = vocab_size
         if eos_token_id is None:
@@ -71,6 +68,11 @@ class GenerationEngine:
         self._tp_group = parallel_state.get_tensor_model_parallel_group()
         self._tp_src = parallel_state.get_tensor_model_parallel_src_rank()
         self._tp = parallel_state.get_tensor_model_parallel_world_size()
+        self._pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self._last_stage = parallel_state.is_pipeline_last_stage()
+        if self._pp > 1:
+            self._pp_group = parallel_state.get_pipeline_model_parallel_group()
+            self._pp_last = parallel_state.get_pipeline_model_parallel_last_rank()
 
     def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if not prompts:
@@ -88,11 +90,46 @@ class GenerationEngine:
             if bad:
                 raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary of {self.vocab_size}")
 
-    def _forward(self, tokens: torch.Tensor, start: int, context) -> torch.Tensor:
-        """Logits (batch, vocab) of the last column of ``tokens`` (batch, n), whose first column is at ``start``."""
+    def _forward(self, tokens: torch.Tensor, start: int, context) -> torch.Tensor | None:
+        """Logits (batch, vocab) of the last column of ``tokens`` (batch, n), whose first column is at ``start``;
+        None on a pipeline stage other than the last."""
         positions = torch.arange(start, start + tokens.size(1)).unsqueeze(0).expand(tokens.size(0), -1)
-        logits = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
-        return logits[:, -1, : self.vocab_size]
+
+        def run(model):
+            return model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
+
+        if self._pp == 1:
+            logits = run(self.model)
+        else:
+            logits = self._pipelined(run, tokens.shape)
+        return None if logits is None else logits[:, -1, : self.vocab_size]
+
+    def _pipelined(self, run, shape) -> torch.Tensor | None:
+        """One forward through every pipeline stage with megatron-core's schedule (activations sent stage to stage);
+        the last stage's output."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            output = run(model)
+            return output, lambda out: (out.new_zeros(()), {"logits": out.detach()})
+
+        collected = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([None]), model=[self.model], num_microbatches=1,
+            seq_length=shape[1], micro_batch_size=shape[0], forward_only=True,
+        )
+        return collected[0]["logits"] if self._last_stage else None
+
+    def _choose(self, logits, sampling, seen, generator) -> torch.Tensor:
+        """The next token of each row, identical on every rank: picked on the last stage's TP rank 0, broadcast."""
+        if self._last_stage:
+            chosen = select_next(logits, sampling, seen, generator)
+            if self._tp > 1:
+                torch.distributed.broadcast(chosen, self._tp_src, group=self._tp_group)
+        else:
+            chosen = torch.empty(seen.size(0), dtype=torch.long)
+        if self._pp > 1:
+            torch.distributed.broadcast(chosen, self._pp_last, group=self._pp_group)
+        return chosen
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -124,9 +161,7 @@ class GenerationEngine:
             else:
                 logits = self._forward(tokens[:, :cur], 0, None)
             prev = cur
-            chosen = select_next(logits, sampling, tokens[:, :cur], generator)
-            if self._tp > 1:
-                torch.distributed.broadcast(chosen, self._tp_src, group=self._tp_group)
+            chosen = self._choose(logits, sampling, tokens[:, :cur], generator)
             generating = (cur >= lengths) & ~done & (cur < ends)
             tokens[:, cur] = torch.where(generating, chosen, tokens[:, cur])
             done |= generating & torch.isin(chosen, eos)

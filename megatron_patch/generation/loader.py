@@ -55,14 +55,12 @@ def load_model(checkpoint: str | os.PathLike, precision: str = "fp32") -> Loaded
 
     if precision not in DTYPES:
         raise GenerationError(f"precision must be one of {', '.join(DTYPES)} (got {precision})")
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        raise GenerationError("generation runs at pipeline-parallel size 1; launch with PP=1 (a checkpoint saved "
-                              "at any PP loads at PP=1)")
     iter_dir = resolve_checkpoint(checkpoint)
     meta = read_meta(iter_dir)
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    plan = plan_from_meta(meta, tp=tp, pp=1)
-    config = transformer_config(plan.arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    plan = plan_from_meta(meta, tp=tp, pp=pp)
+    config = transformer_config(plan.arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 params_dtype=DTYPES[precision])
     model = build_model(plan.arch, plan.padded_vocab_size, config=config, parallel_output=False)
     load_checkpoint_into_model(model, iter_dir)

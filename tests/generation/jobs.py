@@ -49,8 +49,9 @@ def save_like_training(loaded, save_dir: str, iteration: int) -> None:
     torch.distributed.barrier()
 
 
-def tp2_job(checkpoints: dict[str, str], trained_from: str, trained_dir: str) -> dict | None:
-    """Greedy, batched, KV-cached generation of every checkpoint at TP=2; rank 0 returns {name: completions}.
+def tp2_job(checkpoints: dict[str, str], trained_from: str, trained_dir: str, pp2: dict[str, str]) -> dict | None:
+    """Greedy, batched, KV-cached generation of every checkpoint at TP=2, then of the ``pp2`` ones at PP=2 (same two
+    ranks); rank 0 returns {name: completions} and {"pp2/" + name: completions}.
 
     Also saves ``trained_from`` at TP=2 as a torch_dist training checkpoint in ``trained_dir``."""
     from megatron_patch.generation import SamplingParams, load_model
@@ -68,6 +69,11 @@ def tp2_job(checkpoints: dict[str, str], trained_from: str, trained_dir: str) ->
                 for _ in range(2)
             ]
             save_like_training(loaded, trained_dir, TRAINED_ITERATION)
+    init_distributed(1, 2)
+    for name, path in pp2.items():
+        loaded = load_model(path)
+        results["pp2/" + name] = _engine(loaded, loaded.eos_token_id()).generate(PROMPTS, TP2_NEW_TOKENS,
+                                                                                 SamplingParams())
     return results if torch.distributed.get_rank() == 0 else None
 
 

@@ -96,7 +96,7 @@ def _entry_args(mcore, prompts, out, *extra):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--pp", "2"], "generation runs at PP=1"),
+    (["--pp", "2"], "1 processes were launched for TP x PP = 1 x 2"),
     (["--model-size", "7B"], "MODEL_SIZE 7B does not match the checkpoint"),
     (["--model-name", "qwen"], "holds a 'llama' model, not 'qwen'"),
     (["--extra-vocab-size", "3"], "--extra-vocab-size 3 differs from the checkpoint's 0"),

@@ -1,6 +1,7 @@
 """Generation correctness on converted checkpoints, for every registered family, in fp32 on the CPU:
 
-* greedy continuations equal transformers' ``generate`` on the HF original, token for token, at TP=1 and TP=2,
+* greedy continuations equal transformers' ``generate`` on the HF original, token for token, at TP=1, TP=2 and
+  (for three variants) PP=2,
   from legacy checkpoints (saved at TP=1, split at load) and a torch_dist training-style checkpoint (saved at
   TP=2 in ``iter_0000010/``, resharded to TP=1 at load);
 * Baichuan-7B (remote code, no transformers class) is checked against transformers' llama on the same weights
@@ -49,7 +50,11 @@ BAICHUAN_SWITCHES = {  # what the reference is told directly (the converter infe
     "baichuan-13b": dict(alibi=True, norm_head=False),
     "baichuan2-13b": dict(alibi=True, norm_head=True),
 }
-TRAINED = "llama/torch_dist"  # saved from llama/legacy by the TP=2 job, loaded by the TP=1 job
+# Also run at PP=2: llama from the torch_dist checkpoint the TP=2 job saves (TP=2 -> TP=1 x PP=2 at load); tied
+# embeddings split across stages (bloom) and ALiBi on the second stage (baichuan-13b) from legacy checkpoints saved
+# at PP=2.
+PP2 = ["llama/torch_dist", "bloom/legacy-pp2", "baichuan-13b/legacy-pp2"]
+TRAINED = "llama/torch_dist"  # saved from llama/legacy by the TP=2 job, loaded by the TP=1 job and at PP=2
 ENV = {"CUDA_VISIBLE_DEVICES": ""}
 # With the default init (std 0.02) tiny bloom's tied, LayerNorm-ed embedding dominates the residual stream and
 # greedy decoding only repeats the last prompt token, which would test nothing: larger weights give varied text.
@@ -179,7 +184,7 @@ def generated(make_hf, tmp_path_factory):
     """Both jobs, run once for every variant of every registered family:
     (checkpoints, references, TP=1 results, TP=2 results); checkpoint names are ``<variant>/<format>``."""
     root = tmp_path_factory.mktemp("generation")
-    checkpoints, references, stop_tokens = {}, {}, {}
+    checkpoints, references, stop_tokens, pp2 = {}, {}, {}, {}
     for variant in _available_variants():
         hf_dir, generate, eos = _reference(variant, root, make_hf)
         hf_to_mcore(hf_dir, root / f"{variant}-legacy", tp=1, fmt="legacy")
@@ -195,11 +200,16 @@ def generated(make_hf, tmp_path_factory):
         }
         if stop:
             stop_tokens[f"{variant}/legacy"] = stop[1]
+        if f"{variant}/legacy-pp2" in PP2:
+            hf_to_mcore(hf_dir, root / f"{variant}-legacy-pp2", pp=2, fmt="legacy")
+            pp2[f"{variant}/legacy-pp2"] = str(root / f"{variant}-legacy-pp2")
     if "llama/legacy" in stop_tokens:
         stop_tokens[TRAINED] = stop_tokens["llama/legacy"]
 
     trained_dir = root / "llama-trained"
-    tp2 = run_on_local_ranks(jobs.tp2_job, 2, checkpoints, "llama/legacy", str(trained_dir), env=ENV)[0]
+    if "llama/legacy" in checkpoints:
+        pp2[TRAINED] = str(trained_dir)
+    tp2 = run_on_local_ranks(jobs.tp2_job, 2, checkpoints, "llama/legacy", str(trained_dir), pp2, env=ENV)[0]
     checkpoints[TRAINED] = str(trained_dir)
     tp1 = run_on_local_ranks(jobs.tp1_job, 1, checkpoints, stop_tokens, env=ENV)[0]
     return checkpoints, references, tp1, tp2
@@ -233,6 +243,14 @@ def test_greedy_matches_transformers_at_tp2(generated, family):
     for name in _names(checkpoints, family):
         if name != TRAINED:  # written by the TP=2 job itself
             assert tp2[name] == references[_variant(name)]["greedy_tp2"], name
+
+
+@pytest.mark.parametrize("name", PP2)
+def test_greedy_matches_transformers_at_pp2(generated, name):
+    _, references, _, tp2 = generated
+    if "pp2/" + name not in tp2:
+        pytest.skip(f"{name} is not available (family not registered)")
+    assert tp2["pp2/" + name] == references[_variant(name)]["greedy_tp2"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
