@@ -10,7 +10,8 @@
 #   MEGATRON_PATCH_PATH this checkout
 #   CHECKPOINT_PATH     a converted or trained Megatron checkpoint (torch_dist or legacy, saved at any TP x PP)
 #   MODEL_SIZE          the family's size preset the checkpoint has (e.g. 7B, tiny); checked against it
-#   TP                  tensor-parallel size (PP is always 1 for generation; more processes = data parallel)
+#   TP                  tensor-parallel size (the script runs PP=1; python -m megatron_patch.generate also takes
+#                       --pipeline-model-parallel-size); more processes than TP = data parallel over the prompts
 #   BS                  prompts generated together
 #   SEQ_LEN             longest prompt + completion in tokens
 #   PAD_LEN             as in the finetuning scripts; must be <= SEQ_LEN (prompts are batched without padding)
