@@ -103,18 +103,18 @@ mp_common_flags() {  # sets MP_FLAGS (array) from the validated common arguments
   case "$PR" in
     fp16) MP_FLAGS+=(--fp16) ;;
     bf16) MP_FLAGS+=(--bf16) ;;
-    fp8) MP_FLAGS+=(--bf16 --fp8-format hybrid --fp8-amax-history-len 1024 --fp8-amax-compute-algo max
-                    --transformer-impl transformer_engine) ;;
+    fp8) MP_FLAGS+=(--bf16 --fp8-format hybrid --fp8-amax-history-len 1024 --fp8-amax-compute-algo max) ;;
   esac
   case "$AC" in
     sel) MP_FLAGS+=(--recompute-granularity selective) ;;
     full) MP_FLAGS+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1) ;;
   esac
   [ "$DO" = true ] && MP_FLAGS+=(--use-distributed-optimizer)
+  [ "$FL" = true ] && MP_FLAGS+=(--use-flash-attn)
   [ "$SP" = true ] && MP_FLAGS+=(--sequence-parallel)
-  if [ "$FL" = true ]; then
-    MP_FLAGS+=(--use-flash-attn)
-    [ "$PR" = fp8 ] || MP_FLAGS+=(--transformer-impl transformer_engine)
+  # FP8, flash attention and sequence parallelism all run through Transformer Engine's layers.
+  if [ "$PR" = fp8 ] || [ "$FL" = true ] || [ "$SP" = true ]; then
+    MP_FLAGS+=(--transformer-impl transformer_engine)
   fi
   if [ "$PRETRAIN_CHECKPOINT_PATH" != none ]; then MP_FLAGS+=(--load "$PRETRAIN_CHECKPOINT_PATH"); fi
   if [ -n "${TOKENIZER_MODEL:-}" ]; then MP_FLAGS+=(--tokenizer-model "$TOKENIZER_MODEL"); fi

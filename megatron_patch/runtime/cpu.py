@@ -103,6 +103,18 @@ class CPURNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+def _run_under_mode(cls, method: str) -> None:
+    original = cls.__dict__[method]
+    is_static = isinstance(original, staticmethod)
+    func = original.__func__ if is_static else original
+
+    def wrapped(*args, **kwargs):
+        with _CudaToCpuMode():
+            return func(*args, **kwargs)
+
+    setattr(cls, method, staticmethod(wrapped) if is_static else wrapped)
+
+
 def enable_cpu_path() -> bool:
     """Make megatron-core run on the CPU when CUDA is absent. Returns True if the CPU path is active.
 
@@ -122,6 +134,18 @@ def enable_cpu_path() -> bool:
 
     mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Activation recompute saves and restores the "CUDA" RNG state around the recomputed forward; on the CPU path
+    # the device generator is the CPU one (as in CPURNGStatesTracker.fork).
+    if hasattr(mcore_random, "_get_cuda_rng_state") and hasattr(mcore_random, "_set_cuda_rng_state"):
+        mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+        mcore_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+
+    # Function modes do not reach code run by the autograd engine during backward: the recomputed forward of
+    # activation checkpointing would build its tensors on "cuda" again.
+    for cls_name, method in (("CheckpointFunction", "backward"), ("CheckpointWithoutOutput", "_recompute")):
+        cls = getattr(mcore_random, cls_name, None)
+        if cls is not None and hasattr(cls, method):
+            _run_under_mode(cls, method)
 
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()

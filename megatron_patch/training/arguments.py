@@ -124,6 +124,9 @@ class TrainConfig:
                  f"{self.micro_batch_size} x data-parallel size {dp}")
         if self.sequence_parallel and tp == 1:
             fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.sequence_parallel and self.transformer_impl != "transformer_engine":
+            fail("--sequence-parallel needs --transformer-impl transformer_engine "
+                 "(megatron-core's local layer spec uses torch norms, which do not support sequence parallelism)")
         if self.bf16 and self.fp16:
             fail("--bf16 and --fp16 are exclusive")
         if self.fp8_format not in FP8_FORMATS:

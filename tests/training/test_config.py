@@ -20,6 +20,7 @@ def test_unknown_keys_rejected():
 
 @pytest.mark.parametrize("kw,world,flag", [
     (dict(sequence_parallel=True), 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (dict(sequence_parallel=True, tensor_model_parallel_size=2), 2, "--sequence-parallel needs --transformer-impl"),
     (dict(global_batch_size=6, micro_batch_size=4), 1, "--global-batch-size 6 is not divisible"),
     (dict(global_batch_size=4, micro_batch_size=4), 2, "data-parallel size 2"),
     (dict(tensor_model_parallel_size=2), 3, "world size 3 is not divisible"),

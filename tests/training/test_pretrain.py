@@ -49,13 +49,14 @@ def test_loss_falls_and_logs(baseline):
     assert (baseline["save"] / "latest_checkpointed_iteration.txt").read_text() == "10"
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_parallel_loss_curve_matches(workspace, baseline, tp, pp):
-    cfg = config(workspace, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+@pytest.mark.parametrize("tp,pp,extra", [(2, 1, {}), (1, 2, {}), (1, 1, {"recompute_granularity": "full"})],
+                         ids=["tp2", "pp2", "dp2-full-recompute"])
+def test_parallel_loss_curve_matches(workspace, baseline, tp, pp, extra):
+    cfg = config(workspace, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **extra)
     results = run_on_local_ranks(train_worker, 2, cfg, timeout=600)
     for losses in results:  # every rank reports the same curve
         diff = max_diff(dict(losses), baseline["losses"])
-        print(f"TP={tp} PP={pp} vs TP=1 PP=1: max loss difference over {STEPS} steps {diff:.3e}")
+        print(f"TP={tp} PP={pp} {extra} (2 ranks) vs TP=1 PP=1: max loss difference over {STEPS} steps {diff:.3e}")
         assert diff <= 1e-4
 
 

@@ -47,7 +47,8 @@ def test_pretrain_flags(tmp_path, family):
     cmd = result.stdout
     for flag in (f"--model-name {family}", "--tensor-model-parallel-size 2", "--global-batch-size 8",
                  "--train-iters 50", "--lr-warmup-iters 5", "--bf16", "--sequence-parallel",
-                 "--recompute-granularity selective", "--nproc-per-node 2", "-m megatron_patch.train pretrain"):
+                 "--recompute-granularity selective", "--nproc-per-node 2", "-m megatron_patch.train pretrain",
+                 "--transformer-impl transformer_engine"):
         assert flag in cmd, (flag, cmd)
 
 
