@@ -1,0 +1,75 @@
+"""The CPU path for megatron-core: device redirection, the CPU RNG tracker, version check, the rank launcher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_patch.runtime import WorkerError, run_on_local_ranks
+from megatron_patch.runtime.cpu import CPURNGStatesTracker
+
+
+def test_rng_tracker_fork_restores_outer_stream_and_continues_its_own():
+    tracker = CPURNGStatesTracker()
+    tracker.add("model-parallel-rng", 123)
+    torch.manual_seed(0)
+    outer_state = torch.get_rng_state()
+    with tracker.fork():
+        first = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), outer_state)  # the default stream did not move
+    with tracker.fork():
+        second = torch.rand(4)
+    assert torch.equal(first, torch.rand(4, generator=torch.Generator().manual_seed(123)))  # seeded as asked
+    assert not torch.equal(first, second)  # the forked stream continues where it stopped
+    with pytest.raises(ValueError, match="already exists"):
+        tracker.add("other", 123)
+    with pytest.raises(KeyError):
+        with tracker.fork("missing"):
+            pass
+
+
+def _cuda_requests_land_on_cpu():
+    from megatron_patch.runtime import enable_cpu_path
+
+    assert enable_cpu_path() is True
+    made = [
+        torch.zeros(2, device="cuda"),
+        torch.ones(2, device=torch.cuda.current_device()),
+        torch.empty(2, device=torch.device("cuda", 0)),
+        torch.arange(3).cuda(),
+        torch.arange(3).to("cuda"),
+        torch.arange(3).to(device="cuda:0"),
+        torch.zeros(2, pin_memory=True),
+    ]
+    torch.cuda.synchronize()
+    return [t.device.type for t in made]
+
+
+def test_cuda_device_requests_are_redirected_in_a_cpu_process():
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path is inactive on a CUDA machine")
+    assert run_on_local_ranks(_cuda_requests_land_on_cpu, 1) == [["cpu"] * 7]
+
+
+def _fail_on_rank_one():
+    import os
+
+    if os.environ["RANK"] == "1":
+        raise ValueError("rank one refuses")
+    return os.environ["RANK"]
+
+
+def test_launcher_reports_the_failing_rank():
+    with pytest.raises(WorkerError, match="rank 1 failed: rank one refuses"):
+        run_on_local_ranks(_fail_on_rank_one, 2, timeout=120)
+
+
+def _hang():
+    import time
+
+    time.sleep(600)
+
+
+def test_launcher_times_out_instead_of_hanging():
+    with pytest.raises(WorkerError, match="did not finish within"):
+        run_on_local_ranks(_hang, 2, timeout=5)
