@@ -28,17 +28,13 @@ def main(argv=None) -> int:
     from .runtime import UnsupportedVersionError
     from .training.arguments import config_from_args
     from .training.loop import run
+    from .training.setup import MachineSupportError
 
     try:
         run(config_from_args(args, args.mode))
-    except (ValueError, FileNotFoundError, CheckpointError, UnsupportedVersionError) as error:
+    except (ValueError, FileNotFoundError, CheckpointError, UnsupportedVersionError, MachineSupportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except RuntimeError as error:
-        if "needs" in str(error) or "requested" in str(error):  # machine cannot do what was asked
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        raise
     finally:
         from .runtime import destroy_distributed
 

@@ -15,6 +15,10 @@ from ..runtime.cpu import cuda_available
 from .arguments import TrainConfig
 
 
+class MachineSupportError(RuntimeError):
+    """The run asks for something this machine cannot do (no GPU, no Transformer Engine, no NCCL, old GPU)."""
+
+
 @dataclass
 class ModelSource:
     """What the model is: family, HF config, vocabulary plan; and where its weights (if any) come from."""
@@ -72,15 +76,15 @@ def check_precision_support(cfg: TrainConfig) -> None:
         try:
             check_transformer_impl("transformer_engine")
         except RuntimeError as error:
-            raise RuntimeError(f"{what} requested but {error}") from None
+            raise MachineSupportError(f"{what} requested but {error}") from None
         if cfg.fp8_format:
             major, minor = torch.cuda.get_device_capability()
             if (major, minor) < (8, 9):
-                raise RuntimeError(f"FP8 needs a Hopper (sm_90) or Ada (sm_89) GPU; this GPU is sm_{major}{minor}")
+                raise MachineSupportError(f"FP8 needs a Hopper (sm_90) or Ada (sm_89) GPU; this GPU is sm_{major}{minor}")
     if cfg.use_distributed_optimizer and not cuda_available():
         # megatron-core's distributed optimizer reduce-scatters gradient buckets and all-gathers parameters with
         # collectives (reduce_scatter_tensor / all_gather_into_tensor on flat buffers) that gloo does not provide.
-        raise RuntimeError("--use-distributed-optimizer needs NCCL (a CUDA GPU): gloo has no reduce-scatter; "
+        raise MachineSupportError("--use-distributed-optimizer needs NCCL (a CUDA GPU): gloo has no reduce-scatter; "
                            "drop it on a CPU machine")
 
 
