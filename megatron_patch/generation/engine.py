@@ -135,7 +135,7 @@ class GenerationEngine:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingParams | None = None) -> list[list[int]]:
         """Continuations of ``prompts`` (lists of token ids), each ending at its first EOS (kept) or after
-        ``max_new_tokens`` tokens. Every TP rank must call this with the same arguments."""
+        ``max_new_tokens`` tokens. Every rank of the model (TP x PP) must call this with the same arguments."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         sampling = sampling or SamplingParams()
