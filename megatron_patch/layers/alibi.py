@@ -76,6 +76,8 @@ class _AlibiSoftmax(torch.nn.Module):
 
     def forward(self, scores: torch.Tensor, mask, *args, **kwargs):
         # scores: (batch, local heads, query length, key length), already multiplied by 1/sqrt(head_dim)
+        if self.slopes.device != scores.device:
+            self.slopes = self.slopes.to(scores.device)  # once: .cuda() does not move plain attributes
         bias = alibi_bias(self.slopes, scores.shape[-1], scores.dtype, scores.device)
         return self.softmax(scores + bias, mask, *args, **kwargs)
 
@@ -126,7 +128,7 @@ def _te_class():
             from megatron.core import parallel_state
 
             slopes = _this_rank_slopes(config, parallel_state.get_tensor_model_parallel_group())
-            self.alibi_slopes = slopes.float()  # TE wants fp32 slopes; a plain attribute keeps them fp32
+            self.alibi_slopes_fp32 = slopes.float()  # TE wants fp32 slopes; a plain attribute keeps them fp32
 
         def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None,
                     packed_seq_params=None, **kwargs):
@@ -136,7 +138,7 @@ def _te_class():
             # Bypass TEDotProductAttention.forward (it only forwards a post-scale bias) and call TE directly.
             return te_forward(self, query, key, value, attention_mask, attn_mask_type=attn_mask_type.name,
                               core_attention_bias_type="alibi",
-                              alibi_slopes=self.alibi_slopes.to(query.device))
+                              alibi_slopes=self.alibi_slopes_fp32.to(query.device))
 
     return TEAlibiDotProductAttention
 
