@@ -14,6 +14,7 @@ import torch
 
 from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.generate import main as generate_main
+from megatron_patch.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "llama" / "run_text_generation_megatron_llama.sh"
@@ -45,26 +46,46 @@ def run_script(args, **env):
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, **env})
 
 
+def transformers_completions(hf_dir, prompts):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    completions = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=OUTPUT_LEN,
+                                       do_sample=False, pad_token_id=0)
+        completions.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
+    return completions
+
+
 def test_script_generates_what_transformers_generates(llama):
     """Greedy through the script (torchrun, the checkpoint saved at TP=2 loaded at TP=1, batch of 2 prompts of
     different lengths) equals transformers' generate on the same text, decoded the same way."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     hf_dir, mcore, prompts, root = llama
     out = root / "completions.jsonl"
     result = run_script(script_args(mcore, prompts, out))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == PROMPTS
+    assert [r["completion"] for r in rows] == transformers_completions(hf_dir, PROMPTS)
 
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    for row in rows:
-        ids = torch.tensor([tokenizer.encode(row["prompt"])])
-        with torch.no_grad():
-            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=OUTPUT_LEN,
-                                       do_sample=False, pad_token_id=0)
-        assert row["completion"] == tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+
+def test_data_parallel_ranks_share_the_prompts(llama):
+    """Two processes at TP=1: each data-parallel rank generates every other prompt; rank 0 writes all, in order."""
+    hf_dir, mcore, prompts, root = llama
+    out = root / "completions-dp.jsonl"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "megatron_patch.generate",
+               *_entry_args(mcore, prompts, out, "--micro-batch-size", "1", "--out-seq-length", str(OUTPUT_LEN))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert [r["completion"] for r in rows] == transformers_completions(hf_dir, PROMPTS)
 
 
 @pytest.mark.parametrize("overrides,message", [
