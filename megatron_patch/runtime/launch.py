@@ -11,6 +11,7 @@ import queue
 import time
 import traceback
 
+import psutil
 import torch.multiprocessing as mp
 
 from .distributed import free_port
@@ -36,6 +37,25 @@ def _child(rank, world_size, port, env, fn, args, results):
         from .distributed import destroy_distributed
 
         destroy_distributed()
+
+
+def _stop_tree(proc) -> None:
+    """Terminate a rank and everything it started (dist_checkpointing's Manager process would outlive it)."""
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    proc.terminate()
+    proc.join(timeout=10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(descendants, timeout=10)
 
 
 def run_on_local_ranks(fn, world_size: int, *args, timeout: float = 900.0, env: dict | None = None) -> list:
@@ -75,13 +95,10 @@ def run_on_local_ranks(fn, world_size: int, *args, timeout: float = 900.0, env: 
             if not ok:
                 raise WorkerError(f"rank {rank} failed: {value}")
     finally:
+        succeeded = len(outcomes) == world_size and all(ok for ok, _ in outcomes.values())
         for proc in procs:
-            proc.join(timeout=5 if outcomes and all(ok for ok, _ in outcomes.values()) else 0.1)
+            proc.join(timeout=60 if succeeded else 0.1)  # a finished rank still tears down gloo and its helpers
         for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+            if proc.is_alive() or proc.exitcode is None:
+                _stop_tree(proc)
     return [outcomes[rank][1] for rank in range(world_size)]

@@ -73,3 +73,23 @@ def _hang():
 def test_launcher_times_out_instead_of_hanging():
     with pytest.raises(WorkerError, match="did not finish within"):
         run_on_local_ranks(_hang, 2, timeout=5)
+
+
+def _start_grandchild_then_hang(pid_file):
+    import subprocess
+    import time
+
+    child = subprocess.Popen(["sleep", "600"])
+    with open(pid_file, "w") as handle:
+        handle.write(str(child.pid))
+    time.sleep(600)
+
+
+def test_launcher_stops_what_a_hung_rank_started(tmp_path):
+    import psutil
+
+    pid_file = tmp_path / "grandchild.pid"
+    with pytest.raises(WorkerError, match="did not finish within"):
+        run_on_local_ranks(_start_grandchild_then_hang, 1, str(pid_file), timeout=8)
+    pid = int(pid_file.read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
