@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--tp", type=int, default=None, help="TP to run at (default: as saved)")
     ver.add_argument("--pp", type=int, default=None, help="PP to run at (default: as saved)")
     ver.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (fp32)")
+    ver.add_argument("--trust-remote-code", action="store_true",
+                     help="let transformers run the modeling code shipped with the HF directory (Baichuan, Qwen v1)")
 
     demo = sub.add_parser("demo", help="tiny llama built offline -> Megatron TP x PP -> parity -> HF round trip")
     demo.add_argument("--workdir", default="runs/convert_demo")
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
         else:
             from .verify import verify
 
-            report = verify(args.hf, args.mcore, args.tp, args.pp, args.tolerance)
+            report = verify(args.hf, args.mcore, args.tp, args.pp, args.tolerance, args.trust_remote_code)
             print(report.line())
             return 0 if report.ok else 1
     except (CheckpointError, ValueError, FileExistsError, FileNotFoundError, UnsupportedVersionError,

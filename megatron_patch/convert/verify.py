@@ -32,21 +32,29 @@ class ParityReport:
                 f"tokens={self.tokens} tolerance={self.tolerance:.0e} {verdict}")
 
 
-def fixed_tokens(hf_dir, vocab_size: int, length: int = 48) -> torch.Tensor:
+def fixed_tokens(hf_dir, vocab_size: int, length: int = 48, trust_remote_code: bool = False) -> torch.Tensor:
     """Token ids of FIXED_TEXT with the checkpoint's tokenizer; a deterministic id sequence if it has none."""
     try:
         from transformers import AutoTokenizer
 
-        ids = AutoTokenizer.from_pretrained(hf_dir)(FIXED_TEXT)["input_ids"][:length]
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
+        ids = tokenizer(FIXED_TEXT)["input_ids"][:length]
     except (OSError, ValueError):
         ids = [(7 * i + 3) % vocab_size for i in range(length)]
     return torch.tensor([ids], dtype=torch.long)
 
 
-def hf_logits(hf_dir, tokens: torch.Tensor) -> torch.Tensor:
+def hf_logits(hf_dir, tokens: torch.Tensor, trust_remote_code: bool = False) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if trust_remote_code:
+            raise
+        # Baichuan and Qwen (v1) ship their modeling code with the checkpoint; transformers has no class for them.
+        raise ValueError(f"transformers has no built-in class for {hf_dir} ({str(error).split('.')[0]}); if the "
+                         "directory ships its own modeling code, rerun with --trust-remote-code") from None
     model.eval()
     with torch.no_grad():
         return model(tokens).logits.float()
@@ -91,13 +99,13 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float) 
 
 
 def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, tp: int | None = None, pp: int | None = None,
-           tolerance: float = 1e-4) -> ParityReport:
+           tolerance: float = 1e-4, trust_remote_code: bool = False) -> ParityReport:
     iter_dir = resolve_checkpoint(mcore_dir)
     meta = read_meta(iter_dir)
     tp = tp or meta["tensor_model_parallel_size"]
     pp = pp or meta["pipeline_model_parallel_size"]
-    tokens = fixed_tokens(hf_dir, meta["hf_config"]["vocab_size"])
-    reference = hf_logits(hf_dir, tokens)
+    tokens = fixed_tokens(hf_dir, meta["hf_config"]["vocab_size"], trust_remote_code=trust_remote_code)
+    reference = hf_logits(hf_dir, tokens, trust_remote_code)
     candidate = megatron_logits([iter_dir], tokens, tp, pp)[0]
     extra = meta.get("extra_vocab_size", 0)
     if extra and candidate.shape[-1] == reference.shape[-1] + extra:

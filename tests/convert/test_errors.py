@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_patch.convert.__main__ import main
 
@@ -120,3 +121,13 @@ def test_unsupported_megatron_core_version(monkeypatch):
         versions.check_megatron_version()
     monkeypatch.undo()
     assert versions.check_megatron_version().startswith("0.16.")
+
+
+def test_verify_names_trust_remote_code_for_remote_code_models(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["BaichuanForCausalLM"],
+                                                             "model_type": "baichuan"}))
+    from megatron_patch.convert.verify import hf_logits
+
+    with pytest.raises(ValueError, match="--trust-remote-code"):
+        hf_logits(tmp_path / "hf", torch.zeros(1, 2, dtype=torch.long))
