@@ -73,7 +73,10 @@ def _rank_object(key: str, obj):
 def _train_state_dict(model, optimizer, scheduler, state: TrainerState, is_loading: bool) -> dict:
     model_sd = model.module.sharded_state_dict()
     return {
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+        # dp_reshardable: each DP rank writes its own distributed-optimizer shard as is (no gather); the plain
+        # optimizer ignores the setting.
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                  metadata={"distrib_optim_sharding_type": "dp_reshardable"}),
         "opt_param_scheduler": scheduler.state_dict(),
         "iteration": state.iteration,
         "consumed_train_samples": state.consumed_train_samples,
@@ -141,10 +144,28 @@ def load_weights(model, iter_dir: Path) -> dict:
     return load_checkpoint_into_model(model.module, iter_dir)
 
 
+def _materialise_distributed_optimizer_state(optimizer) -> None:
+    """The distributed optimizer describes its shards from existing Adam state, which appears only after a first
+    step: take one step with lr = 0 (weights unchanged) so a checkpoint can be loaded into it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            saved = [(group["lr"], group["weight_decay"]) for group in opt.optimizer.param_groups]
+            for group in opt.optimizer.param_groups:
+                group["lr"], group["weight_decay"] = 0.0, 0.0
+            with torch.no_grad():
+                opt._init_optimizer_states_with_dummy_values()
+            for group, (lr, wd) in zip(opt.optimizer.param_groups, saved):
+                group["lr"], group["weight_decay"] = lr, wd
+
+
 def load_train_state(iter_dir: Path, model, optimizer, scheduler, load_optim: bool = True,
                      load_rng: bool = True) -> TrainerState:
     from megatron.core import dist_checkpointing
 
+    if load_optim:
+        _materialise_distributed_optimizer_state(optimizer)
     template = _train_state_dict(model, optimizer, scheduler, TrainerState(), is_loading=True)
     if not load_optim:
         template.pop("optimizer")
@@ -152,7 +173,8 @@ def load_train_state(iter_dir: Path, model, optimizer, scheduler, load_optim: bo
         template.pop("rng_state")
     loaded = dist_checkpointing.load(template, str(Path(iter_dir) / TRAIN_STATE))
     if load_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 distributed optimizer: its main params are views of the model's leaves
+            optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])

@@ -79,7 +79,7 @@ def test_distributed_optimizer_refused_on_cpu():
 
     if cuda_available():
         pytest.skip("this test is about a machine without CUDA")
-    with pytest.raises(RuntimeError, match="--use-distributed-optimizer needs NCCL"):
+    with pytest.raises(RuntimeError, match="--use-distributed-optimizer is not supported on the CPU/gloo path"):
         check_precision_support(pretrain_cfg(use_distributed_optimizer=True).validate(1))
 
 
