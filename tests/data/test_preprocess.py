@@ -100,3 +100,19 @@ def test_qwen_tiktoken_without_remote_code(tmp_path):
     assert tok.kind == "qwen-tiktoken" and tok.eod == len(ranks)
     ids = tok.encode("the theory")
     assert ids[0] == 257 and tok.decode(ids) == "the theory"
+
+
+def test_shell_wrapper(tmp_path, tokenizer_dir):
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = root / "toolkits" / "pretrain_data_preprocessing" / "run_make_pretraining_dataset.sh"
+    src = write_jsonl(tmp_path / "in.jsonl", ["alpha", "beta"], raw_lines={1: "not json"})
+    bad = subprocess.run(["bash", str(script), str(root), str(src), str(tmp_path / "o"), tokenizer_dir, "text", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "WORKERS must be a positive integer" in bad.stderr
+    ok = subprocess.run(["bash", str(script), str(root), str(src), str(tmp_path / "o"), tokenizer_dir, "text", "1",
+                         "true"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "2 documents" in ok.stdout and "skipped 1 bad lines" in ok.stdout
