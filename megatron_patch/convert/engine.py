@@ -7,6 +7,7 @@ spelling used by legacy checkpoints of TE models.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -185,15 +186,38 @@ class ConversionPlan:
             full = layouts.pad_vocab(layouts.extend_vocab(full, self.extra_vocab_size), self.padded_vocab_size)
         return full
 
+    def rank_shard(self, entry: Entry, hf_tensors: list[torch.Tensor], tp_rank: int) -> torch.Tensor:
+        """TP rank ``tp_rank``'s shard of an entry as a new tensor, without materialising the full tensor where the
+        row allows it (``hf_tensors`` are views of memory-mapped files, so untouched parts are never read)."""
+        row = entry.row
+        if row.split == VOCAB:
+            rows = self.padded_vocab_size // self.tp
+            source = row.hf_to_megatron(hf_tensors, self.arch)
+            return layouts.vocab_rows(source, self.extra_vocab_size, self.padded_vocab_size,
+                                      tp_rank * rows, (tp_rank + 1) * rows)
+        if self.tp > 1 and getattr(row, "shards_inputs", False):
+            dim = 1 if row.split == ROW else 0
+            parts = [layouts.split_tp(t, self.tp, dim)[tp_rank] for t in hf_tensors]
+            return row.hf_to_megatron(parts, self.rank_arch).clone()
+        full = self.full_megatron_tensor(entry, hf_tensors)
+        return split_for_tp(full, row.split, self.tp)[tp_rank].clone()
+
+    @property
+    def rank_arch(self):
+        """The architecture as one TP rank sees it (its share of heads, groups and FFN width)."""
+        arch = self.arch
+        return dataclasses.replace(arch, num_attention_heads=arch.num_attention_heads // self.tp,
+                                   num_query_groups=arch.num_query_groups // self.tp,
+                                   ffn_hidden_size=arch.ffn_hidden_size // self.tp)
+
     def hf_to_megatron(
         self, reader: HFCheckpointReader, pp_rank: int, tp_ranks: list[int] | None = None, progress=None
     ) -> Iterator[tuple[str, dict[int, torch.Tensor]]]:
         """Yield (local name, {tp_rank: shard}) for every parameter of stage ``pp_rank``; shards are owned copies."""
         tp_ranks = list(range(self.tp)) if tp_ranks is None else tp_ranks
         for entry in self.stage_entries(pp_rank):
-            full = self.full_megatron_tensor(entry, [reader.get(n) for n in entry.hf_names])
-            shards = split_for_tp(full, entry.row.split, self.tp)
-            yield entry.local_name, {r: shards[r].clone() for r in tp_ranks}
+            hf_tensors = [reader.get(n) for n in entry.hf_names]
+            yield entry.local_name, {r: self.rank_shard(entry, hf_tensors, r) for r in tp_ranks}
             if progress is not None:
                 progress.update(1)
 

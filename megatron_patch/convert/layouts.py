@@ -139,8 +139,30 @@ def extend_vocab(tensor: torch.Tensor, extra_rows: int) -> torch.Tensor:
     """
     if extra_rows == 0:
         return tensor
-    mean = tensor.float().mean(dim=0, keepdim=True).to(tensor.dtype)
-    return torch.cat([tensor, mean.expand(extra_rows, *tensor.shape[1:])], dim=0)
+    return torch.cat([tensor, _mean_row(tensor).expand(extra_rows, *tensor.shape[1:])], dim=0)
+
+
+def _mean_row(tensor: torch.Tensor) -> torch.Tensor:
+    # Accumulate in fp32 without materialising an fp32 copy of the whole matrix.
+    return tensor.mean(dim=0, keepdim=True, dtype=torch.float32).to(tensor.dtype)
+
+
+def vocab_rows(tensor: torch.Tensor, extra_rows: int, padded_rows: int, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of ``pad_vocab(extend_vocab(tensor, extra_rows), padded_rows)``, built without the rest.
+
+    A TP rank's slice of the vocabulary: real rows are views of ``tensor``; only the returned rows are allocated.
+    """
+    real, extended = tensor.shape[0], tensor.shape[0] + extra_rows
+    if not 0 <= start <= stop <= padded_rows or extended > padded_rows:
+        raise ValueError(f"rows [{start}, {stop}) of {padded_rows} padded rows ({extended} real) do not exist")
+    parts = []
+    if start < min(stop, real):
+        parts.append(tensor[start:min(stop, real)])
+    if max(start, real) < min(stop, extended):
+        parts.append(_mean_row(tensor).expand(min(stop, extended) - max(start, real), *tensor.shape[1:]))
+    if max(start, extended) < stop:
+        parts.append(tensor.new_zeros((stop - max(start, extended), *tensor.shape[1:])))
+    return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0].clone()
 
 
 # --- pipeline placement ------------------------------------------------------------------------------------------

@@ -35,6 +35,11 @@ class Direct:
     def hf_names(self) -> tuple[str, ...]:
         return (self.hf,)
 
+    @property
+    def shards_inputs(self) -> bool:
+        """True when a TP rank's shard is the transform of its own part of each input (see engine.rank_shard)."""
+        return self.split in (COLUMN, ROW)
+
     def hf_to_megatron(self, tensors: list[torch.Tensor], arch) -> torch.Tensor:
         return tensors[0]
 
@@ -51,6 +56,7 @@ class QKV:
     k: str
     v: str
     split: str = COLUMN
+    shards_inputs = True  # a rank holds whole query groups: its q, k and v rows are contiguous in HF's layout
 
     @property
     def hf_names(self) -> tuple[str, ...]:
@@ -71,6 +77,7 @@ class GatedMLP:
     gate: str
     up: str
     split: str = GATED
+    shards_inputs = True  # rank r holds [gate_r; up_r]
 
     @property
     def hf_names(self) -> tuple[str, ...]:

@@ -102,3 +102,15 @@ def test_pp_layer_ranges_partition_and_invert(layers, pp):
 def test_pp_layer_range_refuses_uneven():
     with pytest.raises(ValueError, match="evenly"):
         layouts.pp_layer_range(5, 2, 0)
+
+
+@pytest.mark.parametrize("extra,tp", [(0, 1), (0, 2), (3, 2), (20, 4), (6, 1)])
+def test_vocab_rows_equal_the_slices_of_the_padded_matrix(extra, tp):
+    emb = torch.randn(10, 4, dtype=torch.bfloat16)
+    padded_rows = layouts.padded_vocab_size(10 + extra, 8, tp)
+    full = layouts.pad_vocab(layouts.extend_vocab(emb, extra), padded_rows)
+    per = padded_rows // tp
+    for rank in range(tp):
+        rows = layouts.vocab_rows(emb, extra, padded_rows, rank * per, (rank + 1) * per)
+        assert torch.equal(rows, full[rank * per:(rank + 1) * per])
+        assert rows.untyped_storage().data_ptr() != emb.untyped_storage().data_ptr()  # an owned copy
