@@ -1,4 +1,4 @@
-"""python -m megatron_patch.demo [--workdir DIR] [--pretrain-iters 300] [--sft-iters 20]
+"""python -m megatron_patch.demo [--workdir DIR] [--pretrain-iters 200] [--sft-iters 20]
 
 The whole pipeline on a CPU with gloo, on what the repo ships: a small HF llama (``tiny`` flavor, seeded random
 weights, tokenizer trained on the shipped corpus) -> hf2mcore at PP=2 -> the corpus preprocessed into an indexed
@@ -38,7 +38,7 @@ def _loss_table(history: list[tuple[int, float]], rows: int = 8) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.demo", description=__doc__)
     parser.add_argument("--workdir", default=None, help="where to write (default: a temporary directory)")
-    parser.add_argument("--pretrain-iters", type=int, default=300)
+    parser.add_argument("--pretrain-iters", type=int, default=200)
     parser.add_argument("--sft-iters", type=int, default=20)
     parser.add_argument("--seq-length", type=int, default=128)
     args = parser.parse_args(argv)
