@@ -157,7 +157,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--corpus-repeat", type=int, default=20)
+    parser.add_argument("--corpus-repeat", type=int, default=100)
     parser.add_argument("--skip-preprocessing", action="store_true")
     parser.add_argument("--_side", choices=("hf", "toolkit"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -174,9 +174,12 @@ def main() -> int:
         tk_rates.append(run_side("toolkit", args))
         print(f"round {r + 1}: transformers+torch loop {hf_rates[-1]:,.0f} tokens/s | "
               f"megatron-patch {tk_rates[-1]:,.0f} tokens/s", flush=True)
-    hf_med, tk_med = statistics.median(hf_rates), statistics.median(tk_rates)
-    print(f"training tokens/s (median of {args.rounds}): megatron-patch {tk_med:,.0f} vs plain PyTorch + "
-          f"LlamaForCausalLM {hf_med:,.0f} -> ratio {tk_med / hf_med:.2f}")
+    # A shared machine makes single rounds noisy: report the median of the per-round ratios (each from adjacent
+    # runs) and the ratio of the best rounds.
+    ratios = [tk / hf for tk, hf in zip(tk_rates, hf_rates)]
+    print(f"training tokens/s, megatron-patch / plain PyTorch + LlamaForCausalLM: median per-round ratio "
+          f"{statistics.median(ratios):.2f}; best {max(tk_rates):,.0f} vs {max(hf_rates):,.0f} -> "
+          f"ratio {max(tk_rates) / max(hf_rates):.2f}")
     if not args.skip_preprocessing:
         bare, ours = preprocessing(args)
         for workers, rate in ours.items():
