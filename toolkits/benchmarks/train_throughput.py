@@ -159,6 +159,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--corpus-repeat", type=int, default=100)
     parser.add_argument("--skip-preprocessing", action="store_true")
+    parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--_side", choices=("hf", "toolkit"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._side:
@@ -169,7 +170,7 @@ def main() -> int:
     print(f"shape: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab {args.vocab}; "
           f"batch {args.micro_batch_size} x seq {args.seq_length}; fp32; Adam; {args.steps} timed steps per round")
     hf_rates, tk_rates = [], []
-    for r in range(args.rounds):
+    for r in range(0 if args.skip_training else args.rounds):
         hf_rates.append(run_side("hf", args))
         tk_rates.append(run_side("toolkit", args))
         print(f"round {r + 1}: transformers+torch loop {hf_rates[-1]:,.0f} tokens/s | "
@@ -177,9 +178,10 @@ def main() -> int:
     # A shared machine makes single rounds noisy: report the median of the per-round ratios (each from adjacent
     # runs) and the ratio of the best rounds.
     ratios = [tk / hf for tk, hf in zip(tk_rates, hf_rates)]
-    print(f"training tokens/s, megatron-patch / plain PyTorch + LlamaForCausalLM: median per-round ratio "
-          f"{statistics.median(ratios):.2f}; best {max(tk_rates):,.0f} vs {max(hf_rates):,.0f} -> "
-          f"ratio {max(tk_rates) / max(hf_rates):.2f}")
+    if ratios:
+        print(f"training tokens/s, megatron-patch / plain PyTorch + LlamaForCausalLM: median per-round ratio "
+              f"{statistics.median(ratios):.2f}; best {max(tk_rates):,.0f} vs {max(hf_rates):,.0f} -> "
+              f"ratio {max(tk_rates) / max(hf_rates):.2f}")
     if not args.skip_preprocessing:
         bare, ours = preprocessing(args)
         for workers, rate in ours.items():
