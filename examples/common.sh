@@ -65,17 +65,19 @@ mp_validate_common() {
 }
 
 mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
-  local nproc
+  local nproc torchrun=(torchrun)
+  # torchrun is torch's console script; the module form works wherever torch imports.
+  command -v torchrun > /dev/null || torchrun=(python -m torch.distributed.run)
   case "$ENV" in
     cpu)
       nproc=$((TP * PP))
       export CUDA_VISIBLE_DEVICES=""  # gloo on the CPU even on a GPU machine
-      MP_LAUNCH=(torchrun --nproc-per-node "$nproc" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-$((20000 + RANDOM % 20000))}")
+      MP_LAUNCH=("${torchrun[@]}" --nproc-per-node "$nproc" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-$((20000 + RANDOM % 20000))}")
       MP_WORLD_SIZE=$nproc ;;
     dsw)
       nproc=${GPUS_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
       [ "$nproc" -ge 1 ] || mp_fail "ENV=dsw found no GPU (set GPUS_PER_NODE or use ENV=cpu)"
-      MP_LAUNCH=(torchrun --nproc-per-node "$nproc" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-6000}")
+      MP_LAUNCH=("${torchrun[@]}" --nproc-per-node "$nproc" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-6000}")
       MP_WORLD_SIZE=$nproc ;;
     dlc)
       local v
@@ -85,7 +87,7 @@ mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
       nproc=${GPUS_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
       [ "$nproc" -ge 1 ] || mp_fail "ENV=dlc found no GPU (set GPUS_PER_NODE)"
       # The scheduler's WORLD_SIZE / RANK count nodes; torchrun turns them into per-process ranks.
-      MP_LAUNCH=(torchrun --nnodes "$WORLD_SIZE" --node-rank "$RANK" --nproc-per-node "$nproc"
+      MP_LAUNCH=("${torchrun[@]}" --nnodes "$WORLD_SIZE" --node-rank "$RANK" --nproc-per-node "$nproc"
                  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
       MP_WORLD_SIZE=$((WORLD_SIZE * nproc)) ;;
   esac

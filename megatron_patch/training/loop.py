@@ -153,6 +153,9 @@ def train(t: Trainer, after_model_save=None) -> list[tuple[int, float]]:
             t.logger.log_eval(t.state.iteration, evaluate(t))
         if cfg.save and cfg.save_interval and t.state.iteration % cfg.save_interval == 0:
             checkpoint(t, after_model_save)
+    finished = t.state.iteration >= t.train_iters
+    if finished and t.valid_data is not None and not (cfg.eval_interval and t.state.iteration % cfg.eval_interval == 0):
+        t.logger.log_eval(t.state.iteration, evaluate(t))  # the validation loss of the final weights
     if cfg.save and (not cfg.save_interval or t.state.iteration % cfg.save_interval):
         checkpoint(t, after_model_save)
     return t.history
