@@ -124,9 +124,8 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    finally:
+        Path(temp).unlink(missing_ok=True)  # gone already after the rename; removed on any error or interrupt
 
 
 class PromptCodec:

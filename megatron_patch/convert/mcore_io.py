@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import ConversionPlan, Entry, merge_for_tp, split_for_tp, te_name
+from .engine import ConversionPlan, merge_for_tp, split_for_tp, te_name
 from .hf_io import CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -150,7 +150,17 @@ class LegacyReader:
         for pp_rank in range(plan.pp):  # open everything first: a missing shard fails before any work
             self._stages[pp_rank] = [load_legacy_rank(iter_dir, t, pp_rank, plan.pp) for t in range(plan.tp)]
 
-    def full(self, entry: Entry, pp_rank: int) -> torch.Tensor:
+        # Where each parameter was saved, by its global name: a load at another PP numbers layers differently.
+        self._saved = {e.global_name: (stage, e) for stage in range(plan.pp) for e in plan.stage_entries(stage)}
+
+    def full(self, global_name: str) -> torch.Tensor:
+        """The TP-merged tensor of a parameter, e.g. ``decoder.layers.5.mlp.linear_fc1.weight`` (global layer id)."""
+        if global_name not in self._saved and global_name.startswith("output_layer.") and self.plan.arch.tie_word_embeddings:
+            # Tied weights saved on a single stage have no separate output layer: it is the word embedding.
+            global_name = "embedding.word_embeddings." + global_name.removeprefix("output_layer.")
+        if global_name not in self._saved:
+            raise CheckpointError(f"legacy checkpoint {self.dir} holds no '{global_name}'")
+        pp_rank, entry = self._saved[global_name]
         name = te_name(entry.local_name) if self.te else entry.local_name
         shards = []
         for rank_sd in self._stages[pp_rank]:
@@ -158,12 +168,6 @@ class LegacyReader:
                 raise CheckpointError(f"legacy checkpoint stage {pp_rank} has no tensor '{name}'")
             shards.append(rank_sd[name])
         return merge_for_tp(shards, entry.row.split)
-
-    def stage_of(self, entry: Entry) -> int:
-        for pp_rank in range(self.plan.pp):
-            if any(e.global_name == entry.global_name for e in self.plan.stage_entries(pp_rank)):
-                return pp_rank
-        raise CheckpointError(f"no pipeline stage holds {entry.global_name}")
 
 
 # --- loading into a live model (any TP x PP) ---------------------------------------------------------------------
@@ -215,7 +219,7 @@ def load_checkpoint_into_model(model: torch.nn.Module, iter_dir: Path, strict: b
 
     def tensors():
         for entry in target.stage_entries(pp_rank):
-            full = reader.full(entry, reader.stage_of(entry))
+            full = reader.full(entry.global_name)
             yield entry.local_name, split_for_tp(full, entry.row.split, tp)[tp_rank]
 
     fill_model(model, tensors(), f"legacy checkpoint {iter_dir}")

@@ -44,10 +44,9 @@ def mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: boo
     check_output_dir(save, overwrite)
     if meta["format"] == "legacy":
         reader = LegacyReader(iter_dir, plan, meta["transformer_impl"])
-        stage = {e.global_name: s for s in range(plan.pp) for e in plan.stage_entries(s)}
 
         def get_full(entry):
-            return reader.full(entry, stage[entry.global_name])
+            return reader.full(entry.global_name)
     else:
         state = _load_torch_dist_full(iter_dir, meta, plan)
 

@@ -120,6 +120,9 @@ def logits(converted):
         keys = [(case, fmt, tp, pp, tp, pp) for case in CASES for fmt in FORMATS]
         if (tp, pp) == (1, 1):  # resharding at load: checkpoints saved at TP=2 (and PP=2) run at TP=1 PP=1
             keys += [(case, "torch_dist", 2, spp, 1, 1) for case in CASES for spp in (1, 2)]
+            keys += [(case, "legacy", 2, 2, 1, 1) for case in CASES]
+        if (tp, pp) == (2, 2):  # and the other way: saved on one rank, run on four (tied output layer included)
+            keys += [(case, fmt, 1, 1, 2, 2) for case in CASES for fmt in FORMATS]
         dirs = [resolve_checkpoint(converted[k[:4]][1]) for k in keys]
         outs = megatron_logits(dirs, batch, tp, pp)
         for key, out in zip(keys, outs):
@@ -146,3 +149,12 @@ def test_torch_dist_saved_at_tp2_loads_at_tp1(logits, case, saved_pp):
     native = results[(case, "torch_dist", 2, saved_pp, 2, saved_pp)]
     assert (resharded - reference[case]).abs().max().item() <= TOLERANCE
     assert (resharded - native).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("saved,run", [((2, 2), (1, 1)), ((1, 1), (2, 2))])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_checkpoint_runs_at_other_tp_pp_than_saved(logits, case, fmt, saved, run):
+    reference, results = logits
+    key = (case, fmt, *saved, *run)
+    assert (results[key] - reference[case]).abs().max().item() <= TOLERANCE
