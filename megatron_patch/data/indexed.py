@@ -149,6 +149,7 @@ def build_indexed_dataset(
     start = time.perf_counter()
     pool = mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path), tokenizer_kind, json_key)) \
         if workers > 1 else None
+    finished = False
     try:
         if pool is None:
             _init_worker(str(tokenizer_path), tokenizer_kind, json_key)
@@ -175,15 +176,15 @@ def build_indexed_dataset(
         if documents == 0:
             raise ValueError(f"no documents in {input_path} could be tokenized ({skipped} bad lines, {empty} empty)")
         builder.finalize(str(tmp_idx))
-    except BaseException:
-        builder.data_file.close()
-        for path in (tmp_bin, tmp_idx):
-            path.unlink(missing_ok=True)
-        raise
+        finished = True
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
+        if not finished:  # an error or an interrupt: leave no half-written dataset behind
+            builder.data_file.close()
+            for path in (tmp_bin, tmp_idx):
+                path.unlink(missing_ok=True)
     os.replace(tmp_bin, prefix.with_name(prefix.name + ".bin"))
     os.replace(tmp_idx, prefix.with_name(prefix.name + ".idx"))
     return PreprocessSummary(str(prefix), documents, tokens, skipped, empty, time.perf_counter() - start)

@@ -11,34 +11,35 @@ document), ``pad`` and ``vocab_size`` (ids the tokenizer can produce, before any
 
 from __future__ import annotations
 
+import abc
 import base64
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """The interface the data pipeline and megatron-core's GPTDataset read (``eod``, ``pad``, ``vocab_size``)."""
 
     kind = "base"
 
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids) -> str: ...
 
     @property
-    def eod(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def eod(self) -> int: ...
 
     @property
     def pad(self) -> int:
         return self.eod
 
     @property
-    def vocab_size(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
 
     def chat_template_ids(self, messages: list[dict]) -> tuple[list[int], list[bool]] | None:
         """(ids, is_response) for a chat, using the tokenizer's own chat template; None if it has none."""
