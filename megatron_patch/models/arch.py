@@ -87,3 +87,39 @@ def parse_rope(hf_config: dict) -> tuple[float, dict | None]:
     if scaling.get("rope_type", "default") == "default":
         return theta, None
     return theta, scaling
+
+
+def hf_dtype(hf_config: dict) -> str:
+    """The dtype a HF config declares (``dtype`` in transformers 5.x, ``torch_dtype`` in 4.x)."""
+    return str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
+
+
+def llama_style_arch(hf: dict, default_max_positions: int, **differences) -> ModelArch:
+    """A ModelArch from the config fields llama-layout families (llama, mistral, qwen2, qwen3) spell the same way:
+    RMSNorm, SwiGLU, RoPE. A family passes only what differs (biases, qk norm, ...)."""
+    from ..layers.rope import check_rope_scaling
+
+    heads = hf["num_attention_heads"]
+    theta, scaling = parse_rope(hf)
+    check_rope_scaling(scaling)
+    fields = dict(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", default_max_positions),
+        normalization="RMSNorm",
+        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        gated_linear_unit=True,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        position_embedding="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        init_std=hf.get("initializer_range", 0.02),
+        dtype=hf_dtype(hf),
+    )
+    fields.update(differences)
+    return ModelArch(**fields)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..convert.mapping import QKV, FusedQKV
 from . import llama
-from .arch import ModelArch
+from .arch import ModelArch, hf_dtype
 from .registry import ModelFamily, register_family
 
 BAICHUAN2_VOCAB = 125696
@@ -54,7 +54,7 @@ def arch_from_hf(hf: dict) -> ModelArch:
         rope_theta=float(hf.get("rope_theta", 10000.0)),
         norm_head=uses_norm_head(hf),
         init_std=hf.get("initializer_range", 0.02),
-        dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
+        dtype=hf_dtype(hf),
     )
 
 

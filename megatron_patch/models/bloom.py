@@ -8,7 +8,7 @@ with bias, ALiBi instead of RoPE (``layers/alibi.py``), and the output layer tie
 from __future__ import annotations
 
 from ..convert.mapping import COLUMN, REPLICATED, ROW, VOCAB, Direct, PerHeadQKV
-from .arch import ModelArch
+from .arch import ModelArch, hf_dtype
 from .registry import ModelFamily, register_family
 
 
@@ -42,7 +42,7 @@ def arch_from_hf(hf: dict) -> ModelArch:
         position_embedding="alibi",
         embedding_norm=True,
         init_std=hf.get("initializer_range", 0.02),
-        dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
+        dtype=hf_dtype(hf),
     )
 
 

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 from ..convert.mapping import QKV, REPLICATED, ROW, VOCAB, Direct, GatedMLP
-from ..layers.rope import check_rope_scaling
-from .arch import ModelArch, parse_rope
+from .arch import ModelArch, llama_style_arch
 from .registry import ModelFamily, register_family
 
 
-def _dtype(hf: dict) -> str:
-    return str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
-
-
 def arch_from_hf(hf: dict) -> ModelArch:
-    heads = hf["num_attention_heads"]
-    theta, scaling = parse_rope(hf)
-    check_rope_scaling(scaling)
     if hf.get("sliding_window") and hf.get("model_type") == "mistral":
         if hf["sliding_window"] < hf.get("max_position_embeddings", 0):
             raise ValueError("Mistral sliding-window attention is not supported; only full-attention configs convert")
@@ -24,27 +16,7 @@ def arch_from_hf(hf: dict) -> ModelArch:
         # megatron-core ties the o_proj bias to the MLP biases (add_bias_linear); q/k/v-only bias is qwen2's layout.
         raise ValueError(f"llama with attention_bias={attention_bias} and mlp_bias={mlp_bias} cannot be represented in "
                          "megatron-core (its output-projection bias comes with MLP biases); only equal values convert")
-    return ModelArch(
-        num_layers=hf["num_hidden_layers"],
-        hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf["intermediate_size"],
-        num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        normalization="RMSNorm",
-        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
-        gated_linear_unit=True,
-        add_qkv_bias=attention_bias,
-        add_linear_bias=mlp_bias,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        position_embedding="rope",
-        rope_theta=theta,
-        rope_scaling=scaling,
-        init_std=hf.get("initializer_range", 0.02),
-        dtype=_dtype(hf),
-    )
+    return llama_style_arch(hf, 2048, add_qkv_bias=attention_bias, add_linear_bias=mlp_bias)
 
 
 def weight_mapping(arch: ModelArch) -> list:

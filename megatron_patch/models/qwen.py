@@ -13,16 +13,11 @@ What differs from llama:
 from __future__ import annotations
 
 from ..convert.mapping import REPLICATED, ROW, VOCAB, Direct, FusedQKV, GatedMLP
-from ..layers.rope import check_rope_scaling
 from . import llama
-from .arch import ModelArch, parse_rope
+from .arch import ModelArch, hf_dtype, llama_style_arch
 from .registry import ModelFamily, register_family
 
 QWEN1 = "qwen"  # model_type of Qwen v1; its layout is recorded in ModelArch.extras["hf_layout"]
-
-
-def _dtype(hf: dict) -> str:
-    return str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
 
 
 def _qwen2_arch(hf: dict) -> ModelArch:
@@ -33,28 +28,7 @@ def _qwen2_arch(hf: dict) -> ModelArch:
     if is_qwen3 and hf.get("attention_bias"):
         # megatron-core can bias q/k/v alone, but an o_proj bias would come with MLP biases.
         raise ValueError("Qwen3 with attention_bias=true cannot be represented in megatron-core")
-    heads = hf["num_attention_heads"]
-    theta, scaling = parse_rope(hf)
-    check_rope_scaling(scaling)
-    return ModelArch(
-        num_layers=hf["num_hidden_layers"],
-        hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf["intermediate_size"],
-        num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf.get("max_position_embeddings", 32768),
-        normalization="RMSNorm",
-        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
-        add_qkv_bias=not is_qwen3,
-        qk_layernorm=is_qwen3,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        init_std=hf.get("initializer_range", 0.02),
-        dtype=_dtype(hf),
-    )
+    return llama_style_arch(hf, 32768, add_qkv_bias=not is_qwen3, qk_layernorm=is_qwen3)
 
 
 def _qwen1_arch(hf: dict) -> ModelArch:
@@ -80,7 +54,7 @@ def _qwen1_arch(hf: dict) -> ModelArch:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rope_theta=float(hf.get("rotary_emb_base", 10000.0)),
         init_std=hf.get("initializer_range", 0.02),
-        dtype=_dtype(hf),
+        dtype=hf_dtype(hf),
         extras={"hf_layout": QWEN1},
     )
 
