@@ -229,17 +229,13 @@ def generate_file(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .convert.hf_io import CheckpointError
-    from .runtime import UnsupportedVersionError, WorkerError, destroy_distributed
+    from .runtime import destroy_distributed
+    from .runtime.errors import run_reporting_errors
 
-    try:
+    def generate() -> None:
         generate_file(args)
-    except (ValueError, FileNotFoundError, CheckpointError, UnsupportedVersionError, WorkerError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    finally:
-        destroy_distributed()
-    return 0
+
+    return run_reporting_errors(generate, cleanup=destroy_distributed)
 
 
 if __name__ == "__main__":

@@ -24,22 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .convert.hf_io import CheckpointError
-    from .runtime import UnsupportedVersionError
+    from .runtime import destroy_distributed
+    from .runtime.errors import run_reporting_errors
     from .training.arguments import config_from_args
     from .training.loop import run
     from .training.setup import MachineSupportError
 
-    try:
+    def train() -> None:
         run(config_from_args(args, args.mode))
-    except (ValueError, FileNotFoundError, CheckpointError, UnsupportedVersionError, MachineSupportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    finally:
-        from .runtime import destroy_distributed
 
-        destroy_distributed()
-    return 0
+    return run_reporting_errors(train, extra_errors=(MachineSupportError,), cleanup=destroy_distributed)
 
 
 if __name__ == "__main__":

@@ -48,40 +48,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args) -> int | None:
+    if args.command == "hf2mcore":
+        from .hf_to_mcore import hf_to_mcore
+
+        out = hf_to_mcore(args.load, args.save, args.tp, args.pp, args.fmt, args.transformer_impl, args.family,
+                          args.extra_vocab_size, args.make_vocab_size_divisible_by, args.overwrite)
+        print(f"saved Megatron checkpoint ({args.fmt}, TP={args.tp}, PP={args.pp}) to {out}")
+    elif args.command == "mcore2hf":
+        from .mcore_to_hf import mcore_to_hf
+
+        out = mcore_to_hf(args.load, args.save, args.overwrite, int(args.max_shard_size_gb * 2**30))
+        print(f"saved HF model to {out}")
+    elif args.command == "demo":
+        from .demo import print_table, run_conversion_demo
+
+        rows = run_conversion_demo(args.workdir, args.tp, args.pp, args.fmt)
+        print_table(rows)
+        return 0 if all("FAIL" not in str(r[1]) for r in rows) else 1
+    else:
+        from .verify import verify
+
+        report = verify(args.hf, args.mcore, args.tp, args.pp, args.tolerance, args.trust_remote_code)
+        print(report.line())
+        return 0 if report.ok else 1
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from ..runtime import UnsupportedVersionError, WorkerError
-    from .hf_io import CheckpointError
+    from ..runtime.errors import run_reporting_errors
 
-    try:
-        if args.command == "hf2mcore":
-            from .hf_to_mcore import hf_to_mcore
-
-            out = hf_to_mcore(args.load, args.save, args.tp, args.pp, args.fmt, args.transformer_impl, args.family,
-                              args.extra_vocab_size, args.make_vocab_size_divisible_by, args.overwrite)
-            print(f"saved Megatron checkpoint ({args.fmt}, TP={args.tp}, PP={args.pp}) to {out}")
-        elif args.command == "mcore2hf":
-            from .mcore_to_hf import mcore_to_hf
-
-            out = mcore_to_hf(args.load, args.save, args.overwrite, int(args.max_shard_size_gb * 2**30))
-            print(f"saved HF model to {out}")
-        elif args.command == "demo":
-            from .demo import print_table, run_conversion_demo
-
-            rows = run_conversion_demo(args.workdir, args.tp, args.pp, args.fmt)
-            print_table(rows)
-            return 0 if all("FAIL" not in str(r[1]) for r in rows) else 1
-        else:
-            from .verify import verify
-
-            report = verify(args.hf, args.mcore, args.tp, args.pp, args.tolerance, args.trust_remote_code)
-            print(report.line())
-            return 0 if report.ok else 1
-    except (CheckpointError, ValueError, FileExistsError, FileNotFoundError, UnsupportedVersionError,
-            WorkerError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    # RuntimeError too: megatron-core and torch.distributed report unusable setups that way.
+    return run_reporting_errors(lambda: run(args), extra_errors=(RuntimeError,))
 
 
 if __name__ == "__main__":
