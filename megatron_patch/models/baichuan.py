@@ -1,7 +1,7 @@
 """Baichuan family (remote code, ``model_type`` ``baichuan``): Baichuan-7B and Baichuan2-7B (RoPE), Baichuan-13B
 and Baichuan2-13B (ALiBi).
 
-Llama's layout and names, except:
+Llama's layout and names, with these differences:
   * ``self_attn.W_pack`` fuses q, k, v as three blocks [q; k; v] (no GQA, no biases);
   * the 13B models use ALiBi and no RoPE. Their published ``config.json`` files say so only by what they lack:
     the 7B configs carry ``max_position_embeddings``, the 13B ones only ``model_max_length``; that is the rule
