@@ -91,6 +91,10 @@ def check_args(args) -> None:
         raise FileNotFoundError(f"the directory of --text-generate-output-file {target} does not exist")
     if target.is_dir():
         raise ValueError(f"--text-generate-output-file {target} is a directory")
+    from .checkpoint.paths import check_disjoint
+
+    check_disjoint(source, target, "--text-generate-input-file", "--text-generate-output-file")
+    check_disjoint(args.load, target, "--load", "--text-generate-output-file")
 
 
 def read_prompts(path: str | os.PathLike, prompt_key: str = "prompt") -> list[str]:

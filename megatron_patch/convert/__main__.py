@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int | None:
+    if args.command in ("hf2mcore", "mcore2hf"):
+        from ..checkpoint.paths import check_disjoint
+
+        check_disjoint(args.load, args.save, "--load", "--save")
     if args.command == "hf2mcore":
         from .hf_to_mcore import hf_to_mcore
 

@@ -13,13 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..errors import CheckpointError
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not match its configuration (one-line message)."""
 
 
 def read_config(hf_dir: str | os.PathLike) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.trusted_load import check_torch_dist_checkpoint
 from .engine import ConversionPlan, merge_for_tp, split_for_tp, te_name
 from .hf_io import CheckpointError
 
@@ -206,6 +207,7 @@ def load_checkpoint_into_model(model: torch.nn.Module, iter_dir: Path, strict: b
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     if meta["format"] == "torch_dist":
+        check_torch_dist_checkpoint(iter_dir)  # megatron-core unpickles without restriction: vet the bytes first
         state = dist_checkpointing.load(model.sharded_state_dict(), str(iter_dir))
         try:
             model.load_state_dict(state, strict=strict)

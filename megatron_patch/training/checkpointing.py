@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.trusted_load import check_torch_dist_checkpoint
 from ..convert.hf_io import copy_assets
 from ..convert.mcore_io import ASSETS, TRACKER, iteration_dir_name, load_checkpoint_into_model, write_meta
 
@@ -36,12 +37,18 @@ class TrainerState:
     consumed_train_samples: int = 0
 
 
+def _numpy_state_as_tensors(state: tuple) -> tuple:
+    """numpy's RNG state with its key array as a tensor: the checkpoint then loads with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached_gaussian = state
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)
+
+
 def _rng_state() -> dict:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state_as_tensors(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": get_cuda_rng_tracker().get_states(),
@@ -52,7 +59,8 @@ def _set_rng_state(state: dict) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -171,6 +179,7 @@ def load_train_state(iter_dir: Path, model, optimizer, scheduler, load_optim: bo
         template.pop("optimizer")
     if not load_rng:
         template.pop("rng_state")
+    check_torch_dist_checkpoint(Path(iter_dir) / TRAIN_STATE)  # megatron-core unpickles without restriction
     loaded = dist_checkpointing.load(template, str(Path(iter_dir) / TRAIN_STATE))
     if load_optim:
         with torch.no_grad():  # fp32 distributed optimizer: its main params are views of the model's leaves

@@ -1,0 +1,137 @@
+"""Refuse a torch_dist checkpoint that would run code when megatron-core loads it.
+
+megatron-core reads a torch_dist directory through ``torch.distributed.checkpoint``: the ``.metadata`` file is
+read with plain ``pickle.load`` and every byte item (``ShardedObject``s: ``_extra_state``, RNG states) with
+``torch.load(weights_only=False)``. Either runs arbitrary code from a crafted file. Neither library can be told to
+load safely, so this module inspects the same bytes *before* megatron-core sees them:
+
+- ``.metadata`` is unpickled by an unpickler that resolves only the checkpoint-metadata classes of
+  ``torch.distributed.checkpoint`` (and ``torch.Size`` / dtypes); any other global is refused;
+- every byte item the metadata lists is read from its ``.distcp`` file and loaded with ``weights_only=True``
+  (tensors, containers and numbers only; plus numpy's RNG-state array types, which older training checkpoints hold);
+- ``common.pt`` is loaded with ``weights_only=True``.
+
+Once these pass, megatron-core's own unrestricted loads can only rebuild what the restricted ones allowed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+# (module, name) pairs a torch DCP ``.metadata`` pickle may name (torch 2.4 .. 2.14 write these).
+_DCP = "torch.distributed.checkpoint"
+_METADATA_GLOBALS = frozenset({
+    ("torch", "Size"),
+    (f"{_DCP}.metadata", "Metadata"),
+    (f"{_DCP}.metadata", "MetadataIndex"),
+    (f"{_DCP}.metadata", "StorageMeta"),
+    (f"{_DCP}.metadata", "TensorProperties"),
+    (f"{_DCP}.metadata", "TensorStorageMetadata"),
+    (f"{_DCP}.metadata", "BytesStorageMetadata"),
+    (f"{_DCP}.metadata", "ChunkStorageMetadata"),
+    (f"{_DCP}.metadata", "_MEM_FORMAT_ENCODING"),
+    (f"{_DCP}.filesystem", "_StorageInfo"),
+    (f"{_DCP}.planner", "SavePlan"),
+    (f"{_DCP}.planner", "WriteItem"),
+    (f"{_DCP}.planner", "WriteItemType"),
+    (f"{_DCP}.planner", "TensorWriteData"),
+    ("torch.serialization", "_get_layout"),  # maps a layout name such as "torch.strided" to the layout object
+})
+_DTYPE_NAMES = frozenset(name for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype))
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and name in _DTYPE_NAMES):
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"{self._path} names '{module}.{name}', which a torch_dist checkpoint's metadata never holds; refusing to "
+            "load it (a crafted or foreign file?)")
+
+
+def read_dcp_metadata(path: str | os.PathLike):
+    """The ``torch.distributed.checkpoint`` Metadata in ``path`` (a ``.metadata`` file), unpickled with an
+    allow-list; raises CheckpointError for anything else."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as stream:
+            metadata = _MetadataUnpickler(stream, path).load()
+    except CheckpointError:
+        raise
+    except Exception as error:  # pickle raises many types for a damaged file
+        raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {error}") from None
+    if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "storage_data", None), dict):
+        raise CheckpointError(f"{path} is not torch.distributed.checkpoint metadata")
+    return metadata
+
+
+def _numpy_rng_globals() -> list:
+    """numpy types inside ``np.random.get_state()`` (pickled in RNG states of older training checkpoints)."""
+    import numpy as np
+
+    reconstruct = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    allowed = [reconstruct._reconstruct, np.ndarray, np.dtype]
+    allowed += [type(np.dtype(code)) for code in ("uint32", "int64", "float64")]
+    return allowed
+
+
+def _load_weights_only(stream, what: str) -> None:
+    try:
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            torch.load(stream, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "unpickling refused"
+        raise CheckpointError(f"{what} holds an object outside tensors and plain data ({first}); refusing to "
+                              "load it (a crafted or foreign file?)") from None
+    except Exception as error:
+        raise CheckpointError(f"cannot read {what} (truncated or corrupt?): {error}") from None
+
+
+def _check_byte_items(ckpt_dir: Path, metadata) -> None:
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    byte_keys = {key for key, item in metadata.state_dict_metadata.items() if isinstance(item, BytesStorageMetadata)}
+    for index, info in metadata.storage_data.items():
+        if getattr(index, "fqn", None) not in byte_keys:
+            continue
+        what = f"{ckpt_dir / info.relative_path} item '{index.fqn}'"
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{what} is stored with transforms {list(info.transform_descriptors)}, which "
+                                  "megatron-patch cannot check; refusing to load it")
+        file = (ckpt_dir / info.relative_path).resolve()
+        if file.parent != ckpt_dir.resolve() or not file.is_file():
+            raise CheckpointError(f"{what}: data file missing or outside the checkpoint directory")
+        with open(file, "rb") as stream:
+            stream.seek(info.offset)
+            data = stream.read(info.length)
+        if len(data) != info.length:
+            raise CheckpointError(f"{what} is truncated ({len(data)} of {info.length} bytes)")
+        _load_weights_only(io.BytesIO(data), what)
+
+
+def check_torch_dist_checkpoint(ckpt_dir: str | os.PathLike) -> None:
+    """Raise CheckpointError unless every pickle megatron-core would read from ``ckpt_dir`` holds only checkpoint
+    metadata, tensors and plain data. Call before ``dist_checkpointing.load`` (which trusts them blindly)."""
+    ckpt_dir = Path(ckpt_dir)
+    metadata_files = sorted(ckpt_dir.glob("*.metadata"))
+    if not (ckpt_dir / ".metadata").is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a torch_dist checkpoint (no .metadata)")
+    for path in metadata_files:
+        metadata = read_dcp_metadata(path)
+        _check_byte_items(ckpt_dir, metadata)
+    common = ckpt_dir / "common.pt"
+    if common.is_file():
+        _load_weights_only(common, str(common))
