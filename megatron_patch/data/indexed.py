@@ -11,6 +11,9 @@ import json
 import multiprocessing as mp
 import os
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -18,11 +21,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import MegatronPatchError
 from .tokenizers import Tokenizer, load_tokenizer
 
 
-class BadLineError(ValueError):
-    pass
+class BadLineError(MegatronPatchError, ValueError):
+    """A jsonl line that is not a document (message: file, line number, what is wrong)."""
+
+
+class WorkerDiedError(MegatronPatchError, RuntimeError):
+    """A tokenizer worker process ended without a result (killed, or out of memory)."""
 
 
 @dataclass
@@ -52,8 +60,13 @@ def _init_worker(tokenizer_path: str, tokenizer_kind: str | None, key: str) -> N
     _WORKER["key"] = key
 
 
-def parse_line(line: str, line_no: int, key: str) -> str:
+def parse_line(line: str | bytes, line_no: int, key: str) -> str:
     """The document text of one jsonl line; BadLineError names the line and what is wrong with it."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise BadLineError(f"line {line_no}: not valid UTF-8 (byte {error.start + 1} of the line)") from None
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -69,7 +82,7 @@ def parse_line(line: str, line_no: int, key: str) -> str:
     return text
 
 
-def _encode_chunk(chunk: tuple[int, list[str]]) -> list[tuple[int, np.ndarray | None, str | None]]:
+def _encode_chunk(chunk: tuple[int, list[bytes]]) -> list[tuple[int, np.ndarray | None, str | None]]:
     """[(line_no, ids (EOD appended) or None, error or None)] for a chunk of lines starting at ``first``."""
     first, lines = chunk
     tok: Tokenizer = _WORKER["tok"]
@@ -90,7 +103,8 @@ def _encode_chunk(chunk: tuple[int, list[str]]) -> list[tuple[int, np.ndarray | 
 
 
 def _chunks(path: Path, size: int):
-    with open(path, encoding="utf-8") as handle:
+    # Bytes, decoded per line by the worker: a line that is not UTF-8 is then a bad line with its number.
+    with open(path, "rb") as handle:
         line_no = 1
         while True:
             lines = list(islice(handle, size))
@@ -98,6 +112,31 @@ def _chunks(path: Path, size: int):
                 return
             yield line_no, lines
             line_no += len(lines)
+
+
+def _ordered_results(pool: ProcessPoolExecutor, chunks, in_flight: int):
+    """Results of ``_encode_chunk`` in input order, with at most ``in_flight`` chunks submitted (bounded memory).
+
+    A worker that dies (kill -9, out of memory) breaks the pool: raise at once instead of waiting forever for a
+    result that will never come (what ``multiprocessing.Pool`` does).
+    """
+    pending: deque = deque()
+    chunks = iter(chunks)
+    while True:
+        while len(pending) < in_flight:
+            chunk = next(chunks, None)
+            if chunk is None:
+                break
+            pending.append((chunk[0], pool.submit(_encode_chunk, chunk)))
+        if not pending:
+            return
+        first_line, future = pending.popleft()
+        try:
+            yield future.result()
+        except BrokenProcessPool:
+            raise WorkerDiedError(f"a tokenizer worker died (killed or out of memory?) while on the lines from "
+                                  f"{first_line}; nothing was written, run again (with fewer --workers if memory "
+                                  "is short)") from None
 
 
 def token_dtype(vocab_size: int):
@@ -115,6 +154,7 @@ def build_indexed_dataset(
     chunk_lines: int = 64,
     skip_bad_lines: bool = False,
     progress: bool | None = None,
+    overwrite: bool = False,
 ) -> PreprocessSummary:
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -128,7 +168,7 @@ def build_indexed_dataset(
         raise ValueError(f"--workers must be >= 1 (got {workers})")
     tokenizer = load_tokenizer(tokenizer_path, tokenizer_kind)  # fail here, not in a worker
     # The key must exist on the first document: a wrong --json-key is a usage error, not a bad line.
-    with open(input_path, encoding="utf-8") as handle:
+    with open(input_path, encoding="utf-8", errors="replace") as handle:
         first = next(((i, ln) for i, ln in enumerate(handle, 1) if ln.strip()), None)
     if first is None:
         raise ValueError(f"input {input_path} has no documents (only blank lines)")
@@ -141,21 +181,26 @@ def build_indexed_dataset(
         pass  # reported with its line number below (or skipped)
 
     prefix = Path(output_prefix)
+    outputs = [prefix.with_name(prefix.name + suffix) for suffix in (".bin", ".idx")]
+    if not overwrite and any(path.exists() for path in outputs):
+        raise FileExistsError(f"an indexed dataset {prefix}.bin/.idx exists already (pass --overwrite to replace it)")
+    if prefix.parent.exists() and not prefix.parent.is_dir():
+        raise NotADirectoryError(f"cannot write {prefix}.bin: {prefix.parent} is a file, not a directory")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_bin = prefix.with_name(prefix.name + ".tmp.bin")
     tmp_idx = prefix.with_name(prefix.name + ".tmp.idx")
     builder = IndexedDatasetBuilder(str(tmp_bin), dtype=token_dtype(tokenizer.vocab_size))
     documents = tokens = skipped = empty = 0
     start = time.perf_counter()
-    pool = mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path), tokenizer_kind, json_key)) \
-        if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker,
+                               (str(tokenizer_path), tokenizer_kind, json_key)) if workers > 1 else None
     finished = False
     try:
         if pool is None:
             _init_worker(str(tokenizer_path), tokenizer_kind, json_key)
             results = map(_encode_chunk, _chunks(input_path, chunk_lines))
         else:
-            results = pool.imap(_encode_chunk, _chunks(input_path, chunk_lines))
+            results = _ordered_results(pool, _chunks(input_path, chunk_lines), in_flight=4 * workers)
         with tqdm(unit="doc", desc="tokenizing", disable=progress is False) as bar:
             for chunk in results:
                 for _line_no, ids, error in chunk:
@@ -179,12 +224,13 @@ def build_indexed_dataset(
         finished = True
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
         if not finished:  # an error or an interrupt: leave no half-written dataset behind
             builder.data_file.close()
             for path in (tmp_bin, tmp_idx):
                 path.unlink(missing_ok=True)
-    os.replace(tmp_bin, prefix.with_name(prefix.name + ".bin"))
-    os.replace(tmp_idx, prefix.with_name(prefix.name + ".idx"))
+    # As a pair: without the old index a reader finds no dataset, never a new .bin under an old .idx.
+    outputs[1].unlink(missing_ok=True)
+    os.replace(tmp_bin, outputs[0])
+    os.replace(tmp_idx, outputs[1])
     return PreprocessSummary(str(prefix), documents, tokens, skipped, empty, time.perf_counter() - start)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .indexed import BadLineError, build_indexed_dataset
+from .indexed import BadLineError, WorkerDiedError, build_indexed_dataset
 from .tokenizers import tokenizer_kinds
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-lines", type=int, default=64, help="lines per work item")
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="count and skip malformed lines instead of stopping at the first one")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing <prefix>.bin/.idx pair")
     parser.add_argument("--exact-prefix", action="store_true",
                         help="write <output-prefix>.bin/.idx instead of <output-prefix>_<key>_document.*")
     return parser
@@ -36,8 +37,9 @@ def main(argv=None) -> int:
     prefix = args.output_prefix if args.exact_prefix else f"{args.output_prefix}_{args.json_key}_document"
     try:
         summary = build_indexed_dataset(args.input, prefix, args.tokenizer, args.tokenizer_type, args.json_key,
-                                        args.workers, args.chunk_lines, args.skip_bad_lines)
-    except (BadLineError, ValueError, FileNotFoundError) as error:
+                                        args.workers, args.chunk_lines, args.skip_bad_lines,
+                                        overwrite=args.overwrite)
+    except (BadLineError, WorkerDiedError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(summary.line())

@@ -116,3 +116,63 @@ def test_shell_wrapper(tmp_path, tokenizer_dir):
                          "true"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "2 documents" in ok.stdout and "skipped 1 bad lines" in ok.stdout
+
+
+def test_non_utf8_line_is_a_bad_line(tmp_path, tokenizer_dir):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"text": "one"}\n{"text": "caf\xe9"}\n{"text": "three"}\n')
+    with pytest.raises(BadLineError, match=r"in.jsonl: line 2: not valid UTF-8"):
+        build_indexed_dataset(src, tmp_path / "out", tokenizer_dir, progress=False)
+    summary = build_indexed_dataset(src, tmp_path / "out", tokenizer_dir, skip_bad_lines=True, progress=False)
+    assert summary.skipped_lines == 1 and summary.documents == 2
+
+
+def test_existing_dataset_needs_overwrite(tmp_path, tokenizer_dir):
+    src = write_jsonl(tmp_path / "in.jsonl", ["one", "two"])
+    build_indexed_dataset(src, tmp_path / "out", tokenizer_dir, progress=False)
+    before = (tmp_path / "out.bin").read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build_indexed_dataset(write_jsonl(tmp_path / "b.jsonl", ["three"]), tmp_path / "out", tokenizer_dir,
+                              progress=False)
+    assert (tmp_path / "out.bin").read_bytes() == before
+    build_indexed_dataset(tmp_path / "b.jsonl", tmp_path / "out", tokenizer_dir, progress=False, overwrite=True)
+    assert len(read_documents(tmp_path / "out")) == 1
+
+
+def test_output_prefix_under_a_file(tmp_path, tokenizer_dir):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="afile is a file"):
+        build_indexed_dataset(write_jsonl(tmp_path / "in.jsonl", ["one"]), tmp_path / "afile" / "out", tokenizer_dir,
+                              progress=False)
+
+
+def test_killed_worker_fails_instead_of_hanging(tmp_path, tokenizer_dir):
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from megatron_patch.data.indexed import WorkerDiedError
+
+    src = write_jsonl(tmp_path / "in.jsonl", [f"document number {i}" for i in range(4000)])
+
+    def kill_first_worker():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = [p for p in psutil.Process().children() if "multiprocessing" in " ".join(p.cmdline())
+                       and "resource_tracker" not in " ".join(p.cmdline())]
+            if workers:
+                os.kill(workers[0].pid, signal.SIGKILL)
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    try:
+        with pytest.raises(WorkerDiedError, match="worker died"):
+            build_indexed_dataset(src, tmp_path / "out", tokenizer_dir, workers=2, chunk_lines=1, progress=False)
+    finally:
+        killer.join()
+    assert not list(tmp_path.glob("out*"))
