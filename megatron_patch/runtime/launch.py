@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import time
 import traceback
 
@@ -21,7 +22,21 @@ class WorkerError(RuntimeError):
     pass
 
 
-def _child(rank, world_size, port, env, fn, args, results):
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this rank exit when the launching process dies (kill -9 included): Linux's parent-death signal, and a
+    check that the parent did not die before it was armed."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _child(rank, world_size, port, env, fn, args, results, parent_pid):
+    _die_with_parent(parent_pid)
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -70,7 +85,7 @@ def run_on_local_ranks(fn, world_size: int, *args, timeout: float = 900.0, env: 
     port = free_port()
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
     procs = [
-        ctx.Process(target=_child, args=(rank, world_size, port, env, fn, args, results), daemon=False)
+        ctx.Process(target=_child, args=(rank, world_size, port, env, fn, args, results, os.getpid()), daemon=False)
         for rank in range(world_size)
     ]
     for proc in procs:

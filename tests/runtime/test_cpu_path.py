@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -93,3 +95,40 @@ def test_launcher_stops_what_a_hung_rank_started(tmp_path):
         run_on_local_ranks(_start_grandchild_then_hang, 1, str(pid_file), timeout=8)
     pid = int(pid_file.read_text())
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def _write_pid_then_hang(pid_dir):
+    import os
+    import time
+
+    with open(os.path.join(pid_dir, os.environ["RANK"]), "w") as handle:
+        handle.write(str(os.getpid()))
+    time.sleep(600)
+
+
+def test_ranks_die_with_a_killed_launcher(tmp_path):
+    """kill -9 of the launching process must not leave its ranks running (issue 13, item 6)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from tests.runtime.test_cpu_path import _write_pid_then_hang; "
+        "from megatron_patch.runtime.launch import run_on_local_ranks; "
+        f"run_on_local_ranks(_write_pid_then_hang, 2, {str(tmp_path)!r}, timeout=600)")],
+        cwd=str(Path(__file__).resolve().parents[2]), env={**os.environ, "MEGATRON_PATCH_START_METHOD": "spawn"})
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = [int(p.read_text()) for p in tmp_path.iterdir()]
+        assert len(pids) == 2
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+    gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=15)
+    assert not alive, f"ranks {[p.pid for p in alive]} outlived the launcher"
