@@ -64,6 +64,12 @@ mp_validate_common() {
   [ -n "$OUTPUT_BASEPATH" ] || mp_fail "OUTPUT_BASEPATH must not be empty"
 }
 
+mp_gpu_count() {  # the number of local GPUs; 0 without nvidia-smi or when it fails (no driver)
+  # Guarded: under `set -euo pipefail` a bare `$(nvidia-smi -L | wc -l)` would end the script silently (127).
+  command -v nvidia-smi > /dev/null 2>&1 || { echo 0; return 0; }
+  nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true
+}
+
 mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
   local nproc torchrun=(torchrun)
   # torchrun is torch's console script; the module form works wherever torch imports.
@@ -75,8 +81,8 @@ mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
       MP_LAUNCH=("${torchrun[@]}" --nproc-per-node "$nproc" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-$((20000 + RANDOM % 20000))}")
       MP_WORLD_SIZE=$nproc ;;
     dsw)
-      nproc=${GPUS_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-      [ "$nproc" -ge 1 ] || mp_fail "ENV=dsw found no GPU (set GPUS_PER_NODE or use ENV=cpu)"
+      nproc=${GPUS_PER_NODE:-$(mp_gpu_count)}
+      [[ "$nproc" =~ ^[0-9]+$ ]] && [ "$nproc" -ge 1 ] || mp_fail "ENV=dsw found no GPU (set GPUS_PER_NODE or use ENV=cpu)"
       MP_LAUNCH=("${torchrun[@]}" --nproc-per-node "$nproc" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-6000}")
       MP_WORLD_SIZE=$nproc ;;
     dlc)
@@ -84,8 +90,8 @@ mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
       for v in MASTER_ADDR MASTER_PORT WORLD_SIZE RANK; do
         [ -n "${!v:-}" ] || mp_fail "ENV=dlc needs $v in the environment (set by the cluster scheduler)"
       done
-      nproc=${GPUS_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-      [ "$nproc" -ge 1 ] || mp_fail "ENV=dlc found no GPU (set GPUS_PER_NODE)"
+      nproc=${GPUS_PER_NODE:-$(mp_gpu_count)}
+      [[ "$nproc" =~ ^[0-9]+$ ]] && [ "$nproc" -ge 1 ] || mp_fail "ENV=dlc found no GPU (set GPUS_PER_NODE)"
       # The scheduler's WORLD_SIZE / RANK count nodes; torchrun turns them into per-process ranks.
       MP_LAUNCH=("${torchrun[@]}" --nnodes "$WORLD_SIZE" --node-rank "$RANK" --nproc-per-node "$nproc"
                  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
