@@ -6,7 +6,9 @@
 #
 # Environment knobs: GPUS_PER_NODE (dsw/dlc; default: every visible GPU), TOKENIZER_MODEL (needed when training
 # from scratch, i.e. PRETRAIN_CHECKPOINT_PATH=none), MP_DRY_RUN=1 (print the command instead of running it),
-# MP_EXTRA_ARGS (appended flags, e.g. "--log-interval 10 --eval-interval 100").
+# MP_EXTRA_ARGS (appended flags, e.g. "--log-interval 10 --eval-interval 100"), MP_VERBOSE=1 (third-party
+# warnings and torchrun's own messages too), PYTHON (the interpreter; default python).
+# Logs are appended to OUTPUT_BASEPATH/log/<run>.log, one header line per launch.
 
 MP_PRETRAIN_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN
   PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS
@@ -71,9 +73,9 @@ mp_gpu_count() {  # the number of local GPUs; 0 without nvidia-smi or when it fa
 }
 
 mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
-  local nproc torchrun=(torchrun)
-  # torchrun is torch's console script; the module form works wherever torch imports.
-  command -v torchrun > /dev/null || torchrun=(python -m torch.distributed.run)
+  # torchrun's launcher, through megatron_patch.torchrun: same flags, but a rank's error is printed once as one
+  # line (no ChildFailedError dump) and torchrun's banners stay hidden unless MP_VERBOSE=1.
+  local nproc torchrun=("${PYTHON:-python}" -m megatron_patch.torchrun)
   case "$ENV" in
     cpu)
       nproc=$((TP * PP))
@@ -129,22 +131,39 @@ mp_common_flags() {  # sets MP_FLAGS (array) from the validated common arguments
   return 0
 }
 
-mp_exec() {  # mp_exec <mode> <run name>: launch (or print with MP_DRY_RUN=1)
+mp_python_path() {  # MEGATRON_PATH (unless none) and this checkout on PYTHONPATH
+  if [ "$MEGATRON_PATH" != none ]; then export PYTHONPATH="$MEGATRON_PATH${PYTHONPATH:+:$PYTHONPATH}"; fi
+  export PYTHONPATH="$MEGATRON_PATCH_PATH${PYTHONPATH:+:$PYTHONPATH}"
+  if [ "${MP_VERBOSE:-0}" = 1 ]; then export MEGATRON_PATCH_VERBOSE=1; fi
+  return 0
+}
+
+mp_log_header() {  # mp_log_header <log file> <command...>: one header line per launch (logs are appended)
+  local log=$1; shift
+  { echo; echo "===== $(date '+%Y-%m-%d %H:%M:%S') launch on $(hostname 2> /dev/null || echo '?'): $(printf '%q ' "$@")"; } >> "$log"
+}
+
+mp_exec() {  # mp_exec <mode> <run name>: pre-flight checks, then launch (or print with MP_DRY_RUN=1)
   local mode=$1 name=$2
   local save="$OUTPUT_BASEPATH/checkpoint/$name"
   MP_FLAGS+=(--save "$save" --tensorboard-dir "$OUTPUT_BASEPATH/tensorboard/$name")
   # shellcheck disable=SC2206  # MP_EXTRA_ARGS is a list of flags on purpose
   local extra=(${MP_EXTRA_ARGS:-})
-  if [ "$MEGATRON_PATH" != none ]; then export PYTHONPATH="$MEGATRON_PATH${PYTHONPATH:+:$PYTHONPATH}"; fi
-  export PYTHONPATH="$MEGATRON_PATCH_PATH${PYTHONPATH:+:$PYTHONPATH}"
+  mp_python_path
   local cmd=("${MP_LAUNCH[@]}" -m megatron_patch.train "$mode" "${MP_FLAGS[@]}" "${extra[@]}")
+  # What can be checked in one process (flags, checkpoint metadata, data schema, FP8/TE support) is, before
+  # torchrun starts a rank.
+  local check=("${PYTHON:-python}" -m megatron_patch.train check "$mode" --world-size "$MP_WORLD_SIZE"
+               "${MP_FLAGS[@]}" "${extra[@]}")
   if [ "${MP_DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${cmd[@]}"; echo
     return 0
   fi
+  local log="$OUTPUT_BASEPATH/log/$name.log"
   mkdir -p "$OUTPUT_BASEPATH/log"
-  echo "log: $OUTPUT_BASEPATH/log/$name.log"
-  "${cmd[@]}" 2>&1 | tee "$OUTPUT_BASEPATH/log/$name.log"
+  echo "log: $log (appended)"
+  mp_log_header "$log" "${cmd[@]}"
+  { "${check[@]}" && "${cmd[@]}"; } 2>&1 | tee -a "$log"
   return "${PIPESTATUS[0]}"
 }
 

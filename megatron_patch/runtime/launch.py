@@ -15,6 +15,7 @@ import psutil
 import torch.multiprocessing as mp
 
 from .distributed import free_port
+from .noise import quiet_third_party
 
 
 class WorkerError(RuntimeError):
@@ -23,6 +24,7 @@ class WorkerError(RuntimeError):
 
 def _child(rank, world_size, port, env, fn, args, results):
     os.environ.update(env)
+    quiet_third_party()  # as the parent asked (MEGATRON_PATCH_VERBOSE is inherited)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
