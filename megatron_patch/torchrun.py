@@ -34,7 +34,8 @@ def first_failure_line(failures: dict) -> tuple[str, int]:
             reported.append((int(data[USER_ERROR_KEY]), rank, str(data["message"])))
     if reported:
         _, rank, line = min(reported)
-        return line if len(failures) == 1 else f"{line} (rank {rank})", 1
+        same_everywhere = len({text for _, _, text in reported}) == 1
+        return line if same_everywhere else f"{line} (rank {rank})", 1
     rank, failure = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
     if failure.exitcode < 0:
         name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else "?"
