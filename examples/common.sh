@@ -6,7 +6,9 @@
 #
 # Environment knobs: GPUS_PER_NODE (dsw/dlc; default: every visible GPU), TOKENIZER_MODEL (needed when training
 # from scratch, i.e. PRETRAIN_CHECKPOINT_PATH=none), MP_DRY_RUN=1 (print the command instead of running it),
-# MP_EXTRA_ARGS (appended flags, e.g. "--log-interval 10 --eval-interval 100").
+# MP_EXTRA_ARGS (appended flags, e.g. "--log-interval 10 --eval-interval 100"), MP_VERBOSE=1 (third-party
+# warnings and torchrun's own messages too), PYTHON (the interpreter; default python).
+# Logs are appended to OUTPUT_BASEPATH/log/<run>.log, one header line per launch.
 
 MP_PRETRAIN_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN
   PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS
@@ -64,10 +66,16 @@ mp_validate_common() {
   [ -n "$OUTPUT_BASEPATH" ] || mp_fail "OUTPUT_BASEPATH must not be empty"
 }
 
+mp_gpu_count() {  # the number of local GPUs; 0 without nvidia-smi or when it fails (no driver)
+  # Guarded: under `set -euo pipefail` a bare `$(nvidia-smi -L | wc -l)` would end the script silently (127).
+  command -v nvidia-smi > /dev/null 2>&1 || { echo 0; return 0; }
+  nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true
+}
+
 mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
-  local nproc torchrun=(torchrun)
-  # torchrun is torch's console script; the module form works wherever torch imports.
-  command -v torchrun > /dev/null || torchrun=(python -m torch.distributed.run)
+  # torchrun's launcher, through megatron_patch.torchrun: same flags, but a rank's error is printed once as one
+  # line (no ChildFailedError dump) and torchrun's banners stay hidden unless MP_VERBOSE=1.
+  local nproc torchrun=("${PYTHON:-python}" -m megatron_patch.torchrun)
   case "$ENV" in
     cpu)
       nproc=$((TP * PP))
@@ -75,8 +83,8 @@ mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
       MP_LAUNCH=("${torchrun[@]}" --nproc-per-node "$nproc" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-$((20000 + RANDOM % 20000))}")
       MP_WORLD_SIZE=$nproc ;;
     dsw)
-      nproc=${GPUS_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-      [ "$nproc" -ge 1 ] || mp_fail "ENV=dsw found no GPU (set GPUS_PER_NODE or use ENV=cpu)"
+      nproc=${GPUS_PER_NODE:-$(mp_gpu_count)}
+      [[ "$nproc" =~ ^[0-9]+$ ]] && [ "$nproc" -ge 1 ] || mp_fail "ENV=dsw found no GPU (set GPUS_PER_NODE or use ENV=cpu)"
       MP_LAUNCH=("${torchrun[@]}" --nproc-per-node "$nproc" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-6000}")
       MP_WORLD_SIZE=$nproc ;;
     dlc)
@@ -84,8 +92,8 @@ mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
       for v in MASTER_ADDR MASTER_PORT WORLD_SIZE RANK; do
         [ -n "${!v:-}" ] || mp_fail "ENV=dlc needs $v in the environment (set by the cluster scheduler)"
       done
-      nproc=${GPUS_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-      [ "$nproc" -ge 1 ] || mp_fail "ENV=dlc found no GPU (set GPUS_PER_NODE)"
+      nproc=${GPUS_PER_NODE:-$(mp_gpu_count)}
+      [[ "$nproc" =~ ^[0-9]+$ ]] && [ "$nproc" -ge 1 ] || mp_fail "ENV=dlc found no GPU (set GPUS_PER_NODE)"
       # The scheduler's WORLD_SIZE / RANK count nodes; torchrun turns them into per-process ranks.
       MP_LAUNCH=("${torchrun[@]}" --nnodes "$WORLD_SIZE" --node-rank "$RANK" --nproc-per-node "$nproc"
                  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
@@ -123,22 +131,39 @@ mp_common_flags() {  # sets MP_FLAGS (array) from the validated common arguments
   return 0
 }
 
-mp_exec() {  # mp_exec <mode> <run name>: launch (or print with MP_DRY_RUN=1)
+mp_python_path() {  # MEGATRON_PATH (unless none) and this checkout on PYTHONPATH
+  if [ "$MEGATRON_PATH" != none ]; then export PYTHONPATH="$MEGATRON_PATH${PYTHONPATH:+:$PYTHONPATH}"; fi
+  export PYTHONPATH="$MEGATRON_PATCH_PATH${PYTHONPATH:+:$PYTHONPATH}"
+  if [ "${MP_VERBOSE:-0}" = 1 ]; then export MEGATRON_PATCH_VERBOSE=1; fi
+  return 0
+}
+
+mp_log_header() {  # mp_log_header <log file> <command...>: one header line per launch (logs are appended)
+  local log=$1; shift
+  { echo; echo "===== $(date '+%Y-%m-%d %H:%M:%S') launch on $(hostname 2> /dev/null || echo '?'): $(printf '%q ' "$@")"; } >> "$log"
+}
+
+mp_exec() {  # mp_exec <mode> <run name>: pre-flight checks, then launch (or print with MP_DRY_RUN=1)
   local mode=$1 name=$2
   local save="$OUTPUT_BASEPATH/checkpoint/$name"
   MP_FLAGS+=(--save "$save" --tensorboard-dir "$OUTPUT_BASEPATH/tensorboard/$name")
   # shellcheck disable=SC2206  # MP_EXTRA_ARGS is a list of flags on purpose
   local extra=(${MP_EXTRA_ARGS:-})
-  if [ "$MEGATRON_PATH" != none ]; then export PYTHONPATH="$MEGATRON_PATH${PYTHONPATH:+:$PYTHONPATH}"; fi
-  export PYTHONPATH="$MEGATRON_PATCH_PATH${PYTHONPATH:+:$PYTHONPATH}"
+  mp_python_path
   local cmd=("${MP_LAUNCH[@]}" -m megatron_patch.train "$mode" "${MP_FLAGS[@]}" "${extra[@]}")
+  # What can be checked in one process (flags, checkpoint metadata, data schema, FP8/TE support) is, before
+  # torchrun starts a rank.
+  local check=("${PYTHON:-python}" -m megatron_patch.train check "$mode" --world-size "$MP_WORLD_SIZE"
+               "${MP_FLAGS[@]}" "${extra[@]}")
   if [ "${MP_DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${cmd[@]}"; echo
     return 0
   fi
+  local log="$OUTPUT_BASEPATH/log/$name.log"
   mkdir -p "$OUTPUT_BASEPATH/log"
-  echo "log: $OUTPUT_BASEPATH/log/$name.log"
-  "${cmd[@]}" 2>&1 | tee "$OUTPUT_BASEPATH/log/$name.log"
+  echo "log: $log (appended)"
+  mp_log_header "$log" "${cmd[@]}"
+  { "${check[@]}" && "${cmd[@]}"; } 2>&1 | tee -a "$log"
   return "${PIPESTATUS[0]}"
 }
 

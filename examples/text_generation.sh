@@ -68,8 +68,7 @@ mp_text_generation() {  # mp_text_generation <family> "$@"
             --text-generate-input-file "$INPUT_FILE" --text-generate-output-file "$OUTPUT_FILE")
   # shellcheck disable=SC2206  # MP_EXTRA_ARGS is a list of flags on purpose
   local extra=(${MP_EXTRA_ARGS:-})
-  if [ "$MEGATRON_PATH" != none ]; then export PYTHONPATH="$MEGATRON_PATH${PYTHONPATH:+:$PYTHONPATH}"; fi
-  export PYTHONPATH="$MEGATRON_PATCH_PATH${PYTHONPATH:+:$PYTHONPATH}"
+  mp_python_path
   local cmd=("${MP_LAUNCH[@]}" -m megatron_patch.generate "${MP_FLAGS[@]}" "${extra[@]}")
   if [ "${MP_DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${cmd[@]}"; echo

@@ -36,12 +36,17 @@ def _loss_table(history: list[tuple[int, float]], rows: int = 8) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_patch.demo", description=__doc__)
+    from .runtime.noise import add_verbose_flag, quiet_third_party
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_patch.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None, help="where to write (default: a temporary directory)")
-    parser.add_argument("--pretrain-iters", type=int, default=200)
-    parser.add_argument("--sft-iters", type=int, default=20)
-    parser.add_argument("--seq-length", type=int, default=128)
+    parser.add_argument("--pretrain-iters", type=int, default=200, help="pretraining steps (default: 200)")
+    parser.add_argument("--sft-iters", type=int, default=20, help="finetuning steps (default: 20)")
+    parser.add_argument("--seq-length", type=int, default=128, help="tokens per sample (default: 128)")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    quiet_third_party(args.verbose or None)
 
     from .convert.hf_to_mcore import hf_to_mcore
     from .data.indexed import build_indexed_dataset

@@ -23,6 +23,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .runtime.noise import add_verbose_flag
+
     p = argparse.ArgumentParser(prog="python -m megatron_patch.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="Megatron checkpoint directory (or one iteration directory)")
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-key", default="prompt", help="field holding the prompt in a .jsonl input")
     p.add_argument("--no-kv-cache", dest="use_cache", action="store_false",
                    help="re-run the whole prefix every step (slow; for checking the cache)")
+    add_verbose_flag(p)
     return p
 
 
@@ -121,12 +124,15 @@ def read_prompts(path: str | os.PathLike, prompt_key: str = "prompt") -> list[st
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
+    from .convert.mcore_io import apply_umask_modes
+
     path = Path(path).absolute()
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        apply_umask_modes(temp)  # readable as a plain open() would leave it, not mkstemp's 0600
         os.replace(temp, path)
     finally:
         Path(temp).unlink(missing_ok=True)  # gone already after the rename; removed on any error or interrupt
@@ -233,6 +239,9 @@ def generate_file(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .runtime.noise import quiet_third_party
+
+    quiet_third_party(args.verbose or None)
     from .runtime import destroy_distributed
     from .runtime.errors import run_reporting_errors
 

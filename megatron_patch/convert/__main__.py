@@ -1,4 +1,4 @@
-"""python -m megatron_patch.convert {hf2mcore,mcore2hf,verify} ..."""
+"""python -m megatron_patch.convert {hf2mcore,mcore2hf,verify,demo} ..."""
 
 from __future__ import annotations
 
@@ -7,44 +7,54 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..runtime.noise import add_verbose_flag
+
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     h2m = sub.add_parser("hf2mcore", help="HF directory -> Megatron checkpoint sharded for TP x PP")
     h2m.add_argument("--load", required=True, help="HF model directory")
     h2m.add_argument("--save", required=True, help="output Megatron checkpoint directory")
-    h2m.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
-    h2m.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
+    h2m.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1,
+                     help="tensor-parallel size to shard for (default: 1)")
+    h2m.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1,
+                     help="pipeline-parallel size to shard for (default: 1)")
     h2m.add_argument("--format", dest="fmt", choices=("torch_dist", "legacy"), default="torch_dist",
-                     help="torch_dist (megatron-core dist_checkpointing, reshardable) or legacy mp_rank_* files")
+                     help="torch_dist (megatron-core dist_checkpointing, reshardable; default) or legacy mp_rank_* files")
     h2m.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local",
-                     help="layer spec the checkpoint is for (affects legacy key names only)")
+                     help="layer spec the checkpoint is for (affects legacy key names only; default: local)")
     h2m.add_argument("--model-name", "--family", dest="family", default=None,
                      help="model family; detected from config.json when omitted")
-    h2m.add_argument("--extra-vocab-size", type=int, default=0, help="new token rows to append to the vocabulary")
-    h2m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    h2m.add_argument("--extra-vocab-size", type=int, default=0,
+                     help="new token rows to append to the vocabulary (default: 0)")
+    h2m.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                     help="pad the vocabulary to a multiple of this x TP (default: 128)")
     h2m.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
 
     m2h = sub.add_parser("mcore2hf", help="Megatron checkpoint (any TP x PP, either format) -> HF directory")
     m2h.add_argument("--load", required=True, help="Megatron checkpoint directory (or one iteration directory)")
     m2h.add_argument("--save", required=True, help="output HF directory")
-    m2h.add_argument("--max-shard-size-gb", type=float, default=5.0)
-    m2h.add_argument("--overwrite", action="store_true")
+    m2h.add_argument("--max-shard-size-gb", type=float, default=5.0,
+                     help="largest safetensors shard, in GiB (default: 5)")
+    m2h.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
 
     ver = sub.add_parser("verify", help="compare HF and Megatron logits on a fixed text")
     ver.add_argument("--hf", required=True, help="HF model directory")
     ver.add_argument("--mcore", required=True, help="Megatron checkpoint directory")
     ver.add_argument("--tp", type=int, default=None, help="TP to run at (default: as saved)")
     ver.add_argument("--pp", type=int, default=None, help="PP to run at (default: as saved)")
-    ver.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (fp32)")
+    ver.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (fp32; default: 1e-4)")
     ver.add_argument("--trust-remote-code", action="store_true",
                      help="let transformers run the modeling code shipped with the HF directory (Baichuan, Qwen v1)")
 
     demo = sub.add_parser("demo", help="tiny llama built offline -> Megatron TP x PP -> parity -> HF round trip")
-    demo.add_argument("--workdir", default="runs/convert_demo")
-    demo.add_argument("--tp", type=int, default=2)
-    demo.add_argument("--pp", type=int, default=2)
-    demo.add_argument("--format", dest="fmt", choices=("torch_dist", "legacy"), default="torch_dist")
+    demo.add_argument("--workdir", default="runs/convert_demo", help="where to write (default: runs/convert_demo)")
+    demo.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default: 2)")
+    demo.add_argument("--pp", type=int, default=2, help="pipeline-parallel size (default: 2)")
+    demo.add_argument("--format", dest="fmt", choices=("torch_dist", "legacy"), default="torch_dist",
+                      help="checkpoint format (default: torch_dist)")
+    for command in (h2m, m2h, ver, demo):
+        add_verbose_flag(command)
     return parser
 
 
@@ -82,6 +92,9 @@ def run(args) -> int | None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from ..runtime.errors import run_reporting_errors
+    from ..runtime.noise import quiet_third_party
+
+    quiet_third_party(args.verbose or None)
 
     # RuntimeError too: megatron-core and torch.distributed report unusable setups that way.
     return run_reporting_errors(lambda: run(args), extra_errors=(RuntimeError,))

@@ -25,7 +25,26 @@ PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
-def read_records(path: str | Path) -> list[dict]:
+SCHEMA = '{"instruction": ..., "input": ... (optional), "output": ...} or {"messages": [{"role", "content"}, ...]}'
+
+
+def parse_record(line: str, where: str) -> dict:
+    """One jsonl line as an SFT record; ``where`` (``path:line``) starts the error message."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict) or not ("messages" in record or {"instruction", "output"} <= set(record)):
+        found = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{where}: expected {SCHEMA}; found {found}")
+    if "messages" in record and not (isinstance(record["messages"], list) and all(
+            isinstance(m, dict) and {"role", "content"} <= set(m) for m in record["messages"])):
+        raise ValueError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
+    return record
+
+
+def read_records(path: str | Path, limit: int | None = None) -> list[dict]:
+    """The records of an SFT jsonl file (the first ``limit`` non-empty lines when given: a cheap schema check)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SFT data {path} does not exist")
@@ -34,14 +53,9 @@ def read_records(path: str | Path) -> list[dict]:
         for line_no, line in enumerate(handle, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not ("messages" in record or {"instruction", "output"} <= set(record)):
-                raise ValueError(f"{path}:{line_no}: expected {{\"instruction\", \"input\", \"output\"}} or "
-                                 f"{{\"messages\": [...]}}")
-            records.append(record)
+            records.append(parse_record(line, f"{path}:{line_no}"))
+            if limit is not None and len(records) >= limit:
+                break
     if not records:
         raise ValueError(f"SFT data {path} has no samples")
     return records

@@ -16,6 +16,7 @@ import psutil
 import torch.multiprocessing as mp
 
 from .distributed import free_port
+from .noise import quiet_third_party
 
 
 class WorkerError(RuntimeError):
@@ -38,6 +39,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def _child(rank, world_size, port, env, fn, args, results, parent_pid):
     _die_with_parent(parent_pid)
     os.environ.update(env)
+    quiet_third_party()  # as the parent asked (MEGATRON_PATCH_VERBOSE is inherited)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),

@@ -22,69 +22,87 @@ class TrainConfig:
     model_name: str | None = field(default=None, metadata={
         "help": "model family (llama, qwen, ...); read from the --load checkpoint when omitted"})
     model_size: str | None = field(default=None, metadata={
-        "help": "size preset of the family (e.g. tiny, 7B); used when there is no --load checkpoint"})
+        "help": "size preset of the family (listed below); builds the model without --load, and is checked "
+                "against a --load checkpoint"})
     tokenizer_model: str | None = field(default=None, metadata={
         "help": "tokenizer (HF dir, sentencepiece .model, qwen.tiktoken); default: the checkpoint's hf_assets"})
     extra_vocab_size: int = field(default=0, metadata={"help": "new token rows added to the vocabulary"})
     make_vocab_size_divisible_by: int = field(default=128, metadata={
         "help": "vocab padding multiple (times TP); the padded size is computed, never given"})
-    transformer_impl: str = field(default="local", metadata={"help": "local | transformer_engine"})
+    transformer_impl: str = field(default="local", metadata={
+        "help": "local (megatron-core's torch layers) | transformer_engine (needed by FP8, flash attention, SP)"})
     # --- parallelism ---
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
+    tensor_model_parallel_size: int = field(default=1, metadata={"help": "tensor-parallel size (divides the heads)"})
+    pipeline_model_parallel_size: int = field(default=1, metadata={"help": "pipeline-parallel size (<= layers)"})
+    sequence_parallel: bool = field(default=False, metadata={
+        "help": "shard activations along the sequence across TP ranks (needs TP > 1 and Transformer Engine)"})
+    use_distributed_optimizer: bool = field(default=False, metadata={
+        "help": "shard optimizer state across data-parallel ranks (GPUs only)"})
     # --- batch and schedule ---
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    seq_length: int = 128
-    train_iters: int | None = field(default=None, metadata={"help": "optimizer steps (pretrain; finetune: from --epochs)"})
-    epochs: int = field(default=1, metadata={"help": "passes over --train-data-path (finetune)"})
-    lr: float = 1e-4
-    min_lr: float = 0.0
+    micro_batch_size: int = field(default=1, metadata={"help": "samples per forward pass on one rank"})
+    global_batch_size: int = field(default=8, metadata={
+        "help": "samples per optimizer step (a multiple of micro batch x data-parallel size)"})
+    seq_length: int = field(default=128, metadata={"help": "tokens per sample"})
+    train_iters: int | None = field(default=None, metadata={
+        "help": "optimizer steps (required for pretraining; finetuning derives them from --epochs when omitted)"})
+    epochs: int = field(default=1, metadata={"help": "passes over --train-data-path", "mode": "finetune"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the decay"})
     lr_decay_style: str = field(default="cosine", metadata={"help": "cosine | linear | constant"})
-    lr_warmup_iters: int = 0
-    lr_decay_iters: int | None = field(default=None, metadata={"help": "default: --train-iters"})
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr_warmup_iters: int = field(default=0, metadata={"help": "linear warmup steps from 0 to --lr"})
+    lr_decay_iters: int | None = field(default=None, metadata={"help": "decay steps (default: --train-iters)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "Adam epsilon"})
+    clip_grad: float = field(default=1.0, metadata={"help": "gradient clipping by global norm (0 = off)"})
     # --- precision ---
-    bf16: bool = False
-    fp16: bool = False
-    loss_scale: float | None = field(default=None, metadata={"help": "static fp16 loss scale (default: dynamic)"})
-    initial_loss_scale: float = 2.0**16
-    fp8_format: str | None = field(default=None, metadata={"help": "hybrid (E4M3 fwd / E5M2 bwd) | e4m3"})
-    fp8_amax_history_len: int = 1024
-    fp8_amax_compute_algo: str = "max"
-    use_flash_attn: bool = False
-    recompute_granularity: str | None = field(default=None, metadata={"help": "selective | full"})
-    recompute_method: str = "uniform"
-    recompute_num_layers: int = 1
+    bf16: bool = field(default=False, metadata={"help": "bf16 weights and compute, fp32 main weights"})
+    fp16: bool = field(default=False, metadata={"help": "fp16 weights and compute with loss scaling"})
+    loss_scale: float | None = field(default=None, metadata={
+        "help": "static fp16 loss scale (default: dynamic, starting at --initial-loss-scale)"})
+    initial_loss_scale: float = field(default=2.0**16, metadata={"help": "first dynamic fp16 loss scale"})
+    fp8_format: str | None = field(default=None, metadata={
+        "help": "hybrid (E4M3 forward / E5M2 backward) | e4m3; needs --bf16 and Transformer Engine on Hopper/Ada"})
+    fp8_amax_history_len: int = field(default=1024, metadata={"help": "FP8 delayed scaling: amax history length"})
+    fp8_amax_compute_algo: str = field(default="max", metadata={"help": "FP8 delayed scaling: max | most_recent"})
+    use_flash_attn: bool = field(default=False, metadata={"help": "flash attention through Transformer Engine"})
+    recompute_granularity: str | None = field(default=None, metadata={
+        "help": "activation recompute: selective | full (default: off)"})
+    recompute_method: str = field(default="uniform", metadata={"help": "full recompute: uniform | block"})
+    recompute_num_layers: int = field(default=1, metadata={"help": "full recompute: layers per recompute unit"})
     # --- data ---
     data_path: list[str] | None = field(default=None, metadata={
-        "help": "indexed dataset prefixes, optionally weighted: [W1] PREFIX1 [W2 PREFIX2 ...] (pretrain)"})
-    split: str = field(default="99,1,0", metadata={"help": "train,valid,test weights of --data-path"})
-    data_cache_path: str | None = None
-    train_data_path: str | None = field(default=None, metadata={"help": "SFT jsonl (finetune)"})
-    valid_data_path: str | None = field(default=None, metadata={"help": "SFT validation jsonl (finetune)"})
+        "help": "indexed dataset prefixes, optionally weighted: [W1] PREFIX1 [W2 PREFIX2 ...]", "mode": "pretrain"})
+    split: str = field(default="99,1,0", metadata={"help": "train,valid,test weights of --data-path",
+                                                   "mode": "pretrain"})
+    data_cache_path: str | None = field(default=None, metadata={
+        "help": "where GPTDataset caches its sample indices (default: <--save>/data_cache)", "mode": "pretrain"})
+    train_data_path: str | None = field(default=None, metadata={
+        "help": 'SFT jsonl, one sample per line: {"instruction": ..., "input": ... (optional), "output": ...} or '
+                '{"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}', "mode": "finetune"})
+    valid_data_path: str | None = field(default=None, metadata={
+        "help": "SFT validation jsonl (same schema)", "mode": "finetune"})
     max_padding_length: int | None = field(default=None, metadata={
-        "help": "SFT: pad (or truncate) each sample to this length; default --seq-length"})
-    sft_packing: bool = field(default=False, metadata={"help": "SFT: pack several samples per sequence"})
+        "help": "pad (or truncate) each sample to this length (default: --seq-length)", "mode": "finetune"})
+    sft_packing: bool = field(default=False, metadata={"help": "pack several samples per sequence",
+                                                       "mode": "finetune"})
     # --- checkpoints ---
-    load: str | None = None
-    save: str | None = None
-    save_interval: int | None = None
-    no_load_optim: bool = False
-    no_load_rng: bool = False
+    load: str | None = field(default=None, metadata={
+        "help": "checkpoint to start from: an hf2mcore output or a training checkpoint"})
+    save: str | None = field(default=None, metadata={
+        "help": "checkpoint directory of this run; a restarted job resumes from it"})
+    save_interval: int | None = field(default=None, metadata={
+        "help": "save every N steps (default: only at the end)"})
+    no_load_optim: bool = field(default=False, metadata={"help": "resume without the optimizer state"})
+    no_load_rng: bool = field(default=False, metadata={"help": "resume without the RNG state"})
     finetune: bool = field(default=False, metadata={"help": "load weights only and restart at iteration 0"})
     # --- logging, eval ---
-    log_interval: int = 1
-    eval_interval: int | None = None
-    eval_iters: int = 2
-    tensorboard_dir: str | None = None
-    seed: int = 1234
+    log_interval: int = field(default=1, metadata={"help": "print a log line every N steps"})
+    eval_interval: int | None = field(default=None, metadata={"help": "validate every N steps (default: off)"})
+    eval_iters: int = field(default=2, metadata={"help": "validation steps per evaluation", "mode": "pretrain"})
+    tensorboard_dir: str | None = field(default=None, metadata={"help": "TensorBoard event directory"})
+    seed: int = field(default=1234, metadata={"help": "random seed"})
     exit_interval: int | None = field(default=None, metadata={"help": "stop after this iteration (for tests)"})
 
     # ----------------------------------------------------------------------------------------------------------
@@ -195,13 +213,13 @@ def _base_type(annotation: str):
     raise TypeError(f"unsupported config annotation {annotation}")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, mode: str = "pretrain") -> None:
+    """One flag per TrainConfig field that ``mode`` uses (pretraining and finetuning each list only their own)."""
     for f in fields(TrainConfig):
-        if f.name == "mode":
+        if f.name == "mode" or f.metadata.get("mode", mode) != mode:
             continue
         flag = "--" + f.name.replace("_", "-")
-        annotation = str(f.type)
-        typ = _base_type(annotation)
+        typ = _base_type(str(f.type))
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not MISSING else None
         if typ is bool:
@@ -209,9 +227,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif typ is list:
             parser.add_argument(flag, nargs="+", default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=typ, default=default, help=f"{help_text} (default: {default})")
+            if default is not None and "default" not in help_text:  # one default per flag, said once
+                help_text = f"{help_text} (default: {default})"
+            parser.add_argument(flag, type=typ, default=default, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
-    data = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "mode"}
+    data = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "mode" and hasattr(args, f.name)}
     return TrainConfig.from_dict({**data, "mode": mode})

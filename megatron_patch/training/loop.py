@@ -148,7 +148,8 @@ def train(t: Trainer, after_model_save=None) -> list[tuple[int, float]]:
         t.history.append((t.state.iteration, loss))
         scale = t.optimizer.get_loss_scale().item() if cfg.fp16 else None
         t.logger.log_step(t.state.iteration, loss, t.optimizer.param_groups[0]["lr"],
-                          None if grad_norm is None else float(grad_norm), skipped, scale)
+                          None if grad_norm is None else float(grad_norm), skipped, scale,
+                          consumed_samples=t.state.consumed_train_samples)
         if cfg.eval_interval and t.state.iteration % cfg.eval_interval == 0:
             t.logger.log_eval(t.state.iteration, evaluate(t))
         if cfg.save and cfg.save_interval and t.state.iteration % cfg.save_interval == 0:
@@ -222,7 +223,8 @@ def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
         # Weights changed under the optimizer: refresh its fp32 main copies (bf16/fp16 runs).
         if not resume or cfg.no_load_optim:
             optimizer.reload_model_params()
-    logger = MetricsLogger(cfg.log_interval, cfg.tensorboard_dir, cfg.global_batch_size * seq_length, quiet=quiet)
+    logger = MetricsLogger(cfg.log_interval, cfg.tensorboard_dir, cfg.global_batch_size * seq_length, quiet=quiet,
+                           train_iters=train_iters, global_batch_size=cfg.global_batch_size)
     if load_dir is not None:
         what = f"resumed at iteration {state.iteration}" if resume else "loaded weights (iteration restarted at 0)"
         logger.print(f"{what} from {load_dir}")

@@ -48,3 +48,26 @@ def test_wrapper_round_trip_with_extra_vocab(make_hf, tmp_path):
     assert torch.equal(after[..., : original.config.vocab_size], before)
     emb = extended.get_input_embeddings().weight
     assert torch.allclose(emb[-3:], original.get_input_embeddings().weight.mean(0).expand(3, -1), atol=1e-6)
+
+
+def test_usage_is_the_header_comment_only():
+    proc = run(check=False)
+    assert proc.returncode == 2 and "set -euo pipefail" not in proc.stderr and "MP_EXTRA_ARGS" in proc.stderr
+    vocab = Path(__file__).resolve().parents[2] / "toolkits" / "vocab_extension" / "run_vocab_extension.sh"
+    proc = subprocess.run(["bash", str(vocab)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "set -euo" not in proc.stderr and "VOCAB_SIZE" in proc.stderr
+
+
+def test_extra_args_reach_the_converter(make_hf, tmp_path):
+    import os
+
+    hf_dir = make_hf("gqa_untied")
+    target = tmp_path / "mcore"
+    run("none", hf_dir, target, 1, 1, "llama", 0, "false", "legacy")
+    again = run("none", hf_dir, target, 1, 1, "llama", 0, "false", "legacy", check=False)
+    assert again.returncode == 1 and "pass --overwrite" in again.stderr
+    env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(Path.home()),
+           "MP_EXTRA_ARGS": "--overwrite", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(["bash", str(SCRIPT), "none", hf_dir, str(target), "1", "1", "llama", "0", "false",
+                           "legacy"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]

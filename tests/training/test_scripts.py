@@ -95,3 +95,35 @@ def test_dlc_needs_scheduler_env(tmp_path):
     result = subprocess.run(["bash", str(script), *pretrain_args(tmp_path, ENV="dlc")], capture_output=True,
                             text=True, env={**env_free, "MP_DRY_RUN": "1", "GPUS_PER_NODE": "8"}, timeout=60)
     assert result.returncode == 2 and "ENV=dlc needs MASTER_ADDR" in result.stderr
+
+
+def _path_without_nvidia_smi(tmp_path, fake_nvidia_smi: str | None) -> str:
+    """A PATH holding only the tools the scripts use before launching, plus an optional fake nvidia-smi."""
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "awk", "dirname", "grep", "wc", "cat", "sed", "mkdir", "tee", "date"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    if fake_nvidia_smi is not None:
+        fake = bin_dir / "nvidia-smi"
+        fake.write_text(f"#!/bin/bash\n{fake_nvidia_smi}\n")
+        fake.chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize("env_name", ["dsw", "dlc"])
+@pytest.mark.parametrize("nvidia_smi", [None, "echo 'NVIDIA-SMI has failed' >&2; exit 9"],
+                         ids=["missing", "failing"])
+def test_gpu_env_without_gpus_says_so(tmp_path, env_name, nvidia_smi):
+    """ENV=dsw/dlc on a machine without (working) nvidia-smi: the error line, not a silent exit 127."""
+    env = {k: v for k, v in os.environ.items() if k != "GPUS_PER_NODE"}
+    env.update(PATH=_path_without_nvidia_smi(tmp_path, nvidia_smi), MP_DRY_RUN="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="6000", WORLD_SIZE="1", RANK="0")
+    script = ROOT / "examples" / "llama" / "run_pretrain_megatron_llama.sh"
+    result = subprocess.run(["bash", str(script), *pretrain_args(tmp_path, ENV=env_name)], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert f"error: ENV={env_name} found no GPU" in result.stderr

@@ -13,10 +13,14 @@
 #   EXTRA_VOCAB_SIZE  new token rows to append to the vocabulary (0 for none)
 #   MG2HF             false: HF -> Megatron; true: Megatron -> HF
 #   FORMAT            torch_dist (default) or legacy
+#
+# Environment: MP_EXTRA_ARGS appends flags of python -m megatron_patch.convert (e.g. "--overwrite",
+# "--make-vocab-size-divisible-by 64", "--max-shard-size-gb 2"); PYTHON picks the interpreter.
 set -euo pipefail
 
 usage() {
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+  # the header comment (up to the first line that is not a comment), without its '#'
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0" >&2
   [ $# -gt 0 ] && echo "error: $*" >&2
   exit 2
 }
@@ -37,9 +41,14 @@ if [ "$MEGATRON_PATH" != none ]; then
   export PYTHONPATH="$MEGATRON_PATH${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+# This checkout's megatron_patch, whatever else is installed.
+PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH
 PYTHON=${PYTHON:-python}
+# shellcheck disable=SC2206  # MP_EXTRA_ARGS is a list of flags on purpose
+extra=(${MP_EXTRA_ARGS:-})
 if [ "$MG2HF" = true ]; then
-  exec "$PYTHON" -m megatron_patch.convert mcore2hf --load "$SOURCE_CKPT_PATH" --save "$TARGET_CKPT_PATH"
+  exec "$PYTHON" -m megatron_patch.convert mcore2hf --load "$SOURCE_CKPT_PATH" --save "$TARGET_CKPT_PATH" "${extra[@]}"
 fi
 
 family_args=()
@@ -48,4 +57,4 @@ family=${family%%[-_]*}  # llama-2-7b -> llama, qwen2.5-7b -> qwen2.5
 family=${family%%[0-9.]*}  # qwen2.5 -> qwen
 [ "$family" = auto ] || family_args=(--model-name "$family")
 exec "$PYTHON" -m megatron_patch.convert hf2mcore --load "$SOURCE_CKPT_PATH" --save "$TARGET_CKPT_PATH" \
-  --tp "$TP" --pp "$PP" --format "$FORMAT" --extra-vocab-size "$EXTRA_VOCAB_SIZE" "${family_args[@]}"
+  --tp "$TP" --pp "$PP" --format "$FORMAT" --extra-vocab-size "$EXTRA_VOCAB_SIZE" "${family_args[@]}" "${extra[@]}"

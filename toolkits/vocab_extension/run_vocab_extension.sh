@@ -12,7 +12,8 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+  # the header comment (up to the first line that is not a comment), without its '#'
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0" >&2
   [ $# -gt 0 ] && echo "error: $*" >&2
   exit 2
 }

@@ -1,0 +1,72 @@
+"""python -m megatron_patch.torchrun [torchrun flags] -m megatron_patch.train ...: torchrun, with readable failures.
+
+The launch scripts start their ranks through this module instead of ``torchrun``. It runs torchrun's own launcher
+(same flags, same rendezvous, same environment for the ranks) and changes only what the user sees:
+
+- a rank that stops on a user error hands its one line to the launcher (runtime/errors.py), which prints the line
+  of the first failing rank once and exits 1, instead of every rank printing it followed by torchrun's
+  ``ChildFailedError`` traceback dump;
+- a rank that crashes has printed its own traceback; the launcher adds one line naming the rank and exit code;
+- torchrun's banners (``OMP_NUM_THREADS``, closing-signal warnings, the failure summary) are hidden unless
+  ``MEGATRON_PATCH_VERBOSE=1``; OMP_NUM_THREADS defaults to 1 as under torchrun.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from .runtime.errors import LAUNCHER_ENV, USER_ERROR_KEY
+from .runtime.noise import is_verbose, quiet_third_party
+
+
+def first_failure_line(failures: dict) -> tuple[str, int]:
+    """(one line for the user, exit code) from torchrun's ``{global rank: ProcessFailure}``.
+
+    A rank's own user error wins over ranks torchrun stopped afterwards; among user errors the earliest.
+    """
+    reported = []
+    for rank, failure in failures.items():
+        data = failure.error_file_data if isinstance(failure.error_file_data, dict) else {}
+        if USER_ERROR_KEY in data:
+            reported.append((int(data[USER_ERROR_KEY]), rank, str(data["message"])))
+    if reported:
+        _, rank, line = min(reported)
+        same_everywhere = len({text for _, _, text in reported}) == 1
+        return line if same_everywhere else f"{line} (rank {rank})", 1
+    rank, failure = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    if failure.exitcode < 0:
+        name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else "?"
+        hint = " (out of host memory?)" if -failure.exitcode == signal.SIGKILL else ""
+        return f"error: rank {rank} was killed by signal {name}{hint}", 1
+    return f"error: rank {rank} exited with code {failure.exitcode} (its output is above)", failure.exitcode or 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = is_verbose() or "--verbose" in argv  # the entry point's flag counts for the launcher too
+    quiet_third_party(verbose)  # also tells the ranks, through the environment
+    os.environ[LAUNCHER_ENV] = "1"
+    # torchrun sets 1 for several ranks per node too, but announces it in a banner on every launch.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if not verbose:  # its failure summary is replaced by our line
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    args = parse_args(argv)
+    try:
+        run(args)
+    except ChildFailedError as error:
+        line, code = first_failure_line(error.failures)
+        print(line, file=sys.stderr, flush=True)
+        return code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
