@@ -18,3 +18,22 @@ def whiten_over_group_worker(values: list, mask: list) -> tuple[list, float]:
     row_mask = torch.tensor(mask[rank], dtype=torch.float32)
     group = dist.group.WORLD
     return masked_whiten(rows, row_mask, group=group).tolist(), float(masked_mean(rows, row_mask, group=group))
+
+
+def vocab_parallel_worker(logits: list, labels: list, weights: list, vocab_size: int | None) -> dict:
+    """This rank's shard of ``logits`` through vocab_parallel_logprobs_and_entropy over the world group; returns
+    log-probs, entropy and the gradient of ``sum(w0 * logprob + w1 * entropy)`` with respect to the shard."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_patch.rlhf.logprobs import vocab_parallel_logprobs_and_entropy
+
+    dist.init_process_group("gloo")
+    full = torch.tensor(logits, dtype=torch.float32)
+    shard_size = full.shape[-1] // dist.get_world_size()
+    rank = dist.get_rank()
+    shard = full[..., rank * shard_size:(rank + 1) * shard_size].clone().requires_grad_()
+    w = torch.tensor(weights, dtype=torch.float32)
+    logprob, entropy = vocab_parallel_logprobs_and_entropy(shard, torch.tensor(labels), dist.group.WORLD, vocab_size)
+    (w[0] * logprob + w[1] * entropy).sum().backward()
+    return {"logprob": logprob.tolist(), "entropy": entropy.tolist(), "grad": shard.grad.tolist()}
