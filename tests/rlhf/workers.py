@@ -37,3 +37,9 @@ def vocab_parallel_worker(logits: list, labels: list, weights: list, vocab_size:
     logprob, entropy = vocab_parallel_logprobs_and_entropy(shard, torch.tensor(labels), dist.group.WORLD, vocab_size)
     (w[0] * logprob + w[1] * entropy).sum().backward()
     return {"logprob": logprob.tolist(), "entropy": entropy.tolist(), "grad": shard.grad.tolist()}
+
+
+def reward_model_worker(cfg: dict) -> dict:
+    from megatron_patch.rlhf.train_reward_model import run
+
+    return run(cfg, quiet=True)
