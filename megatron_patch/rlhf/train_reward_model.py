@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ..training.arguments import TrainConfig, add_config_arguments, config_from_args
 from .core_algos import compute_pairwise_reward_loss
 from .reward_model import build_reward_model, load_reward_model_weights, sequence_rewards, write_reward_marker
+from .schedule_utils import pairs_to_rows, reduce_sums
 
 
 @dataclass
@@ -47,11 +48,6 @@ class RewardRun:
         return parallel_state.get_data_parallel_world_size()
 
 
-def pairs_to_rows(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    """``(k, 2, ...)`` items of ``PreferenceDataset`` -> ``(2k, ...)`` rows, chosen first, on ``device``."""
-    return {key: value.transpose(0, 1).reshape(-1, *value.shape[2:]).to(device) for key, value in batch.items()}
-
-
 def pairwise_loss_func(last_index: torch.Tensor, output: torch.Tensor):
     rewards = sequence_rewards(output, last_index)
     chosen, rejected = rewards.chunk(2)
@@ -71,19 +67,7 @@ def forward_step(data_iterator, model):
 
 def reduce_report(reduced: list[dict]) -> dict[str, float]:
     """Mean loss, accuracy and margin over every pair of the schedule run, on every rank."""
-    from megatron.core import parallel_state
-
-    from ..runtime.cpu import cuda_available
-
-    # On the collective's device: NCCL reduces CUDA tensors only.
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    if parallel_state.is_pipeline_last_stage():
-        for item in reduced:
-            sums += item["rm"].detach().double()
-        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+    sums = reduce_sums(reduced, "rm", 4)
     pairs = float(sums[3].clamp(min=1))
     return {"loss": float(sums[0]) / pairs, "accuracy": float(sums[1]) / pairs, "margin": float(sums[2]) / pairs}
 

@@ -43,3 +43,9 @@ def reward_model_worker(cfg: dict) -> dict:
     from megatron_patch.rlhf.train_reward_model import run
 
     return run(cfg, quiet=True)
+
+
+def dpo_worker(cfg: dict, beta: float) -> dict:
+    from megatron_patch.rlhf.dpo import run
+
+    return run(cfg, beta=beta, quiet=True)
