@@ -47,6 +47,27 @@ def test_reward_model_learns_and_saves_a_marked_checkpoint(rm_workspace, tmp_pat
     again = run_on_local_ranks(workers.reward_model_worker, 1,
                                _cfg(rm_workspace, load=str(tmp_path / "rm"), train_iters=1, lr=1e-12), timeout=600)[0]
     assert again["history"][0][2] >= 0.8
+    _check_hf_export(tmp_path / "rm", tmp_path / "hf_rm")
+
+
+def _check_hf_export(rm_dir, hf_dir):
+    """transformers loads the export as a sequence-classification model whose scores equal ours to 1e-4."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from megatron_patch.data.preference import PreferenceDataset, collate_preference_pairs
+    from megatron_patch.data.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(rm_dir / "iter_0000003" / "hf_assets")
+    data = PreferenceDataset(write_toy_preferences(rm_dir.parent / "export_data")[1], tokenizer, seq_length=32)
+    batch = collate_preference_pairs([data[i] for i in range(4)])
+    ours = run_on_local_ranks(workers.export_and_score_worker, 1, str(rm_dir), str(hf_dir), batch["tokens"].tolist(),
+                              batch["last_index"].tolist(), timeout=600)[0]
+    hf = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=batch["tokens"]).logits[:, 0]
+    torch.testing.assert_close(theirs, torch.tensor(ours), atol=1e-4, rtol=0)
+    assert len(set(ours)) > 1  # distinct sequences, distinct scores: the comparison is not between constants
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
