@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ..training.arguments import TrainConfig, add_config_arguments, config_from_args
 from .core_algos import compute_dpo_loss, masked_sum
 from .logprobs import vocab_parallel_logprobs
-from .schedule_utils import pairs_to_rows, reduce_sums
+from .schedule_utils import find_resume_dir, pairs_to_rows, reduce_sums
 
 REPORT = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")
 
@@ -45,6 +45,7 @@ class DPORun:
     valid_data: object | None
     train_iters: int
     logger: object
+    state: object  # training.checkpointing.TrainerState: iteration and consumed samples (restored on resume)
     history: list = field(default_factory=list)  # (iteration, report)
     evals: list = field(default_factory=list)  # (iteration, report)
 
@@ -151,43 +152,55 @@ def _log(run: DPORun, prefix: str, iteration: int, report: dict[str, float]) -> 
                      f"{report['loss']:.6f} | reward accuracy {report['accuracy']:.4f} | margin {report['margin']:.4f}")
 
 
+def checkpoint(run: DPORun) -> None:
+    from ..training.checkpointing import save_checkpoint
+
+    path = save_checkpoint(run.cfg.save, run.state.iteration, run.policy, run.optimizer, run.scheduler, run.state,
+                           run.source, run.cfg)
+    run.logger.print(f"saved the DPO policy of iteration {run.state.iteration} to {path}")
+
+
 def train(run: DPORun) -> DPORun:
     from megatron.core import parallel_state
 
     from ..data.loader import MicroBatchIterator
-    from ..training.checkpointing import TrainerState, save_checkpoint
 
     cfg = run.cfg
     num_microbatches = cfg.global_batch_size // (cfg.micro_batch_size * run.dp)
     iterator = MicroBatchIterator(run.train_data, cfg.micro_batch_size, run.dp,
-                                  parallel_state.get_data_parallel_rank())
-    initial = evaluate(run)
-    if initial is not None:
-        run.evals.append((0, initial))
-        _log(run, "valid", 0, initial)
+                                  parallel_state.get_data_parallel_rank(), run.state.consumed_train_samples)
+    stop = run.train_iters if cfg.exit_interval is None else min(run.train_iters, cfg.exit_interval)
+    if run.state.iteration == 0:
+        initial = evaluate(run)
+        if initial is not None:
+            run.evals.append((0, initial))
+            _log(run, "valid", 0, initial)
     run.policy.train()
-    for iteration in range(1, run.train_iters + 1):
+    while run.state.iteration < stop:
         run.policy.zero_grad_buffer()
         run.optimizer.zero_grad()
         report = dpo_schedule(run, _microbatches(iterator, num_microbatches), forward_only=False)
         update_successful, _, _ = run.optimizer.step()
         if update_successful:
             run.scheduler.step(increment=cfg.global_batch_size)
+        run.state.iteration += 1
+        run.state.consumed_train_samples += cfg.global_batch_size
+        iteration = run.state.iteration
         run.history.append((iteration, report))
         if iteration % cfg.log_interval == 0:
             _log(run, "train", iteration, report)
         if cfg.eval_interval and iteration % cfg.eval_interval == 0 and iteration < run.train_iters:
             run.evals.append((iteration, evaluate(run)))
             _log(run, "valid", iteration, run.evals[-1][1])
-    final = evaluate(run)
-    if final is not None:
-        run.evals.append((run.train_iters, final))
-        _log(run, "valid", run.train_iters, final)
+        if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0 and iteration < stop:
+            checkpoint(run)
+    if run.state.iteration >= run.train_iters:
+        final = evaluate(run)
+        if final is not None:
+            run.evals.append((run.train_iters, final))
+            _log(run, "valid", run.train_iters, final)
     if cfg.save:
-        state = TrainerState(run.train_iters, run.train_iters * cfg.global_batch_size)
-        path = save_checkpoint(cfg.save, run.train_iters, run.policy, run.optimizer, run.scheduler, state,
-                               run.source, cfg)
-        run.logger.print(f"saved the DPO policy of iteration {run.train_iters} to {path}")
+        checkpoint(run)
     return run
 
 
@@ -200,6 +213,7 @@ def build_run(cfg: TrainConfig, beta: float, skip_bad_lines: bool = False, quiet
     from ..data.tokenizers import load_tokenizer
     from ..models.builder import build_model
     from ..runtime import init_distributed
+    from ..training.checkpointing import TrainerState, load_train_state
     from ..training.logging import MetricsLogger
     from ..training.setup import (
         build_ddp_model,
@@ -235,19 +249,26 @@ def build_run(cfg: TrainConfig, beta: float, skip_bad_lines: bool = False, quiet
     # The reference gets its own config: no DDP hooks, no loss scaling, nothing of the policy's.
     reference = build_model(source.arch, source.plan.padded_vocab_size,
                             config=build_transformer_config(cfg, source), transformer_impl=cfg.transformer_impl)
-    load_checkpoint_into_model(policy.module, load_dir)
     load_checkpoint_into_model(reference, load_dir)
-    optimizer.reload_model_params()
     reference.eval()
     reference.requires_grad_(False)
     train_iters = cfg.train_iters or max(1, cfg.epochs * len(train_data) // cfg.global_batch_size)
     scheduler = build_scheduler(cfg, optimizer, train_iters)
     logger = MetricsLogger(cfg.log_interval, cfg.tensorboard_dir, cfg.global_batch_size * 2 * cfg.seq_length, quiet)
-    logger.print(f"policy and reference loaded from {load_dir}")
+    state = TrainerState()
+    resume_dir = find_resume_dir(cfg.save)
+    if resume_dir is not None:  # a restarted job continues where it stopped; the reference stays --load
+        load_checkpoint_into_model(policy.module, resume_dir)
+        state = load_train_state(resume_dir, policy, optimizer, scheduler, not cfg.no_load_optim, not cfg.no_load_rng)
+        logger.print(f"resumed the policy at iteration {state.iteration} from {resume_dir}; reference from {load_dir}")
+    else:
+        load_checkpoint_into_model(policy.module, load_dir)
+        optimizer.reload_model_params()
+        logger.print(f"policy and reference loaded from {load_dir}")
     if cfg.save and dist.get_rank() == 0:
         cfg.write(cfg.save)
     return DPORun(cfg, beta, policy, reference, optimizer, scheduler, source, train_data, valid_data, train_iters,
-                  logger)
+                  logger, state)
 
 
 def run(cfg: TrainConfig | dict, beta: float = 0.1, skip_bad_lines: bool = False, quiet: bool = False) -> dict:

@@ -31,3 +31,15 @@ def reduce_sums(reduced: list[dict], key: str, size: int) -> torch.Tensor:
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
     return sums.cpu()
+
+
+def find_resume_dir(save: str | None):
+    """The last checkpoint under ``--save`` when a previous run of this job wrote one (then the run resumes from
+    it, as the training loop does), else None."""
+    from pathlib import Path
+
+    from ..convert.mcore_io import TRACKER, resolve_checkpoint
+
+    if save and (Path(save) / TRACKER).is_file():
+        return resolve_checkpoint(save)
+    return None

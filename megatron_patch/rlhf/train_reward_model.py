@@ -24,7 +24,7 @@ import torch.distributed as dist
 from ..training.arguments import TrainConfig, add_config_arguments, config_from_args
 from .core_algos import compute_pairwise_reward_loss
 from .reward_model import build_reward_model, load_reward_model_weights, sequence_rewards, write_reward_marker
-from .schedule_utils import pairs_to_rows, reduce_sums
+from .schedule_utils import find_resume_dir, pairs_to_rows, reduce_sums
 
 
 @dataclass
@@ -38,6 +38,7 @@ class RewardRun:
     valid_data: object | None
     train_iters: int
     logger: object
+    state: object  # training.checkpointing.TrainerState: iteration and consumed samples (restored on resume)
     history: list = field(default_factory=list)  # (iteration, loss, accuracy)
     evals: list = field(default_factory=list)  # (iteration, {"loss", "accuracy", "margin"})
 
@@ -111,24 +112,35 @@ def log_eval(run: RewardRun, iteration: int, report: dict[str, float]) -> None:
                      f"accuracy {report['accuracy']:.4f} | margin {report['margin']:.4f}")
 
 
+def checkpoint(run: RewardRun) -> None:
+    from ..training.checkpointing import save_checkpoint
+
+    path = save_checkpoint(run.cfg.save, run.state.iteration, run.model, run.optimizer, run.scheduler, run.state,
+                           run.source, run.cfg, after_model_save=write_reward_marker)
+    run.logger.print(f"saved reward model of iteration {run.state.iteration} to {path}")
+
+
 def train(run: RewardRun) -> RewardRun:
     from megatron.core import parallel_state
 
     from ..data.loader import MicroBatchIterator
-    from ..training.checkpointing import TrainerState, save_checkpoint
 
     cfg = run.cfg
     num_microbatches = cfg.global_batch_size // (cfg.micro_batch_size * run.dp)
     iterator = MicroBatchIterator(run.train_data, cfg.micro_batch_size, run.dp,
-                                  parallel_state.get_data_parallel_rank())
+                                  parallel_state.get_data_parallel_rank(), run.state.consumed_train_samples)
+    stop = run.train_iters if cfg.exit_interval is None else min(run.train_iters, cfg.exit_interval)
     run.model.train()
-    for iteration in range(1, run.train_iters + 1):
+    while run.state.iteration < stop:
         run.model.zero_grad_buffer()
         run.optimizer.zero_grad()
         report = run_schedule(run, iterator, num_microbatches, forward_only=False)
         update_successful, grad_norm, _ = run.optimizer.step()
         if update_successful:
             run.scheduler.step(increment=cfg.global_batch_size)
+        run.state.iteration += 1
+        run.state.consumed_train_samples += cfg.global_batch_size
+        iteration = run.state.iteration
         run.history.append((iteration, report["loss"], report["accuracy"]))
         lr = run.optimizer.param_groups[0]["lr"]
         if run.logger.writer is not None:
@@ -142,14 +154,14 @@ def train(run: RewardRun) -> RewardRun:
                              f"grad norm {norm}")
         if cfg.eval_interval and iteration % cfg.eval_interval == 0 and iteration < run.train_iters:
             log_eval(run, iteration, evaluate(run))
-    final = evaluate(run)
-    if final is not None:
-        log_eval(run, run.train_iters, final)
+        if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0 and iteration < stop:
+            checkpoint(run)
+    if run.state.iteration >= run.train_iters:
+        final = evaluate(run)
+        if final is not None:
+            log_eval(run, run.train_iters, final)
     if cfg.save:
-        state = TrainerState(run.train_iters, run.train_iters * cfg.global_batch_size)
-        path = save_checkpoint(cfg.save, run.train_iters, run.model, run.optimizer, run.scheduler, state,
-                               run.source, cfg, after_model_save=write_reward_marker)
-        run.logger.print(f"saved reward model of iteration {run.train_iters} to {path}")
+        checkpoint(run)
     return run
 
 
@@ -161,6 +173,7 @@ def build_run(cfg: TrainConfig, skip_bad_lines: bool = False, quiet: bool = Fals
     from ..data.preference import PreferenceDataset
     from ..data.tokenizers import load_tokenizer
     from ..runtime import init_distributed
+    from ..training.checkpointing import TrainerState, load_train_state
     from ..training.logging import MetricsLogger
     from ..training.setup import (
         build_optimizer,
@@ -200,13 +213,19 @@ def build_run(cfg: TrainConfig, skip_bad_lines: bool = False, quiet: bool = Fals
     train_iters = cfg.train_iters or max(1, cfg.epochs * len(train_data) // cfg.global_batch_size)
     scheduler = build_scheduler(cfg, optimizer, train_iters)
     logger = MetricsLogger(cfg.log_interval, cfg.tensorboard_dir, cfg.global_batch_size * 2 * cfg.seq_length, quiet)
-    if load_dir is not None:
+    state = TrainerState()
+    resume_dir = find_resume_dir(cfg.save)
+    if resume_dir is not None:  # a restarted job continues where it stopped: weights, optimizer, RNG, data position
+        load_reward_model_weights(module, resume_dir)
+        state = load_train_state(resume_dir, model, optimizer, scheduler, not cfg.no_load_optim, not cfg.no_load_rng)
+        logger.print(f"resumed at iteration {state.iteration} from {resume_dir}")
+    elif load_dir is not None:
         with_head = load_reward_model_weights(module, load_dir)
         optimizer.reload_model_params()
         logger.print(f"loaded {'the reward model' if with_head else 'the backbone (new reward head)'} from {load_dir}")
     if cfg.save and dist.get_rank() == 0:
         cfg.write(cfg.save)
-    return RewardRun(cfg, model, optimizer, scheduler, source, train_data, valid_data, train_iters, logger)
+    return RewardRun(cfg, model, optimizer, scheduler, source, train_data, valid_data, train_iters, logger, state)
 
 
 def run(cfg: TrainConfig | dict, skip_bad_lines: bool = False, quiet: bool = False) -> dict:

@@ -49,3 +49,15 @@ def test_parallel_dpo_equals_tp1(dpo_workspace, tp, pp):
         for (_, ref), (_, got) in zip(reference["history"], rank_result["history"]):
             assert got["loss"] == pytest.approx(ref["loss"], abs=1e-4)
             assert got["margin"] == pytest.approx(ref["margin"], abs=1e-4)
+
+
+def test_resumed_dpo_equals_uninterrupted(dpo_workspace, tmp_path):
+    cfg = _cfg(dpo_workspace, valid_data_path=None, train_iters=4, lr_decay_style="cosine", lr_warmup_iters=1)
+    whole = run_on_local_ranks(workers.dpo_worker, 1, {**cfg, "save": str(tmp_path / "a")}, 0.1, timeout=600)[0]
+    first = run_on_local_ranks(workers.dpo_worker, 1, {**cfg, "save": str(tmp_path / "b"), "exit_interval": 2}, 0.1,
+                               timeout=600)[0]
+    rest = run_on_local_ranks(workers.dpo_worker, 1, {**cfg, "save": str(tmp_path / "b")}, 0.1, timeout=600)[0]
+    assert [i for i, _ in first["history"]] == [1, 2] and [i for i, _ in rest["history"]] == [3, 4]
+    for (_, expected), (_, got) in zip(whole["history"], first["history"] + rest["history"]):
+        assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+        assert got["margin"] == pytest.approx(expected["margin"], abs=1e-6)

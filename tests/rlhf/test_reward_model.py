@@ -79,3 +79,14 @@ def test_parallel_runs_equal_tp1(rm_workspace, tp, pp):
     for rank_result in parallel:
         for (_, ref_loss, ref_acc), (_, loss, acc) in zip(reference["history"], rank_result["history"]):
             assert loss == pytest.approx(ref_loss, abs=1e-4) and acc == ref_acc
+
+
+def test_resumed_reward_model_equals_uninterrupted(rm_workspace, tmp_path):
+    cfg = _cfg(rm_workspace, valid_data_path=None, train_iters=4, lr_decay_style="cosine", lr_warmup_iters=1)
+    whole = run_on_local_ranks(workers.reward_model_worker, 1, {**cfg, "save": str(tmp_path / "a")}, timeout=600)[0]
+    first = run_on_local_ranks(workers.reward_model_worker, 1,
+                               {**cfg, "save": str(tmp_path / "b"), "exit_interval": 2}, timeout=600)[0]
+    rest = run_on_local_ranks(workers.reward_model_worker, 1, {**cfg, "save": str(tmp_path / "b")}, timeout=600)[0]
+    assert [h[0] for h in first["history"]] == [1, 2] and [h[0] for h in rest["history"]] == [3, 4]
+    for expected, got in zip(whole["history"], first["history"] + rest["history"]):
+        assert got[1] == pytest.approx(expected[1], abs=1e-6) and got[2] == expected[2]
