@@ -38,7 +38,7 @@ def test_dpo_raises_held_out_implicit_reward_accuracy(dpo_workspace, tmp_path):
     assert (tmp_path / "dpo" / "iter_0000004" / "megatron_patch.json").is_file()
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
 def test_parallel_dpo_equals_tp1(dpo_workspace, tp, pp):
     cfg = _cfg(dpo_workspace, train_iters=3, valid_data_path=None)
     reference = run_on_local_ranks(workers.dpo_worker, 1, cfg, 0.1, timeout=600)[0]

@@ -70,7 +70,7 @@ def _check_hf_export(rm_dir, hf_dir):
     assert len(set(ours)) > 1  # distinct sequences, distinct scores: the comparison is not between constants
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
 def test_parallel_runs_equal_tp1(rm_workspace, tp, pp):
     reference = run_on_local_ranks(workers.reward_model_worker, 1, _cfg(rm_workspace), timeout=600)[0]
     parallel = run_on_local_ranks(workers.reward_model_worker, 2,
