@@ -38,10 +38,18 @@ def test_dpo_raises_held_out_implicit_reward_accuracy(dpo_workspace, tmp_path):
     assert (tmp_path / "dpo" / "iter_0000004" / "megatron_patch.json").is_file()
 
 
+def _parallel_cfg(ws) -> dict:
+    return _cfg(ws, train_iters=3, valid_data_path=None)
+
+
+@pytest.fixture(scope="module")
+def single_rank_run(dpo_workspace):
+    return run_on_local_ranks(workers.dpo_worker, 1, _parallel_cfg(dpo_workspace), 0.1, timeout=600)[0]
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
-def test_parallel_dpo_equals_tp1(dpo_workspace, tp, pp):
-    cfg = _cfg(dpo_workspace, train_iters=3, valid_data_path=None)
-    reference = run_on_local_ranks(workers.dpo_worker, 1, cfg, 0.1, timeout=600)[0]
+def test_parallel_dpo_equals_tp1(dpo_workspace, single_rank_run, tp, pp):
+    cfg, reference = _parallel_cfg(dpo_workspace), single_rank_run
     parallel = run_on_local_ranks(workers.dpo_worker, 2,
                                   {**cfg, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
                                   0.1, timeout=600)

@@ -70,9 +70,14 @@ def _check_hf_export(rm_dir, hf_dir):
     assert len(set(ours)) > 1  # distinct sequences, distinct scores: the comparison is not between constants
 
 
+@pytest.fixture(scope="module")
+def single_rank_run(rm_workspace):
+    return run_on_local_ranks(workers.reward_model_worker, 1, _cfg(rm_workspace), timeout=600)[0]
+
+
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
-def test_parallel_runs_equal_tp1(rm_workspace, tp, pp):
-    reference = run_on_local_ranks(workers.reward_model_worker, 1, _cfg(rm_workspace), timeout=600)[0]
+def test_parallel_runs_equal_tp1(rm_workspace, single_rank_run, tp, pp):
+    reference = single_rank_run
     parallel = run_on_local_ranks(workers.reward_model_worker, 2,
                                   _cfg(rm_workspace, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
                                   timeout=600)
