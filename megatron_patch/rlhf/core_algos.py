@@ -420,6 +420,11 @@ def count_tokens_and_sequences(response_mask: Tensor) -> tuple[Tensor, Tensor]:
     return mask.sum(), (mask.sum(-1) > 0).to(torch.float32).sum()
 
 
+def _as_count(count: Tensor | float, like: Tensor) -> Tensor:
+    """A normaliser as a tensor on ``like``'s device and dtype, at least 1 (an empty batch gives loss 0, not NaN)."""
+    return torch.as_tensor(count, dtype=like.dtype, device=like.device).clamp(min=1)
+
+
 def aggregate_loss(
     loss_mat: Tensor,
     response_mask: Tensor,
@@ -448,14 +453,14 @@ def aggregate_loss(
     local_tokens, local_seqs = count_tokens_and_sequences(response_mask)
     if mode == "token-mean":
         denominator = local_tokens if num_tokens is None else num_tokens
-        return masked_sum(loss_mat, mask) / torch.as_tensor(denominator, dtype=loss_mat.dtype).clamp(min=1)
+        return masked_sum(loss_mat, mask) / _as_count(denominator, loss_mat)
     if mode not in LOSS_AGG_MODES:
         raise ValueError(f"unknown loss aggregation '{mode}' (valid: {', '.join(LOSS_AGG_MODES)})")
     per_seq = masked_sum(loss_mat, mask, dim=-1)
     if mode == "seq-mean-token-mean":
         per_seq = per_seq / mask.sum(-1).clamp(min=1)
     denominator = local_seqs if num_seqs is None else num_seqs
-    return per_seq.sum() / torch.as_tensor(denominator, dtype=loss_mat.dtype).clamp(min=1)
+    return per_seq.sum() / _as_count(denominator, loss_mat)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -670,8 +675,6 @@ def build_kl_controller(kind: str, kl_coef: float, target_kl: float | None = Non
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _pair_denominator(batch: int, num_pairs, dtype) -> Tensor:
-    return torch.as_tensor(batch if num_pairs is None else num_pairs, dtype=dtype).clamp(min=1)
 
 
 def compute_pairwise_reward_loss(
@@ -696,7 +699,7 @@ def compute_pairwise_reward_loss(
         raise ValueError(f"rewards must be (batch,), got {tuple(chosen_rewards.shape)}")
     gap = chosen_rewards - rejected_rewards
     shifted = gap if margin is None else gap - margin
-    loss = -F.logsigmoid(shifted).sum() / _pair_denominator(gap.shape[0], num_pairs, gap.dtype)
+    loss = -F.logsigmoid(shifted).sum() / _as_count(gap.shape[0] if num_pairs is None else num_pairs, gap)
     metrics = {
         "rm/loss": _metric(loss),
         "rm/accuracy": _metric((gap > 0).to(gap.dtype).mean()),
@@ -745,7 +748,7 @@ def compute_dpo_loss(
     rejected_log_ratio = policy_rejected_logps - reference_rejected_logps
     logits = beta * (chosen_log_ratio - rejected_log_ratio)
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    loss = losses.sum() / _pair_denominator(losses.shape[0], num_pairs, losses.dtype)
+    loss = losses.sum() / _as_count(losses.shape[0] if num_pairs is None else num_pairs, losses)
     chosen_rewards = beta * chosen_log_ratio.detach()
     rejected_rewards = beta * rejected_log_ratio.detach()
     metrics = {
