@@ -1,1 +1,1 @@
-"""Data: tokenizers, jsonl -> indexed dataset, pretraining and SFT datasets."""
+"""Data: tokenizers, jsonl -> indexed dataset, pretraining, SFT and preference-pair datasets."""

@@ -1,0 +1,106 @@
+"""Reward-model checkpoint (any TP x PP, torch_dist) -> HF ``<Family>ForSequenceClassification`` directory.
+
+python -m megatron_patch.rlhf.export --load RM_CKPT --save HF_DIR [--overwrite]
+
+The backbone goes through the family's own weight table (the same rows ``mcore2hf`` uses, minus the LM head);
+the scalar head becomes ``score.weight`` (``(1, hidden)``), the name every transformers sequence-classification
+class of these families uses. The config gets ``num_labels = 1`` and the tokenizer's pad id: transformers reads the
+score at the last token that is not padding, the same token the reward model reads (the EOS closing the response),
+provided pad and EOS differ (checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .reward_model import HEAD_PREFIX, build_reward_model, is_reward_checkpoint, load_reward_model_weights
+
+SCORE = "score.weight"
+
+
+def sequence_classification_config(meta: dict, pad_token_id: int) -> dict:
+    """The HF config: the checkpoint's, with the exported vocabulary, one label and the sequence-class class."""
+    config = dict(meta["hf_config"])
+    architectures = config.get("architectures") or []
+    if not architectures or not architectures[0].endswith("ForCausalLM"):
+        raise ValueError(f"cannot name a sequence-classification class for architectures {architectures}")
+    config.update(architectures=[architectures[0].replace("ForCausalLM", "ForSequenceClassification")],
+                  num_labels=1, pad_token_id=pad_token_id, vocab_size=meta["vocab_size"])
+    config["dtype" if "dtype" in config else "torch_dtype"] = meta["dtype"]
+    return config
+
+
+def _load_full_state(iter_dir: Path, meta: dict, plan) -> dict[str, torch.Tensor]:
+    """The reward model at TP=1 PP=1 in this process (dist_checkpointing reshards at load): full tensors."""
+    from ..models.builder import transformer_config
+    from ..runtime import init_distributed
+
+    init_distributed(1, 1)
+    config = transformer_config(plan.arch, params_dtype=getattr(torch, meta["dtype"]), perform_initialization=False)
+    model = build_reward_model(plan.arch, plan.padded_vocab_size, config)
+    load_reward_model_weights(model, iter_dir)
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def reward_model_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: bool = False) -> Path:
+    from ..convert.hf_io import ShardedSafetensorsWriter, copy_assets
+    from ..convert.mcore_io import (
+        ASSETS,
+        atomic_output_dir,
+        check_output_dir,
+        plan_from_meta,
+        read_meta,
+        resolve_checkpoint,
+    )
+    from ..data.tokenizers import load_tokenizer
+
+    iter_dir = resolve_checkpoint(load)
+    if not is_reward_checkpoint(iter_dir):
+        raise ValueError(f"{iter_dir} is not a reward-model checkpoint (no reward_model.json); export language "
+                         f"models with mcore2hf")
+    meta = read_meta(iter_dir)
+    check_output_dir(save, overwrite)
+    assets = iter_dir / ASSETS
+    if not assets.is_dir():
+        raise ValueError(f"{iter_dir} has no {ASSETS}/ (tokenizer) to take the pad id from")
+    tokenizer = load_tokenizer(assets)
+    if tokenizer.pad == tokenizer.eod:
+        raise ValueError("the tokenizer's pad id equals its EOS id: transformers would read the score before the "
+                         "EOS the reward model was trained to score at; give the tokenizer a distinct pad token")
+    config = sequence_classification_config(meta, tokenizer.pad)
+    plan = plan_from_meta(meta, tp=1, pp=1)
+    state = _load_full_state(iter_dir, meta, plan)
+    # Export the backbone as a tied LM would be exported: the plan then has no LM-head row to look for.
+    backbone = replace(plan, arch=replace(plan.arch, tie_word_embeddings=True))
+    with atomic_output_dir(save, overwrite) as temp:
+        copy_assets(assets, temp)
+        (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        writer = ShardedSafetensorsWriter(temp)
+        for name, tensor in backbone.megatron_to_hf(lambda entry: state[entry.global_name]):
+            writer.add(name, tensor)
+        writer.add(SCORE, state[f"{HEAD_PREFIX}weight"])
+        writer.close()
+    return Path(save)
+
+
+def main(argv=None) -> int:
+    from ..runtime.errors import run_reporting_errors
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="reward-model checkpoint directory")
+    parser.add_argument("--save", required=True, help="HF output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
+    args = parser.parse_args(argv)
+    return run_reporting_errors(lambda: reward_model_to_hf(args.load, args.save, args.overwrite) and None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""A toy preference task built by a program from the shipped corpus (no labels to download).
+
+Every sentence of ``tiny_corpus.txt`` becomes a pair: the prompt is its first words, ``chosen`` the true rest of
+the sentence, ``rejected`` the same number of words drawn at random from the corpus's vocabulary (word salad).
+A model that has read the corpus (or a reward model trained on a few hundred pairs) tells them apart; a random
+one does not. The last ``valid_fraction`` of the sentences are held out, so held-out accuracy is measured on
+sentences never seen in training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from ..models.tiny import CORPUS
+
+
+def corpus_sentences(corpus: str | Path = CORPUS, min_words: int = 6) -> list[list[str]]:
+    text = Path(corpus).read_text(encoding="utf-8")
+    sentences = [s.split() for line in text.splitlines() for s in line.split(".")]
+    return [words for words in sentences if len(words) >= min_words]
+
+
+def make_toy_pairs(corpus: str | Path = CORPUS, prompt_words: int = 3, seed: int = 0) -> list[dict]:
+    """One ``{"prompt", "chosen", "rejected"}`` per sentence (de-duplicated, in corpus order)."""
+    sentences = corpus_sentences(corpus)
+    vocabulary = sorted({word for words in sentences for word in words})
+    rng = random.Random(seed)
+    pairs, seen = [], set()
+    for words in sentences:
+        key = " ".join(words)
+        if key in seen:
+            continue
+        seen.add(key)
+        rest = words[prompt_words:]
+        salad = [rng.choice(vocabulary) for _ in rest]
+        pairs.append({"prompt": " ".join(words[:prompt_words]), "chosen": " " + " ".join(rest) + ".",
+                      "rejected": " " + " ".join(salad) + "."})
+    return pairs
+
+
+def write_toy_preferences(out_dir: str | Path, valid_fraction: float = 0.1, limit: int | None = None,
+                          seed: int = 0) -> tuple[str, str]:
+    """Write ``train.jsonl`` and ``valid.jsonl`` under ``out_dir``; returns their paths."""
+    if not 0.0 < valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must lie in (0, 1), got {valid_fraction}")
+    pairs = make_toy_pairs(seed=seed)[:limit]
+    n_valid = max(1, int(len(pairs) * valid_fraction))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, part in (("train.jsonl", pairs[:-n_valid]), ("valid.jsonl", pairs[-n_valid:])):
+        path = out / name
+        path.write_text("".join(json.dumps(pair) + "\n" for pair in part), encoding="utf-8")
+        paths.append(str(path))
+    return paths[0], paths[1]

@@ -1,0 +1,72 @@
+"""Module-level worker functions for run_on_local_ranks (importable by spawned processes)."""
+
+from __future__ import annotations
+
+
+def whiten_over_group_worker(values: list, mask: list) -> tuple[list, float]:
+    """Each rank whitens its own rows over the world group; returns (its whitened rows, the global masked mean)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_patch.rlhf.core_algos import masked_mean, masked_whiten
+
+    dist.init_process_group("gloo")
+    rank = int(os.environ["RANK"])
+    rows = torch.tensor(values[rank], dtype=torch.float32)
+    row_mask = torch.tensor(mask[rank], dtype=torch.float32)
+    group = dist.group.WORLD
+    return masked_whiten(rows, row_mask, group=group).tolist(), float(masked_mean(rows, row_mask, group=group))
+
+
+def vocab_parallel_worker(logits: list, labels: list, weights: list, vocab_size: int | None) -> dict:
+    """This rank's shard of ``logits`` through vocab_parallel_logprobs_and_entropy over the world group; returns
+    log-probs, entropy and the gradient of ``sum(w0 * logprob + w1 * entropy)`` with respect to the shard."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_patch.rlhf.logprobs import vocab_parallel_logprobs_and_entropy
+
+    dist.init_process_group("gloo")
+    full = torch.tensor(logits, dtype=torch.float32)
+    shard_size = full.shape[-1] // dist.get_world_size()
+    rank = dist.get_rank()
+    shard = full[..., rank * shard_size:(rank + 1) * shard_size].clone().requires_grad_()
+    w = torch.tensor(weights, dtype=torch.float32)
+    logprob, entropy = vocab_parallel_logprobs_and_entropy(shard, torch.tensor(labels), dist.group.WORLD, vocab_size)
+    (w[0] * logprob + w[1] * entropy).sum().backward()
+    return {"logprob": logprob.tolist(), "entropy": entropy.tolist(), "grad": shard.grad.tolist()}
+
+
+def reward_model_worker(cfg: dict) -> dict:
+    from megatron_patch.rlhf.train_reward_model import run
+
+    return run(cfg, quiet=True)
+
+
+def dpo_worker(cfg: dict, beta: float) -> dict:
+    from megatron_patch.rlhf.dpo import run
+
+    return run(cfg, beta=beta, quiet=True)
+
+
+def export_and_score_worker(load: str, save: str, tokens: list[list[int]], last_index: list[int]) -> list[float]:
+    """Export a reward checkpoint to HF, then score ``tokens`` with the megatron reward model (TP1 PP1)."""
+    import torch
+
+    from megatron_patch.convert.mcore_io import plan_from_meta, read_meta, resolve_checkpoint
+    from megatron_patch.models.builder import transformer_config
+    from megatron_patch.rlhf.export import reward_model_to_hf
+    from megatron_patch.rlhf.reward_model import build_reward_model, load_reward_model_weights, sequence_rewards
+
+    reward_model_to_hf(load, save)
+    iter_dir = resolve_checkpoint(load)
+    plan = plan_from_meta(read_meta(iter_dir), tp=1, pp=1)
+    model = build_reward_model(plan.arch, plan.padded_vocab_size, transformer_config(plan.arch))
+    load_reward_model_weights(model, iter_dir)
+    model.eval()
+    ids = torch.tensor(tokens)
+    with torch.no_grad():
+        scores = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
+    return sequence_rewards(scores, torch.tensor(last_index)).tolist()
