@@ -43,8 +43,9 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 # Legal across devices on CUDA too: copies, moves, and the type query Module._apply makes before a move.
 _CROSS_DEVICE_OK = {torch.Tensor.copy_, torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu,
                     torch._has_compatible_shallow_copy_type}
+# isend / irecv stay unwrapped: P2POp accepts only the originals (their P2POps are checked in batch_isend_irecv).
 _COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-                "reduce_scatter_tensor", "reduce", "send", "recv", "isend", "irecv", "batch_isend_irecv")
+                "reduce_scatter_tensor", "reduce", "send", "recv", "batch_isend_irecv")
 
 
 class DeviceMismatchError(RuntimeError):
@@ -254,7 +255,9 @@ def _checked_collective(name: str, collective):
     @functools.wraps(collective)
     def call(*args, **kwargs):
         groups = [a for a in (*args, *kwargs.values()) if isinstance(a, dist.ProcessGroup)]
-        if not groups or id(groups[0]) not in _gloo_groups():
+        # Inside backward the engine's gradients carry no marks (the check does not see backward ops).
+        in_backward = torch._C._current_autograd_node() is not None
+        if not in_backward and (not groups or id(groups[0]) not in _gloo_groups()):
             values = [*args, *kwargs.values()]
             if name == "batch_isend_irecv":
                 values = [op.tensor for op in args[0]]
