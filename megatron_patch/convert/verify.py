@@ -76,19 +76,20 @@ def _megatron_logits_rank(iter_dirs, tokens, tp, pp):
 
     from ..models.builder import build_model
     from ..models.inference import forward_logits
-    from ..runtime import init_distributed
+    from ..runtime import init_distributed, local_device, place_model
     from .mcore_io import load_checkpoint_into_model, plan_from_meta
 
     init_distributed(tp, pp)
+    tokens = tokens.to(local_device())
     outputs = []
     for iter_dir in iter_dirs:
         plan = plan_from_meta(read_meta(iter_dir), tp=tp, pp=pp)
-        model = build_model(plan.arch, plan.padded_vocab_size, parallel_output=False)
+        model = place_model(build_model(plan.arch, plan.padded_vocab_size, parallel_output=False))
         load_checkpoint_into_model(model, iter_dir)
         model.eval()
         outputs.append(forward_logits(model, tokens))
     if outputs[0] is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
-        return [out.float() for out in outputs]
+        return [out.float().cpu() for out in outputs]  # back to the host: compared there with the HF logits
     return None
 
 

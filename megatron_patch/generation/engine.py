@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..runtime.device import device_generator, local_device
 from .sampling import SamplingParams, select_next
 
 _LOADED_MARK = "_megatron_patch_weights_from"
@@ -93,7 +94,8 @@ class GenerationEngine:
     def _forward(self, tokens: torch.Tensor, start: int, context) -> torch.Tensor | None:
         """Logits (batch, vocab) of the last column of ``tokens`` (batch, n), whose first column is at ``start``;
         None on a pipeline stage other than the last."""
-        positions = torch.arange(start, start + tokens.size(1)).unsqueeze(0).expand(tokens.size(0), -1)
+        positions = torch.arange(start, start + tokens.size(1), device=tokens.device)
+        positions = positions.unsqueeze(0).expand(tokens.size(0), -1)
 
         def run(model):
             return model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
@@ -126,7 +128,7 @@ class GenerationEngine:
             if self._tp > 1:
                 torch.distributed.broadcast(chosen, self._tp_src, group=self._tp_group)
         else:
-            chosen = torch.empty(seen.size(0), dtype=torch.long)
+            chosen = torch.empty(seen.size(0), dtype=torch.long, device=seen.device)  # filled by the broadcast
         if self._pp > 1:
             torch.distributed.broadcast(chosen, self._pp_last, group=self._pp_group)
         return chosen
@@ -141,19 +143,21 @@ class GenerationEngine:
         sampling = sampling or SamplingParams()
         self._check(prompts, max_new_tokens)
         batch = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts])
-        total = int(lengths.max()) + max_new_tokens
-        tokens = torch.zeros(batch, total, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            tokens[i, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+        longest = max(len(p) for p in prompts)
+        total = longest + max_new_tokens
+        # Built on the host, moved once: every per-step tensor below lives on the model's device.
+        device = local_device()
+        rows = [list(p) + [0] * (total - len(p)) for p in prompts]
+        tokens = torch.tensor(rows, dtype=torch.long).to(device)
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long).to(device)
         ends = lengths + max_new_tokens  # exclusive end of each row
-        done = torch.zeros(batch, dtype=torch.bool)
-        eos = torch.tensor(self.eos_ids, dtype=torch.long)
-        generator = torch.Generator().manual_seed(sampling.seed)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        eos = torch.tensor(self.eos_ids, dtype=torch.long).to(device)
+        generator = device_generator(sampling.seed)
         context = StaticInferenceContext(batch, total) if self.use_cache else None
 
         prev = 0
-        for cur in range(int(lengths.min()), total):
+        for cur in range(min(len(p) for p in prompts), total):
             if context is not None:
                 logits = self._forward(tokens[:, prev:cur], prev, context)
                 context.increment_sequence_len_offset(cur - prev)
@@ -170,8 +174,9 @@ class GenerationEngine:
                 break
 
         completions = []
-        for i in range(batch):
-            row = tokens[i, int(lengths[i]) : min(int(ends[i]), cur + 1)].tolist()
+        rows = tokens.tolist()
+        for i, prompt in enumerate(prompts):
+            row = rows[i][len(prompt) : min(len(prompt) + max_new_tokens, cur + 1)]
             for j, token in enumerate(row):
                 if token in self.eos_ids:
                     row = row[: j + 1]

@@ -52,6 +52,7 @@ def load_model(checkpoint: str | os.PathLike, precision: str = "fp32") -> Loaded
 
     from ..convert.mcore_io import load_checkpoint_into_model, plan_from_meta, read_meta, resolve_checkpoint
     from ..models.builder import build_model, transformer_config
+    from ..runtime.device import place_model
 
     if precision not in DTYPES:
         raise GenerationError(f"precision must be one of {', '.join(DTYPES)} (got {precision})")
@@ -62,8 +63,8 @@ def load_model(checkpoint: str | os.PathLike, precision: str = "fp32") -> Loaded
     plan = plan_from_meta(meta, tp=tp, pp=pp)
     config = transformer_config(plan.arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 params_dtype=DTYPES[precision])
-    model = build_model(plan.arch, plan.padded_vocab_size, config=config, parallel_output=False)
-    load_checkpoint_into_model(model, iter_dir)
+    model = place_model(build_model(plan.arch, plan.padded_vocab_size, config=config, parallel_output=False))
+    load_checkpoint_into_model(model, iter_dir)  # copied into the placed parameters
     mark_weights_loaded(model, str(iter_dir))
     model.eval()
     return LoadedModel(model=model, iter_dir=iter_dir, meta=meta, vocab_size=plan.vocab_size,

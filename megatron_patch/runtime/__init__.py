@@ -1,6 +1,8 @@
-"""Process setup: distributed init (NCCL or gloo), the CPU path for megatron-core, seeds, version checks."""
+"""Process setup: distributed init (NCCL or gloo), the device helper, the CPU path for megatron-core (and its
+strict device check), seeds, version checks."""
 
 from .cpu import cuda_available, enable_cpu_path
+from .device import device_generator, local_device, place_model, set_local_device, to_device
 from .distributed import destroy_distributed, free_port, init_distributed, set_seed
 from .launch import WorkerError, run_on_local_ranks
 from .versions import UnsupportedVersionError, check_megatron_version
@@ -11,9 +13,14 @@ __all__ = [
     "check_megatron_version",
     "cuda_available",
     "destroy_distributed",
+    "device_generator",
     "enable_cpu_path",
     "free_port",
     "init_distributed",
+    "local_device",
+    "place_model",
     "run_on_local_ranks",
+    "set_local_device",
     "set_seed",
+    "to_device",
 ]

@@ -6,6 +6,9 @@ in the pipeline p2p code, and an RNG tracker that forks the CUDA generator. Rath
 site (they move between releases), a ``TorchFunctionMode`` rewrites any CUDA device argument to the CPU, and
 three ``torch.cuda`` functions get CPU stand-ins. The RNG tracker is replaced by one that forks the CPU
 generator. Everything here is a no-op when CUDA is available.
+
+With ``MEGATRON_PATCH_STRICT_DEVICE=1`` the mode is the strict one of ``runtime.strict``, which also tracks which
+tensors would live on the GPU and raises where a GPU run would fail on a misplaced tensor.
 """
 
 from __future__ import annotations
@@ -119,11 +122,18 @@ def enable_cpu_path() -> bool:
     """Make megatron-core run on the CPU when CUDA is absent. Returns True if the CPU path is active.
 
     Idempotent. Affects only this process (and the thread that calls it: torch function modes are per thread).
+    A process that enabled the plain path (e.g. a forked test worker) switches to the strict one when it is asked.
     """
     global _ENABLED, _MODE
     if cuda_available():
         return False
+    from . import strict
+
     if _ENABLED:
+        if strict.requested() and not strict.is_active():
+            _MODE.__exit__(None, None, None)
+            _MODE = strict.activate()
+            _MODE.__enter__()
         return True
     # Megatron calls these unconditionally; without CUDA they raise. Ordinal 0 is mapped to the CPU by the mode.
     torch.cuda.current_device = lambda: 0
@@ -141,13 +151,14 @@ def enable_cpu_path() -> bool:
         mcore_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
 
     # Function modes do not reach code run by the autograd engine during backward: the recomputed forward of
-    # activation checkpointing would build its tensors on "cuda" again.
+    # activation checkpointing would build its tensors on "cuda" again. (It runs under the plain mode even when
+    # the strict check is on: it repeats a forward the check has already seen.)
     for cls_name, method in (("CheckpointFunction", "backward"), ("CheckpointWithoutOutput", "_recompute")):
         cls = getattr(mcore_random, cls_name, None)
         if cls is not None and hasattr(cls, method):
             _run_under_mode(cls, method)
 
-    _MODE = _CudaToCpuMode()
+    _MODE = strict.activate() if strict.requested() else _CudaToCpuMode()
     _MODE.__enter__()
     _ENABLED = True
     return True

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .cpu import cuda_available, enable_cpu_path, seed_model_parallel_rng
+from .device import set_local_device
 from .versions import check_megatron_version
 
 
@@ -36,6 +37,7 @@ def init_distributed(
     from megatron.core import parallel_state
 
     on_cpu = enable_cpu_path()
+    set_local_device()  # before NCCL starts: it binds each rank to the current device
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -44,8 +46,6 @@ def init_distributed(
             if os.environ["WORLD_SIZE"] != "1":
                 raise RuntimeError("MASTER_PORT is not set for a multi-process run; launch with torchrun")
             os.environ["MASTER_PORT"] = str(free_port())
-        if not on_cpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
             backend="gloo" if on_cpu else "nccl",
             timeout=datetime.timedelta(minutes=timeout_minutes),

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..convert.mcore_io import TRACKER, resolve_checkpoint
+from ..runtime.device import local_device, to_device
 from .arguments import TrainConfig
 from .checkpointing import TrainerState, has_train_state, load_train_state, load_weights, save_checkpoint
 from .logging import MetricsLogger
@@ -63,7 +64,7 @@ def masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = to_device(next(data_iterator))  # once, at the top of the step: the model and the loss live there
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
     return output, partial(masked_loss, batch["loss_mask"])
 
@@ -72,7 +73,8 @@ def reduce_loss(reduced: list[dict]) -> float:
     """Token-weighted mean loss of the global batch, on every rank (it lives on the last pipeline stage)."""
     from megatron.core import parallel_state
 
-    pair = torch.zeros(2, dtype=torch.float64)
+    # On the device: NCCL reduces only device tensors, and the micro-batch losses live there.
+    pair = torch.zeros(2, dtype=torch.float64, device=local_device())
     if parallel_state.is_pipeline_last_stage():
         for item in reduced:
             pair += item["lm loss"].double()

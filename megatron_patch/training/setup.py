@@ -12,6 +12,7 @@ from ..convert.engine import ConversionPlan
 from ..convert.mcore_io import ASSETS, plan_from_meta, read_meta, resolve_checkpoint
 from ..models import get_family
 from ..runtime.cpu import cuda_available
+from ..runtime.device import place_model
 from .arguments import TrainConfig
 
 
@@ -124,13 +125,17 @@ def build_transformer_config(cfg: TrainConfig, source: ModelSource):
 
 
 def build_ddp_model(cfg: TrainConfig, source: ModelSource, config):
-    """One pipeline stage as a GPTModel inside megatron-core's DistributedDataParallel."""
+    """One pipeline stage as a GPTModel on this rank's device inside megatron-core's DistributedDataParallel.
+
+    Placed before wrapping (as Megatron-LM's get_model does): DDP allocates its gradient buffers, and the optimizer
+    its fp32 main copies, next to the parameters they find.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from ..models.builder import build_model
 
-    module = build_model(source.arch, source.plan.padded_vocab_size, config=config,
-                         transformer_impl=cfg.transformer_impl)
+    module = place_model(build_model(source.arch, source.plan.padded_vocab_size, config=config,
+                                     transformer_impl=cfg.transformer_impl))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,

@@ -124,7 +124,9 @@ def logits(converted):
         if (tp, pp) == (2, 2):  # and the other way: saved on one rank, run on four (tied output layer included)
             keys += [(case, fmt, 1, 1, 2, 2) for case in CASES for fmt in FORMATS]
         dirs = [resolve_checkpoint(converted[k[:4]][1]) for k in keys]
-        outs = megatron_logits(dirs, batch, tp, pp)
+        with pytest.MonkeyPatch.context() as env:  # the ranks check device placement as a GPU would (strict.py)
+            env.setenv("MEGATRON_PATCH_STRICT_DEVICE", "1")
+            outs = megatron_logits(dirs, batch, tp, pp)
         for key, out in zip(keys, outs):
             results[key] = out[list(CASES).index(key[0])].unsqueeze(0)
     return reference, results

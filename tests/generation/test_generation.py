@@ -55,7 +55,8 @@ BAICHUAN_SWITCHES = {  # what the reference is told directly (the converter infe
 # at PP=2.
 PP2 = ["llama/torch_dist", "bloom/legacy-pp2", "baichuan-13b/legacy-pp2"]
 TRAINED = "llama/torch_dist"  # saved from llama/legacy by the TP=2 job, loaded by the TP=1 job and at PP=2
-ENV = {"CUDA_VISIBLE_DEVICES": ""}
+# The CPU path with the strict device check (runtime/strict.py): a tensor a GPU run would find misplaced fails here.
+ENV = {"CUDA_VISIBLE_DEVICES": "", "MEGATRON_PATCH_STRICT_DEVICE": "1"}
 # With the default init (std 0.02) tiny bloom's tied, LayerNorm-ed embedding dominates the residual stream and
 # greedy decoding only repeats the last prompt token, which would test nothing: larger weights give varied text.
 INIT_OVERRIDES = {"bloom": {"initializer_range": 0.2}}

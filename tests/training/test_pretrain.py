@@ -13,6 +13,8 @@ from megatron_patch.runtime import WorkerError, run_on_local_ranks
 from .workers import convert_back_worker, train_and_die_worker, train_worker
 
 STEPS = 10
+# Every run here also checks device placement as a GPU would (runtime/strict.py; same numbers as the plain path).
+STRICT = {"MEGATRON_PATCH_STRICT_DEVICE": "1"}
 
 
 def config(ws, **overrides) -> dict:
@@ -30,7 +32,7 @@ def baseline(workspace, tmp_path_factory):
     """TP=1 PP=1, saving at iteration 5 and 10."""
     out = tmp_path_factory.mktemp("baseline")
     cfg = config(workspace, save=str(out / "ckpt"), save_interval=5, tensorboard_dir=str(out / "tb"))
-    losses = run_on_local_ranks(train_worker, 1, cfg, timeout=600)[0]
+    losses = run_on_local_ranks(train_worker, 1, cfg, timeout=600, env=STRICT)[0]
     return {"losses": dict(losses), "save": out / "ckpt", "out": out}
 
 
@@ -53,7 +55,7 @@ def test_loss_falls_and_logs(baseline):
                          ids=["tp2", "pp2", "dp2-full-recompute"])
 def test_parallel_loss_curve_matches(workspace, baseline, tp, pp, extra):
     cfg = config(workspace, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **extra)
-    results = run_on_local_ranks(train_worker, 2, cfg, timeout=600)
+    results = run_on_local_ranks(train_worker, 2, cfg, timeout=600, env=STRICT)
     for losses in results:  # every rank reports the same curve
         diff = max_diff(dict(losses), baseline["losses"])
         print(f"TP={tp} PP={pp} {extra} (2 ranks) vs TP=1 PP=1: max loss difference over {STEPS} steps {diff:.3e}")

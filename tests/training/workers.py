@@ -53,3 +53,46 @@ def convert_back_worker(load: str, save: str, tokens: list[int]):
 
     mcore_to_hf(load, save)
     return load_logits_worker(load, tokens)
+
+
+# --- misplacements planted into the training code, for the strict device check (tests/training/test_strict_device.py)
+
+
+def _host_reduce_loss(reduced: list[dict]) -> float:
+    """reduce_loss as it was before the device work: its accumulator on the bare default device (on a GPU, a CUDA
+    loss added into a CPU tensor)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    pair = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage():
+        for item in reduced:
+            pair += item["lm loss"].double()
+        dist.all_reduce(pair, group=parallel_state.get_data_parallel_group())
+    return float(pair[0] / pair[1].clamp(min=1.0))
+
+
+def _forward_step_on_host_batch(data_iterator, model):
+    """forward_step without moving the batch: token ids on the host meet the placed embedding."""
+    from functools import partial
+
+    from megatron_patch.training.loop import masked_loss
+
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(masked_loss, batch["loss_mask"])
+
+
+def planted_train_worker(cfg: dict, planted: str) -> list[tuple[int, float]]:
+    from megatron_patch.training import loop, setup
+
+    if planted == "host reduce_loss":
+        loop.reduce_loss = _host_reduce_loss
+    elif planted == "host batch":
+        loop.forward_step = _forward_step_on_host_batch
+    elif planted == "unplaced model":
+        setup.place_model = lambda model: model
+    else:
+        raise ValueError(f"unknown planted mistake {planted}")
+    return loop.run(cfg, quiet=True)

@@ -1,0 +1,66 @@
+"""Small Python pieces of toolkits/gpu_check.sh, one subcommand each (so the script's steps stay one-liners).
+
+    python toolkits/gpu_check_helpers.py gpu-info | tiny-hf DIR | corpus JSONL | prompts FILE | completions JSONL N |
+                                         load-hf DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def gpu_info() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("torch sees no CUDA GPU")
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}"
+
+
+def tiny_hf(out_dir: str) -> str:
+    from megatron_patch.models import get_family
+    from megatron_patch.models.tiny import make_hf_checkpoint
+
+    config = get_family("llama").flavor("tiny")
+    make_hf_checkpoint(out_dir, config, seed=0)
+    return f"llama tiny: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}"
+
+
+def corpus(path: str) -> str:
+    from megatron_patch.models.tiny import CORPUS
+
+    lines = [line for line in CORPUS.read_text().splitlines() if line.strip()]
+    with open(path, "w") as out:
+        out.writelines(json.dumps({"text": line}) + "\n" for line in lines)
+    return f"{len(lines)} documents"
+
+
+def prompts(path: str) -> str:
+    with open(path, "w") as out:
+        out.write("The quick brown fox\nMegatron splits each layer\n")
+    return "2 prompts"
+
+
+def completions(path: str, expected: str) -> str:
+    rows = [json.loads(line) for line in open(path)]
+    if len(rows) != int(expected) or not all(row["completion"] for row in rows):
+        raise SystemExit(f"expected {expected} non-empty completions, got {rows}")
+    return f"{len(rows)} completions, {sum(len(row['completion']) for row in rows)} characters"
+
+
+def load_hf(path: str) -> str:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return f"transformers loaded {sum(p.numel() for p in model.parameters())} parameters"
+
+
+COMMANDS = {"gpu-info": gpu_info, "tiny-hf": tiny_hf, "corpus": corpus, "prompts": prompts,
+            "completions": completions, "load-hf": load_hf}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        raise SystemExit(__doc__)
+    print(COMMANDS[sys.argv[1]](*sys.argv[2:]))
