@@ -12,7 +12,11 @@ from torch.distributed.checkpoint import FileSystemReader
 from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.convert.mcore_io import resolve_checkpoint
 from megatron_patch.convert.torch_dist import TorchDistReader
+from megatron_patch.models import get_family
 from megatron_patch.runtime import run_on_local_ranks
+from tests.reference import baichuan as baichuan_ref
+from tests.reference import qwen_v1 as qwen_v1_ref
+from tests.reference import save_hf_dir
 
 # (family, flavor, HF config overrides): GQA, MHA + biases + tied embeddings, q/k norms, fused W_pack / c_attn,
 # ALiBi + NormHead, and bloom's embedding norm, LayerNorm biases and plain GELU MLP.
@@ -26,6 +30,8 @@ VARIANTS = {
     "baichuan2-13b": ("baichuan", "tiny-baichuan2-13b", {}),
     "bloom": ("bloom", "tiny", {}),
 }
+
+REMOTE_CODE = {"qwen1": qwen_v1_ref, "baichuan2-13b": baichuan_ref}
 
 
 def _requested(iter_dirs: dict[str, str], tp: int, pp: int):
@@ -68,7 +74,11 @@ def written(make_hf, tmp_path_factory):
     root = tmp_path_factory.mktemp("torch_dist")
     dirs = {}
     for name, (family, flavor, overrides) in VARIANTS.items():
-        hf_dir = make_hf(f"td-{name}", family=family, flavor=flavor, **overrides)
+        if name in REMOTE_CODE:  # transformers cannot build these: write their tiny checkpoints directly
+            config = {**get_family(family).flavor(flavor), **overrides}
+            hf_dir = save_hf_dir(root / f"hf-{name}", config, REMOTE_CODE[name].random_checkpoint(config, seed=0))
+        else:
+            hf_dir = make_hf(f"td-{name}", family=family, flavor=flavor, **overrides)
         hf_to_mcore(hf_dir, root / name, tp=2, pp=2, fmt="torch_dist")
         dirs[name] = str(resolve_checkpoint(root / name))
     return dirs
