@@ -4,10 +4,11 @@
 
 Writes a random llama checkpoint (hidden 2048, fp32 unless --dtype bfloat16; --size-gb picks the number of layers,
 default 6 layers = 1.6 GB), then times
-  baseline   read every tensor with safetensors and write them all back (one process), before and after the rest
+  baseline   read every tensor with safetensors and write them all back (one process), around every step
   hf2mcore   the converter CLI at TP x PP, torch_dist and legacy
   mcore2hf   back to HF from each
-and prints each time / baseline time (the mean of the two baseline runs) and the peak memory of the whole process
+and prints each time / baseline time (the mean of the baseline runs just before and after the step: the machine may
+be shared) and the peak memory of the whole process
 tree / checkpoint size, as PSS summed over processes (shared pages count once; includes the page cache of
 memory-mapped files) and as anonymous PSS (what the processes allocated: interpreters, tensors). The "before" column
 holds the numbers issue 9 measured for the per-rank torch_dist writer this one replaced (1.5 GB fp32, TP2 PP2); that
@@ -167,29 +168,34 @@ def main() -> None:
                 f"baseline_read_write(Path({str(hf)!r}), Path({str(work / 'baseline')!r}))")
         return run_measured([sys.executable, "-c", code])
 
-    rows = [("safetensors read + write (baseline 1)", *baseline())]
+    # The machine is shared: each step is compared with the mean of the baseline runs just before and after it.
+    baselines = [baseline()]
+    rows = []
     convert = [sys.executable, "-m", "megatron_patch.convert"]
     for fmt in ("torch_dist", "legacy"):
         mc = work / f"mcore_{fmt}"
-        measured = run_measured(convert + ["hf2mcore", "--load", str(hf), "--save", str(mc), "--tp",
-                                           str(args.tp), "--pp", str(args.pp), "--format", fmt])
-        rows.append((f"hf2mcore {fmt}", *measured))
-        print(f"  {rows[-1][0]}: {measured[0]:.1f} s", flush=True)
-        measured = run_measured(convert + ["mcore2hf", "--load", str(mc), "--save", str(work / f"back_{fmt}")])
-        rows.append((f"mcore2hf from {fmt}", *measured))
-        print(f"  {rows[-1][0]}: {measured[0]:.1f} s", flush=True)
+        steps = [(f"hf2mcore {fmt}", ["hf2mcore", "--load", str(hf), "--save", str(mc), "--tp", str(args.tp),
+                                      "--pp", str(args.pp), "--format", fmt]),
+                 (f"mcore2hf from {fmt}", ["mcore2hf", "--load", str(mc), "--save", str(work / f"back_{fmt}")])]
+        for name, cli in steps:
+            rows.append((name, *run_measured(convert + cli)))
+            baselines.append(baseline())
+            print(f"  {name}: {rows[-1][1]:.1f} s (baselines around it {baselines[-2][0]:.1f} s, "
+                  f"{baselines[-1][0]:.1f} s)", flush=True)
         shutil.rmtree(work / f"back_{fmt}")  # keep the disk footprint at about three checkpoints
         shutil.rmtree(mc)
-    rows.append(("safetensors read + write (baseline 2)", *baseline()))
     shutil.rmtree(work / "baseline")
-    base_time = (rows[0][1] + rows[-1][1]) / 2
 
-    print(f"\n{'step':40} {'seconds':>8} {'x baseline':>11} {'peak PSS / ckpt':>16} {'peak anon PSS / ckpt':>21}"
+    print(f"\n{'step':34} {'seconds':>8} {'x baseline':>11} {'peak PSS / ckpt':>16} {'peak anon PSS / ckpt':>21}"
           f"   before: x baseline, peak / ckpt")
-    for name, seconds, memory, anon in rows:
+    for i, (seconds, memory, anon) in enumerate(baselines):
+        print(f"{f'baseline {i + 1}: safetensors read + write':34} {seconds:8.1f} {'':>11} {memory / size:16.2f} "
+              f"{anon / size:21.2f}")
+    for i, (name, seconds, memory, anon) in enumerate(rows):
+        base_time = (baselines[i][0] + baselines[i + 1][0]) / 2
         before = BEFORE.get(name)
         before = f"   {before[0]:>8}, {before[1]}" if before else ""
-        print(f"{name:40} {seconds:8.1f} {seconds / base_time:11.2f} {memory / size:16.2f} {anon / size:21.2f}{before}")
+        print(f"{name:34} {seconds:8.1f} {seconds / base_time:11.2f} {memory / size:16.2f} {anon / size:21.2f}{before}")
 
 
 if __name__ == "__main__":
