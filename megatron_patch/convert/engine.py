@@ -233,6 +233,16 @@ class ConversionPlan:
             if progress is not None:
                 progress.update(1)
 
+    def check_megatron_shapes(self, get_full) -> None:
+        """Check before any work that every exported parameter has the shape the architecture implies;
+        ``get_full(entry)`` may return meta tensors."""
+        for entry in self.export_entries():
+            got = tuple(get_full(entry).shape)
+            expected = megatron_shape(entry.global_name, self.arch, self.padded_vocab_size)
+            if got != expected:
+                raise CheckpointError(f"the checkpoint's {entry.global_name} has shape {got}; its recorded "
+                                      f"configuration implies {expected}")
+
     # --- validation ------------------------------------------------------------------------------------------
 
     def validate_hf(self, reader: HFCheckpointReader) -> None:
@@ -247,6 +257,9 @@ class ConversionPlan:
                 for name in names:
                     if name not in reader:
                         raise CheckpointError(f"the HF checkpoint has no tensor '{name}' (does config.json match the weights?)")
+                    if not reader.dtype(name).is_floating_point:
+                        raise CheckpointError(f"the HF tensor '{name}' has dtype {reader.dtype(name)}; a weight "
+                                              "must be floating point")
                 used.update(names)
                 metas = [torch.empty(reader.shape(n), device="meta") for n in names]
                 expected = megatron_shape(entry.global_name, self.arch, self.arch.vocab_size)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
@@ -25,59 +24,71 @@ def read_config(hf_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{hf_dir} has no config.json: not a HuggingFace model directory")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({_one_line(error)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object (got {type(config).__name__})")
+    return config
 
 
-class MappedSafetensors:
-    """Zero-copy view of a ``.safetensors`` file: tensors are views of a private memory map of the file.
+# safetensors dtype names -> torch dtypes (FP8 and unsigned ints exist only in newer torch releases).
+_SAFETENSORS_DTYPES = {
+    name: getattr(torch, attr)
+    for name, attr in {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "I64": "int64", "I32": "int32", "I16": "int16",
+        "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    }.items()
+    if hasattr(torch, attr)
+}
 
-    ``safe_open(...).get_tensor`` copies each tensor into fresh memory; converting one rank's shard of a tensor
-    would then hold a full copy per process. Here a tensor costs page cache only until it is transformed or cloned.
+
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+class _SafetensorsShard:
+    """One ``.safetensors`` file, read through the safetensors library.
+
+    ``safe_open`` validates the whole header when the file is opened (JSON object, known dtypes, ``data_offsets``
+    contiguous, in bounds and matching each shape), so a damaged file fails here, before any work, with one line.
+    Names, shapes and dtypes are kept from that first open; ``get`` opens the file again and returns the tensor as
+    a view of a private memory map: it costs page cache only for the pages the caller touches, and the mapping
+    goes away with the tensor (the converter holds one parameter's tensors at a time).
     """
 
-    _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-               "BOOL": torch.bool}
-
     def __init__(self, path: Path):
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little") if size >= 8 else 0
-            if not 0 < header_len <= size - 8:
-                raise CheckpointError(f"cannot read shard {path}: truncated or not a safetensors file")
-            try:
-                header = json.loads(handle.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise CheckpointError(f"cannot read shard {path}: corrupt header") from None
-            header.pop("__metadata__", None)
-            self._base = 8 + header_len
-            self._entries = header
-            data_end = max((e["data_offsets"][1] for e in header.values()), default=0)
-            if self._base + data_end > size:
-                raise CheckpointError(f"shard {path} is truncated ({size} bytes, the header promises "
-                                      f"{self._base + data_end})")
-            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        self.path = path
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                slices = {name: handle.get_slice(name) for name in handle.keys()}
+                self._info = {name: (tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()}
+        except Exception as error:  # SafetensorError, OSError, or a dtype this safetensors build does not know
+            raise CheckpointError(f"cannot read shard {path}: {_one_line(error)}") from None
+        unknown = sorted({dtype for _, dtype in self._info.values() if dtype not in _SAFETENSORS_DTYPES})
+        if unknown:
+            raise CheckpointError(f"shard {path} stores dtype {', '.join(unknown)}, which torch "
+                                  f"{torch.__version__} cannot represent")
 
     def keys(self) -> list[str]:
-        return list(self._entries)
+        return list(self._info)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entries[name]["shape"])
+        return self._info[name][0]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._DTYPES[self._entries[name]["dtype"]]
+        return _SAFETENSORS_DTYPES[self._info[name][1]]
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        entry, dtype, shape = self._entries[name], self.dtype(name), self.shape(name)
-        count = math.prod(shape)
-        if count == 0:
-            return torch.empty(shape, dtype=dtype)
-        with warnings.catch_warnings():  # ACCESS_COPY maps are writable; torch warns only for read-only buffers
-            warnings.simplefilter("ignore")
-            flat = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._base + entry["data_offsets"][0])
-        return flat.view(shape)
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                return handle.get_tensor(name)
+        except Exception as error:  # the file changed or vanished since it was validated
+            raise CheckpointError(f"cannot read '{name}' from {self.path}: {_one_line(error)}") from None
 
 
 class _TorchShard:
@@ -103,13 +114,13 @@ class HFCheckpointReader:
     """Reads tensors by name from a HF directory without loading the whole model.
 
     Shards (``*.safetensors`` or ``pytorch_model*.bin``) are memory-mapped; every shard the index names is opened
-    up front, so a missing or truncated file fails before any work starts.
+    (and its header validated) up front, so a missing, truncated or corrupt file fails before any work starts.
     """
 
     def __init__(self, hf_dir: str | os.PathLike):
         self.dir = Path(hf_dir)
         self._where: dict[str, Path] = {}
-        self._handles: dict[Path, MappedSafetensors | _TorchShard] = {}
+        self._handles: dict[Path, _SafetensorsShard | _TorchShard] = {}
         self._open_all()
 
     def _open_all(self) -> None:
@@ -128,8 +139,19 @@ class HFCheckpointReader:
                 self._where[name] = path
 
     def _from_index(self, index_name: str) -> list[Path]:
-        index = json.loads((self.dir / index_name).read_text())
-        files = sorted({self.dir / f for f in index["weight_map"].values()})
+        path = self.dir / index_name
+        try:
+            index = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path} is not valid JSON ({_one_line(error)})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{path} has no 'weight_map' object of tensor name -> shard file")
+        for name in set(weight_map.values()):
+            # Lexical check only: hub caches keep shards as symlinks into a blob store, which is fine.
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise CheckpointError(f"{index_name} names shard {name!r} outside {self.dir}")
+        files = sorted({self.dir / f for f in weight_map.values()})
         for path in files:
             if not path.is_file():
                 raise CheckpointError(f"shard {path.name} listed in {index_name} is missing from {self.dir}")
@@ -137,7 +159,7 @@ class HFCheckpointReader:
 
     def _open(self, path: Path):
         if path.suffix == ".safetensors":
-            handle = MappedSafetensors(path)
+            handle = _SafetensorsShard(path)
         else:
             try:
                 handle = _TorchShard(path)
@@ -159,7 +181,8 @@ class HFCheckpointReader:
         return self._handles[self._lookup(name)].dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor as stored: a view of the mapped file (clone it before writing to it or keeping it)."""
+        """The tensor as stored: a view of a private map of the file (pages are read when touched; writes stay
+        private; the map is released with the tensor)."""
         return self._handles[self._lookup(name)][name]
 
     def _lookup(self, name: str) -> Path:
@@ -206,6 +229,78 @@ class ShardedSafetensorsWriter:
             os.replace(self.dir / temp_name, self.dir / final)
             weight_map.update({name: final for name in names})
         if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+class StreamingSafetensorsWriter:
+    """Writes sharded safetensors files (plus the index) while the tensors are produced, one at a time.
+
+    ``safetensors.torch.save_file`` needs every tensor of a file in memory at once (up to 5 GB per shard); the
+    converters know every tensor's name, dtype and shape before reading any data, so this writer takes that layout
+    up front, writes each file's header first and then appends the tensors in the announced order. The files are
+    plain safetensors (8-byte header length, JSON header padded to 8 bytes, little-endian data) that
+    ``safe_open`` validates. Call ``add`` in layout order, then ``close``.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int = 5 * 2**30):
+        self.dir = Path(out_dir)
+        self._layout = [(name, dtype, tuple(shape)) for name, dtype, shape in layout]
+        self._shards: list[list[int]] = [[]]  # indices into the layout, per file
+        size = 0
+        for i, (_, dtype, shape) in enumerate(self._layout):
+            nbytes = math.prod(shape) * dtype.itemsize
+            if self._shards[-1] and size + nbytes > max_shard_bytes:
+                self._shards.append([])
+                size = 0
+            self._shards[-1].append(i)
+            size += nbytes
+        count = len(self._shards)
+        self._files = ["model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+                       for i in range(count)]
+        self.total_bytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self._layout)
+        self._next, self._shard, self._handle = 0, -1, None
+
+    def _open_next_shard(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        self._shard += 1
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for i in self._shards[self._shard]:
+            name, dtype, shape = self._layout[i]
+            if dtype not in _DTYPE_NAMES:
+                raise CheckpointError(f"cannot store '{name}' of dtype {dtype} in safetensors")
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the library writes it
+        self._handle = open(self.dir / self._files[self._shard], "wb")
+        self._handle.write(len(encoded).to_bytes(8, "little") + encoded)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._layout):
+            raise ValueError(f"'{name}' is not in the announced layout (all {len(self._layout)} tensors were written)")
+        expected = self._layout[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != expected:
+            raise ValueError(f"expected '{expected[0]}' {expected[1]} {expected[2]}, got '{name}' {tensor.dtype} "
+                             f"{tuple(tensor.shape)}")
+        if self._shard < 0 or self._next not in self._shards[self._shard]:
+            self._open_next_shard()
+        if tensor.numel():
+            # Raw bytes in memory order (safetensors is little-endian, as every platform torch supports here).
+            self._handle.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._layout):
+            raise ValueError(f"only {self._next} of {len(self._layout)} announced tensors were written")
+        if self._handle is None:  # an empty model still gets its (empty) file
+            self._open_next_shard()
+        self._handle.close()
+        if len(self._files) > 1:
+            weight_map = {self._layout[i][0]: file for file, shard in zip(self._files, self._shards) for i in shard}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 

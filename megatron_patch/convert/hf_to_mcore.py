@@ -17,10 +17,10 @@ from .mcore_io import (
     TRACKER,
     atomic_output_dir,
     check_output_dir,
-    fill_model,
     save_legacy_rank,
     write_meta,
 )
+from .torch_dist import single_rank_plan, write_torch_dist
 
 
 def make_plan(hf_config: dict, tp: int, pp: int, family_name: str | None = None, extra_vocab_size: int = 0,
@@ -72,7 +72,7 @@ def hf_to_mcore(
         if fmt == "legacy":
             _save_legacy(plan, reader, iter_dir, transformer_impl)
         else:
-            _save_torch_dist(plan, hf_dir, iter_dir, dtype)
+            _save_torch_dist(plan, reader, iter_dir, dtype)
         copy_assets(hf_dir, iter_dir / ASSETS)
         write_meta(iter_dir, plan, fmt, transformer_impl, hf_config, dtype)
         (temp / TRACKER).write_text("release")
@@ -80,48 +80,21 @@ def hf_to_mcore(
 
 
 def _save_legacy(plan: ConversionPlan, reader: HFCheckpointReader, iter_dir: Path, transformer_impl: str) -> None:
-    """One stage at a time: each HF tensor is read once and split for all TP ranks of its stage."""
+    """One rank file at a time: memory holds one rank's tensors. A rank reads only its part of each HF tensor
+    (the tensors are views of memory-mapped files), so every byte is read once over all ranks."""
     rename = te_name if transformer_impl == "transformer_engine" else (lambda name: name)
-    total = sum(len(plan.stage_entries(s)) for s in range(plan.pp))
+    total = plan.tp * sum(len(plan.stage_entries(s)) for s in range(plan.pp))
     with tqdm(total=total, desc="hf2mcore", unit="tensor", disable=None) as progress:
         for pp_rank in range(plan.pp):
-            state_dicts = [{} for _ in range(plan.tp)]
-            for name, shards in plan.hf_to_megatron(reader, pp_rank, progress=progress):
-                for tp_rank, shard in shards.items():
-                    state_dicts[tp_rank][rename(name)] = shard
-            for tp_rank, state_dict in enumerate(state_dicts):
+            for tp_rank in range(plan.tp):
+                state_dict = {rename(name): shards[tp_rank]
+                              for name, shards in plan.hf_to_megatron(reader, pp_rank, [tp_rank], progress)}
                 save_legacy_rank(iter_dir, tp_rank, pp_rank, plan.pp, state_dict)
-            del state_dicts
+                del state_dict
 
 
-def _save_torch_dist(plan: ConversionPlan, hf_dir, iter_dir: Path, dtype: torch.dtype) -> None:
-    """torch_dist is written by megatron-core itself: one process per TP x PP rank saves its own shards."""
-    from ..runtime import run_on_local_ranks
-
-    args = (str(hf_dir), str(iter_dir), plan.family.name, plan.tp, plan.pp, plan.extra_vocab_size,
-            plan.make_vocab_size_divisible_by, str(dtype).removeprefix("torch."))
-    # Conversion is host work: keep the ranks off any GPU so it runs the same on a login node or a GPU box.
-    run_on_local_ranks(_torch_dist_rank, plan.tp * plan.pp, *args, env={"CUDA_VISIBLE_DEVICES": ""})
-
-
-def _torch_dist_rank(hf_dir, iter_dir, family, tp, pp, extra_vocab_size, divisible_by, dtype_name):
-    from megatron.core import dist_checkpointing, parallel_state
-
-    from ..models.builder import build_model, transformer_config
-    from ..runtime import init_distributed
-
-    init_distributed(tp, pp)
-    plan = make_plan(read_config(hf_dir), tp, pp, family, extra_vocab_size, divisible_by)
-    dtype = getattr(torch, dtype_name)
-    config = transformer_config(plan.arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                params_dtype=dtype, perform_initialization=False)
-    model = build_model(plan.arch, plan.padded_vocab_size, config=config)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    reader = plan.open_hf(hf_dir)
-    show = tp_rank == 0 and pp_rank == 0
-    with tqdm(total=len(plan.stage_entries(pp_rank)), desc="hf2mcore", unit="tensor", disable=None if show else True) as bar:
-        tensors = ((name, shards[tp_rank]) for name, shards in plan.hf_to_megatron(reader, pp_rank, [tp_rank], bar))
-        fill_model(model, tensors, f"hf2mcore rank tp{tp_rank} pp{pp_rank}")
-    dist_checkpointing.save(model.sharded_state_dict(), iter_dir)
-    return True
+def _save_torch_dist(plan: ConversionPlan, reader: HFCheckpointReader, iter_dir: Path, dtype: torch.dtype) -> None:
+    """One process writes the whole torch_dist checkpoint (its tensors are TP/PP-independent): see torch_dist.py."""
+    total = len(single_rank_plan(plan).stage_entries(0))
+    with tqdm(total=total, desc="hf2mcore", unit="tensor", disable=None) as progress:
+        write_torch_dist(plan, reader, iter_dir, dtype, progress)

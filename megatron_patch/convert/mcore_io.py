@@ -182,6 +182,15 @@ class LegacyReader:
 
     def full(self, global_name: str) -> torch.Tensor:
         """The TP-merged tensor of a parameter, e.g. ``decoder.layers.5.mlp.linear_fc1.weight`` (global layer id)."""
+        shards, split = self._shards(global_name)
+        return merge_for_tp(shards, split)
+
+    def meta(self, global_name: str) -> torch.Tensor:
+        """A meta tensor with the shape and dtype ``full`` returns (no tensor data is read)."""
+        shards, split = self._shards(global_name)
+        return merge_for_tp([torch.empty(s.shape, dtype=s.dtype, device="meta") for s in shards], split)
+
+    def _shards(self, global_name: str) -> tuple[list[torch.Tensor], str]:
         if global_name not in self._saved and global_name.startswith("output_layer.") and self.plan.arch.tie_word_embeddings:
             # Tied weights saved on a single stage have no separate output layer: it is the word embedding.
             global_name = "embedding.word_embeddings." + global_name.removeprefix("output_layer.")
@@ -194,7 +203,7 @@ class LegacyReader:
             if name not in rank_sd:
                 raise CheckpointError(f"legacy checkpoint stage {pp_rank} has no tensor '{name}'")
             shards.append(rank_sd[name])
-        return merge_for_tp(shards, entry.row.split)
+        return shards, entry.row.split
 
 
 # --- loading into a live model (any TP x PP) ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -9,17 +10,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .hf_io import ShardedSafetensorsWriter, copy_assets
+from .hf_io import StreamingSafetensorsWriter, copy_assets
 from .mcore_io import (
     ASSETS,
     LegacyReader,
     atomic_output_dir,
     check_output_dir,
-    load_checkpoint_into_model,
     plan_from_meta,
     read_meta,
     resolve_checkpoint,
 )
+from .torch_dist import TorchDistReader
 
 
 def export_config(meta: dict) -> dict:
@@ -38,20 +39,28 @@ def generation_config(config: dict) -> dict:
 
 def mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: bool = False,
                 max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Convert in one process, one parameter at a time: memory holds one parameter (and, for legacy input, the
+    pages of the current pipeline stage's files), never the model. Every tensor's presence and shape is checked
+    before the first byte is written."""
     iter_dir = resolve_checkpoint(load)
     meta = read_meta(iter_dir)
     plan = plan_from_meta(meta)
     check_output_dir(save, overwrite)
     if meta["format"] == "legacy":
         reader = LegacyReader(iter_dir, plan, meta["transformer_impl"])
-
-        def get_full(entry):
-            return reader.full(entry.global_name)
+        dtype = None  # legacy files keep each tensor's own dtype
     else:
-        state = _load_torch_dist_full(iter_dir, meta, plan)
+        reader = TorchDistReader(iter_dir)
+        dtype = getattr(torch, meta["dtype"])  # as a model built with the checkpoint's dtype would load it
 
-        def get_full(entry):
-            return state[entry.global_name]
+    def get_full(entry, meta_only=False):
+        tensor = reader.meta(entry.global_name) if meta_only else reader.full(entry.global_name)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    # The HF names, dtypes and shapes, from running the export on meta tensors: validates every source tensor
+    # before any work and lets the writer stream (it writes each file's header first).
+    plan.check_megatron_shapes(functools.partial(get_full, meta_only=True))
+    layout = [(name, t.dtype, tuple(t.shape)) for name, t in plan.megatron_to_hf(functools.partial(get_full, meta_only=True))]
 
     config = export_config(meta)
     with atomic_output_dir(save, overwrite) as temp:
@@ -61,24 +70,9 @@ def mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: boo
         (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if not (temp / "generation_config.json").is_file():
             (temp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
-        writer = ShardedSafetensorsWriter(temp, max_shard_bytes)
+        writer = StreamingSafetensorsWriter(temp, layout, max_shard_bytes)
         with tqdm(total=len(plan.export_entries()), desc="mcore2hf", unit="tensor", disable=None) as progress:
             for name, tensor in plan.megatron_to_hf(get_full, progress):
                 writer.add(name, tensor)
         writer.close()
     return Path(save)
-
-
-def _load_torch_dist_full(iter_dir: Path, meta: dict, plan) -> dict[str, torch.Tensor]:
-    """Load a torch_dist checkpoint into a TP=1 PP=1 model in this process (dist_checkpointing reshards at load)
-    and return its state dict: full tensors, global layer names, the checkpoint's dtype."""
-    from ..models.builder import build_model, transformer_config
-    from ..runtime import init_distributed
-
-    if plan.pp > 1 or plan.tp > 1:
-        plan = plan_from_meta(meta, tp=1, pp=1)
-    init_distributed(1, 1)
-    config = transformer_config(plan.arch, params_dtype=getattr(torch, meta["dtype"]), perform_initialization=False)
-    model = build_model(plan.arch, plan.padded_vocab_size, config=config)
-    load_checkpoint_into_model(model, iter_dir)
-    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}

@@ -14,7 +14,6 @@ from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.convert.mcore_io import read_meta, resolve_checkpoint
 from megatron_patch.convert.mcore_to_hf import mcore_to_hf
 from megatron_patch.convert.verify import fixed_tokens, hf_logits, megatron_logits
-from megatron_patch.runtime import run_on_local_ranks
 
 COMBOS = [(1, 1), (1, 2), (2, 1), (2, 2)]
 FORMATS = ["legacy", "torch_dist"]
@@ -43,30 +42,19 @@ def hf_weights(hf_dir) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _export_torch_dist(jobs):
-    for load, save in jobs:
-        mcore_to_hf(load, save)
-    return True
-
-
 @pytest.fixture(scope="module")
 def converted(make_hf, tmp_path_factory):
     """{(case, fmt, tp, pp): (hf_dir, mcore_dir, exported_hf_dir)} with every conversion done once."""
     root = tmp_path_factory.mktemp("conversion")
-    out, torch_dist_exports = {}, []
+    out = {}
     for case, overrides in CASES.items():
         hf_dir = make_hf(case, **overrides)
         for fmt in FORMATS:
             for tp, pp in COMBOS:
                 mcore_dir = root / f"{case}_{fmt}_tp{tp}pp{pp}"
                 hf_to_mcore(hf_dir, mcore_dir, tp=tp, pp=pp, fmt=fmt)
-                back = root / f"{case}_{fmt}_tp{tp}pp{pp}_hf"
-                if fmt == "legacy":
-                    mcore_to_hf(mcore_dir, back)
-                else:  # loading torch_dist initialises torch.distributed: keep it out of the test process
-                    torch_dist_exports.append((str(mcore_dir), str(back)))
+                back = mcore_to_hf(mcore_dir, root / f"{case}_{fmt}_tp{tp}pp{pp}_hf")
                 out[(case, fmt, tp, pp)] = (hf_dir, mcore_dir, back)
-    run_on_local_ranks(_export_torch_dist, 1, torch_dist_exports)
     return out
 
 

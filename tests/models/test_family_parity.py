@@ -87,24 +87,17 @@ def runs(tmp_path_factory, make_hf):
         hf_dirs[name], reference[name] = _build_variant(name, root, make_hf, tokens)
 
     megatron, exported = {}, {}
-    torch_dist_exports = []
-    # TP1 x PP1 last: its single rank also converts every torch_dist checkpoint back (needs a world of one).
     for tp, pp in [(2, 2), (2, 1), (1, 2), (1, 1)]:
         jobs = []
         for name in VARIANTS:
             tag = f"{name}-tp{tp}pp{pp}"
-            legacy_dir = root / "mcore" / f"{tag}-legacy"
-            hf_to_mcore(hf_dirs[name], legacy_dir, tp=tp, pp=pp, fmt="legacy")
-            exported[(name, tp, pp, "legacy")] = mcore_to_hf(legacy_dir, root / "back" / f"{tag}-legacy")
-            dist_dir = root / "mcore" / f"{tag}-torch_dist"
-            (dist_dir / "release").mkdir(parents=True)
-            jobs.append({"name": name, "hf_dir": hf_dirs[name], "legacy_dir": str(legacy_dir),
-                         "torch_dist_dir": str(dist_dir)})
-            back = root / "back" / f"{tag}-torch_dist"
-            torch_dist_exports.append((str(dist_dir), str(back)))
-            exported[(name, tp, pp, "torch_dist")] = back
-        exports = torch_dist_exports if (tp, pp) == (1, 1) else []
-        results = run_on_local_ranks(family_workers.parity_job, tp * pp, jobs, tokens, tp, pp, exports,
+            for fmt in FORMATS:
+                mcore_dir = root / "mcore" / f"{tag}-{fmt}"
+                hf_to_mcore(hf_dirs[name], mcore_dir, tp=tp, pp=pp, fmt=fmt)
+                exported[(name, tp, pp, fmt)] = mcore_to_hf(mcore_dir, root / "back" / f"{tag}-{fmt}")
+            jobs.append({"name": name, "legacy_dir": str(root / "mcore" / f"{tag}-legacy"),
+                         "torch_dist_dir": str(root / "mcore" / f"{tag}-torch_dist")})
+        results = run_on_local_ranks(family_workers.parity_job, tp * pp, jobs, tokens, tp, pp,
                                      env={"CUDA_VISIBLE_DEVICES": ""}, timeout=600)
         for name, by_format in next(r for r in results if r is not None).items():
             for fmt, logits in by_format.items():

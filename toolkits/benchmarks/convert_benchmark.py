@@ -1,20 +1,25 @@
 """Conversion cost against the floor: plain safetensors read + re-write of the same tensors, in the same run.
 
-    python toolkits/benchmarks/convert_benchmark.py [--workdir DIR] [--layers 6] [--tp 2 --pp 2]
+    python toolkits/benchmarks/convert_benchmark.py [--workdir DIR] [--size-gb 5 | --layers 6] [--tp 2 --pp 2]
 
-Writes a random llama checkpoint of ~1.6 GB (fp32; use --dtype bfloat16 for half), then times
-  baseline   read every tensor with safetensors and write them all back (one process)
-  hf2mcore   the converter CLI at TP x PP (torch_dist: one process per rank), and legacy
+Writes a random llama checkpoint (hidden 2048, fp32 unless --dtype bfloat16; --size-gb picks the number of layers,
+default 6 layers = 1.6 GB), then times
+  baseline   read every tensor with safetensors and write them all back (one process), around every step
+  hf2mcore   the converter CLI at TP x PP, torch_dist and legacy
   mcore2hf   back to HF from each
-and prints each time / baseline time and the peak memory of the whole process tree / checkpoint size, as PSS
-summed over processes (shared pages count once; includes the page cache of memory-mapped files) and as anonymous
-PSS (what the processes allocated: interpreters, tensors).
+and prints each time / baseline time (the mean of the baseline runs just before and after the step: the machine may
+be shared) and the peak memory of the whole process
+tree / checkpoint size, as PSS summed over processes (shared pages count once; includes the page cache of
+memory-mapped files) and as anonymous PSS (what the processes allocated: interpreters, tensors). The "before" column
+holds the numbers issue 9 measured for the per-rank torch_dist writer this one replaced (1.5 GB fp32, TP2 PP2); that
+writer is no longer selectable, so it is not re-run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -26,20 +31,41 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+# Measured by issue 9 on this machine class for the replaced converter (1.5 GB fp32 llama, TP2 PP2):
+# (time / baseline, peak PSS / checkpoint). Only hf2mcore to torch_dist was reported.
+BEFORE = {"hf2mcore torch_dist": ("8.6-8.9", "4.7")}
 
-def make_checkpoint(out: Path, layers: int, dtype: torch.dtype) -> int:
-    """A llama-shaped HF directory with random weights (no transformers init: that would dominate the run)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = {
+def llama_config(layers: int, dtype: torch.dtype) -> dict:
+    return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632,
         "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000,
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def tensor_shapes(config: dict) -> dict[str, torch.Size]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(
-            AutoConfig.for_model(**config)).state_dict().items()}
+        return {k: v.shape for k, v in AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).state_dict().items()}
+
+
+def layers_for_size(size_gb: float, dtype: torch.dtype, pp: int) -> int:
+    """The fewest layers (a multiple of ``pp``) whose checkpoint holds at least ``size_gb`` GiB."""
+    def nbytes(layers):
+        return sum(s.numel() for s in tensor_shapes(llama_config(layers, dtype)).values()) * dtype.itemsize
+
+    per_layer = nbytes(2) - nbytes(1)
+    layers = max(1, math.ceil((size_gb * 2**30 - (nbytes(1) - per_layer)) / per_layer))
+    return layers + (-layers % pp)
+
+
+def make_checkpoint(out: Path, layers: int, dtype: torch.dtype) -> int:
+    """A llama-shaped HF directory with random weights (no transformers init: that would dominate the run)."""
+    config = llama_config(layers, dtype)
+    shapes = tensor_shapes(config)
     out.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
     shard, shard_bytes, shards, total = {}, 0, [], 0
@@ -111,34 +137,65 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/convert_benchmark")
-    parser.add_argument("--layers", type=int, default=6)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--layers", type=int, default=None, help="decoder layers (default 6 = 1.6 GB in fp32)")
+    size.add_argument("--size-gb", type=float, default=None, help="smallest checkpoint size in GiB to reach")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--reuse-checkpoint", action="store_true",
+                        help="keep WORKDIR/hf from an earlier run with the same shape instead of writing it again")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    layers = args.layers or (layers_for_size(args.size_gb, dtype, args.pp) if args.size_gb else 6)
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    size = make_checkpoint(work / "hf", args.layers, getattr(torch, args.dtype))
-    print(f"checkpoint: {size / 2**30:.2f} GiB ({args.layers} layers, {args.dtype})", flush=True)
+    hf = work / "hf"
+    reuse = args.reuse_checkpoint and (hf / "config.json").is_file() and \
+        json.loads((hf / "config.json").read_text()) == llama_config(layers, dtype)
+    for child in (work.iterdir() if work.is_dir() else []):
+        if not (reuse and child == hf):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if not reuse:
+        make_checkpoint(hf, layers, dtype)
+    size = json.loads((hf / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    print(f"checkpoint: {size / 2**30:.2f} GiB ({layers} layers, {args.dtype}), TP={args.tp} PP={args.pp}", flush=True)
 
-    # The baseline runs as its own process, measured the same way as the converter.
-    baseline_code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                     f"from convert_benchmark import baseline_read_write; from pathlib import Path; "
-                     f"baseline_read_write(Path({str(work / 'hf')!r}), Path({str(work / 'baseline')!r}))")
-    base_time, base_mem, base_anon = run_measured([sys.executable, "-c", baseline_code])
-    rows = [("safetensors read + write (baseline)", base_time, base_mem, base_anon)]
+    # The baseline runs as its own process, measured the same way as the converter, before and after the rest.
+    def baseline():
+        shutil.rmtree(work / "baseline", ignore_errors=True)
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                f"from convert_benchmark import baseline_read_write; from pathlib import Path; "
+                f"baseline_read_write(Path({str(hf)!r}), Path({str(work / 'baseline')!r}))")
+        return run_measured([sys.executable, "-c", code])
+
+    # The machine is shared: each step is compared with the mean of the baseline runs just before and after it.
+    baselines = [baseline()]
+    rows = []
     convert = [sys.executable, "-m", "megatron_patch.convert"]
     for fmt in ("torch_dist", "legacy"):
         mc = work / f"mcore_{fmt}"
-        measured = run_measured(convert + ["hf2mcore", "--load", str(work / "hf"), "--save", str(mc), "--tp",
-                                           str(args.tp), "--pp", str(args.pp), "--format", fmt])
-        rows.append((f"hf2mcore {fmt} TP={args.tp} PP={args.pp}", *measured))
-        measured = run_measured(convert + ["mcore2hf", "--load", str(mc), "--save", str(work / f"back_{fmt}")])
-        rows.append((f"mcore2hf from {fmt}", *measured))
+        steps = [(f"hf2mcore {fmt}", ["hf2mcore", "--load", str(hf), "--save", str(mc), "--tp", str(args.tp),
+                                      "--pp", str(args.pp), "--format", fmt]),
+                 (f"mcore2hf from {fmt}", ["mcore2hf", "--load", str(mc), "--save", str(work / f"back_{fmt}")])]
+        for name, cli in steps:
+            rows.append((name, *run_measured(convert + cli)))
+            baselines.append(baseline())
+            print(f"  {name}: {rows[-1][1]:.1f} s (baselines around it {baselines[-2][0]:.1f} s, "
+                  f"{baselines[-1][0]:.1f} s)", flush=True)
+        shutil.rmtree(work / f"back_{fmt}")  # keep the disk footprint at about three checkpoints
+        shutil.rmtree(mc)
+    shutil.rmtree(work / "baseline")
 
-    print(f"\n{'step':40} {'seconds':>8} {'x baseline':>11} {'peak PSS / ckpt':>16} {'peak anon PSS / ckpt':>21}")
-    for name, seconds, memory, anon in rows:
-        print(f"{name:40} {seconds:8.1f} {seconds / base_time:11.2f} {memory / size:16.2f} {anon / size:21.2f}")
+    print(f"\n{'step':34} {'seconds':>8} {'x baseline':>11} {'peak PSS / ckpt':>16} {'peak anon PSS / ckpt':>21}"
+          f"   before: x baseline, peak / ckpt")
+    for i, (seconds, memory, anon) in enumerate(baselines):
+        print(f"{f'baseline {i + 1}: safetensors read + write':34} {seconds:8.1f} {'':>11} {memory / size:16.2f} "
+              f"{anon / size:21.2f}")
+    for i, (name, seconds, memory, anon) in enumerate(rows):
+        base_time = (baselines[i][0] + baselines[i + 1][0]) / 2
+        before = BEFORE.get(name)
+        before = f"   {before[0]:>8}, {before[1]}" if before else ""
+        print(f"{name:34} {seconds:8.1f} {seconds / base_time:11.2f} {memory / size:16.2f} {anon / size:21.2f}{before}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,315 @@
+"""torch_dist checkpoints (megatron-core ``dist_checkpointing`` over torch DCP), written and read by one process.
+
+A torch_dist checkpoint stores every parameter under its global (TP=1, PP=1) shape; a loading rank reads only the
+part it owns, at whatever TP x PP it runs. So the converter needs no ranks and no model: it writes what a TP=1 PP=1
+megatron-core GPTModel would save, streaming one parameter at a time from the memory-mapped HF shards, and reads
+checkpoints back one parameter at a time. Neither direction imports megatron-core (its import alone costs several
+seconds and a few hundred MB). Only public torch DCP interfaces are used: a ``SavePlanner`` whose ``resolve_data``
+builds each parameter when the writer asks for it, and a ``LoadPlanner`` that reads one region of one key.
+
+What megatron-core 0.16's ``GPTModel.sharded_state_dict`` holds (``tests/convert/test_torch_dist.py`` compares
+this layout with it for every family at TP x PP in {1,2}^2):
+
+- a parameter outside the decoder (embedding, its norm, final norm, output layer): key = its name, one chunk;
+- a decoder-layer parameter: the layers stacked along a new leading axis under one key without the layer number
+  (``decoder.layers.5.mlp.linear_fc2.weight`` -> ``decoder.layers.mlp.linear_fc2.weight``, global shape
+  ``(num_layers, *shape)``, chunk offset ``(5, 0, ...)``); the pre-attention / pre-MLP norms under their Transformer
+  Engine names (``...linear_qkv.layer_norm_weight``), which megatron-core's local spec maps them to;
+- SwiGLU ``linear_fc1`` (weight and bias): two chunks per layer, the gate half and the up half;
+- each linear module of a layer: an ``_extra_state`` object ``decoder.layers.<module>._extra_state/shard_<l>_<L>``
+  holding ``[None]`` (what megatron-core's own linear layers return; it requests these keys at load);
+- tied embeddings: no ``output_layer.weight`` key (megatron-core loads the output layer from the embedding);
+- beside the DCP files: ``metadata.json`` (backend names and versions) and ``common.pt`` (non-tensor state: none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from .engine import ConversionPlan, Entry, megatron_shape, te_name
+from .hf_io import CheckpointError
+from .mapping import GATED
+
+LAYERS = "decoder.layers."
+BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                  "common_backend": "torch", "common_backend_version": 1}
+CONFIG_FILE, COMMON_FILE, DCP_METADATA = "metadata.json", "common.pt", ".metadata"
+
+
+def sharded_key(global_name: str) -> tuple[str, int | None]:
+    """``decoder.layers.5.input_layernorm.weight`` -> (``decoder.layers.self_attention.linear_qkv.layer_norm_weight``,
+    5); a name outside the decoder layers is its own key (layer None)."""
+    if not global_name.startswith(LAYERS):
+        return global_name, None
+    layer, _, rest = global_name[len(LAYERS):].partition(".")
+    return LAYERS + te_name("." + rest)[1:], int(layer)
+
+
+def _extra_state_modules(plan: ConversionPlan) -> list[str]:
+    """The layer modules that are megatron-core linear layers (``self_attention.linear_qkv``, ...), in row order."""
+    modules = []
+    for row in plan.rows:
+        if row.megatron.startswith(LAYERS + "*."):
+            module = row.megatron[len(LAYERS) + 2:].rpartition(".")[0]
+            if module.rpartition(".")[2].startswith("linear_") and module not in modules:
+                modules.append(module)
+    return modules
+
+
+def extra_state_keys(plan: ConversionPlan) -> list[str]:
+    layers = plan.arch.num_layers
+    return [f"{LAYERS}{module}._extra_state/shard_{layer}_{layers}"
+            for layer in range(layers) for module in _extra_state_modules(plan)]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a key: part ``part`` of ``parts`` (split along dim 0) of one entry's full tensor."""
+
+    entry: Entry
+    key: str
+    global_shape: torch.Size
+    offsets: torch.Size
+    sizes: torch.Size
+    part: int
+    parts: int
+
+
+def single_rank_plan(plan: ConversionPlan) -> ConversionPlan:
+    """``plan`` at TP=1 PP=1 with the vocabulary padding of the requested TP (the stored global shapes)."""
+    return dataclasses.replace(plan, tp=1, pp=1, saved_padded_vocab_size=plan.padded_vocab_size)
+
+
+def layout(plan: ConversionPlan) -> list[Chunk]:
+    """Every tensor chunk a TP=1 PP=1 megatron-core save of ``plan``'s model holds, grouped by entry."""
+    single = single_rank_plan(plan)
+    layers = plan.arch.num_layers
+    chunks = []
+    for entry in single.stage_entries(0):
+        key, layer = sharded_key(entry.global_name)
+        shape = megatron_shape(entry.global_name, plan.arch, single.padded_vocab_size)
+        parts = 2 if entry.row.split == GATED else 1
+        part_shape = (shape[0] // parts, *shape[1:])
+        for part in range(parts):
+            offsets = (part * part_shape[0],) + (0,) * (len(shape) - 1)
+            if layer is None:
+                chunks.append(Chunk(entry, key, torch.Size(shape), torch.Size(offsets), torch.Size(part_shape),
+                                    part, parts))
+            else:
+                chunks.append(Chunk(entry, key, torch.Size((layers, *shape)), torch.Size((layer, *offsets)),
+                                    torch.Size((1, *part_shape)), part, parts))
+    return chunks
+
+
+@contextmanager
+def _one_process():
+    """DCP's save/load in this process alone (``no_dist``): silence the warning DCP gives for exactly that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+# --- writing --------------------------------------------------------------------------------------------------
+
+
+class _StreamingSavePlanner(SavePlanner):
+    """Plans the chunks of ``layout`` and builds each entry's tensor only when the writer resolves its first chunk.
+
+    With one writer thread, DCP's ``FileSystemWriter`` resolves items in plan order and writes each before
+    resolving the next, so memory holds one entry's tensors (plus the HF pages it touched), never the model.
+    """
+
+    def __init__(self, chunks: list[Chunk], objects: list[str], dtype: torch.dtype, build_entry, progress=None):
+        self.chunks = {(c.key, tuple(c.offsets)): c for c in chunks}
+        self.objects, self.dtype, self.build_entry, self.progress = objects, dtype, build_entry, progress
+        self._order = chunks
+        self._current: tuple[Entry, list[torch.Tensor]] | None = None
+        buffer = io.BytesIO()
+        torch.save([None], buffer)  # megatron-core packs the objects of one key in a list
+        self._extra_state = buffer.getvalue()
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
+        self.is_coordinator = is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        properties = TensorProperties(dtype=self.dtype)
+        items = [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self.objects]
+        items += [
+            WriteItem(index=MetadataIndex(c.key, c.offsets), type=WriteItemType.SHARD,
+                      tensor_data=TensorWriteData(ChunkStorageMetadata(c.offsets, c.sizes), properties, c.global_shape))
+            for c in self._order
+        ]
+        return SavePlan(items)
+
+    def create_global_plan(self, all_plans):
+        return create_default_global_save_plan(all_plans)
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        return new_plan
+
+    def resolve_data(self, write_item: WriteItem):
+        if write_item.type == WriteItemType.BYTE_IO:
+            return io.BytesIO(self._extra_state)
+        chunk = self.chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        if self._current is None or self._current[0] != chunk.entry:
+            self._current = None  # drop the previous entry's tensors before building the next
+            full = self.build_entry(chunk.entry).to(self.dtype)
+            self._current = (chunk.entry, list(full.chunk(chunk.parts, dim=0)))
+            if self.progress is not None:
+                self.progress.update(1)
+        return self._current[1][chunk.part].reshape(chunk.sizes)
+
+
+def write_torch_dist(plan: ConversionPlan, reader, iter_dir: Path, dtype: torch.dtype, progress=None) -> None:
+    """Write ``plan``'s model from the HF ``reader`` as a torch_dist checkpoint into ``iter_dir``.
+
+    The tensors are exactly those of a TP=1 PP=1 save (any TP x PP loads them); every chunk is cast to ``dtype``,
+    as a model built with ``params_dtype=dtype`` would hold it.
+    """
+    single = single_rank_plan(plan)
+
+    def build_entry(entry: Entry) -> torch.Tensor:
+        return single.full_megatron_tensor(entry, [reader.get(name) for name in entry.hf_names])
+
+    planner = _StreamingSavePlanner(layout(plan), extra_state_keys(plan), dtype, build_entry, progress)
+    # One thread keeps the plan order (see the planner); no copy-ahead keeps the lazy serial loader on GPU hosts too.
+    # No fsync, like the other writers here: the output directory becomes visible by rename once complete.
+    writer = FileSystemWriter(iter_dir, single_file_per_rank=True, sync_files=False, thread_count=1,
+                              per_thread_copy_ahead=0)
+    with _one_process():
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    (iter_dir / CONFIG_FILE).write_text(json.dumps(BACKEND_CONFIG))
+    torch.save({}, iter_dir / COMMON_FILE)
+
+
+# --- reading --------------------------------------------------------------------------------------------------
+
+
+class _RegionLoadPlanner(LoadPlanner):
+    """Reads one box (``offsets``, ``dest.shape``) of one key into ``dest``, from whatever chunks hold it."""
+
+    def __init__(self, key: str, offsets: tuple[int, ...], dest: torch.Tensor):
+        self.key, self.offsets, self.dest = key, torch.Size(offsets), dest
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        wanted = ChunkStorageMetadata(offsets=self.offsets, sizes=self.dest.shape)
+        items = create_read_items_for_chunk_list(self.key, self.metadata.state_dict_metadata[self.key], [wanted])
+        if sum(math.prod(item.lengths) for item in items) != self.dest.numel():
+            raise CheckpointError(f"the stored chunks of '{self.key}' do not cover offsets {tuple(self.offsets)} "
+                                  f"size {tuple(self.dest.shape)}")
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan):
+        return global_plan
+
+    def finish_plan(self, central_plan):
+        return central_plan
+
+    def load_bytes(self, read_item, value) -> None:
+        raise AssertionError(f"{self.key}: only tensors are read")
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        view = self.dest
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            view = view.narrow(dim, start, length)
+        return view
+
+    def commit_tensor(self, read_item, tensor) -> None:
+        pass  # resolve_tensor handed out a view of ``dest``: the data is already in place
+
+
+class _MetadataOnceReader(FileSystemReader):
+    """A ``FileSystemReader`` that unpickles ``.metadata`` once, not once per read."""
+
+    def __init__(self, path: os.PathLike, metadata):
+        super().__init__(path)
+        self._metadata = metadata
+
+    def read_metadata(self, *args, **kwargs):
+        return self._metadata
+
+
+def read_dcp_metadata(iter_dir: Path):
+    """The checkpoint's DCP metadata (the only place this module reads ``.metadata``)."""
+    return FileSystemReader(iter_dir).read_metadata()
+
+
+class TorchDistReader:
+    """Full (TP=1) megatron tensors from a torch_dist checkpoint of any saved TP x PP, one parameter at a time."""
+
+    def __init__(self, iter_dir: str | os.PathLike):
+        self.dir = Path(iter_dir)
+        for name in (CONFIG_FILE, DCP_METADATA):
+            if not (self.dir / name).is_file():
+                raise CheckpointError(f"torch_dist checkpoint {self.dir} has no {name}")
+        try:
+            self.metadata = read_dcp_metadata(self.dir)
+        except Exception as error:  # pickle and torch raise several types for a damaged file
+            raise CheckpointError(f"cannot read {self.dir / DCP_METADATA} (truncated or corrupt?): "
+                                  f"{' '.join(str(error).split())}") from None
+        self._reader = _MetadataOnceReader(self.dir, self.metadata)
+
+    def _where(self, global_name: str) -> tuple[str, int | None, TensorStorageMetadata]:
+        key, layer = sharded_key(global_name)
+        stored = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(stored, TensorStorageMetadata):
+            raise CheckpointError(f"torch_dist checkpoint {self.dir} holds no tensor '{key}' (for {global_name})")
+        if layer is not None and (len(stored.size) < 1 or layer >= stored.size[0]):
+            raise CheckpointError(f"torch_dist checkpoint {self.dir}: '{key}' of shape {tuple(stored.size)} has no "
+                                  f"layer {layer}")
+        return key, layer, stored
+
+    def meta(self, global_name: str) -> torch.Tensor:
+        """A meta tensor with the shape and dtype ``full`` returns (nothing is read)."""
+        _, layer, stored = self._where(global_name)
+        shape = stored.size[1:] if layer is not None else stored.size
+        return torch.empty(shape, dtype=stored.properties.dtype, device="meta")
+
+    def full(self, global_name: str) -> torch.Tensor:
+        key, layer, stored = self._where(global_name)
+        if layer is None:
+            dest, offsets = torch.empty(stored.size, dtype=stored.properties.dtype), (0,) * len(stored.size)
+        else:
+            dest = torch.empty((1, *stored.size[1:]), dtype=stored.properties.dtype)
+            offsets = (layer,) + (0,) * (len(stored.size) - 1)
+        try:
+            with _one_process():
+                dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(key, offsets, dest), no_dist=True)
+        except CheckpointError:
+            raise
+        except Exception as error:  # a missing or truncated .distcp file surfaces as several exception types
+            raise CheckpointError(f"cannot read '{key}' from torch_dist checkpoint {self.dir} (missing or truncated "
+                                  f"file?): {' '.join(str(error).split())[:300]}") from None
+        return dest[0] if layer is not None else dest
