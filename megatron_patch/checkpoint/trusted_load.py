@@ -43,6 +43,8 @@ _METADATA_GLOBALS = frozenset({
     (f"{_DCP}.planner", "WriteItemType"),
     (f"{_DCP}.planner", "TensorWriteData"),
     ("torch.serialization", "_get_layout"),  # maps a layout name such as "torch.strided" to the layout object
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id when the writer was given a Path
+    ("pathlib", "PurePosixPath"),
 })
 _DTYPE_NAMES = frozenset(name for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype))
 

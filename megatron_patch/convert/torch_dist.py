@@ -262,8 +262,12 @@ class _MetadataOnceReader(FileSystemReader):
 
 
 def read_dcp_metadata(iter_dir: Path):
-    """The checkpoint's DCP metadata (the only place this module reads ``.metadata``)."""
-    return FileSystemReader(iter_dir).read_metadata()
+    """The checkpoint's DCP metadata (the only place this module reads ``.metadata``), unpickled with the allow-list
+    of ``checkpoint.trusted_load``: a crafted file is refused instead of run. Only tensors are read after it, and
+    torch reads those with ``weights_only=True``."""
+    from ..checkpoint.trusted_load import read_dcp_metadata as read_trusted
+
+    return read_trusted(Path(iter_dir) / DCP_METADATA)
 
 
 class TorchDistReader:
@@ -276,6 +280,8 @@ class TorchDistReader:
                 raise CheckpointError(f"torch_dist checkpoint {self.dir} has no {name}")
         try:
             self.metadata = read_dcp_metadata(self.dir)
+        except CheckpointError:
+            raise
         except Exception as error:  # pickle and torch raise several types for a damaged file
             raise CheckpointError(f"cannot read {self.dir / DCP_METADATA} (truncated or corrupt?): "
                                   f"{' '.join(str(error).split())}") from None
