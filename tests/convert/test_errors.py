@@ -108,7 +108,8 @@ def test_existing_output_needs_overwrite(make_hf, tmp_path, capsys):
 
 def test_not_a_megatron_checkpoint(tmp_path, capsys):
     capsys.readouterr()
-    rc = main(["mcore2hf", "--load", str(tmp_path), "--save", str(tmp_path / "hf")])
+    (tmp_path / "empty").mkdir()
+    rc = main(["mcore2hf", "--load", str(tmp_path / "empty"), "--save", str(tmp_path / "hf")])
     err = capsys.readouterr().err.strip()
     _assert_clean_failure(rc, err, tmp_path / "hf", "not a Megatron checkpoint")
 
