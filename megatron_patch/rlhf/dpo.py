@@ -288,7 +288,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.dpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
+    add_config_arguments(parser, mode="finetune")  # preference data is read like SFT data (--train-data-path)
     parser.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (> 0) (default: 0.1)")
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip malformed preference lines")
     args = parser.parse_args(argv)

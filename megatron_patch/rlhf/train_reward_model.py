@@ -245,7 +245,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.train_reward_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
+    add_config_arguments(parser, mode="finetune")  # preference data is read like SFT data (--train-data-path)
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip malformed preference lines")
     args = parser.parse_args(argv)
     return run_reporting_errors(lambda: run(config_from_args(args, "finetune"), args.skip_bad_lines) and None)
