@@ -45,8 +45,9 @@ def prompts(path: str) -> str:
 
 def completions(path: str, expected: str) -> str:
     rows = [json.loads(line) for line in open(path)]
-    if len(rows) != int(expected) or not all(row["completion"] for row in rows):
-        raise SystemExit(f"expected {expected} non-empty completions, got {rows}")
+    if len(rows) != int(expected) or not all("completion" in row for row in rows):
+        raise SystemExit(f"expected {expected} completions, got {rows}")
+    # A completion may be empty (greedy decoding can pick EOS first); the characters say how much was generated.
     return f"{len(rows)} completions, {sum(len(row['completion']) for row in rows)} characters"
 
 

@@ -143,16 +143,15 @@ class GenerationEngine:
         sampling = sampling or SamplingParams()
         self._check(prompts, max_new_tokens)
         batch = len(prompts)
-        longest = max(len(p) for p in prompts)
-        total = longest + max_new_tokens
-        # Built on the host, moved once: every per-step tensor below lives on the model's device.
+        total = max(len(p) for p in prompts) + max_new_tokens
+        # Every per-step tensor lives on the model's device (one copy of the prompts there, none per step).
         device = local_device()
         rows = [list(p) + [0] * (total - len(p)) for p in prompts]
-        tokens = torch.tensor(rows, dtype=torch.long).to(device)
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long).to(device)
+        tokens = torch.tensor(rows, dtype=torch.long, device=device)
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
         ends = lengths + max_new_tokens  # exclusive end of each row
         done = torch.zeros(batch, dtype=torch.bool, device=device)
-        eos = torch.tensor(self.eos_ids, dtype=torch.long).to(device)
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
         generator = device_generator(sampling.seed)
         context = StaticInferenceContext(batch, total) if self.use_cache else None
 

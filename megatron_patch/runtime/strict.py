@@ -44,6 +44,7 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _CROSS_DEVICE_OK = {torch.Tensor.copy_, torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu,
                     torch._has_compatible_shallow_copy_type}
 # isend / irecv stay unwrapped: P2POp accepts only the originals (their P2POps are checked in batch_isend_irecv).
+_INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
 _COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
                 "reduce_scatter_tensor", "reduce", "send", "recv", "batch_isend_irecv")
 
@@ -215,7 +216,10 @@ class StrictDeviceMode(_CudaToCpuMode):
         tensors = list(_tensors((*args, *kwargs.values())))
         on_device = [t for t in tensors if is_marked(t)]
         if on_device and func not in _CROSS_DEVICE_OK:
-            host = [t for t in tensors if t.dim() > 0 and not is_marked(t)]
+            checked = tensors
+            if func in _INDEXING:  # CUDA moves host index tensors itself: x[host_ids] is legal
+                checked = [args[0], *_tensors(args[2:])]
+            host = [t for t in checked if t.dim() > 0 and not is_marked(t)]
             name = _name(func)
             if host:
                 raise DeviceMismatchError(

@@ -7,16 +7,18 @@ def train_on_gpu(cfg: dict) -> dict:
     """Train; report the losses and where the model, its gradients buffer and the optimizer state live."""
     import torch
 
+    from megatron_patch.training.arguments import TrainConfig
     from megatron_patch.training.loop import build_trainer, train
 
-    trainer = build_trainer(cfg, quiet=True)
+    trainer = build_trainer(TrainConfig.from_dict(cfg), quiet=True)
     try:
         history = train(trainer)
     finally:
         trainer.logger.close()
     params = list(trainer.model.module.parameters())
-    states = [s for group in trainer.optimizer.state_dict()["state"].values() if isinstance(group, dict)
-              for s in group.values() if isinstance(s, torch.Tensor) and s.dim() > 0]
+    optimizers = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    states = [value for opt in optimizers for state in opt.optimizer.state.values() for value in state.values()
+              if isinstance(value, torch.Tensor) and value.dim() > 0]  # Adam moments (not the 0-dim step)
     return {
         "losses": [loss for _, loss in history],
         "param_devices": sorted({p.device.type for p in params}),

@@ -42,6 +42,7 @@ def _planted_mistakes() -> dict[str, str]:
         "host generator": lambda: torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(0)),
         "host collective": lambda: dist.all_reduce(torch.zeros(2)),
         "cat across": lambda: torch.cat([dev, torch.zeros(1, 3)]),
+        "host values written": lambda: dev.__setitem__(torch.tensor([0]), torch.ones(1, 3)),
         # legal on a GPU
         "0-dim host operand": lambda: dev * torch.tensor(2.0),
         "moved operand": lambda: dev + torch.ones(2, 3).to(local_device()),
@@ -52,6 +53,7 @@ def _planted_mistakes() -> dict[str, str]:
         "device generator": lambda: torch.multinomial(probs, 1, generator=device_generator(0)),
         "device collective": lambda: dist.all_reduce(torch.zeros(2, device=local_device())),
         "placed model": lambda: embedding(torch.tensor([[1, 2]]).to(local_device())),
+        "host index": lambda: dev[torch.tensor([1, 0])] + 1,
     }
     outcomes = {name: _outcome(make) for name, make in cases.items()}
     # Results of ops on device tensors stay on the device, and say so as on a GPU.
@@ -74,6 +76,7 @@ def outcomes():
     ("host generator", "torch.multinomial"),
     ("host collective", "torch.distributed.all_reduce"),
     ("cat across", "torch.cat"),
+    ("host values written", "Tensor.__setitem__"),
 ])
 def test_planted_misplacement_is_caught_naming_the_op(outcomes, case, op):
     message = outcomes[case]
@@ -83,7 +86,7 @@ def test_planted_misplacement_is_caught_naming_the_op(outcomes, case, op):
 
 @pytest.mark.parametrize("case", ["0-dim host operand", "moved operand", "cuda() operand", "following x.device",
                                   "copy across", "back on the host", "device generator", "device collective",
-                                  "placed model"])
+                                  "placed model", "host index"])
 def test_what_cuda_allows_passes(outcomes, case):
     assert outcomes[case] == "ok"
 
