@@ -37,8 +37,15 @@ from ..training.arguments import TrainConfig, add_config_arguments, config_from_
 from . import core_algos
 from .experience import build_rollout_batch, forward_only, gather_response, split_rows
 from .rl_config import RLConfig, add_rl_arguments, rl_config_from_args
-from .rl_losses import ACTOR_REPORT, CRITIC_REPORT, LossSettings, actor_loss, critic_loss, reduce_report
-from .rl_losses import response_logprobs
+from .rl_losses import (
+    ACTOR_REPORT,
+    CRITIC_REPORT,
+    LossSettings,
+    actor_loss,
+    critic_loss,
+    reduce_report,
+    response_logprobs,
+)
 
 RL_STATE = "rl_state.json"
 TOKEN_WEIGHTED = {"pg_clipfrac", "ppo_kl", "vf_clipfrac"}
@@ -103,14 +110,29 @@ def rollout(run: RLRun) -> tuple[list[list[int]], list[list[int]], torch.Tensor]
     return samples, responses, group_ids
 
 
-def _scores(run: RLRun, samples, responses, batch, microbatches) -> torch.Tensor:
-    if run.reward_fn is not None:
-        scores = [run.reward_fn(p, r) for p, r in zip(samples, responses)]
-        return torch.tensor(scores, dtype=torch.float32).to(local_device())
-    from .reward_model import sequence_rewards
+def task_rewards(run: RLRun, samples, responses, microbatches) -> torch.Tensor:
+    """``(S, R)`` rewards of the task (before any KL term): the reward model's score (or a scalar of the reward
+    function) on each row's last response token, or the reward function's per-token rewards."""
+    width = run.rl.max_new_tokens
+    if run.reward_fn is None:
+        from .reward_model import sequence_rewards
 
-    return forward_only(run.reward_model, microbatches, run.cfg.seq_length,
-                        lambda mb, out: sequence_rewards(out, mb["last_index"])[:, None], 1)[:, 0]
+        scores = forward_only(run.reward_model, microbatches, run.cfg.seq_length,
+                              lambda mb, out: sequence_rewards(out, mb["last_index"])[:, None], 1)[:, 0]
+        return core_algos.scores_to_token_rewards(scores, microbatches_mask(microbatches))
+    rows = torch.zeros(len(samples), width)
+    for i, (prompt, response) in enumerate(zip(samples, responses)):
+        score = run.reward_fn(prompt, response)
+        if isinstance(score, (int, float)):
+            rows[i, len(response) - 1] = float(score)
+        else:
+            per_token = torch.tensor(score[:len(response)], dtype=torch.float32)
+            rows[i, :len(per_token)] = per_token
+    return rows.to(local_device())
+
+
+def microbatches_mask(microbatches: list[dict]) -> torch.Tensor:
+    return torch.cat([mb["response_mask"] for mb in microbatches])
 
 
 def make_experience(run: RLRun, samples, responses, group_ids) -> tuple[dict, dict]:
@@ -127,16 +149,18 @@ def make_experience(run: RLRun, samples, responses, group_ids) -> tuple[dict, di
                                         lambda mb, out: response_logprobs(mb, out, settings, False)[0], width)
     batch["ref_logprob"] = forward_only(run.reference, microbatches, cfg.seq_length,
                                         lambda mb, out: response_logprobs(mb, out, settings, False)[0], width)
-    scores = _scores(run, samples, responses, batch, microbatches)
     mask = batch["response_mask"]
+    token_rewards = task_rewards(run, samples, responses, microbatches) * mask
+    scores = token_rewards.sum(-1)
     dp_group = parallel_state.get_data_parallel_group() if run.dp > 1 else None
     metrics = {}
     if rl.algo == "ppo":
         batch["values"] = forward_only(
             run.critic.model, microbatches, cfg.seq_length,
             lambda mb, out: gather_response(out[..., 0].float(), mb["starts"], width), width)
-        rewards, kl_metrics = core_algos.compute_kl_shaped_rewards(scores, batch["old_logprob"], batch["ref_logprob"],
-                                                                   mask, run.kl_ctl.value, "k1")
+        kl_rewards, kl_metrics = core_algos.compute_kl_shaped_rewards(
+            torch.zeros_like(scores), batch["old_logprob"], batch["ref_logprob"], mask, run.kl_ctl.value, "k1")
+        rewards = token_rewards + kl_rewards
         config = core_algos.AdvantageConfig(gamma=rl.gamma, lam=rl.lam, whiten=True)
         advantages, returns = core_algos.get_adv_estimator("gae")(rewards, mask, config, values=batch["values"],
                                                                   dp_group=dp_group)
@@ -144,7 +168,7 @@ def make_experience(run: RLRun, samples, responses, group_ids) -> tuple[dict, di
         metrics["critic/explained_variance"] = core_algos.explained_variance(batch["values"], returns, mask)
         metrics["actor/kl_sum"] = kl_metrics["actor/reward_kl_sum"]
     else:
-        rewards = core_algos.scores_to_token_rewards(scores, mask)
+        rewards = core_algos.scores_to_token_rewards(scores, mask)  # GRPO: outcome = the row's total
         config = core_algos.AdvantageConfig(norm_by_std=rl.grpo_norm_by_std)
         advantages, _ = core_algos.get_adv_estimator("grpo")(rewards, mask, config, group_ids=group_ids)
         kl = core_algos.kl_penalty(batch["old_logprob"], batch["ref_logprob"], "k1") * mask

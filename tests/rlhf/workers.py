@@ -70,3 +70,9 @@ def export_and_score_worker(load: str, save: str, tokens: list[list[int]], last_
     with torch.no_grad():
         scores = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
     return sequence_rewards(scores, torch.tensor(last_index)).tolist()
+
+
+def rl_worker(cfg: dict, rl: dict) -> dict:
+    from megatron_patch.rlhf.ppo import run
+
+    return run(cfg, rl, quiet=True)
