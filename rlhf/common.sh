@@ -1,7 +1,7 @@
-# Shared logic of the rlhf/run_{reward_model,dpo}_megatron_<family>.sh launchers (sourced, not executed).
+# Shared logic of the rlhf/run_{reward_model,dpo,ppo,grpo}_megatron_<family>.sh launchers (sourced, not executed).
 #
 # Reuses examples/common.sh (argument parsing, validators, launcher, precision/parallel flags) and launches the
-# RLHF entry points (python -m megatron_patch.rlhf.train_reward_model | megatron_patch.rlhf.dpo) with torchrun.
+# RLHF entry points (python -m megatron_patch.rlhf.train_reward_model | .dpo | .ppo) with torchrun.
 # Same environment knobs as the training scripts: GPUS_PER_NODE, MP_DRY_RUN=1, MP_EXTRA_ARGS.
 
 # shellcheck source=../examples/common.sh
@@ -11,6 +11,63 @@ RLHF_RM_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL
   AC DO FL SP TRAIN_DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH EPOCH OUTPUT_BASEPATH)
 RLHF_DPO_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR BETA SEQ_LEN PR
   TP PP AC DO FL SP TRAIN_DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH EPOCH OUTPUT_BASEPATH)
+
+RLHF_PPO_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR CRITIC_LR
+  KL_COEF CLIP_RATIO SEQ_LEN MAX_NEW_TOKENS PR TP PP AC DO FL SP PROMPT_DATASET_PATH REWARD PRETRAIN_CHECKPOINT_PATH
+  PTX_DATASET_PATH PTX_COEF TRAIN_ITERS OUTPUT_BASEPATH)
+RLHF_GRPO_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR KL_COEF
+  CLIP_RATIO N_SAMPLES SEQ_LEN MAX_NEW_TOKENS PR TP PP AC DO FL SP PROMPT_DATASET_PATH REWARD PRETRAIN_CHECKPOINT_PATH
+  TRAIN_ITERS OUTPUT_BASEPATH)
+
+rlhf_validate_rl() {  # the checks shared by PPO and GRPO, after mp_parse; GLOBAL_BATCH_SIZE counts prompts
+  PAD_LEN=$SEQ_LEN EXTRA_VOCAB_SIZE=0
+  [ "$PRETRAIN_CHECKPOINT_PATH" != none ] || mp_fail "PRETRAIN_CHECKPOINT_PATH must be the SFT (or converted) checkpoint of the actor (got none)"
+  mp_validate_common
+  mp_int GLOBAL_BATCH_SIZE; mp_int TRAIN_ITERS; mp_int MAX_NEW_TOKENS; mp_float KL_COEF; mp_float CLIP_RATIO
+  if [ "$MAX_NEW_TOKENS" -ge "$SEQ_LEN" ]; then mp_fail "MAX_NEW_TOKENS ($MAX_NEW_TOKENS) must be below SEQ_LEN ($SEQ_LEN): the prompt needs room"; fi
+  [ -f "$PROMPT_DATASET_PATH" ] || mp_fail "PROMPT_DATASET_PATH '$PROMPT_DATASET_PATH' is not a file (jsonl of {\"prompt\": ...})"
+  case "$REWARD" in
+    fn:?*) ;;
+    *) [ -e "$REWARD" ] || mp_fail "REWARD '$REWARD' must be a reward-model checkpoint or fn:<registered reward function>" ;;
+  esac
+  mp_launcher
+  if [ $((GLOBAL_BATCH_SIZE % MP_DP)) -ne 0 ]; then
+    mp_fail "GLOBAL_BATCH_SIZE ($GLOBAL_BATCH_SIZE prompts) must be divisible by the data-parallel size ($MP_DP)"
+  fi
+  mp_common_flags
+  MP_FLAGS+=(--global-batch-size "$GLOBAL_BATCH_SIZE" --train-iters "$TRAIN_ITERS" --prompt-data-path "$PROMPT_DATASET_PATH"
+             --max-new-tokens "$MAX_NEW_TOKENS" --kl-coef "$KL_COEF" --clip-ratio "$CLIP_RATIO" --lr-decay-style constant)
+  case "$REWARD" in
+    fn:*) MP_FLAGS+=(--reward-fn "${REWARD#fn:}") ;;
+    *) MP_FLAGS+=(--reward-model "$REWARD") ;;
+  esac
+  return 0
+}
+
+rlhf_ppo() {  # rlhf_ppo <family> "$@"
+  MP_FAMILY=$1; shift
+  mp_parse "run_ppo_megatron_$MP_FAMILY.sh" "${RLHF_PPO_ARGS[@]}" -- "$@"
+  mp_float CRITIC_LR; mp_float PTX_COEF
+  [ "$PTX_DATASET_PATH" = none ] || [ -f "$PTX_DATASET_PATH" ] || mp_fail "PTX_DATASET_PATH '$PTX_DATASET_PATH' is not a file (or none)"
+  if [ "$PTX_DATASET_PATH" = none ] && awk "BEGIN{exit !($PTX_COEF > 0)}"; then
+    mp_fail "PTX_COEF ($PTX_COEF) > 0 needs PTX_DATASET_PATH (got none)"
+  fi
+  rlhf_validate_rl
+  MP_FLAGS+=(--algo ppo --critic-lr "$CRITIC_LR")
+  if [ "$PTX_DATASET_PATH" != none ]; then MP_FLAGS+=(--ptx-data-path "$PTX_DATASET_PATH" --ptx-coef "$PTX_COEF"); fi
+  rlhf_exec megatron_patch.rlhf.ppo \
+    "ppo-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-gbs$GLOBAL_BATCH_SIZE-seq$SEQ_LEN-lr$LR-kl$KL_COEF-$PR-tp$TP-pp$PP"
+}
+
+rlhf_grpo() {  # rlhf_grpo <family> "$@"
+  MP_FAMILY=$1; shift
+  mp_parse "run_grpo_megatron_$MP_FAMILY.sh" "${RLHF_GRPO_ARGS[@]}" -- "$@"
+  mp_int N_SAMPLES 2
+  rlhf_validate_rl
+  MP_FLAGS+=(--algo grpo --n-samples-per-prompt "$N_SAMPLES")
+  rlhf_exec megatron_patch.rlhf.ppo \
+    "grpo-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-gbs$GLOBAL_BATCH_SIZE-n$N_SAMPLES-seq$SEQ_LEN-lr$LR-kl$KL_COEF-$PR-tp$TP-pp$PP"
+}
 
 rlhf_validate() {  # the checks shared by both tools, after mp_parse
   PAD_LEN=$SEQ_LEN EXTRA_VOCAB_SIZE=0  # not arguments here: the vocabulary comes from the checkpoint

@@ -7,10 +7,11 @@ import torch.distributed as dist
 
 
 def collective_device() -> torch.device:
-    """Where tensors handed to collectives live: the local GPU under NCCL, the CPU under gloo."""
-    from ..runtime.cpu import cuda_available
+    """Where tensors handed to collectives live: the local GPU under NCCL, the CPU under gloo (the device helper's
+    answer, so the strict device check sees them where a GPU run would put them)."""
+    from ..runtime.device import local_device
 
-    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
+    return local_device()
 
 
 def pairs_to_rows(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:

@@ -76,3 +76,43 @@ def test_bad_preference_line_stops_the_entry_point_with_one_line(tmp_path, make_
     assert errors == [f"error: {data}: line 2: 'chosen' is an empty response (pass --skip-bad-lines to skip such "
                       f"lines)"], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def rl_script_args(tmp_path, algo: str, **kw) -> list[str]:
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "1 2 3"}\n')
+    args = dict(ENV="cpu", MEGATRON_PATH="none", MEGATRON_PATCH_PATH=str(ROOT), MODEL_SIZE="tiny", BATCH_SIZE="2",
+                GLOBAL_BATCH_SIZE="8", LR="1e-6", MIN_LR="0", CRITIC_LR="5e-6", KL_COEF="0.05", CLIP_RATIO="0.2",
+                N_SAMPLES="4", SEQ_LEN="256", MAX_NEW_TOKENS="128", PR="bf16", TP="2", PP="1", AC="none", DO="false",
+                FL="false", SP="false", PROMPT_DATASET_PATH=str(tmp_path / "prompts.jsonl"), REWARD="fn:count_up",
+                PRETRAIN_CHECKPOINT_PATH=str(tmp_path), PTX_DATASET_PATH="none", PTX_COEF="0", TRAIN_ITERS="10",
+                OUTPUT_BASEPATH=str(tmp_path / "o"))
+    for name in (("N_SAMPLES",) if algo == "ppo" else ("CRITIC_LR", "PTX_DATASET_PATH", "PTX_COEF")):
+        args.pop(name)
+    args.update(kw)
+    return list(args.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ppo_and_grpo_flags(tmp_path, family):
+    result = run_script(family, "ppo", rl_script_args(tmp_path, "ppo", REWARD=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    for flag in ("-m megatron_patch.rlhf.ppo", "--algo ppo", "--critic-lr 5e-6", f"--reward-model {tmp_path}",
+                 "--global-batch-size 8", "--max-new-tokens 128", "--kl-coef 0.05", "--train-iters 10"):
+        assert flag in result.stdout, (flag, result.stdout)
+    result = run_script(family, "grpo", rl_script_args(tmp_path, "grpo"))
+    assert result.returncode == 0, result.stderr
+    for flag in ("--algo grpo", "--n-samples-per-prompt 4", "--reward-fn count_up", "--clip-ratio 0.2"):
+        assert flag in result.stdout, (flag, result.stdout)
+
+
+@pytest.mark.parametrize("kind,override,message", [
+    ("ppo", {"KL_COEF": "-1"}, "KL_COEF must be a non-negative number"),
+    ("ppo", {"MAX_NEW_TOKENS": "256"}, "MAX_NEW_TOKENS (256) must be below SEQ_LEN"),
+    ("ppo", {"PTX_COEF": "0.1"}, "PTX_COEF (0.1) > 0 needs PTX_DATASET_PATH"),
+    ("ppo", {"REWARD": "/no/rm"}, "REWARD '/no/rm' must be a reward-model checkpoint or fn:"),
+    ("grpo", {"N_SAMPLES": "1"}, "N_SAMPLES must be an integer >= 2"),
+    ("grpo", {"PROMPT_DATASET_PATH": "/no/p.jsonl"}, "PROMPT_DATASET_PATH '/no/p.jsonl' is not a file"),
+])
+def test_bad_rl_arguments_are_named(tmp_path, kind, override, message):
+    result = run_script("llama", kind, rl_script_args(tmp_path, kind, **override))
+    assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -70,3 +70,25 @@ def export_and_score_worker(load: str, save: str, tokens: list[list[int]], last_
     with torch.no_grad():
         scores = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
     return sequence_rewards(scores, torch.tensor(last_index)).tolist()
+
+
+def rl_worker(cfg: dict, rl: dict) -> dict:
+    from megatron_patch.rlhf.ppo import run
+
+    return run(cfg, rl, quiet=True)
+
+
+def _register_test_rewards() -> None:
+    """A dense reward a random tiny model earns often from the start (a quarter of the vocabulary), so a few
+    iterations show it rising; registered at import so spawned and forked ranks both have it."""
+    from megatron_patch.rlhf.rewards import register_reward, reward_names
+
+    if "test_low_ids" in reward_names():
+        return
+
+    @register_reward("test_low_ids")
+    def _low_ids(tokenizer, max_new_tokens):
+        return lambda prompt, response: [float(t < 128) / max_new_tokens for t in response]
+
+
+_register_test_rewards()

@@ -1,0 +1,133 @@
+"""Build a PPO / GRPO run: validate everything, then initialise distributed state and the four roles.
+
+Everything that can be checked without a process group is checked first (flags, prompt file, PTX file,
+vocabularies of the reference / reward / critic checkpoints, the reward function): bad input stops with one line
+and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import torch.distributed as dist
+
+from ..training.arguments import TrainConfig
+from .rl_config import RLConfig
+
+
+def _validate(cfg: TrainConfig, rl: RLConfig):
+    """Checks and reads that need no process group; returns what the build needs."""
+    from ..convert.mcore_io import resolve_checkpoint
+    from ..data.tokenizers import load_tokenizer
+    from ..training.setup import check_precision_support, resolve_model_source
+    from .reward_model import is_reward_checkpoint
+    from .rewards import build_reward_fn
+    from .roles import check_vocabularies
+    from .rollout_data import PromptDataset, PtxDataset
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    if world % (tp * pp):
+        raise ValueError(f"the world size {world} must divide by TP x PP = {tp * pp}")
+    if cfg.load is None:
+        raise ValueError("RLHF needs --load: the SFT (or converted) checkpoint the actor starts from")
+    if not cfg.train_iters:
+        raise ValueError("--train-iters (RL iterations) is required")
+    rl.validate(cfg.seq_length, cfg.global_batch_size, cfg.micro_batch_size, world // (tp * pp))
+    check_precision_support(cfg)
+    load_dir = resolve_checkpoint(cfg.load)
+    source = resolve_model_source(cfg, load_dir)
+    source.arch.check_parallel(tp, pp)
+    ref_dir = resolve_checkpoint(rl.ref_load or cfg.load)
+    rm_dir = resolve_checkpoint(rl.reward_model) if rl.reward_model else None
+    if rm_dir is not None and not is_reward_checkpoint(rm_dir):
+        raise ValueError(f"--reward-model {rl.reward_model} is not a reward-model checkpoint (train one with "
+                         f"rlhf.train_reward_model)")
+    critic_dir = None
+    if rl.algo == "ppo":
+        critic_dir = resolve_checkpoint(rl.critic_load) if rl.critic_load else rm_dir or load_dir
+    others = {"--ref-load": ref_dir}
+    if rm_dir is not None:
+        others["--reward-model"] = rm_dir
+    if critic_dir is not None:
+        others["--critic-load"] = critic_dir
+    check_vocabularies(source.plan, others, tp, pp)
+    tokenizer = load_tokenizer(cfg.tokenizer_model or source.assets_dir)
+    prompts = PromptDataset(rl.prompt_data_path, tokenizer, rl.max_prompt_tokens(cfg.seq_length), cfg.seed)
+    ptx = PtxDataset(rl.ptx_data_path, tokenizer, cfg.seq_length) if rl.ptx_coef > 0 else None
+    reward_fn = build_reward_fn(rl.reward_fn, tokenizer, rl.max_new_tokens) if rl.reward_fn else None
+    return load_dir, source, ref_dir, rm_dir, critic_dir, tokenizer, prompts, ptx, reward_fn
+
+
+def _resume_dirs(cfg: TrainConfig, rl: RLConfig):
+    """The actor's (and critic's) last checkpoints under --save, when this job saved before; they must agree."""
+    from pathlib import Path
+
+    from .schedule_utils import find_resume_dir
+
+    if not cfg.save:
+        return None, None
+    actor = find_resume_dir(str(Path(cfg.save) / "actor"))
+    critic = find_resume_dir(str(Path(cfg.save) / "critic")) if rl.algo == "ppo" else None
+    if actor is not None and rl.algo == "ppo" and (critic is None or critic.name != actor.name):
+        raise ValueError(f"--save {cfg.save}: the actor ({actor.name}) and critic "
+                         f"({critic.name if critic else 'none'}) checkpoints differ; remove the newer one")
+    return actor, critic
+
+
+def build_run(cfg: TrainConfig, rl: RLConfig, quiet: bool = False):
+    from ..convert.mcore_io import load_checkpoint_into_model
+    from ..generation import GenerationEngine, mark_weights_loaded
+    from ..runtime import init_distributed
+    from ..training.checkpointing import TrainerState, load_train_state
+    from ..training.logging import MetricsLogger
+    from ..training.setup import resolve_model_source
+    from .core_algos import build_kl_controller
+    from .ppo import RL_STATE, RLRun
+    from .reward_model import load_reward_model_weights
+    from .roles import build_actor, build_critic, build_frozen_reward_model, build_reference
+
+    load_dir, source, ref_dir, rm_dir, critic_dir, tokenizer, prompts, ptx, reward_fn = _validate(cfg, rl)
+    kl_ctl = build_kl_controller(rl.kl_controller, rl.kl_coef, rl.kl_target, rl.kl_horizon)
+
+    init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed)
+    actor_resume, critic_resume = _resume_dirs(cfg, rl)
+    steps = cfg.train_iters * rl.ppo_epochs * rl.ppo_mini_batches
+    # The scheduler counts samples in units of --global-batch-size per optimizer step.
+    sched_cfg = replace(cfg, train_iters=steps, lr_decay_iters=None)
+    actor = build_actor(sched_cfg, source, steps)
+    critic = None
+    if critic_dir is not None:
+        critic_source = resolve_model_source(replace(cfg, model_size=None, model_name=None), critic_dir)
+        critic = build_critic(sched_cfg, critic_source, rl.critic_lr, steps)
+    reference = build_reference(cfg, ref_dir)
+    reward_model = build_frozen_reward_model(cfg, rm_dir) if rm_dir is not None else None
+    logger = MetricsLogger(cfg.log_interval, cfg.tensorboard_dir, 0, quiet)
+    state = TrainerState()
+    if actor_resume is not None:
+        load_checkpoint_into_model(actor.model.module, actor_resume)
+        state = load_train_state(actor_resume, actor.model, actor.optimizer, actor.scheduler)
+        kl_ctl.load_state_dict(json.loads((actor_resume / RL_STATE).read_text())["kl_coef"])
+        if critic is not None:
+            load_reward_model_weights(critic.model.module, critic_resume)
+            load_train_state(critic_resume, critic.model, critic.optimizer, critic.scheduler)
+        logger.print(f"resumed at iteration {state.iteration} from {actor_resume.parent.parent}")
+    else:
+        load_checkpoint_into_model(actor.model.module, load_dir)
+        actor.optimizer.reload_model_params()
+        if critic is not None:
+            with_head = load_reward_model_weights(critic.model.module, critic_dir)
+            critic.optimizer.reload_model_params()
+            logger.print(f"critic from {critic_dir} ({'reward head' if with_head else 'new value head'})")
+        logger.print(f"actor from {load_dir}, reference from {ref_dir}")
+    mark_weights_loaded(actor.model.module, str(actor_resume or load_dir))
+    engine = GenerationEngine(actor.model.module, source.plan.vocab_size, tokenizer.eod, cfg.seq_length)
+    actor.model.module.train()
+    if cfg.save and dist.get_rank() == 0:
+        cfg.write(cfg.save)
+        with open(os.path.join(cfg.save, "rl_config.json"), "w") as handle:
+            json.dump(rl.to_dict(), handle, indent=2)
+    return RLRun(cfg, rl, actor, critic, reference, reward_model, reward_fn, tokenizer, prompts, ptx, engine,
+                 kl_ctl, state, source.plan.vocab_size, logger)

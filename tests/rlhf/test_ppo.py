@@ -1,0 +1,121 @@
+"""PPO and GRPO on megatron-core: the reward rises; TP=2 and PP=2 equal TP=1 over the first iteration; a resumed run
+equals an uninterrupted one; bad input is refused with one line before any work. Every run checks device placement
+as a GPU would (runtime/strict.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from megatron_patch.runtime import run_on_local_ranks
+from tests.rlhf import workers
+
+STRICT = {"MEGATRON_PATCH_STRICT_DEVICE": "1"}
+TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, make_hf):
+    from megatron_patch.convert.hf_to_mcore import hf_to_mcore
+
+    root = tmp_path_factory.mktemp("ppo_ws")
+    hf_to_mcore(make_hf("ppo_tiny", **TINY), root / "mcore")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{d}{(d + 1) % 10}{(d + 2) % 10}"}) + "\n" for d in range(10)))
+    ptx = root / "ptx.jsonl"
+    ptx.write_text("".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog"}) + "\n" for _ in range(4)))
+    return {"root": root, "ckpt": str(root / "mcore"), "prompts": str(prompts), "ptx": str(ptx)}
+
+
+def _configs(ws, algo="ppo", cfg_over=None, **rl_over) -> tuple[dict, dict]:
+    cfg = {**dict(load=ws["ckpt"], seq_length=16, micro_batch_size=2, global_batch_size=4, train_iters=1, lr=5e-3,
+                  lr_decay_style="constant", weight_decay=0.0, log_interval=1), **(cfg_over or {})}
+    rl = {**dict(algo=algo, prompt_data_path=ws["prompts"], reward_fn="digits", max_new_tokens=6, ppo_mini_batches=2,
+                 critic_lr=5e-3, n_samples_per_prompt=2 if algo == "grpo" else 1), **rl_over}
+    return cfg, rl
+
+
+def _run(world, cfg, rl):
+    return run_on_local_ranks(workers.rl_worker, world, cfg, rl, env=STRICT, timeout=600)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_reward_rises(ws, algo):
+    cfg, rl = _configs(ws, algo, cfg_over=dict(train_iters=8, global_batch_size=16, micro_batch_size=8, lr=1e-2),
+                       ppo_epochs=2, kl_coef=0.05, reward_fn="test_low_ids")
+    history = _run(1, cfg, rl)[0]["history"]
+    rewards = [m["reward/mean"] for _, m in history]
+    assert sum(rewards[-2:]) > 1.3 * sum(rewards[:2]) > 0, rewards
+    kls = [m["actor/kl_sum"] for _, m in history]  # summed over the 6 response tokens
+    assert all(abs(kl) < 10 for kl in kls), kls
+
+
+@pytest.fixture(scope="module")
+def single_rank(ws):
+    return _run(1, *_configs(ws, ptx_coef=0.1, ptx_data_path=ws["ptx"]))[0]
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_parallel_equals_tp1(ws, single_rank, tp, pp):
+    cfg, rl = _configs(ws, cfg_over=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+                       ptx_coef=0.1, ptx_data_path=ws["ptx"])
+    reference = single_rank
+    for got in _run(2, cfg, rl):
+        assert got["first"]["responses"] == reference["first"]["responses"]
+        for key in ("old_logprob", "ref_logprob", "advantages"):
+            np.testing.assert_allclose(got["first"][key], reference["first"][key], rtol=0, atol=1e-4, err_msg=key)
+        (_, expected), (_, metrics) = reference["history"][0], got["history"][0]
+        for key in ("actor/pg_loss", "actor/first_pg_loss", "actor/entropy", "actor/ptx_loss", "critic/vf_loss",
+                    "reward/mean"):
+            assert metrics[key] == pytest.approx(expected[key], abs=1e-4), key
+
+
+def test_resumed_equals_uninterrupted(ws, tmp_path):
+    cfg, rl = _configs(ws, cfg_over=dict(train_iters=3), kl_controller="adaptive", kl_target=0.1, kl_horizon=8)
+    whole = _run(1, {**cfg, "save": str(tmp_path / "a")}, rl)[0]["history"]
+    first = _run(1, {**cfg, "save": str(tmp_path / "b"), "exit_interval": 1}, rl)[0]["history"]
+    rest = _run(1, {**cfg, "save": str(tmp_path / "b")}, rl)[0]["history"]
+    assert [i for i, _ in first] == [1] and [i for i, _ in rest] == [2, 3]
+    for (_, expected), (_, got) in zip(whole, first + rest):
+        for key in ("reward/mean", "actor/kl_coef", "actor/kl_sum", "actor/pg_loss", "critic/vf_loss"):
+            assert got[key] == pytest.approx(expected[key], abs=1e-6), key
+    assert (tmp_path / "b" / "critic" / "iter_0000003" / "reward_model.json").is_file()
+
+
+def _write(path, lines):
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def other_vocab_ckpt(ws, make_hf):
+    from megatron_patch.convert.hf_to_mcore import hf_to_mcore
+
+    hf_to_mcore(make_hf("ppo_tiny_v640", **{**TINY, "vocab_size": 640}), ws["root"] / "other_vocab")
+    return str(ws["root"] / "other_vocab")
+
+
+@pytest.mark.parametrize("case", ["missing_key", "too_long", "other_vocab", "negative_kl", "mini_batches"])
+def test_bad_input_refused_before_work(ws, other_vocab_ckpt, tmp_path, case):
+    from megatron_patch.rlhf.ppo_setup import _validate
+    from megatron_patch.rlhf.rl_config import RLConfig
+    from megatron_patch.training.arguments import TrainConfig
+
+    cfg, rl = _configs(ws, cfg_over=dict(save=str(tmp_path / "out")))
+    expected = {
+        "missing_key": ('expected {"prompt": "..."}', dict(prompt_data_path=_write(tmp_path / "keys.jsonl",
+                                                                                   [{"text": "12"}]))),
+        "too_long": ("over the budget", dict(prompt_data_path=_write(tmp_path / "long.jsonl",
+                                                                     [{"prompt": "1 2 3 4 5 6 7 8 9 0"}]))),
+        "other_vocab": ("--ref-load", dict(ref_load=other_vocab_ckpt)),
+        "negative_kl": ("--kl-coef must be >= 0", dict(kl_coef=-0.1)),
+        "mini_batches": ("--ppo-mini-batches 8 exceeds the 4 samples", dict(ppo_mini_batches=8)),
+    }[case]
+    with pytest.raises(ValueError) as error:
+        _validate(TrainConfig.from_dict({"mode": "finetune", **cfg}), RLConfig.from_dict({**rl, **expected[1]}))
+    message = str(error.value)
+    assert expected[0] in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
