@@ -75,10 +75,10 @@ def sharded_key(global_name: str) -> tuple[str, int | None]:
     return LAYERS + te_name("." + rest)[1:], int(layer)
 
 
-def _extra_state_modules(plan: Sharding) -> list[str]:
+def _extra_state_modules(sharding: Sharding) -> list[str]:
     """The layer modules that are megatron-core linear layers (``self_attention.linear_qkv``, ...), in row order."""
     modules = []
-    for row in plan.rows:
+    for row in sharding.rows:
         if row.megatron.startswith(LAYERS + "*."):
             module = row.megatron[len(LAYERS) + 2:].rpartition(".")[0]
             if module.rpartition(".")[2].startswith("linear_") and module not in modules:
@@ -86,10 +86,10 @@ def _extra_state_modules(plan: Sharding) -> list[str]:
     return modules
 
 
-def extra_state_keys(plan: Sharding) -> list[str]:
-    layers = plan.arch.num_layers
+def extra_state_keys(sharding: Sharding) -> list[str]:
+    layers = sharding.arch.num_layers
     return [f"{LAYERS}{module}._extra_state/shard_{layer}_{layers}"
-            for layer in range(layers) for module in _extra_state_modules(plan)]
+            for layer in range(layers) for module in _extra_state_modules(sharding)]
 
 
 @dataclass(frozen=True)
@@ -105,14 +105,14 @@ class Chunk:
     parts: int
 
 
-def layout(plan: Sharding) -> list[Chunk]:
-    """Every tensor chunk a TP=1 PP=1 megatron-core save of ``plan``'s model holds, grouped by entry."""
-    single = plan.retarget(1, 1)  # keeps the vocabulary padding of the requested TP (the stored global shapes)
-    layers = plan.arch.num_layers
+def layout(sharding: Sharding) -> list[Chunk]:
+    """Every tensor chunk a TP=1 PP=1 megatron-core save of ``sharding``'s model holds, grouped by entry."""
+    single = sharding.retarget(1, 1)  # keeps the vocabulary padding of the requested TP (the stored global shapes)
+    layers = sharding.arch.num_layers
     chunks = []
     for entry in single.stage_entries(0):
         key, layer = sharded_key(entry.global_name)
-        shape = megatron_shape(entry.global_name, plan.arch, single.padded_vocab_size)
+        shape = megatron_shape(entry.global_name, sharding.arch, single.padded_vocab_size)
         parts = 2 if entry.row.split is Split.GATED else 1
         part_shape = (shape[0] // parts, *shape[1:])
         for part in range(parts):
@@ -185,18 +185,18 @@ class _StreamingSavePlanner(SavePlanner):
         return self._current[1][chunk.part].reshape(chunk.sizes)
 
 
-def write_torch_dist(plan: Sharding, reader, iter_dir: Path, dtype: torch.dtype, progress=None) -> None:
-    """Write ``plan``'s model from the HF ``reader`` as a torch_dist checkpoint into ``iter_dir``.
+def write_torch_dist(sharding: Sharding, reader, iter_dir: Path, dtype: torch.dtype, progress=None) -> None:
+    """Write ``sharding``'s model from the HF ``reader`` as a torch_dist checkpoint into ``iter_dir``.
 
     The tensors are exactly those of a TP=1 PP=1 save (any TP x PP loads them); every chunk is cast to ``dtype``,
     as a model built with ``params_dtype=dtype`` would hold it.
     """
-    single = plan.retarget(1, 1)
+    single = sharding.retarget(1, 1)
 
     def build_entry(entry: Entry) -> torch.Tensor:
         return single.full_megatron_tensor(entry, [reader.get(name) for name in entry.hf_names])
 
-    planner = _StreamingSavePlanner(layout(plan), extra_state_keys(plan), dtype, build_entry, progress)
+    planner = _StreamingSavePlanner(layout(sharding), extra_state_keys(sharding), dtype, build_entry, progress)
     # One thread keeps the plan order (see the planner); no copy-ahead keeps the lazy serial loader on GPU hosts too.
     # No fsync, like the other writers here: the output directory becomes visible by rename once complete.
     writer = FileSystemWriter(iter_dir, single_file_per_rank=True, sync_files=False, thread_count=1,
