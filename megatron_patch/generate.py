@@ -124,7 +124,7 @@ def read_prompts(path: str | os.PathLike, prompt_key: str = "prompt") -> list[st
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
-    from .convert.mcore_io import apply_umask_modes
+    from .checkpoint.atomic import apply_umask_modes
 
     path = Path(path).absolute()
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
@@ -188,14 +188,14 @@ def generate_file(args) -> int:
     from megatron.core import parallel_state
     from tqdm import tqdm
 
-    from .convert.mcore_io import read_meta, resolve_checkpoint
     from .generation import GenerationEngine, SamplingParams, load_model
+    from .models.checkpoint import Checkpoint
     from .runtime import init_distributed
 
     check_args(args)
     prompts = read_prompts(args.text_generate_input_file, args.prompt_key)
-    iter_dir = resolve_checkpoint(args.load)
-    meta = read_meta(iter_dir)
+    ckpt = Checkpoint.open(args.load)
+    iter_dir, meta = ckpt.iter_dir, ckpt.meta
     check_checkpoint(args, meta)
     codec = PromptCodec(iter_dir / "hf_assets")
     encoded = [codec.encode(p) for p in prompts]

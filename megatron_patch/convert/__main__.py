@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+# The registered checkpoint formats (checkpoint.formats); spelled out here so that --help needs no torch import.
+FORMAT_CHOICES = ("torch_dist", "legacy")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from ..runtime.noise import add_verbose_flag
@@ -19,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tensor-parallel size to shard for (default: 1)")
     h2m.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1,
                      help="pipeline-parallel size to shard for (default: 1)")
-    h2m.add_argument("--format", dest="fmt", choices=("torch_dist", "legacy"), default="torch_dist",
+    h2m.add_argument("--format", dest="fmt", choices=FORMAT_CHOICES, default="torch_dist",
                      help="torch_dist (megatron-core dist_checkpointing, reshardable; default) or legacy mp_rank_* files")
     h2m.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local",
                      help="layer spec the checkpoint is for (affects legacy key names only; default: local)")
@@ -37,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.add_argument("--max-shard-size-gb", type=float, default=5.0,
                      help="largest safetensors shard, in GiB (default: 5)")
     m2h.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
+    m2h.add_argument("--model-name", "--family", dest="family", default=None,
+                     help="model family of a checkpoint without megatron_patch.json (Megatron-LM, Megatron-Bridge); "
+                          "detected from --hf-config's config.json when omitted")
+    m2h.add_argument("--hf-config", default=None, metavar="DIR",
+                     help="HF directory with the config.json and tokenizer of a checkpoint without megatron_patch.json")
 
     ver = sub.add_parser("verify", help="compare HF and Megatron logits on a fixed text")
     ver.add_argument("--hf", required=True, help="HF model directory")
@@ -51,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="runs/convert_demo", help="where to write (default: runs/convert_demo)")
     demo.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default: 2)")
     demo.add_argument("--pp", type=int, default=2, help="pipeline-parallel size (default: 2)")
-    demo.add_argument("--format", dest="fmt", choices=("torch_dist", "legacy"), default="torch_dist",
+    demo.add_argument("--format", dest="fmt", choices=FORMAT_CHOICES, default="torch_dist",
                       help="checkpoint format (default: torch_dist)")
     for command in (h2m, m2h, ver, demo):
         add_verbose_flag(command)
@@ -72,7 +80,8 @@ def run(args) -> int | None:
     elif args.command == "mcore2hf":
         from .mcore_to_hf import mcore_to_hf
 
-        out = mcore_to_hf(args.load, args.save, args.overwrite, int(args.max_shard_size_gb * 2**30))
+        out = mcore_to_hf(args.load, args.save, args.overwrite, int(args.max_shard_size_gb * 2**30),
+                          model_name=args.family, hf_config_dir=args.hf_config)
         print(f"saved HF model to {out}")
     elif args.command == "demo":
         from .demo import print_table, run_conversion_demo

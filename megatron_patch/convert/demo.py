@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .hf_io import HFCheckpointReader
+from ..checkpoint.hf import HFCheckpointReader
 
 
 def run_conversion_demo(workdir: str | Path, tp: int = 2, pp: int = 2, fmt: str = "torch_dist") -> list[tuple]:

@@ -1,4 +1,4 @@
-"""HF directory -> Megatron checkpoint (torch_dist or legacy) sharded for TP x PP."""
+"""HF directory -> Megatron checkpoint (any registered format) sharded for TP x PP."""
 
 from __future__ import annotations
 
@@ -8,37 +8,25 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..models import detect_family, get_family
-from .engine import ConversionPlan, te_name
-from .hf_io import HFCheckpointReader, copy_assets, read_config
-from .mcore_io import (
-    ASSETS,
-    FORMATS,
-    TRACKER,
-    atomic_output_dir,
-    check_output_dir,
-    save_legacy_rank,
-    write_meta,
-)
-from .torch_dist import single_rank_plan, write_torch_dist
+from ..checkpoint.atomic import atomic_output_dir, check_output_dir
+from ..checkpoint.formats import format_names, get_format
+from ..checkpoint.hf import HFCheckpointReader, copy_assets, read_config
+from ..checkpoint.megatron import ASSETS, TRACKER, TRANSFORMER_IMPLS
+from ..models.checkpoint import write_checkpoint_meta
+from ..models.spec import ModelSpec
+from .plan import ConversionPlan
 
 
 def make_plan(hf_config: dict, tp: int, pp: int, family_name: str | None = None, extra_vocab_size: int = 0,
               make_vocab_size_divisible_by: int = 128) -> ConversionPlan:
-    family = get_family(family_name) if family_name else detect_family(hf_config)
-    return ConversionPlan(
-        family=family,
-        arch=family.arch_from_hf(hf_config),
-        tp=tp,
-        pp=pp,
-        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        extra_vocab_size=extra_vocab_size,
-    )
+    spec = ModelSpec.from_hf_config(hf_config, tp=tp, family=family_name, extra_vocab_size=extra_vocab_size,
+                                    make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    return ConversionPlan(spec, tp, pp)
 
 
 def checkpoint_dtype(reader: HFCheckpointReader, plan: ConversionPlan) -> torch.dtype:
     """The dtype the weights are stored in (that of the word embedding), kept through the conversion."""
-    first = plan.stage_entries(0)[0]
+    first = plan.sharding.stage_entries(0)[0]
     return reader.dtype(first.hf_names[0])
 
 
@@ -55,10 +43,11 @@ def hf_to_mcore(
     overwrite: bool = False,
 ) -> Path:
     """Convert; everything is validated before the first byte is written, and the output appears atomically."""
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {fmt})")
-    if transformer_impl not in ("local", "transformer_engine"):
+    if fmt not in format_names():
+        raise ValueError(f"--format must be one of {', '.join(format_names())} (got {fmt})")
+    if transformer_impl not in TRANSFORMER_IMPLS:
         raise ValueError(f"--transformer-impl must be local or transformer_engine (got {transformer_impl})")
+    storage = get_format(fmt)
     hf_config = read_config(hf_dir)
     plan = make_plan(hf_config, tp, pp, family, extra_vocab_size, make_vocab_size_divisible_by)
     check_output_dir(out_dir, overwrite)
@@ -69,32 +58,11 @@ def hf_to_mcore(
     with atomic_output_dir(out_dir, overwrite) as temp:
         iter_dir = temp / "release"
         iter_dir.mkdir()
-        if fmt == "legacy":
-            _save_legacy(plan, reader, iter_dir, transformer_impl)
-        else:
-            _save_torch_dist(plan, reader, iter_dir, dtype)
+        with tqdm(total=storage.write_steps(plan.sharding), desc="hf2mcore", unit="tensor", disable=None) as progress:
+            storage.write(plan.sharding, reader, iter_dir, dtype=dtype, transformer_impl=transformer_impl,
+                          progress=progress)
         copy_assets(hf_dir, iter_dir / ASSETS)
-        write_meta(iter_dir, plan, fmt, transformer_impl, hf_config, dtype)
+        write_checkpoint_meta(iter_dir, plan.spec, fmt=fmt, tp=tp, pp=pp, transformer_impl=transformer_impl,
+                              dtype=dtype)
         (temp / TRACKER).write_text("release")
     return Path(out_dir)
-
-
-def _save_legacy(plan: ConversionPlan, reader: HFCheckpointReader, iter_dir: Path, transformer_impl: str) -> None:
-    """One rank file at a time: memory holds one rank's tensors. A rank reads only its part of each HF tensor
-    (the tensors are views of memory-mapped files), so every byte is read once over all ranks."""
-    rename = te_name if transformer_impl == "transformer_engine" else (lambda name: name)
-    total = plan.tp * sum(len(plan.stage_entries(s)) for s in range(plan.pp))
-    with tqdm(total=total, desc="hf2mcore", unit="tensor", disable=None) as progress:
-        for pp_rank in range(plan.pp):
-            for tp_rank in range(plan.tp):
-                state_dict = {rename(name): shards[tp_rank]
-                              for name, shards in plan.hf_to_megatron(reader, pp_rank, [tp_rank], progress)}
-                save_legacy_rank(iter_dir, tp_rank, pp_rank, plan.pp, state_dict)
-                del state_dict
-
-
-def _save_torch_dist(plan: ConversionPlan, reader: HFCheckpointReader, iter_dir: Path, dtype: torch.dtype) -> None:
-    """One process writes the whole torch_dist checkpoint (its tensors are TP/PP-independent): see torch_dist.py."""
-    total = len(single_rank_plan(plan).stage_entries(0))
-    with tqdm(total=total, desc="hf2mcore", unit="tensor", disable=None) as progress:
-        write_torch_dist(plan, reader, iter_dir, dtype, progress)

@@ -1,4 +1,5 @@
-"""Megatron checkpoint (either format, any TP x PP, release or iter_NNNNNNN) -> HF directory."""
+"""Megatron checkpoint (any registered format, any TP x PP, release or iter_NNNNNNN; ours, Megatron-LM's or
+Megatron-Bridge's) -> HF directory."""
 
 from __future__ import annotations
 
@@ -7,20 +8,11 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from .hf_io import StreamingSafetensorsWriter, copy_assets
-from .mcore_io import (
-    ASSETS,
-    LegacyReader,
-    atomic_output_dir,
-    check_output_dir,
-    plan_from_meta,
-    read_meta,
-    resolve_checkpoint,
-)
-from .torch_dist import TorchDistReader
+from ..checkpoint.atomic import atomic_output_dir, check_output_dir
+from ..checkpoint.hf import StreamingSafetensorsWriter, copy_assets
+from ..models.checkpoint import Checkpoint
 
 
 def export_config(meta: dict) -> dict:
@@ -38,20 +30,17 @@ def generation_config(config: dict) -> dict:
 
 
 def mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: bool = False,
-                max_shard_bytes: int = 5 * 2**30) -> Path:
+                max_shard_bytes: int = 5 * 2**30, model_name: str | None = None,
+                hf_config_dir: str | os.PathLike | None = None) -> Path:
     """Convert in one process, one parameter at a time: memory holds one parameter (and, for legacy input, the
     pages of the current pipeline stage's files), never the model. Every tensor's presence and shape is checked
-    before the first byte is written."""
-    iter_dir = resolve_checkpoint(load)
-    meta = read_meta(iter_dir)
-    plan = plan_from_meta(meta)
+    before the first byte is written. ``model_name`` / ``hf_config_dir`` serve checkpoints without
+    ``megatron_patch.json`` (see ``models.foreign``)."""
+    ckpt = Checkpoint.open(load, model_name=model_name, hf_config_dir=hf_config_dir)
+    sharding = ckpt.sharding()
     check_output_dir(save, overwrite)
-    if meta["format"] == "legacy":
-        reader = LegacyReader(iter_dir, plan, meta["transformer_impl"])
-        dtype = None  # legacy files keep each tensor's own dtype
-    else:
-        reader = TorchDistReader(iter_dir)
-        dtype = getattr(torch, meta["dtype"])  # as a model built with the checkpoint's dtype would load it
+    reader = ckpt.reader()
+    dtype = ckpt.format.export_dtype(ckpt.dtype)
 
     def get_full(entry, meta_only=False):
         tensor = reader.meta(entry.global_name) if meta_only else reader.full(entry.global_name)
@@ -59,20 +48,20 @@ def mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: boo
 
     # The HF names, dtypes and shapes, from running the export on meta tensors: validates every source tensor
     # before any work and lets the writer stream (it writes each file's header first).
-    plan.check_megatron_shapes(functools.partial(get_full, meta_only=True))
-    layout = [(name, t.dtype, tuple(t.shape)) for name, t in plan.megatron_to_hf(functools.partial(get_full, meta_only=True))]
+    as_meta = functools.partial(get_full, meta_only=True)
+    sharding.check_megatron_shapes(as_meta)
+    layout = [(name, t.dtype, tuple(t.shape)) for name, t in sharding.megatron_to_hf(as_meta)]
 
-    config = export_config(meta)
+    config = export_config(ckpt.meta)
     with atomic_output_dir(save, overwrite) as temp:
-        assets = iter_dir / ASSETS
-        if assets.is_dir():
-            copy_assets(assets, temp)
+        if ckpt.assets_dir is not None:
+            copy_assets(ckpt.assets_dir, temp)
         (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if not (temp / "generation_config.json").is_file():
             (temp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
         writer = StreamingSafetensorsWriter(temp, layout, max_shard_bytes)
-        with tqdm(total=len(plan.export_entries()), desc="mcore2hf", unit="tensor", disable=None) as progress:
-            for name, tensor in plan.megatron_to_hf(get_full, progress):
+        with tqdm(total=len(sharding.export_entries()), desc="mcore2hf", unit="tensor", disable=None) as progress:
+            for name, tensor in sharding.megatron_to_hf(get_full, progress):
                 writer.add(name, tensor)
         writer.close()
     return Path(save)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .mcore_io import read_meta, resolve_checkpoint
+from ..models.checkpoint import Checkpoint
 
 FIXED_TEXT = (
     "The quick brown fox jumps over the lazy dog. Megatron splits each layer across tensor-parallel ranks "
@@ -68,7 +68,7 @@ def megatron_logits(iter_dirs: list, tokens: torch.Tensor, tp: int, pp: int) -> 
     results = run_on_local_ranks(_megatron_logits_rank, tp * pp, iter_dirs, tokens, tp, pp,
                                  env={"CUDA_VISIBLE_DEVICES": ""})
     logits = next(r for r in results if r is not None)
-    return [out[..., : read_meta(d)["vocab_size"]] for d, out in zip(iter_dirs, logits)]
+    return [out[..., : Checkpoint.open(d).spec.vocab_size] for d, out in zip(iter_dirs, logits)]
 
 
 def _megatron_logits_rank(iter_dirs, tokens, tp, pp):
@@ -77,15 +77,13 @@ def _megatron_logits_rank(iter_dirs, tokens, tp, pp):
     from ..models.builder import build_model
     from ..models.inference import forward_logits
     from ..runtime import init_distributed, local_device, place_model
-    from .mcore_io import load_checkpoint_into_model, plan_from_meta
-
     init_distributed(tp, pp)
     tokens = tokens.to(local_device())
     outputs = []
     for iter_dir in iter_dirs:
-        plan = plan_from_meta(read_meta(iter_dir), tp=tp, pp=pp)
-        model = place_model(build_model(plan.arch, plan.padded_vocab_size, parallel_output=False))
-        load_checkpoint_into_model(model, iter_dir)
+        ckpt = Checkpoint.open(iter_dir)
+        model = place_model(build_model(ckpt.spec.arch, ckpt.spec.padded_vocab_size, parallel_output=False))
+        ckpt.load_into(model)
         model.eval()
         outputs.append(forward_logits(model, tokens))
     if outputs[0] is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
@@ -101,14 +99,12 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float) 
 
 def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, tp: int | None = None, pp: int | None = None,
            tolerance: float = 1e-4, trust_remote_code: bool = False) -> ParityReport:
-    iter_dir = resolve_checkpoint(mcore_dir)
-    meta = read_meta(iter_dir)
-    tp = tp or meta["tensor_model_parallel_size"]
-    pp = pp or meta["pipeline_model_parallel_size"]
-    tokens = fixed_tokens(hf_dir, meta["hf_config"]["vocab_size"], trust_remote_code=trust_remote_code)
+    ckpt = Checkpoint.open(mcore_dir)
+    tp, pp = tp or ckpt.tp, pp or ckpt.pp
+    tokens = fixed_tokens(hf_dir, ckpt.spec.arch.vocab_size, trust_remote_code=trust_remote_code)
     reference = hf_logits(hf_dir, tokens, trust_remote_code)
-    candidate = megatron_logits([iter_dir], tokens, tp, pp)[0]
-    extra = meta.get("extra_vocab_size", 0)
+    candidate = megatron_logits([ckpt.iter_dir], tokens, tp, pp)[0]
+    extra = ckpt.spec.extra_vocab_size
     if extra and candidate.shape[-1] == reference.shape[-1] + extra:
         candidate = candidate[..., : reference.shape[-1]]  # new tokens have no HF counterpart; old ones must agree
     if reference.shape != candidate.shape:

@@ -29,7 +29,7 @@ class LoadedModel:
 
     @property
     def assets_dir(self) -> Path:
-        from ..convert.mcore_io import ASSETS
+        from ..checkpoint.megatron import ASSETS
 
         return self.iter_dir / ASSETS
 
@@ -50,22 +50,22 @@ def load_model(checkpoint: str | os.PathLike, precision: str = "fp32") -> Loaded
     the current TP size. ``init_distributed(tp, 1)`` must have run on every rank."""
     from megatron.core import parallel_state
 
-    from ..convert.mcore_io import load_checkpoint_into_model, plan_from_meta, read_meta, resolve_checkpoint
     from ..models.builder import build_model, transformer_config
+    from ..models.checkpoint import Checkpoint
     from ..runtime.device import place_model
 
     if precision not in DTYPES:
         raise GenerationError(f"precision must be one of {', '.join(DTYPES)} (got {precision})")
-    iter_dir = resolve_checkpoint(checkpoint)
-    meta = read_meta(iter_dir)
+    ckpt = Checkpoint.open(checkpoint)
+    spec = ckpt.spec
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    plan = plan_from_meta(meta, tp=tp, pp=pp)
-    config = transformer_config(plan.arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+    spec.sharding(tp, pp)  # a one-line error when the model cannot be split so
+    config = transformer_config(spec.arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 params_dtype=DTYPES[precision])
-    model = place_model(build_model(plan.arch, plan.padded_vocab_size, config=config, parallel_output=False))
-    load_checkpoint_into_model(model, iter_dir)  # copied into the placed parameters
-    mark_weights_loaded(model, str(iter_dir))
+    model = place_model(build_model(spec.arch, spec.padded_vocab_size, config=config, parallel_output=False))
+    ckpt.load_into(model)  # copied into the placed parameters
+    mark_weights_loaded(model, str(ckpt.iter_dir))
     model.eval()
-    return LoadedModel(model=model, iter_dir=iter_dir, meta=meta, vocab_size=plan.vocab_size,
-                       max_sequence_length=plan.arch.max_position_embeddings)
+    return LoadedModel(model=model, iter_dir=ckpt.iter_dir, meta=ckpt.meta, vocab_size=spec.vocab_size,
+                       max_sequence_length=spec.arch.max_position_embeddings)

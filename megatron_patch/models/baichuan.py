@@ -13,7 +13,7 @@ Llama's layout and names, with these differences:
 
 from __future__ import annotations
 
-from ..convert.mapping import QKV, FusedQKV
+from ..mapping import QKV, FusedQKV
 from . import llama
 from .arch import ModelArch, hf_dtype
 from .registry import ModelFamily, register_family

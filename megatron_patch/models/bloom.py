@@ -7,7 +7,7 @@ with bias, ALiBi instead of RoPE (``layers/alibi.py``), and the output layer tie
 
 from __future__ import annotations
 
-from ..convert.mapping import COLUMN, REPLICATED, ROW, VOCAB, Direct, PerHeadQKV
+from ..mapping import Direct, PerHeadQKV, Split
 from .arch import ModelArch, hf_dtype
 from .registry import ModelFamily, register_family
 
@@ -49,9 +49,9 @@ def arch_from_hf(hf: dict) -> ModelArch:
 def weight_mapping(arch: ModelArch) -> list:
     layer, attn, mlp = "transformer.h.*", "transformer.h.*.self_attention", "transformer.h.*.mlp"
     rows = [
-        Direct("embedding.word_embeddings.weight", "transformer.word_embeddings.weight", VOCAB),
+        Direct("embedding.word_embeddings.weight", "transformer.word_embeddings.weight", Split.VOCAB),
         Direct("output_layer.weight",
-               "transformer.word_embeddings.weight" if arch.tie_word_embeddings else "lm_head.weight", VOCAB),
+               "transformer.word_embeddings.weight" if arch.tie_word_embeddings else "lm_head.weight", Split.VOCAB),
         Direct("decoder.final_layernorm.weight", "transformer.ln_f.weight"),
         Direct("decoder.final_layernorm.bias", "transformer.ln_f.bias"),
     ]
@@ -61,11 +61,11 @@ def weight_mapping(arch: ModelArch) -> list:
             Direct(f"decoder.layers.*.input_layernorm.{kind}", f"{layer}.input_layernorm.{kind}"),
             PerHeadQKV(f"decoder.layers.*.self_attention.linear_qkv.{kind}", f"{attn}.query_key_value.{kind}"),
             Direct(f"decoder.layers.*.self_attention.linear_proj.{kind}", f"{attn}.dense.{kind}",
-                   ROW if kind == "weight" else REPLICATED),
+                   Split.ROW if kind == "weight" else Split.REPLICATED),
             Direct(f"decoder.layers.*.pre_mlp_layernorm.{kind}", f"{layer}.post_attention_layernorm.{kind}"),
-            Direct(f"decoder.layers.*.mlp.linear_fc1.{kind}", f"{mlp}.dense_h_to_4h.{kind}", COLUMN),
+            Direct(f"decoder.layers.*.mlp.linear_fc1.{kind}", f"{mlp}.dense_h_to_4h.{kind}", Split.COLUMN),
             Direct(f"decoder.layers.*.mlp.linear_fc2.{kind}", f"{mlp}.dense_4h_to_h.{kind}",
-                   ROW if kind == "weight" else REPLICATED),
+                   Split.ROW if kind == "weight" else Split.REPLICATED),
         ]
     return rows
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..convert.mapping import QKV, REPLICATED, ROW, VOCAB, Direct, GatedMLP
+from ..mapping import QKV, Direct, GatedMLP, Split
 from .arch import ModelArch, llama_style_arch
 from .registry import ModelFamily, register_family
 
@@ -22,24 +22,24 @@ def arch_from_hf(hf: dict) -> ModelArch:
 def weight_mapping(arch: ModelArch) -> list:
     attn, mlp = "model.layers.*.self_attn", "model.layers.*.mlp"
     rows = [
-        Direct("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB),
+        Direct("embedding.word_embeddings.weight", "model.embed_tokens.weight", Split.VOCAB),
         Direct("decoder.layers.*.input_layernorm.weight", "model.layers.*.input_layernorm.weight"),
         QKV("decoder.layers.*.self_attention.linear_qkv.weight",
             f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"),
-        Direct("decoder.layers.*.self_attention.linear_proj.weight", f"{attn}.o_proj.weight", ROW),
+        Direct("decoder.layers.*.self_attention.linear_proj.weight", f"{attn}.o_proj.weight", Split.ROW),
         Direct("decoder.layers.*.pre_mlp_layernorm.weight", "model.layers.*.post_attention_layernorm.weight"),
         GatedMLP("decoder.layers.*.mlp.linear_fc1.weight", f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"),
-        Direct("decoder.layers.*.mlp.linear_fc2.weight", f"{mlp}.down_proj.weight", ROW),
+        Direct("decoder.layers.*.mlp.linear_fc2.weight", f"{mlp}.down_proj.weight", Split.ROW),
         Direct("decoder.final_layernorm.weight", "model.norm.weight"),
-        Direct("output_layer.weight", "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight", VOCAB),
+        Direct("output_layer.weight", "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight", Split.VOCAB),
     ]
     if arch.add_qkv_bias:
         rows.append(QKV("decoder.layers.*.self_attention.linear_qkv.bias",
                         f"{attn}.q_proj.bias", f"{attn}.k_proj.bias", f"{attn}.v_proj.bias"))
     if arch.add_linear_bias:
-        rows.append(Direct("decoder.layers.*.self_attention.linear_proj.bias", f"{attn}.o_proj.bias", REPLICATED))
+        rows.append(Direct("decoder.layers.*.self_attention.linear_proj.bias", f"{attn}.o_proj.bias", Split.REPLICATED))
         rows.append(GatedMLP("decoder.layers.*.mlp.linear_fc1.bias", f"{mlp}.gate_proj.bias", f"{mlp}.up_proj.bias"))
-        rows.append(Direct("decoder.layers.*.mlp.linear_fc2.bias", f"{mlp}.down_proj.bias", REPLICATED))
+        rows.append(Direct("decoder.layers.*.mlp.linear_fc2.bias", f"{mlp}.down_proj.bias", Split.REPLICATED))
     return rows
 
 

@@ -12,7 +12,7 @@ What differs from llama:
 
 from __future__ import annotations
 
-from ..convert.mapping import REPLICATED, ROW, VOCAB, Direct, FusedQKV, GatedMLP
+from ..mapping import Direct, FusedQKV, GatedMLP, Split
 from . import llama
 from .arch import ModelArch, hf_dtype, llama_style_arch
 from .registry import ModelFamily, register_family
@@ -66,18 +66,18 @@ def arch_from_hf(hf: dict) -> ModelArch:
 def _qwen1_mapping(arch: ModelArch) -> list:
     layer, attn, mlp = "transformer.h.*", "transformer.h.*.attn", "transformer.h.*.mlp"
     return [
-        Direct("embedding.word_embeddings.weight", "transformer.wte.weight", VOCAB),
+        Direct("embedding.word_embeddings.weight", "transformer.wte.weight", Split.VOCAB),
         Direct("decoder.layers.*.input_layernorm.weight", f"{layer}.ln_1.weight"),
         FusedQKV("decoder.layers.*.self_attention.linear_qkv.weight", f"{attn}.c_attn.weight"),
         FusedQKV("decoder.layers.*.self_attention.linear_qkv.bias", f"{attn}.c_attn.bias"),
-        Direct("decoder.layers.*.self_attention.linear_proj.weight", f"{attn}.c_proj.weight", ROW),
+        Direct("decoder.layers.*.self_attention.linear_proj.weight", f"{attn}.c_proj.weight", Split.ROW),
         Direct("decoder.layers.*.pre_mlp_layernorm.weight", f"{layer}.ln_2.weight"),
         # output = c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection.
         GatedMLP("decoder.layers.*.mlp.linear_fc1.weight", gate=f"{mlp}.w2.weight", up=f"{mlp}.w1.weight"),
-        Direct("decoder.layers.*.mlp.linear_fc2.weight", f"{mlp}.c_proj.weight", ROW),
+        Direct("decoder.layers.*.mlp.linear_fc2.weight", f"{mlp}.c_proj.weight", Split.ROW),
         Direct("decoder.final_layernorm.weight", "transformer.ln_f.weight"),
         Direct("output_layer.weight", "transformer.wte.weight" if arch.tie_word_embeddings else "lm_head.weight",
-               VOCAB),
+               Split.VOCAB),
     ]
 
 
@@ -88,8 +88,8 @@ def weight_mapping(arch: ModelArch) -> list:
     rows = llama.weight_mapping(arch)
     if arch.qk_layernorm:
         attn = "model.layers.*.self_attn"
-        rows += [Direct("decoder.layers.*.self_attention.q_layernorm.weight", f"{attn}.q_norm.weight", REPLICATED),
-                 Direct("decoder.layers.*.self_attention.k_layernorm.weight", f"{attn}.k_norm.weight", REPLICATED)]
+        rows += [Direct("decoder.layers.*.self_attention.q_layernorm.weight", f"{attn}.q_norm.weight", Split.REPLICATED),
+                 Direct("decoder.layers.*.self_attention.k_layernorm.weight", f"{attn}.k_norm.weight", Split.REPLICATED)]
     return rows
 
 

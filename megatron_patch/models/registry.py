@@ -17,7 +17,7 @@ class ModelFamily:
         architectures: HF ``architectures`` entries this family reads.
         model_types: HF ``model_type`` values this family reads.
         arch_from_hf: HF ``config.json`` dict -> ModelArch (validates what it cannot represent).
-        weight_mapping: ModelArch -> list of ``convert.mapping`` rows (one per megatron parameter name).
+        weight_mapping: ModelArch -> list of ``mapping.Row`` (one per megatron parameter name).
         flavors: named size presets as HF config dicts; ``tiny`` is the CPU/test preset.
         ignored_hf_keys: regexes of HF tensors that hold no weights (e.g. cached rotary frequencies).
         optional_hf_prefix: a prefix of the mapping's HF names that checkpoints saved from the base model lack

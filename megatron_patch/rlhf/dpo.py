@@ -106,7 +106,7 @@ def dpo_schedule(run: DPORun, microbatches: list[dict], forward_only: bool) -> d
     """Reference pass, then the policy pass over the same micro-batches; the report averaged over all pairs."""
     from megatron.core import parallel_state
 
-    vocab_size = run.source.plan.vocab_size
+    vocab_size = run.source.spec.vocab_size
     with torch.no_grad():
         reference_out = _schedule(run.reference, partial(_reference_forward_step, vocab_size), iter(microbatches),
                                   len(microbatches), run.cfg, forward_only=True)
@@ -208,10 +208,11 @@ def build_run(cfg: TrainConfig, beta: float, skip_bad_lines: bool = False, quiet
     """Validate, initialise distributed state, build policy (DDP + optimizer) and frozen reference from --load."""
     from megatron.core.distributed import finalize_model_grads
 
-    from ..convert.mcore_io import load_checkpoint_into_model, resolve_checkpoint
+    from ..checkpoint.megatron import find_iteration_dir
     from ..data.preference import PreferenceDataset
     from ..data.tokenizers import load_tokenizer
     from ..models.builder import build_model
+    from ..models.checkpoint import Checkpoint
     from ..runtime import init_distributed
     from ..training.checkpointing import TrainerState, load_train_state
     from ..training.logging import MetricsLogger
@@ -231,7 +232,7 @@ def build_run(cfg: TrainConfig, beta: float, skip_bad_lines: bool = False, quiet
         raise ValueError("DPO needs --load: the SFT (or converted) checkpoint both the policy and the reference "
                          "start from")
     check_precision_support(cfg)
-    load_dir = resolve_checkpoint(cfg.load)
+    load_dir = find_iteration_dir(cfg.load)
     source = resolve_model_source(cfg, load_dir)
     source.arch.check_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     tokenizer = load_tokenizer(cfg.tokenizer_model or source.assets_dir)
@@ -247,9 +248,9 @@ def build_run(cfg: TrainConfig, beta: float, skip_bad_lines: bool = False, quiet
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     # The reference gets its own config: no DDP hooks, no loss scaling, nothing of the policy's.
-    reference = build_model(source.arch, source.plan.padded_vocab_size,
+    reference = build_model(source.arch, source.spec.padded_vocab_size,
                             config=build_transformer_config(cfg, source), transformer_impl=cfg.transformer_impl)
-    load_checkpoint_into_model(reference, load_dir)
+    source.checkpoint.load_into(reference)
     reference.eval()
     reference.requires_grad_(False)
     train_iters = cfg.train_iters or max(1, cfg.epochs * len(train_data) // cfg.global_batch_size)
@@ -258,11 +259,11 @@ def build_run(cfg: TrainConfig, beta: float, skip_bad_lines: bool = False, quiet
     state = TrainerState()
     resume_dir = find_resume_dir(cfg.save)
     if resume_dir is not None:  # a restarted job continues where it stopped; the reference stays --load
-        load_checkpoint_into_model(policy.module, resume_dir)
+        Checkpoint.open(resume_dir).load_into(policy.module)
         state = load_train_state(resume_dir, policy, optimizer, scheduler, not cfg.no_load_optim, not cfg.no_load_rng)
         logger.print(f"resumed the policy at iteration {state.iteration} from {resume_dir}; reference from {load_dir}")
     else:
-        load_checkpoint_into_model(policy.module, load_dir)
+        source.checkpoint.load_into(policy.module)
         optimizer.reload_model_params()
         logger.print(f"policy and reference loaded from {load_dir}")
     if cfg.save and dist.get_rank() == 0:

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,35 +36,31 @@ def sequence_classification_config(meta: dict, pad_token_id: int) -> dict:
     return config
 
 
-def _load_full_state(iter_dir: Path, meta: dict, plan) -> dict[str, torch.Tensor]:
+def _load_full_state(iter_dir: Path, meta: dict, spec) -> dict[str, torch.Tensor]:
     """The reward model at TP=1 PP=1 in this process (dist_checkpointing reshards at load): full tensors."""
     from ..models.builder import transformer_config
     from ..runtime import init_distributed
 
     init_distributed(1, 1)
-    config = transformer_config(plan.arch, params_dtype=getattr(torch, meta["dtype"]), perform_initialization=False)
-    model = build_reward_model(plan.arch, plan.padded_vocab_size, config)
+    config = transformer_config(spec.arch, params_dtype=getattr(torch, meta["dtype"]), perform_initialization=False)
+    model = build_reward_model(spec.arch, spec.padded_vocab_size, config)
     load_reward_model_weights(model, iter_dir)
     return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
 def reward_model_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: bool = False) -> Path:
-    from ..convert.hf_io import ShardedSafetensorsWriter, copy_assets
-    from ..convert.mcore_io import (
-        ASSETS,
-        atomic_output_dir,
-        check_output_dir,
-        plan_from_meta,
-        read_meta,
-        resolve_checkpoint,
-    )
+    from ..checkpoint.atomic import atomic_output_dir, check_output_dir
+    from ..checkpoint.hf import ShardedSafetensorsWriter, copy_assets
+    from ..checkpoint.megatron import ASSETS
     from ..data.tokenizers import load_tokenizer
+    from ..models.checkpoint import Checkpoint
 
-    iter_dir = resolve_checkpoint(load)
+    ckpt = Checkpoint.open(load)
+    iter_dir = ckpt.iter_dir
     if not is_reward_checkpoint(iter_dir):
         raise ValueError(f"{iter_dir} is not a reward-model checkpoint (no reward_model.json); export language "
                          f"models with mcore2hf")
-    meta = read_meta(iter_dir)
+    meta = ckpt.meta
     check_output_dir(save, overwrite)
     assets = iter_dir / ASSETS
     if not assets.is_dir():
@@ -75,10 +70,9 @@ def reward_model_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwri
         raise ValueError("the tokenizer's pad id equals its EOS id: transformers would read the score before the "
                          "EOS the reward model was trained to score at; give the tokenizer a distinct pad token")
     config = sequence_classification_config(meta, tokenizer.pad)
-    plan = plan_from_meta(meta, tp=1, pp=1)
-    state = _load_full_state(iter_dir, meta, plan)
-    # Export the backbone as a tied LM would be exported: the plan then has no LM-head row to look for.
-    backbone = replace(plan, arch=replace(plan.arch, tie_word_embeddings=True))
+    state = _load_full_state(iter_dir, meta, ckpt.spec)
+    # Export the backbone as a tied LM would be exported: the sharding then has no LM-head row to look for.
+    backbone = ckpt.spec.with_arch(tie_word_embeddings=True).sharding(1, 1)
     with atomic_output_dir(save, overwrite) as temp:
         copy_assets(assets, temp)
         (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -75,7 +75,7 @@ def load_reward_model_weights(model, iter_dir: str | Path) -> bool:
     """
     from megatron.core import dist_checkpointing
 
-    from ..convert.mcore_io import read_meta
+    from ..checkpoint.megatron import read_meta
 
     iter_dir = Path(iter_dir)
     meta = read_meta(iter_dir)

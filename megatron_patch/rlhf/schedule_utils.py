@@ -39,8 +39,8 @@ def find_resume_dir(save: str | None):
     it, as the training loop does), else None."""
     from pathlib import Path
 
-    from ..convert.mcore_io import TRACKER, resolve_checkpoint
+    from ..checkpoint.megatron import TRACKER, find_iteration_dir
 
     if save and (Path(save) / TRACKER).is_file():
-        return resolve_checkpoint(save)
+        return find_iteration_dir(save)
     return None

@@ -169,7 +169,7 @@ def build_run(cfg: TrainConfig, skip_bad_lines: bool = False, quiet: bool = Fals
     """Validate, initialise distributed state, build the reward model, optimizer and data; load --load. Collective."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    from ..convert.mcore_io import resolve_checkpoint
+    from ..checkpoint.megatron import find_iteration_dir
     from ..data.preference import PreferenceDataset
     from ..data.tokenizers import load_tokenizer
     from ..runtime import init_distributed
@@ -185,15 +185,15 @@ def build_run(cfg: TrainConfig, skip_bad_lines: bool = False, quiet: bool = Fals
 
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     check_precision_support(cfg)
-    load_dir = resolve_checkpoint(cfg.load) if cfg.load else None
+    load_dir = find_iteration_dir(cfg.load) if cfg.load else None
     source = resolve_model_source(cfg, load_dir)
     source.arch.check_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     tokenizer_path = cfg.tokenizer_model or source.assets_dir
     if tokenizer_path is None:
         raise ValueError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
     tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > source.plan.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.plan.vocab_size}")
+    if tokenizer.vocab_size > source.spec.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.spec.vocab_size}")
     # Data first: a bad preference file stops the run before any process group or model exists.
     train_data = PreferenceDataset(cfg.train_data_path, tokenizer, cfg.seq_length, skip_bad_lines)
     valid_data = (PreferenceDataset(cfg.valid_data_path, tokenizer, cfg.seq_length, skip_bad_lines)
@@ -201,7 +201,7 @@ def build_run(cfg: TrainConfig, skip_bad_lines: bool = False, quiet: bool = Fals
 
     init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed)
     config = build_transformer_config(cfg, source)
-    module = build_reward_model(source.arch, source.plan.padded_vocab_size, config, cfg.transformer_impl, cfg.seed)
+    module = build_reward_model(source.arch, source.spec.padded_vocab_size, config, cfg.transformer_impl, cfg.seed)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=cfg.use_distributed_optimizer,
                                                check_for_nan_in_grad=False)

@@ -19,7 +19,7 @@ USER_ERROR_KEY = "megatron_patch_user_error"  # marks our lines in torchrun's er
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input or a machine that cannot do the job (each carries an actionable message)."""
-    from ..convert.hf_io import CheckpointError
+    from ..errors import CheckpointError
     from .launch import WorkerError
     from .versions import UnsupportedVersionError
 

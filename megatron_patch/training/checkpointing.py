@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.hf import copy_assets
+from ..checkpoint.megatron import ASSETS, TRACKER, iteration_dir_name
 from ..checkpoint.trusted_load import check_torch_dist_checkpoint
-from ..convert.hf_io import copy_assets
-from ..convert.mcore_io import ASSETS, TRACKER, iteration_dir_name, load_checkpoint_into_model, write_meta
+from ..models.checkpoint import Checkpoint, write_checkpoint_meta
 
 TRAIN_STATE = "train_state"
 
@@ -124,7 +125,9 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
     dist.barrier()
     if rank == 0:
         dtype = next(model.module.parameters()).dtype
-        write_meta(tmp, source.plan, "torch_dist", cfg.transformer_impl, source.hf_config, dtype, iteration)
+        write_checkpoint_meta(tmp, source.spec, fmt="torch_dist", tp=cfg.tensor_model_parallel_size,
+                              pp=cfg.pipeline_model_parallel_size, transformer_impl=cfg.transformer_impl, dtype=dtype,
+                              iteration=iteration)
         if source.assets_dir is not None:
             copy_assets(source.assets_dir, tmp / ASSETS)
         cfg.write(tmp)
@@ -149,7 +152,9 @@ def has_train_state(iter_dir: Path) -> bool:
 
 def load_weights(model, iter_dir: Path) -> dict:
     """Weights only (a converted checkpoint, or --finetune); strict: every parameter must be in the checkpoint."""
-    return load_checkpoint_into_model(model.module, iter_dir)
+    ckpt = Checkpoint.open(iter_dir)
+    ckpt.load_into(model.module)
+    return ckpt.meta
 
 
 def _materialise_distributed_optimizer_state(optimizer) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..convert.mcore_io import TRACKER, resolve_checkpoint
+from ..checkpoint.megatron import TRACKER, find_iteration_dir
 from ..runtime.device import local_device, to_device
 from .arguments import TrainConfig
 from .checkpointing import TrainerState, has_train_state, load_train_state, load_weights, save_checkpoint
@@ -179,10 +179,10 @@ def _load_dirs(cfg: TrainConfig) -> tuple[Path | None, bool]:
     this run wins over --load: a restarted job continues where it stopped. --load of a checkpoint with training
     state resumes it when pretraining (Megatron-LM's behaviour), and gives weights only to --finetune / finetuning."""
     if cfg.save and (Path(cfg.save) / TRACKER).is_file():
-        return resolve_checkpoint(cfg.save), not cfg.finetune
+        return find_iteration_dir(cfg.save), not cfg.finetune
     if cfg.load is None:
         return None, False
-    load_dir = resolve_checkpoint(cfg.load)
+    load_dir = find_iteration_dir(cfg.load)
     # Finetuning starts from the weights of whatever --load holds; pretraining continues a run's state.
     return load_dir, has_train_state(load_dir) and not cfg.finetune and cfg.mode == "pretrain"
 
@@ -203,8 +203,8 @@ def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
     if tokenizer_path is None:
         raise ValueError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
     tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > source.plan.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.plan.vocab_size} "
+    if tokenizer.vocab_size > source.spec.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.spec.vocab_size} "
                          "rows: pass --extra-vocab-size (or convert with hf2mcore --extra-vocab-size)")
 
     init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed)

@@ -23,17 +23,17 @@ def preset_shape(family, size: str) -> tuple[int, int]:
 
 def check_model_size(cfg: TrainConfig, load_dir: Path | None) -> None:
     """--model-size names a preset of the family and, with --load, one that describes the checkpoint."""
-    from ..convert.mcore_io import read_meta
     from ..models import get_family
+    from ..models.checkpoint import Checkpoint
 
     if not cfg.model_size:
         return
-    meta = read_meta(load_dir) if load_dir is not None else None
-    family = get_family(cfg.model_name or meta["family"])
+    spec = Checkpoint.open(load_dir).spec if load_dir is not None else None
+    family = get_family(cfg.model_name) if cfg.model_name else spec.family
     wanted = preset_shape(family, cfg.model_size)  # an unknown preset: the error lists the family's presets
-    if meta is None:
+    if spec is None:
         return
-    arch = family.arch_from_hf(meta["hf_config"])
+    arch = family.arch_from_hf(spec.hf_config)
     saved = (arch.num_layers, arch.hidden_size)
     if wanted != saved:
         matching = [name for name in family.flavors if preset_shape(family, name) == saved]

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..convert.engine import ConversionPlan
-from ..convert.mcore_io import ASSETS, plan_from_meta, read_meta, resolve_checkpoint
-from ..models import get_family
+from ..models.checkpoint import Checkpoint
+from ..models.spec import ModelSpec
 from ..runtime.cpu import cuda_available
 from ..runtime.device import place_model
 from .arguments import TrainConfig
@@ -22,50 +21,48 @@ class MachineSupportError(RuntimeError):
 
 @dataclass
 class ModelSource:
-    """What the model is: family, HF config, vocabulary plan; and where its weights (if any) come from."""
+    """What the model is (its spec) and where its weights, if any, and tokenizer files come from."""
 
-    plan: ConversionPlan
-    hf_config: dict
-    load_dir: Path | None  # iteration dir of the --load checkpoint
+    spec: ModelSpec
+    checkpoint: Checkpoint | None  # the --load checkpoint
     assets_dir: Path | None  # tokenizer / config files copied into every saved checkpoint
 
     @property
     def arch(self):
-        return self.plan.arch
+        return self.spec.arch
+
+    @property
+    def hf_config(self) -> dict:
+        return self.spec.hf_config
 
 
 def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
-    """From the checkpoint's metadata when loading one, else from ``--model-name`` / ``--model-size``."""
+    """From the checkpoint's metadata when loading one, else from ``--model-name`` / ``--model-size``. Raises a
+    one-line error when the model cannot be split over the requested TP x PP."""
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     if load_dir is not None:
-        meta = read_meta(load_dir)
-        if cfg.model_name and cfg.model_name != meta["family"]:
-            raise ValueError(f"--model-name {cfg.model_name} does not match the --load checkpoint ({meta['family']})")
-        if cfg.extra_vocab_size and cfg.extra_vocab_size != meta["extra_vocab_size"]:
+        ckpt = Checkpoint.open(load_dir)
+        spec = ckpt.spec
+        if cfg.model_name and cfg.model_name != spec.family.name:
+            raise ValueError(f"--model-name {cfg.model_name} does not match the --load checkpoint ({spec.family.name})")
+        if cfg.extra_vocab_size and cfg.extra_vocab_size != spec.extra_vocab_size:
             raise ValueError(
-                f"--extra-vocab-size {cfg.extra_vocab_size} differs from the checkpoint's {meta['extra_vocab_size']}: "
+                f"--extra-vocab-size {cfg.extra_vocab_size} differs from the checkpoint's {spec.extra_vocab_size}: "
                 "new token rows are added at conversion (hf2mcore --extra-vocab-size)"
             )
-        plan = plan_from_meta(meta, tp=tp, pp=pp)
+        spec.sharding(tp, pp)
         if cfg.model_size:  # the preset must describe the checkpoint (the launch scripts always pass one)
-            preset = plan.family.arch_from_hf(plan.family.flavor(cfg.model_size))
-            if (preset.num_layers, preset.hidden_size) != (plan.arch.num_layers, plan.arch.hidden_size):
+            preset = spec.family.arch_from_hf(spec.family.flavor(cfg.model_size))
+            if (preset.num_layers, preset.hidden_size) != (spec.arch.num_layers, spec.arch.hidden_size):
                 raise ValueError(
                     f"--model-size {cfg.model_size} ({preset.num_layers} layers, hidden {preset.hidden_size}) does not "
-                    f"match the --load checkpoint ({plan.arch.num_layers} layers, hidden {plan.arch.hidden_size})")
-        assets = load_dir / ASSETS
-        return ModelSource(plan, meta["hf_config"], load_dir, assets if assets.is_dir() else None)
-    family = get_family(cfg.model_name)
-    hf_config = family.flavor(cfg.model_size)
-    plan = ConversionPlan(family=family, arch=family.arch_from_hf(hf_config), tp=tp, pp=pp,
-                          make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
-                          extra_vocab_size=cfg.extra_vocab_size)
+                    f"match the --load checkpoint ({spec.arch.num_layers} layers, hidden {spec.arch.hidden_size})")
+        return ModelSource(spec, ckpt, ckpt.assets_dir)
+    spec = ModelSpec.from_flavor(cfg.model_name, cfg.model_size, tp=tp, extra_vocab_size=cfg.extra_vocab_size,
+                                 make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
+    spec.sharding(tp, pp)
     assets = Path(cfg.tokenizer_model) if cfg.tokenizer_model and Path(cfg.tokenizer_model).is_dir() else None
-    return ModelSource(plan, hf_config, None, assets)
-
-
-def find_load_dir(path: str | None) -> Path | None:
-    return None if path is None else resolve_checkpoint(path)
+    return ModelSource(spec, None, assets)
 
 
 def check_precision_support(cfg: TrainConfig) -> None:
@@ -134,7 +131,7 @@ def build_ddp_model(cfg: TrainConfig, source: ModelSource, config):
 
     from ..models.builder import build_model
 
-    module = place_model(build_model(source.arch, source.plan.padded_vocab_size, config=config,
+    module = place_model(build_model(source.arch, source.spec.padded_vocab_size, config=config,
                                      transformer_impl=cfg.transformer_impl))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,

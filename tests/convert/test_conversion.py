@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_patch.checkpoint.megatron import find_iteration_dir, read_meta
 from megatron_patch.convert.hf_to_mcore import hf_to_mcore
-from megatron_patch.convert.mcore_io import read_meta, resolve_checkpoint
 from megatron_patch.convert.mcore_to_hf import mcore_to_hf
 from megatron_patch.convert.verify import fixed_tokens, hf_logits, megatron_logits
 
@@ -87,7 +87,7 @@ def test_checkpoint_layout_and_metadata(converted):
     assert shard["output_layer.weight"].shape == (1024, 128)
     assert "embedding.word_embeddings.weight" not in shard
     _, torch_dist, _ = converted[("mha_tied", "torch_dist", 1, 1)]
-    assert (resolve_checkpoint(torch_dist) / "metadata.json").is_file()
+    assert (find_iteration_dir(torch_dist) / "metadata.json").is_file()
     legacy_single = converted[("mha_tied", "legacy", 1, 1)][1]
     single = torch.load(legacy_single / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)["model"]
     assert "output_layer.weight" not in single  # tied on one stage: the embedding is the output layer
@@ -111,7 +111,7 @@ def logits(converted):
             keys += [(case, "legacy", 2, 2, 1, 1) for case in CASES]
         if (tp, pp) == (2, 2):  # and the other way: saved on one rank, run on four (tied output layer included)
             keys += [(case, fmt, 1, 1, 2, 2) for case in CASES for fmt in FORMATS]
-        dirs = [resolve_checkpoint(converted[k[:4]][1]) for k in keys]
+        dirs = [find_iteration_dir(converted[k[:4]][1]) for k in keys]
         with pytest.MonkeyPatch.context() as env:  # the ranks check device placement as a GPU would (strict.py)
             env.setenv("MEGATRON_PATCH_STRICT_DEVICE", "1")
             outs = megatron_logits(dirs, batch, tp, pp)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_patch.convert.hf_io import HFCheckpointReader
+from megatron_patch.checkpoint.hf import HFCheckpointReader
 from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.convert.mcore_to_hf import mcore_to_hf
 

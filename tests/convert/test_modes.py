@@ -21,7 +21,7 @@ def mode(path) -> int:
 
 
 def test_atomic_output_dir_honours_umask(tmp_path, umask):
-    from megatron_patch.convert.mcore_io import atomic_output_dir
+    from megatron_patch.checkpoint.atomic import atomic_output_dir
 
     out = tmp_path / "ckpt"
     with atomic_output_dir(out) as temp:

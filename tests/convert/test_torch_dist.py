@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
+from megatron_patch.checkpoint.megatron import find_iteration_dir
+from megatron_patch.checkpoint.torch_dist import TorchDistReader
 from megatron_patch.convert.hf_to_mcore import hf_to_mcore
-from megatron_patch.convert.mcore_io import resolve_checkpoint
-from megatron_patch.convert.torch_dist import TorchDistReader
 from megatron_patch.models import get_family
 from megatron_patch.runtime import run_on_local_ranks
 from tests.reference import baichuan as baichuan_ref
@@ -40,14 +40,14 @@ def _requested(iter_dirs: dict[str, str], tp: int, pp: int):
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
-    from megatron_patch.convert.mcore_io import plan_from_meta, read_meta
     from megatron_patch.models.builder import build_model, transformer_config
+    from megatron_patch.models.checkpoint import Checkpoint
     from megatron_patch.runtime import init_distributed
 
     init_distributed(tp, pp)
     out = {}
     for name, iter_dir in iter_dirs.items():
-        plan = plan_from_meta(read_meta(iter_dir), tp=tp, pp=pp)
+        plan = Checkpoint.open(iter_dir).spec
         config = transformer_config(plan.arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                     perform_initialization=False)
         model = build_model(plan.arch, plan.padded_vocab_size, config=config)
@@ -80,7 +80,7 @@ def written(make_hf, tmp_path_factory):
         else:
             hf_dir = make_hf(f"td-{name}", family=family, flavor=flavor, **overrides)
         hf_to_mcore(hf_dir, root / name, tp=2, pp=2, fmt="torch_dist")
-        dirs[name] = str(resolve_checkpoint(root / name))
+        dirs[name] = str(find_iteration_dir(root / name))
     return dirs
 
 
@@ -105,7 +105,7 @@ def test_keys_shapes_and_chunks_are_megatron_cores(written, tp, pp):
 
 def test_reader_returns_each_layer_of_a_stacked_key(written, make_hf):
     """TorchDistReader reads one layer's slice of a layer-stacked key (here llama's down_proj, stored as is)."""
-    from megatron_patch.convert.hf_io import HFCheckpointReader
+    from megatron_patch.checkpoint.hf import HFCheckpointReader
 
     family, flavor, overrides = VARIANTS["llama"]
     hf = HFCheckpointReader(make_hf("td-llama", family=family, flavor=flavor, **overrides))

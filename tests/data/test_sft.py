@@ -70,16 +70,14 @@ def test_packing_attention_and_positions(tmp_path, tok_dir):
 
 
 def per_token_loss_worker(ckpt: str, samples: list[dict]) -> list:
-    from megatron_patch.convert.mcore_io import plan_from_meta, read_meta, resolve_checkpoint
     from megatron_patch.models.builder import build_model
+    from megatron_patch.models.checkpoint import Checkpoint
     from megatron_patch.runtime import init_distributed
-    from megatron_patch.training.checkpointing import load_checkpoint_into_model
 
-    iter_dir = resolve_checkpoint(ckpt)
-    plan = plan_from_meta(read_meta(iter_dir), tp=1, pp=1)
+    checkpoint = Checkpoint.open(ckpt)
     init_distributed(1, 1)
-    model = build_model(plan.arch, plan.padded_vocab_size)
-    load_checkpoint_into_model(model, iter_dir)
+    model = build_model(checkpoint.spec.arch, checkpoint.spec.padded_vocab_size)
+    checkpoint.load_into(model)
     out = []
     with torch.no_grad():
         for s in samples:

@@ -31,7 +31,7 @@ def save_like_training(loaded, save_dir: str, iteration: int) -> None:
     metadata and the tracker file (a "trained" checkpoint, saved at this TP size)."""
     from megatron.core import dist_checkpointing, parallel_state
 
-    from megatron_patch.convert.mcore_io import ASSETS, META, TRACKER, iteration_dir_name
+    from megatron_patch.checkpoint.megatron import ASSETS, META, TRACKER, iteration_dir_name
 
     iter_dir = Path(save_dir) / iteration_dir_name(iteration)
     rank0 = torch.distributed.get_rank() == 0
@@ -103,9 +103,9 @@ def tp1_job(checkpoints: dict[str, str], stop_tokens: dict[str, int]) -> dict:
             out["stopped"] = _engine(loaded, stop_tokens[name]).generate(PROMPTS, TP1_NEW_TOKENS, greedy)
         results[name] = out
         if "refused" not in results:
-            from megatron_patch.convert.mcore_io import plan_from_meta
+            from megatron_patch.models.spec import ModelSpec
 
-            arch = plan_from_meta(loaded.meta, tp=1, pp=1).arch
+            arch = ModelSpec.from_meta(loaded.meta).arch
             fresh = build_model(arch, loaded.model.vocab_size, parallel_output=False)
             try:
                 _engine(type(loaded)(fresh, loaded.iter_dir, loaded.meta, loaded.vocab_size, 512), eos)

@@ -11,13 +11,13 @@ import torch
 
 def _logits(iter_dir, tokens, tp, pp):
     """Build the model at TP x PP, load the checkpoint (strictly, either format), return padded-vocab logits."""
-    from megatron_patch.convert.mcore_io import load_checkpoint_into_model, plan_from_meta, read_meta
     from megatron_patch.models.builder import build_model
+    from megatron_patch.models.checkpoint import Checkpoint
     from megatron_patch.models.inference import forward_logits
 
-    plan = plan_from_meta(read_meta(iter_dir), tp=tp, pp=pp)
-    model = build_model(plan.arch, plan.padded_vocab_size, parallel_output=False)
-    load_checkpoint_into_model(model, iter_dir)
+    ckpt = Checkpoint.open(iter_dir)
+    model = build_model(ckpt.spec.arch, ckpt.spec.padded_vocab_size, parallel_output=False)
+    ckpt.load_into(model)
     model.eval()
     return forward_logits(model, tokens)
 
@@ -30,15 +30,15 @@ def parity_job(variants: list[dict], tokens: torch.Tensor, tp: int, pp: int):
     """
     from megatron.core import parallel_state
 
-    from megatron_patch.convert.mcore_io import resolve_checkpoint
+    from megatron_patch.checkpoint.megatron import find_iteration_dir
     from megatron_patch.runtime import init_distributed
 
     init_distributed(tp, pp)
     results = {}
     for variant in variants:
         results[variant["name"]] = {
-            "torch_dist": _logits(resolve_checkpoint(variant["torch_dist_dir"]), tokens, tp, pp),
-            "legacy": _logits(resolve_checkpoint(variant["legacy_dir"]), tokens, tp, pp),
+            "torch_dist": _logits(find_iteration_dir(variant["torch_dist_dir"]), tokens, tp, pp),
+            "legacy": _logits(find_iteration_dir(variant["legacy_dir"]), tokens, tp, pp),
         }
     holder = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
     return results if holder else None

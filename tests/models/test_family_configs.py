@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_patch.convert import layouts
-from megatron_patch.convert.engine import ConversionPlan
-from megatron_patch.convert.mapping import FusedQKV, PerHeadQKV
+from megatron_patch.convert.plan import ConversionPlan
+from megatron_patch.mapping import FusedQKV, PerHeadQKV, layouts
 from megatron_patch.models import detect_family, get_family
+from megatron_patch.models.spec import ModelSpec
 
 
 @pytest.mark.parametrize("family,flavor", [
@@ -72,7 +72,7 @@ def test_unrepresentable_configs_are_refused(family, flavor, change, message):
 def test_tp_not_dividing_heads_is_refused(family, flavor, tp):
     fam = get_family(family)
     with pytest.raises(ValueError, match=f"--tp {tp} does not divide"):
-        ConversionPlan(family=fam, arch=fam.arch_from_hf(fam.flavor(flavor)), tp=tp, pp=1)
+        ConversionPlan(ModelSpec.from_hf_config(fam.flavor(flavor), tp=tp, family=fam), tp=tp, pp=1)
 
 
 # --- fused q/k/v rows: pure transforms with exact inverses ---------------------------------------------------------

@@ -55,16 +55,16 @@ def export_and_score_worker(load: str, save: str, tokens: list[list[int]], last_
     """Export a reward checkpoint to HF, then score ``tokens`` with the megatron reward model (TP1 PP1)."""
     import torch
 
-    from megatron_patch.convert.mcore_io import plan_from_meta, read_meta, resolve_checkpoint
     from megatron_patch.models.builder import transformer_config
+    from megatron_patch.models.checkpoint import Checkpoint
     from megatron_patch.rlhf.export import reward_model_to_hf
     from megatron_patch.rlhf.reward_model import build_reward_model, load_reward_model_weights, sequence_rewards
 
     reward_model_to_hf(load, save)
-    iter_dir = resolve_checkpoint(load)
-    plan = plan_from_meta(read_meta(iter_dir), tp=1, pp=1)
-    model = build_reward_model(plan.arch, plan.padded_vocab_size, transformer_config(plan.arch))
-    load_reward_model_weights(model, iter_dir)
+    ckpt = Checkpoint.open(load)
+    spec = ckpt.spec
+    model = build_reward_model(spec.arch, spec.padded_vocab_size, transformer_config(spec.arch))
+    load_reward_model_weights(model, ckpt.iter_dir)
     model.eval()
     ids = torch.tensor(tokens)
     with torch.no_grad():

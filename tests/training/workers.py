@@ -32,19 +32,16 @@ def load_logits_worker(ckpt: str, tokens: list[int]):
     """Logits of a checkpoint (TP1 PP1), to check a checkpoint is loadable and complete."""
     import torch
 
-    from megatron_patch.convert.mcore_io import plan_from_meta, read_meta, resolve_checkpoint
     from megatron_patch.models.builder import build_model
+    from megatron_patch.models.checkpoint import Checkpoint
     from megatron_patch.models.inference import forward_logits
     from megatron_patch.runtime import init_distributed
-    from megatron_patch.training.checkpointing import load_checkpoint_into_model
 
-    iter_dir = resolve_checkpoint(ckpt)
-    meta = read_meta(iter_dir)
-    plan = plan_from_meta(meta, tp=1, pp=1)
+    checkpoint = Checkpoint.open(ckpt)
     init_distributed(1, 1)
-    model = build_model(plan.arch, plan.padded_vocab_size, parallel_output=False)
-    load_checkpoint_into_model(model, iter_dir)
-    return meta["iteration"], forward_logits(model, torch.tensor([tokens])).numpy()
+    model = build_model(checkpoint.spec.arch, checkpoint.spec.padded_vocab_size, parallel_output=False)
+    checkpoint.load_into(model)
+    return checkpoint.meta["iteration"], forward_logits(model, torch.tensor([tokens])).numpy()
 
 
 def convert_back_worker(load: str, save: str, tokens: list[int]):

@@ -71,8 +71,7 @@ def measure_hf(args) -> float:
 def measure_toolkit(args) -> float:
     import torch
 
-    from megatron_patch.convert.engine import ConversionPlan
-    from megatron_patch.models import get_family
+    from megatron_patch.models.spec import ModelSpec
     from megatron_patch.runtime import init_distributed
     from megatron_patch.training.arguments import TrainConfig
     from megatron_patch.training.checkpointing import TrainerState
@@ -86,15 +85,13 @@ def measure_toolkit(args) -> float:
         build_transformer_config,
     )
 
-    family = get_family("llama")
-    hf = hf_config(args)
-    plan = ConversionPlan(family=family, arch=family.arch_from_hf(hf), tp=1, pp=1, make_vocab_size_divisible_by=128)
+    spec = ModelSpec.from_hf_config(hf_config(args), tp=1, family="llama", make_vocab_size_divisible_by=128)
     cfg = TrainConfig(mode="pretrain", model_name="llama", model_size="tiny", tokenizer_model="-", data_path=["-"],
                       micro_batch_size=args.micro_batch_size, global_batch_size=args.micro_batch_size,
                       seq_length=args.seq_length, train_iters=args.warmup + args.steps, lr=1e-4, min_lr=1e-4,
                       lr_decay_style="constant", weight_decay=0.01, clip_grad=1.0).validate(1)
     init_distributed(1, 1, seed=0)
-    source = ModelSource(plan, hf, None, None)
+    source = ModelSource(spec, None, None)
     config = build_transformer_config(cfg, source)
     model = build_ddp_model(cfg, source, config)
     optimizer = build_optimizer(cfg, model)

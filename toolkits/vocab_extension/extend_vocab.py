@@ -226,14 +226,14 @@ def sub_pieces(old_tokenizer_dir: Path, new_tokenizer_dir: Path) -> dict[int, li
 
 def vocab_tensor_names(hf_config: dict) -> list[str]:
     """HF names of the tensors with one row per token (word embedding, untied output layer) for this family."""
-    from megatron_patch.convert.mapping import VOCAB
+    from megatron_patch.mapping import Split
     from megatron_patch.models import detect_family
 
     family = detect_family(hf_config)
     arch = family.arch_from_hf(hf_config)
     names = []
     for row in family.weight_mapping(arch):
-        if row.split == VOCAB:
+        if row.split is Split.VOCAB:
             names += [n for n in row.hf_names if n not in names]
     return names
 
@@ -250,7 +250,7 @@ def resized(tensor: torch.Tensor, new_rows: dict[int, list[int]], vocab_size: in
 def resize_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, new_rows: dict[int, list[int]],
               vocab_size: int) -> None:
     """Copy the HF model in ``hf_dir`` to ``out_dir`` (already holding the new tokenizer) with resized vocab rows."""
-    from megatron_patch.convert.hf_io import HFCheckpointReader, ShardedSafetensorsWriter, read_config
+    from megatron_patch.checkpoint.hf import HFCheckpointReader, ShardedSafetensorsWriter, read_config
 
     config = read_config(hf_dir)
     names = set(vocab_tensor_names(config))
@@ -268,14 +268,14 @@ def resize_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, new_rows: d
 
 
 def _copy_non_weights(src: Path, dst: Path) -> None:
-    from megatron_patch.convert.hf_io import copy_assets
+    from megatron_patch.checkpoint.hf import copy_assets
 
     copy_assets(src, dst)
 
 
 def extend_hf(hf_dir: Path, out_dir: Path, trained_model: Path) -> dict:
     """HF directory -> HF directory with the extended tokenizer and resized embeddings."""
-    from megatron_patch.convert.mcore_io import atomic_output_dir
+    from megatron_patch.checkpoint.atomic import atomic_output_dir
 
     with atomic_output_dir(out_dir) as temp:
         _copy_non_weights(hf_dir, temp)
@@ -289,12 +289,13 @@ def extend_hf(hf_dir: Path, out_dir: Path, trained_model: Path) -> dict:
 def extend_megatron(checkpoint: Path, out_dir: Path, trained_model: Path) -> dict:
     """Megatron checkpoint -> Megatron checkpoint (same format, TP x PP): exported to HF, extended, converted back
     (the converter's round trip is bit-exact, so only the vocabulary rows change)."""
+    from megatron_patch.checkpoint.atomic import check_output_dir
+    from megatron_patch.checkpoint.megatron import find_iteration_dir, read_meta
     from megatron_patch.convert.hf_to_mcore import hf_to_mcore
-    from megatron_patch.convert.mcore_io import check_output_dir, read_meta, resolve_checkpoint
     from megatron_patch.convert.mcore_to_hf import mcore_to_hf
 
     check_output_dir(out_dir, overwrite=False)
-    meta = read_meta(resolve_checkpoint(checkpoint))
+    meta = read_meta(find_iteration_dir(checkpoint))
     with tempfile.TemporaryDirectory(prefix="vocab-extension-") as work:
         hf_dir, extended = Path(work) / "hf", Path(work) / "hf-extended"
         mcore_to_hf(checkpoint, hf_dir)
@@ -320,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_patch.convert.hf_io import CheckpointError
-    from megatron_patch.convert.mcore_io import META, TRACKER
+    from megatron_patch.checkpoint.megatron import META, TRACKER
+    from megatron_patch.errors import CheckpointError
 
     load, save = Path(args.load), Path(args.save)
     try:
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
         megatron = (load / TRACKER).is_file() or (load / META).is_file()
         if not megatron and not (load / "config.json").is_file():
             raise CheckpointError(f"--load {load} is neither a HF directory (config.json) nor a Megatron checkpoint")
-        from megatron_patch.convert.mcore_io import check_output_dir
+        from megatron_patch.checkpoint.atomic import check_output_dir
 
         check_output_dir(save, overwrite=False)
         with tempfile.TemporaryDirectory(prefix="spm-") as work:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_patch.convert import layouts
+from megatron_patch.mapping import layouts
 
 
 def _rows(n, width=3):

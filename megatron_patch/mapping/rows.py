@@ -1,35 +1,80 @@
 """Declarative weight-mapping rows: one megatron-core parameter <- one or more HF tensors.
 
 A row names the megatron parameter (local-spec name, ``*`` for the layer index), the HF tensor(s) it is made
-from (``*`` for the same global layer index), how the full tensor is split across TP ranks, and a pair of pure
-transforms on full tensors: ``hf_to_megatron`` and its exact inverse ``megatron_to_hf``. Sharding, PP placement
-and vocabulary padding are not a row's business: ``engine.py`` does them once for every family.
+from (``*`` for the same global layer index), how the full tensor is split across TP ranks (a ``Split``), and a pair
+of pure transforms on full tensors: ``hf_to_megatron`` and its exact inverse ``megatron_to_hf``. Sharding, PP
+placement and vocabulary padding are not a row's business: ``sharding.py`` does them once for every family.
 """
 
 from __future__ import annotations
 
+import enum
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from . import layouts
 
-# How a full megatron tensor is split across tensor-parallel ranks.
-COLUMN = "column"  # dim 0 (linear_qkv, linear_fc1 without GLU)
-ROW = "row"  # dim 1 (linear_proj, linear_fc2)
-REPLICATED = "replicated"  # norms, row-parallel biases
-VOCAB = "vocab"  # dim 0, after padding the vocabulary (word embeddings, output layer)
-GATED = "gated"  # SwiGLU fc1: each rank holds [gate_r; up_r]
-SPLITS = (COLUMN, ROW, REPLICATED, VOCAB, GATED)
+
+class Split(enum.Enum):
+    """How a full megatron tensor is split across tensor-parallel ranks (the table is ``sharding.SPLITS``)."""
+
+    COLUMN = "column"  # dim 0 (linear_qkv, linear_fc1 without GLU)
+    ROW = "row"  # dim 1 (linear_proj, linear_fc2)
+    REPLICATED = "replicated"  # norms, row-parallel biases
+    VOCAB = "vocab"  # dim 0, after padding the vocabulary (word embeddings, output layer)
+    GATED = "gated"  # SwiGLU fc1: each rank holds [gate_r; up_r]
+
+
+class AttentionShape(Protocol):
+    """What the q/k/v rows read of the architecture (``models.ModelArch`` has it; so does a TP rank's share)."""
+
+    num_attention_heads: int
+    num_query_groups: int
+
+
+class Row(ABC):
+    """One megatron parameter and the HF tensors it is made of; what the sharding engine calls.
+
+    Attributes every row has: ``megatron`` (local-spec name, ``*`` for the layer) and ``split`` (a ``Split``).
+    """
+
+    megatron: str
+    split: Split
+
+    @property
+    @abstractmethod
+    def hf_names(self) -> tuple[str, ...]:
+        """The HF tensor names (``*`` for the global layer id), in the order the transforms take them."""
+
+    @property
+    def shards_inputs(self) -> bool:
+        """True when a TP rank's shard is the transform of its own part of each HF input (split along the row's
+        dim), so a rank reads only its part of the memory-mapped inputs (see ``Sharding.rank_shard``)."""
+        return False
+
+    @abstractmethod
+    def hf_to_megatron(self, tensors: list[torch.Tensor], arch: AttentionShape) -> torch.Tensor:
+        """Full HF tensors (in ``hf_names`` order) -> the full megatron tensor."""
+
+    @abstractmethod
+    def megatron_to_hf(self, tensor: torch.Tensor, arch: AttentionShape) -> list[torch.Tensor]:
+        """Exact inverse of ``hf_to_megatron``."""
+
+    @property
+    def is_layer_row(self) -> bool:
+        return "*" in self.megatron
 
 
 @dataclass(frozen=True)
-class Direct:
+class Direct(Row):
     """A tensor that is the same in both layouts (up to TP sharding)."""
 
     megatron: str
     hf: str
-    split: str = REPLICATED
+    split: Split = Split.REPLICATED
 
     @property
     def hf_names(self) -> tuple[str, ...]:
@@ -37,30 +82,32 @@ class Direct:
 
     @property
     def shards_inputs(self) -> bool:
-        """True when a TP rank's shard is the transform of its own part of each input (see engine.rank_shard)."""
-        return self.split in (COLUMN, ROW)
+        return self.split in (Split.COLUMN, Split.ROW)
 
-    def hf_to_megatron(self, tensors: list[torch.Tensor], arch) -> torch.Tensor:
+    def hf_to_megatron(self, tensors, arch):
         return tensors[0]
 
-    def megatron_to_hf(self, tensor: torch.Tensor, arch) -> list[torch.Tensor]:
+    def megatron_to_hf(self, tensor, arch):
         return [tensor]
 
 
 @dataclass(frozen=True)
-class QKV:
+class QKV(Row):
     """Separate HF q/k/v projections (weight or bias) <-> megatron-core's per-group fused ``linear_qkv``."""
 
     megatron: str
     q: str
     k: str
     v: str
-    split: str = COLUMN
-    shards_inputs = True  # a rank holds whole query groups: its q, k and v rows are contiguous in HF's layout
+    split: Split = Split.COLUMN
 
     @property
     def hf_names(self) -> tuple[str, ...]:
         return (self.q, self.k, self.v)
+
+    @property
+    def shards_inputs(self) -> bool:
+        return True  # a rank holds whole query groups: its q, k and v rows are contiguous in HF's layout
 
     def hf_to_megatron(self, tensors, arch):
         return layouts.interleave_qkv(*tensors, arch.num_query_groups)
@@ -70,18 +117,21 @@ class QKV:
 
 
 @dataclass(frozen=True)
-class GatedMLP:
+class GatedMLP(Row):
     """Separate HF gate and up projections <-> megatron-core's fused SwiGLU ``linear_fc1`` = [gate; up]."""
 
     megatron: str
     gate: str
     up: str
-    split: str = GATED
-    shards_inputs = True  # rank r holds [gate_r; up_r]
+    split: Split = Split.GATED
 
     @property
     def hf_names(self) -> tuple[str, ...]:
         return (self.gate, self.up)
+
+    @property
+    def shards_inputs(self) -> bool:
+        return True  # rank r holds [gate_r; up_r]
 
     def hf_to_megatron(self, tensors, arch):
         return torch.cat(tensors, dim=0)
@@ -91,13 +141,13 @@ class GatedMLP:
 
 
 @dataclass(frozen=True)
-class FusedQKV:
+class FusedQKV(Row):
     """One HF tensor holding [q; k; v] as three consecutive blocks (Baichuan ``W_pack``, Qwen v1 ``c_attn``)
     <-> megatron-core's per-group ``linear_qkv`` (weight or bias)."""
 
     megatron: str
     hf: str
-    split: str = COLUMN
+    split: Split = Split.COLUMN
 
     @property
     def hf_names(self) -> tuple[str, ...]:
@@ -111,13 +161,13 @@ class FusedQKV:
 
 
 @dataclass(frozen=True)
-class PerHeadQKV:
+class PerHeadQKV(Row):
     """One HF tensor holding (q_h, k_h, v_h) per head (bloom ``query_key_value``) <-> megatron-core's
     ``linear_qkv``; multi-head attention only (the layout has no place for shared k/v heads)."""
 
     megatron: str
     hf: str
-    split: str = COLUMN
+    split: Split = Split.COLUMN
 
     @property
     def hf_names(self) -> tuple[str, ...]:
@@ -137,8 +187,5 @@ class PerHeadQKV:
 
 
 def layer_names(pattern: str, layer: int | None) -> str:
+    """``pattern`` with its ``*`` replaced by ``layer`` (unchanged for a row outside the decoder layers)."""
     return pattern if layer is None else pattern.replace("*", str(layer), 1)
-
-
-def is_layer_row(row) -> bool:
-    return "*" in row.megatron

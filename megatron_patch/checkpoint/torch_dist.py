@@ -24,7 +24,6 @@ this layout with it for every family at TP x PP in {1,2}^2):
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -55,9 +54,11 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from .engine import ConversionPlan, Entry, megatron_shape, te_name
-from .hf_io import CheckpointError
-from .mapping import GATED
+from ..errors import CheckpointError
+from ..mapping import Entry, Sharding, Split, megatron_shape, te_name
+from .formats import CheckpointFormat, register_format
+from .trusted_load import check_torch_dist_checkpoint
+from .trusted_load import read_dcp_metadata as read_trusted_metadata
 
 LAYERS = "decoder.layers."
 BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -74,10 +75,10 @@ def sharded_key(global_name: str) -> tuple[str, int | None]:
     return LAYERS + te_name("." + rest)[1:], int(layer)
 
 
-def _extra_state_modules(plan: ConversionPlan) -> list[str]:
+def _extra_state_modules(sharding: Sharding) -> list[str]:
     """The layer modules that are megatron-core linear layers (``self_attention.linear_qkv``, ...), in row order."""
     modules = []
-    for row in plan.rows:
+    for row in sharding.rows:
         if row.megatron.startswith(LAYERS + "*."):
             module = row.megatron[len(LAYERS) + 2:].rpartition(".")[0]
             if module.rpartition(".")[2].startswith("linear_") and module not in modules:
@@ -85,10 +86,10 @@ def _extra_state_modules(plan: ConversionPlan) -> list[str]:
     return modules
 
 
-def extra_state_keys(plan: ConversionPlan) -> list[str]:
-    layers = plan.arch.num_layers
+def extra_state_keys(sharding: Sharding) -> list[str]:
+    layers = sharding.arch.num_layers
     return [f"{LAYERS}{module}._extra_state/shard_{layer}_{layers}"
-            for layer in range(layers) for module in _extra_state_modules(plan)]
+            for layer in range(layers) for module in _extra_state_modules(sharding)]
 
 
 @dataclass(frozen=True)
@@ -104,20 +105,15 @@ class Chunk:
     parts: int
 
 
-def single_rank_plan(plan: ConversionPlan) -> ConversionPlan:
-    """``plan`` at TP=1 PP=1 with the vocabulary padding of the requested TP (the stored global shapes)."""
-    return dataclasses.replace(plan, tp=1, pp=1, saved_padded_vocab_size=plan.padded_vocab_size)
-
-
-def layout(plan: ConversionPlan) -> list[Chunk]:
-    """Every tensor chunk a TP=1 PP=1 megatron-core save of ``plan``'s model holds, grouped by entry."""
-    single = single_rank_plan(plan)
-    layers = plan.arch.num_layers
+def layout(sharding: Sharding) -> list[Chunk]:
+    """Every tensor chunk a TP=1 PP=1 megatron-core save of ``sharding``'s model holds, grouped by entry."""
+    single = sharding.retarget(1, 1)  # keeps the vocabulary padding of the requested TP (the stored global shapes)
+    layers = sharding.arch.num_layers
     chunks = []
     for entry in single.stage_entries(0):
         key, layer = sharded_key(entry.global_name)
-        shape = megatron_shape(entry.global_name, plan.arch, single.padded_vocab_size)
-        parts = 2 if entry.row.split == GATED else 1
+        shape = megatron_shape(entry.global_name, sharding.arch, single.padded_vocab_size)
+        parts = 2 if entry.row.split is Split.GATED else 1
         part_shape = (shape[0] // parts, *shape[1:])
         for part in range(parts):
             offsets = (part * part_shape[0],) + (0,) * (len(shape) - 1)
@@ -189,18 +185,18 @@ class _StreamingSavePlanner(SavePlanner):
         return self._current[1][chunk.part].reshape(chunk.sizes)
 
 
-def write_torch_dist(plan: ConversionPlan, reader, iter_dir: Path, dtype: torch.dtype, progress=None) -> None:
-    """Write ``plan``'s model from the HF ``reader`` as a torch_dist checkpoint into ``iter_dir``.
+def write_torch_dist(sharding: Sharding, reader, iter_dir: Path, dtype: torch.dtype, progress=None) -> None:
+    """Write ``sharding``'s model from the HF ``reader`` as a torch_dist checkpoint into ``iter_dir``.
 
     The tensors are exactly those of a TP=1 PP=1 save (any TP x PP loads them); every chunk is cast to ``dtype``,
     as a model built with ``params_dtype=dtype`` would hold it.
     """
-    single = single_rank_plan(plan)
+    single = sharding.retarget(1, 1)
 
     def build_entry(entry: Entry) -> torch.Tensor:
         return single.full_megatron_tensor(entry, [reader.get(name) for name in entry.hf_names])
 
-    planner = _StreamingSavePlanner(layout(plan), extra_state_keys(plan), dtype, build_entry, progress)
+    planner = _StreamingSavePlanner(layout(sharding), extra_state_keys(sharding), dtype, build_entry, progress)
     # One thread keeps the plan order (see the planner); no copy-ahead keeps the lazy serial loader on GPU hosts too.
     # No fsync, like the other writers here: the output directory becomes visible by rename once complete.
     writer = FileSystemWriter(iter_dir, single_file_per_rank=True, sync_files=False, thread_count=1,
@@ -265,9 +261,7 @@ def read_dcp_metadata(iter_dir: Path):
     """The checkpoint's DCP metadata (the only place this module reads ``.metadata``), unpickled with the allow-list
     of ``checkpoint.trusted_load``: a crafted file is refused instead of run. Only tensors are read after it, and
     torch reads those with ``weights_only=True``."""
-    from ..checkpoint.trusted_load import read_dcp_metadata as read_trusted
-
-    return read_trusted(Path(iter_dir) / DCP_METADATA)
+    return read_trusted_metadata(Path(iter_dir) / DCP_METADATA)
 
 
 class TorchDistReader:
@@ -319,3 +313,34 @@ class TorchDistReader:
             raise CheckpointError(f"cannot read '{key}' from torch_dist checkpoint {self.dir} (missing or truncated "
                                   f"file?): {' '.join(str(error).split())[:300]}") from None
         return dest[0] if layer is not None else dest
+
+
+# --- the format -------------------------------------------------------------------------------------------------
+
+
+@register_format("torch_dist")
+class TorchDistFormat(CheckpointFormat):
+    def write(self, sharding, source, iter_dir, *, dtype, transformer_impl, progress=None):
+        """One process writes the whole checkpoint (its tensors are TP/PP-independent); ``transformer_impl`` does
+        not matter: megatron-core's sharded state dict uses the Transformer Engine names for both specs."""
+        write_torch_dist(sharding, source, iter_dir, dtype, progress)
+
+    def write_steps(self, sharding):
+        return len(sharding.retarget(1, 1).stage_entries(0))
+
+    def open_reader(self, iter_dir, saved, transformer_impl):
+        return TorchDistReader(iter_dir)
+
+    def export_dtype(self, saved_dtype):
+        return saved_dtype  # as a model built with the checkpoint's dtype would load it
+
+    def load_into_model(self, model, iter_dir, saved, target, tp_rank, pp_rank, transformer_impl):
+        from megatron.core import dist_checkpointing
+
+        check_torch_dist_checkpoint(iter_dir)  # megatron-core unpickles without restriction: vet the bytes first
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(iter_dir))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(f"torch_dist checkpoint {iter_dir} does not match the model: "
+                                  f"{' '.join(str(error).split())[:300]}") from None

@@ -1,7 +1,7 @@
 """Pure tensor-layout functions between HuggingFace and megatron-core, each with its exact inverse.
 
-Nothing here reads files or knows model families; the mapping tables (``mapping.py``) and the sharding engine
-(``engine.py``) compose these. Every function returns new tensors or views; callers that persist a shard clone
+Nothing here reads files or knows model families; the mapping rows (``rows.py``) and the sharding engine
+(``sharding.py``) compose these. Every function returns new tensors or views; callers that persist a shard clone
 it first (a saved view would drag the whole storage along).
 """
 

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from megatron_patch.checkpoint.hf import CheckpointError, HFCheckpointReader, StreamingSafetensorsWriter
 from megatron_patch.convert.__main__ import main
-from megatron_patch.convert.hf_io import CheckpointError, HFCheckpointReader, StreamingSafetensorsWriter
 
 
 def _raw_safetensors(path: Path, header, data: bytes = b"") -> Path:

@@ -1,0 +1,85 @@
+"""The ``legacy`` format: one ``mp_rank_TT[_PPP]/model_optim_rng.pt`` per TP x PP rank, each holding that rank's
+shards under its state-dict names (Transformer Engine spelling for TE models), as Megatron-LM writes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..mapping import Sharding, Split, merge_for_tp, split_for_tp, te_name
+from .formats import CheckpointFormat, register_format
+from .megatron import fill_model, load_legacy_rank, save_legacy_rank
+
+
+class LegacyReader:
+    """Full (TP-merged) megatron tensors from a legacy checkpoint, one entry at a time (shards memory-mapped)."""
+
+    def __init__(self, iter_dir: Path, saved: Sharding, transformer_impl: str):
+        self.dir, self.saved, self.te = Path(iter_dir), saved, transformer_impl == "transformer_engine"
+        self._stages: dict[int, list[dict]] = {}
+        for pp_rank in range(saved.pp):  # open everything first: a missing shard fails before any work
+            self._stages[pp_rank] = [load_legacy_rank(iter_dir, t, pp_rank, saved.pp) for t in range(saved.tp)]
+
+        # Where each parameter was saved, by its global name: a load at another PP numbers layers differently.
+        self._where = {e.global_name: (stage, e) for stage in range(saved.pp) for e in saved.stage_entries(stage)}
+
+    def full(self, global_name: str) -> torch.Tensor:
+        """The TP-merged tensor of a parameter, e.g. ``decoder.layers.5.mlp.linear_fc1.weight`` (global layer id)."""
+        shards, split = self._shards(global_name)
+        return merge_for_tp(shards, split)
+
+    def meta(self, global_name: str) -> torch.Tensor:
+        shards, split = self._shards(global_name)
+        return merge_for_tp([torch.empty(s.shape, dtype=s.dtype, device="meta") for s in shards], split)
+
+    def _shards(self, global_name: str) -> tuple[list[torch.Tensor], Split]:
+        tied = self.saved.arch.tie_word_embeddings
+        if global_name not in self._where and global_name.startswith("output_layer.") and tied:
+            # Tied weights saved on a single stage have no separate output layer: it is the word embedding.
+            global_name = "embedding.word_embeddings." + global_name.removeprefix("output_layer.")
+        if global_name not in self._where:
+            raise CheckpointError(f"legacy checkpoint {self.dir} holds no '{global_name}'")
+        pp_rank, entry = self._where[global_name]
+        name = te_name(entry.local_name) if self.te else entry.local_name
+        shards = []
+        for rank_sd in self._stages[pp_rank]:
+            if name not in rank_sd:
+                raise CheckpointError(f"legacy checkpoint stage {pp_rank} has no tensor '{name}'")
+            shards.append(rank_sd[name])
+        return shards, entry.row.split
+
+
+@register_format("legacy")
+class LegacyFormat(CheckpointFormat):
+    def write(self, sharding, source, iter_dir, *, dtype, transformer_impl, progress=None):
+        """One rank file at a time: memory holds one rank's tensors. A rank reads only its part of each HF tensor
+        (the tensors are views of memory-mapped files), so every byte is read once over all ranks. Tensors keep
+        the HF checkpoint's dtype (``dtype`` is that dtype)."""
+        rename = te_name if transformer_impl == "transformer_engine" else (lambda name: name)
+        for pp_rank in range(sharding.pp):
+            for tp_rank in range(sharding.tp):
+                state_dict = {rename(name): shards[tp_rank]
+                              for name, shards in sharding.hf_to_megatron(source, pp_rank, [tp_rank], progress)}
+                save_legacy_rank(iter_dir, tp_rank, pp_rank, sharding.pp, state_dict)
+                del state_dict
+
+    def write_steps(self, sharding):
+        return sharding.tp * sum(len(sharding.stage_entries(s)) for s in range(sharding.pp))
+
+    def open_reader(self, iter_dir, saved, transformer_impl):
+        return LegacyReader(iter_dir, saved, transformer_impl)
+
+    def export_dtype(self, saved_dtype):
+        return None  # legacy files keep each tensor's own dtype
+
+    def load_into_model(self, model, iter_dir, saved, target, tp_rank, pp_rank, transformer_impl):
+        reader = LegacyReader(iter_dir, saved, transformer_impl)
+
+        def tensors():
+            for entry in target.stage_entries(pp_rank):
+                full = reader.full(entry.global_name)
+                yield entry.local_name, split_for_tp(full, entry.row.split, target.tp)[tp_rank]
+
+        fill_model(model, tensors(), f"legacy checkpoint {iter_dir}")

@@ -1,0 +1,10 @@
+"""HF <-> megatron-core tensor layouts: pure layout primitives (``layouts``), typed mapping rows (``rows``) and the
+one sharding engine (``sharding``). Imports nothing of ours but ``errors``: models, checkpoint storage and the
+converter build on it."""
+
+from . import layouts
+from .rows import QKV, Direct, FusedQKV, GatedMLP, PerHeadQKV, Row, Split, layer_names
+from .sharding import SPLITS, Entry, Sharding, megatron_shape, merge_for_tp, split_for_tp, te_name
+
+__all__ = ["QKV", "SPLITS", "Direct", "Entry", "FusedQKV", "GatedMLP", "PerHeadQKV", "Row", "Sharding", "Split",
+           "layer_names", "layouts", "megatron_shape", "merge_for_tp", "split_for_tp", "te_name"]

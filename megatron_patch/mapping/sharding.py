@@ -1,0 +1,262 @@
+"""The sharding engine: applies a family's mapping rows for any TP x PP, in both directions, for every family.
+
+Directions are named ``hf_to_megatron`` and ``megatron_to_hf``. Megatron names here are local-spec names with
+stage-local layer numbers (what a rank's ``state_dict()`` holds); ``te_name`` gives the Transformer-Engine
+spelling used by legacy checkpoints of TE models and by megatron-core's sharded state dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..errors import CheckpointError
+from . import layouts
+from .rows import Row, Split, layer_names
+
+# --- the split table ----------------------------------------------------------------------------------------------
+
+SplitFn = Callable[[torch.Tensor, int], list[torch.Tensor]]
+MergeFn = Callable[[list[torch.Tensor]], torch.Tensor]
+
+SPLITS: dict[Split, tuple[SplitFn, MergeFn]] = {
+    Split.COLUMN: (lambda t, tp: layouts.split_tp(t, tp, 0), lambda shards: layouts.merge_tp(shards, 0)),
+    Split.VOCAB: (lambda t, tp: layouts.split_tp(t, tp, 0), lambda shards: layouts.merge_tp(shards, 0)),
+    Split.ROW: (lambda t, tp: layouts.split_tp(t, tp, 1), lambda shards: layouts.merge_tp(shards, 1)),
+    Split.GATED: (layouts.split_gated, layouts.merge_gated),
+    # Every rank holds the whole tensor; merging takes rank 0's (they are equal by construction).
+    Split.REPLICATED: (lambda t, tp: [t] * tp, lambda shards: shards[0]),
+}
+
+# The dim along which a row whose ``shards_inputs`` is true splits each of its HF inputs.
+INPUT_SPLIT_DIM = {Split.COLUMN: 0, Split.GATED: 0, Split.ROW: 1}
+
+
+def split_for_tp(tensor: torch.Tensor, split: Split, tp: int) -> list[torch.Tensor]:
+    """The ``tp`` shards of a full megatron tensor (views; clone before persisting one)."""
+    return SPLITS[split][0](tensor, tp)
+
+
+def merge_for_tp(shards: list[torch.Tensor], split: Split) -> torch.Tensor:
+    """Inverse of ``split_for_tp``."""
+    return SPLITS[split][1](shards)
+
+
+# --- names ----------------------------------------------------------------------------------------------------------
+
+# With the TE spec the pre-attention / pre-MLP norms are fused into the following linear layer.
+_TE_RENAMES = {
+    ".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
+    ".input_layernorm.bias": ".self_attention.linear_qkv.layer_norm_bias",
+    ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight",
+    ".pre_mlp_layernorm.bias": ".mlp.linear_fc1.layer_norm_bias",
+}
+
+
+def te_name(local_name: str) -> str:
+    """A local-spec parameter name in Transformer Engine's spelling (the norms live inside the linears)."""
+    for local, te in _TE_RENAMES.items():
+        if local_name.endswith(local):
+            return local_name[: -len(local)] + te
+    return local_name
+
+
+class ArchShape(Protocol):
+    """The architecture facts the engine reads (``models.ModelArch`` provides them)."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    gated_linear_unit: bool
+    tie_word_embeddings: bool
+
+    def check_parallel(self, tp: int, pp: int) -> None: ...
+
+
+def megatron_shape(name: str, arch: ArchShape, vocab_rows: int) -> tuple[int, ...]:
+    """The full (unsharded, TP=1) shape of a megatron-core GPT parameter given the architecture."""
+    h, d = arch.hidden_size, arch.head_dim
+    qkv = (arch.num_attention_heads + 2 * arch.num_query_groups) * d
+    fc1 = arch.ffn_hidden_size * (2 if arch.gated_linear_unit else 1)
+    suffixes = [
+        ("word_embeddings.weight", (vocab_rows, h)),
+        ("output_layer.weight", (vocab_rows, h)),
+        ("linear_qkv.weight", (qkv, h)),
+        ("linear_qkv.bias", (qkv,)),
+        ("linear_proj.weight", (h, arch.num_attention_heads * d)),
+        ("linear_fc1.weight", (fc1, h)),
+        ("linear_fc1.bias", (fc1,)),
+        ("linear_fc2.weight", (h, arch.ffn_hidden_size)),
+        ("q_layernorm.weight", (d,)),
+        ("k_layernorm.weight", (d,)),
+        ("q_layernorm.bias", (d,)),
+        ("k_layernorm.bias", (d,)),
+    ]
+    for suffix, shape in suffixes:
+        if name.endswith(suffix):
+            return shape
+    return (h,)  # norms and the hidden-size biases (linear_proj.bias, linear_fc2.bias)
+
+
+# --- the engine -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One megatron parameter on one pipeline stage."""
+
+    row: Row
+    layer: int | None  # global layer id for decoder rows
+    local_name: str  # name in the stage's state_dict (stage-local layer id)
+
+    @property
+    def global_name(self) -> str:
+        return layer_names(self.row.megatron, self.layer)
+
+    @property
+    def hf_names(self) -> list[str]:
+        return [layer_names(name, self.layer) for name in self.row.hf_names]
+
+
+class TensorSource(Protocol):
+    """Named full tensors (an HF checkpoint reader, or a view of one)."""
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """A model's rows placed on TP x PP ranks.
+
+    ``arch.vocab_size + extra_vocab_size`` rows are real tokens; ``padded_vocab_size`` is what the megatron
+    embedding holds (the padding rows no token id reaches). Validated on construction: TP and PP must split the
+    model, and TP the padded vocabulary.
+    """
+
+    rows: tuple[Row, ...]
+    arch: ArchShape
+    tp: int
+    pp: int
+    padded_vocab_size: int
+    extra_vocab_size: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "rows", tuple(self.rows))
+        self.arch.check_parallel(self.tp, self.pp)
+        if self.extra_vocab_size < 0:
+            raise ValueError(f"extra vocabulary size must be >= 0 (got {self.extra_vocab_size})")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"{self.padded_vocab_size} vocabulary rows cannot hold {self.vocab_size} tokens")
+        if self.padded_vocab_size % self.tp:
+            raise ValueError(f"the checkpoint's {self.padded_vocab_size} vocabulary rows cannot be split over "
+                             f"TP={self.tp}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.arch.vocab_size + self.extra_vocab_size
+
+    def retarget(self, tp: int, pp: int) -> Sharding:
+        """The same model (rows, vocabulary as padded) on another TP x PP."""
+        return dataclasses.replace(self, tp=tp, pp=pp)
+
+    # --- placement -------------------------------------------------------------------------------------------
+
+    def _row_on_stage(self, row: Row, pp_rank: int) -> bool:
+        first, last = pp_rank == 0, pp_rank == self.pp - 1
+        if row.megatron.startswith("embedding."):
+            return first
+        if row.megatron.startswith("output_layer."):
+            # Tied: the output layer shares the embedding's storage on a single stage (no separate parameter),
+            # but the last of several stages keeps its own copy, synchronised by megatron-core.
+            return last and (not self.arch.tie_word_embeddings or not first)
+        return last
+
+    def stage_entries(self, pp_rank: int) -> list[Entry]:
+        layers = layouts.pp_layer_range(self.arch.num_layers, self.pp, pp_rank)
+        entries = []
+        for row in self.rows:
+            if row.is_layer_row:
+                entries += [Entry(row, g, layer_names(row.megatron, g - layers.start)) for g in layers]
+            elif self._row_on_stage(row, pp_rank):
+                entries.append(Entry(row, None, row.megatron))
+        return entries
+
+    def export_entries(self) -> list[Entry]:
+        """One entry per HF tensor group, in HF order of layers; tied output layer omitted."""
+        entries = [e for stage in range(self.pp) for e in self.stage_entries(stage)]
+        if self.arch.tie_word_embeddings:
+            entries = [e for e in entries if not e.row.megatron.startswith("output_layer.")]
+        return entries
+
+    # --- hf_to_megatron ----------------------------------------------------------------------------------
+
+    def full_megatron_tensor(self, entry: Entry, hf_tensors: list[torch.Tensor]) -> torch.Tensor:
+        full = entry.row.hf_to_megatron(hf_tensors, self.arch)
+        if entry.row.split is Split.VOCAB:
+            full = layouts.pad_vocab(layouts.extend_vocab(full, self.extra_vocab_size), self.padded_vocab_size)
+        return full
+
+    def rank_shard(self, entry: Entry, hf_tensors: list[torch.Tensor], tp_rank: int) -> torch.Tensor:
+        """TP rank ``tp_rank``'s shard of an entry as a new tensor, without materialising the full tensor where the
+        row allows it (``hf_tensors`` are views of memory-mapped files, so untouched parts are never read)."""
+        row = entry.row
+        if row.split is Split.VOCAB:
+            rows = self.padded_vocab_size // self.tp
+            source = row.hf_to_megatron(hf_tensors, self.arch)
+            return layouts.vocab_rows(source, self.extra_vocab_size, self.padded_vocab_size,
+                                      tp_rank * rows, (tp_rank + 1) * rows)
+        if self.tp > 1 and row.shards_inputs:
+            dim = INPUT_SPLIT_DIM[row.split]
+            parts = [layouts.split_tp(t, self.tp, dim)[tp_rank] for t in hf_tensors]
+            return row.hf_to_megatron(parts, self.rank_arch).clone()
+        full = self.full_megatron_tensor(entry, hf_tensors)
+        return split_for_tp(full, row.split, self.tp)[tp_rank].clone()
+
+    @property
+    def rank_arch(self):
+        """The architecture as one TP rank sees it (its share of heads, groups and FFN width)."""
+        arch = self.arch
+        return dataclasses.replace(arch, num_attention_heads=arch.num_attention_heads // self.tp,
+                                   num_query_groups=arch.num_query_groups // self.tp,
+                                   ffn_hidden_size=arch.ffn_hidden_size // self.tp)
+
+    def hf_to_megatron(
+        self, reader: TensorSource, pp_rank: int, tp_ranks: list[int] | None = None, progress=None
+    ) -> Iterator[tuple[str, dict[int, torch.Tensor]]]:
+        """Yield (local name, {tp_rank: shard}) for every parameter of stage ``pp_rank``; shards are owned copies."""
+        tp_ranks = list(range(self.tp)) if tp_ranks is None else tp_ranks
+        for entry in self.stage_entries(pp_rank):
+            hf_tensors = [reader.get(n) for n in entry.hf_names]
+            yield entry.local_name, {r: self.rank_shard(entry, hf_tensors, r) for r in tp_ranks}
+            if progress is not None:
+                progress.update(1)
+
+    # --- megatron_to_hf ----------------------------------------------------------------------------------
+
+    def megatron_to_hf(self, get_full, progress=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, tensor). ``get_full(entry)`` returns the full (TP-merged) megatron tensor of an entry."""
+        for entry in self.export_entries():
+            full = get_full(entry)
+            if entry.row.split is Split.VOCAB:
+                full = layouts.unpad_vocab(full, self.vocab_size)
+            yield from zip(entry.hf_names, entry.row.megatron_to_hf(full, self.arch))
+            if progress is not None:
+                progress.update(1)
+
+    def check_megatron_shapes(self, get_full) -> None:
+        """Check before any work that every exported parameter has the shape the architecture implies;
+        ``get_full(entry)`` may return meta tensors."""
+        for entry in self.export_entries():
+            got = tuple(get_full(entry).shape)
+            expected = megatron_shape(entry.global_name, self.arch, self.padded_vocab_size)
+            if got != expected:
+                raise CheckpointError(f"the checkpoint's {entry.global_name} has shape {got}; its recorded "
+                                      f"configuration implies {expected}")

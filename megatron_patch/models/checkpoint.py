@@ -1,0 +1,115 @@
+"""A Megatron checkpoint opened as a model: ``Checkpoint.open(path)`` resolves the tracker to the iteration
+directory, reads and validates the metadata once, and returns its ``ModelSpec`` and storage format.
+
+Lives in ``models`` (not ``checkpoint``) because turning metadata into a model needs the family registry.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.formats import CheckpointFormat, MegatronTensors, get_format
+from ..checkpoint.megatron import ASSETS, META, find_iteration_dir, read_meta, write_meta
+from ..errors import CheckpointError
+from ..mapping import Sharding
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One iteration directory of a Megatron checkpoint.
+
+    Attributes:
+        iter_dir: ``release/`` or ``iter_NNNNNNN/``.
+        meta: the validated ``megatron_patch.json`` (for a checkpoint of Megatron-LM or Megatron-Bridge: the same
+            fields, built from what it records plus ``--model-name`` / ``--hf-config``).
+        spec: the model it holds.
+        format: its storage format (from the registry).
+        assets_dir: tokenizer and config files (``hf_assets/``, or ``--hf-config`` for a foreign checkpoint), or
+            None when it has none.
+    """
+
+    iter_dir: Path
+    meta: dict
+    spec: ModelSpec
+    format: CheckpointFormat
+    assets_dir: Path | None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, model_name: str | None = None,
+             hf_config_dir: str | os.PathLike | None = None) -> Checkpoint:
+        """Open the checkpoint at ``path`` (its root, or one iteration directory).
+
+        ``model_name`` and ``hf_config_dir`` are read only for checkpoints this toolkit did not write (no
+        ``megatron_patch.json``): the family and the HF config / tokenizer they do not record.
+        """
+        iter_dir = find_iteration_dir(path)
+        if (iter_dir / META).is_file():
+            meta, where = read_meta(iter_dir), iter_dir / META
+            assets = iter_dir / ASSETS
+            assets_dir = assets if assets.is_dir() else None
+        else:
+            from .foreign import describe_foreign
+
+            meta, where = describe_foreign(iter_dir, model_name, hf_config_dir)
+            assets_dir = Path(hf_config_dir)
+        fmt = get_format(meta["format"], where)
+        try:
+            spec = ModelSpec.from_meta(meta)
+        except (ValueError, KeyError) as error:  # an unknown family, a config the family cannot represent
+            raise CheckpointError(f"{where}: {' '.join(str(error).split())}") from None
+        return cls(iter_dir, meta, spec, fmt, assets_dir)
+
+    @property
+    def tp(self) -> int:
+        """The tensor-parallel size it was saved at."""
+        return self.meta["tensor_model_parallel_size"]
+
+    @property
+    def pp(self) -> int:
+        return self.meta["pipeline_model_parallel_size"]
+
+    @property
+    def transformer_impl(self) -> str:
+        return self.meta.get("transformer_impl", "local")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.meta["dtype"])
+
+    def sharding(self, tp: int | None = None, pp: int | None = None) -> Sharding:
+        """The model's rows at TP x PP (default: as saved)."""
+        return self.spec.sharding(tp or self.tp, pp or self.pp)
+
+    def reader(self) -> MegatronTensors:
+        """Full megatron tensors, one parameter at a time (files validated first)."""
+        return self.format.open_reader(self.iter_dir, self.sharding(), self.transformer_impl)
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Fill this rank's model stage (built for the current TP x PP, any saved TP x PP): every parameter must
+        be found (only ``_extra_state`` may be absent)."""
+        from megatron.core import parallel_state as ps
+
+        tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        self.format.load_into_model(model, self.iter_dir, self.sharding(), self.sharding(tp, pp),
+                                    ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                                    self.transformer_impl)
+
+
+def write_checkpoint_meta(iter_dir: str | os.PathLike, spec: ModelSpec, *, fmt: str, tp: int, pp: int,
+                          transformer_impl: str, dtype: torch.dtype, iteration: int | str = "release") -> None:
+    """Write ``megatron_patch.json``: what ``Checkpoint.open`` reads back."""
+    get_format(fmt)
+    write_meta(iter_dir, {
+        "format": fmt,
+        "iteration": iteration,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "transformer_impl": transformer_impl,
+        "dtype": str(dtype).removeprefix("torch."),
+        **spec.meta_fields(),
+    })
