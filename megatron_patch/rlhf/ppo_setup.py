@@ -19,7 +19,7 @@ from .rl_config import RLConfig
 
 def _validate(cfg: TrainConfig, rl: RLConfig):
     """Checks and reads that need no process group; returns what the build needs."""
-    from ..convert.mcore_io import resolve_checkpoint
+    from ..checkpoint.megatron import find_iteration_dir
     from ..data.tokenizers import load_tokenizer
     from ..training.setup import check_precision_support, resolve_model_source
     from .reward_model import is_reward_checkpoint
@@ -37,23 +37,23 @@ def _validate(cfg: TrainConfig, rl: RLConfig):
         raise ValueError("--train-iters (RL iterations) is required")
     rl.validate(cfg.seq_length, cfg.global_batch_size, cfg.micro_batch_size, world // (tp * pp))
     check_precision_support(cfg)
-    load_dir = resolve_checkpoint(cfg.load)
+    load_dir = find_iteration_dir(cfg.load)
     source = resolve_model_source(cfg, load_dir)
     source.arch.check_parallel(tp, pp)
-    ref_dir = resolve_checkpoint(rl.ref_load or cfg.load)
-    rm_dir = resolve_checkpoint(rl.reward_model) if rl.reward_model else None
+    ref_dir = find_iteration_dir(rl.ref_load or cfg.load)
+    rm_dir = find_iteration_dir(rl.reward_model) if rl.reward_model else None
     if rm_dir is not None and not is_reward_checkpoint(rm_dir):
         raise ValueError(f"--reward-model {rl.reward_model} is not a reward-model checkpoint (train one with "
                          f"rlhf.train_reward_model)")
     critic_dir = None
     if rl.algo == "ppo":
-        critic_dir = resolve_checkpoint(rl.critic_load) if rl.critic_load else rm_dir or load_dir
+        critic_dir = find_iteration_dir(rl.critic_load) if rl.critic_load else rm_dir or load_dir
     others = {"--ref-load": ref_dir}
     if rm_dir is not None:
         others["--reward-model"] = rm_dir
     if critic_dir is not None:
         others["--critic-load"] = critic_dir
-    check_vocabularies(source.plan, others, tp, pp)
+    check_vocabularies(source.spec, others)
     tokenizer = load_tokenizer(cfg.tokenizer_model or source.assets_dir)
     prompts = PromptDataset(rl.prompt_data_path, tokenizer, rl.max_prompt_tokens(cfg.seq_length), cfg.seed)
     ptx = PtxDataset(rl.ptx_data_path, tokenizer, cfg.seq_length) if rl.ptx_coef > 0 else None
@@ -78,8 +78,8 @@ def _resume_dirs(cfg: TrainConfig, rl: RLConfig):
 
 
 def build_run(cfg: TrainConfig, rl: RLConfig, quiet: bool = False):
-    from ..convert.mcore_io import load_checkpoint_into_model
     from ..generation import GenerationEngine, mark_weights_loaded
+    from ..models.checkpoint import Checkpoint
     from ..runtime import init_distributed
     from ..training.checkpointing import TrainerState, load_train_state
     from ..training.logging import MetricsLogger
@@ -107,7 +107,7 @@ def build_run(cfg: TrainConfig, rl: RLConfig, quiet: bool = False):
     logger = MetricsLogger(cfg.log_interval, cfg.tensorboard_dir, 0, quiet)
     state = TrainerState()
     if actor_resume is not None:
-        load_checkpoint_into_model(actor.model.module, actor_resume)
+        Checkpoint.open(actor_resume).load_into(actor.model.module)
         state = load_train_state(actor_resume, actor.model, actor.optimizer, actor.scheduler)
         kl_ctl.load_state_dict(json.loads((actor_resume / RL_STATE).read_text())["kl_coef"])
         if critic is not None:
@@ -115,7 +115,7 @@ def build_run(cfg: TrainConfig, rl: RLConfig, quiet: bool = False):
             load_train_state(critic_resume, critic.model, critic.optimizer, critic.scheduler)
         logger.print(f"resumed at iteration {state.iteration} from {actor_resume.parent.parent}")
     else:
-        load_checkpoint_into_model(actor.model.module, load_dir)
+        Checkpoint.open(load_dir).load_into(actor.model.module)
         actor.optimizer.reload_model_params()
         if critic is not None:
             with_head = load_reward_model_weights(critic.model.module, critic_dir)
@@ -123,11 +123,11 @@ def build_run(cfg: TrainConfig, rl: RLConfig, quiet: bool = False):
             logger.print(f"critic from {critic_dir} ({'reward head' if with_head else 'new value head'})")
         logger.print(f"actor from {load_dir}, reference from {ref_dir}")
     mark_weights_loaded(actor.model.module, str(actor_resume or load_dir))
-    engine = GenerationEngine(actor.model.module, source.plan.vocab_size, tokenizer.eod, cfg.seq_length)
+    engine = GenerationEngine(actor.model.module, source.spec.vocab_size, tokenizer.eod, cfg.seq_length)
     actor.model.module.train()
     if cfg.save and dist.get_rank() == 0:
         cfg.write(cfg.save)
         with open(os.path.join(cfg.save, "rl_config.json"), "w") as handle:
             json.dump(rl.to_dict(), handle, indent=2)
     return RLRun(cfg, rl, actor, critic, reference, reward_model, reward_fn, tokenizer, prompts, ptx, engine,
-                 kl_ctl, state, source.plan.vocab_size, logger)
+                 kl_ctl, state, source.spec.vocab_size, logger)

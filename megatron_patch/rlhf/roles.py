@@ -28,19 +28,15 @@ class Trained:
     source: object
 
 
-def _plan(iter_dir: Path, tp: int, pp: int):
-    from ..convert.mcore_io import plan_from_meta, read_meta
-
-    return plan_from_meta(read_meta(iter_dir), tp=tp, pp=pp)
-
-
-def check_vocabularies(actor_plan, others: dict[str, Path], tp: int, pp: int) -> None:
+def check_vocabularies(actor_spec, others: dict[str, Path]) -> None:
     """Refuse (one line) a reference / reward / critic checkpoint whose vocabulary differs from the actor's."""
+    from ..models.checkpoint import Checkpoint
+
     for flag, iter_dir in others.items():
-        plan = _plan(iter_dir, tp, pp)
-        if (plan.vocab_size, plan.padded_vocab_size) != (actor_plan.vocab_size, actor_plan.padded_vocab_size):
-            raise ValueError(f"{flag} {iter_dir} has a vocabulary of {plan.vocab_size} tokens, the actor's has "
-                             f"{actor_plan.vocab_size}: RLHF needs one tokenizer for every model")
+        spec = Checkpoint.open(iter_dir).spec
+        if (spec.vocab_size, spec.padded_vocab_size) != (actor_spec.vocab_size, actor_spec.padded_vocab_size):
+            raise ValueError(f"{flag} {iter_dir} has a vocabulary of {spec.vocab_size} tokens, the actor's has "
+                             f"{actor_spec.vocab_size}: RLHF needs one tokenizer for every model")
 
 
 def _hook_into_schedule(config, model, optimizer) -> None:
@@ -71,7 +67,7 @@ def build_critic(cfg: TrainConfig, source, lr: float, optimizer_steps: int) -> T
 
     critic_cfg = replace(cfg, lr=lr, min_lr=min(cfg.min_lr, lr))
     config = build_transformer_config(critic_cfg, source)
-    module = place_model(build_reward_model(source.arch, source.plan.padded_vocab_size, config,
+    module = place_model(build_reward_model(source.arch, source.spec.padded_vocab_size, config,
                                             cfg.transformer_impl, cfg.seed))
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=cfg.use_distributed_optimizer,
@@ -84,16 +80,15 @@ def build_critic(cfg: TrainConfig, source, lr: float, optimizer_steps: int) -> T
 
 def build_reference(cfg: TrainConfig, iter_dir: Path):
     """A frozen GPTModel stage loaded from ``iter_dir`` (its own config: none of the actor's DDP hooks)."""
-    from ..convert.mcore_io import load_checkpoint_into_model
     from ..models.builder import build_model
     from ..runtime.device import place_model
     from ..training.setup import build_transformer_config, resolve_model_source
 
     source = resolve_model_source(replace(cfg, model_size=None, model_name=None), iter_dir)
-    model = place_model(build_model(source.arch, source.plan.padded_vocab_size,
+    model = place_model(build_model(source.arch, source.spec.padded_vocab_size,
                                     config=build_transformer_config(cfg, source),
                                     transformer_impl=cfg.transformer_impl))
-    load_checkpoint_into_model(model, iter_dir)
+    source.checkpoint.load_into(model)
     return model.eval().requires_grad_(False)
 
 
@@ -104,7 +99,7 @@ def build_frozen_reward_model(cfg: TrainConfig, iter_dir: Path):
     from .reward_model import build_reward_model, load_reward_model_weights
 
     source = resolve_model_source(replace(cfg, model_size=None, model_name=None), iter_dir)
-    model = place_model(build_reward_model(source.arch, source.plan.padded_vocab_size,
+    model = place_model(build_reward_model(source.arch, source.spec.padded_vocab_size,
                                            build_transformer_config(cfg, source), cfg.transformer_impl))
     load_reward_model_weights(model, iter_dir)
     return model.eval().requires_grad_(False)
