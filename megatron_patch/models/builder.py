@@ -84,22 +84,41 @@ def _gelu(x):
     return F.gelu(x, approximate="tanh")
 
 
-def layer_spec(arch: ModelArch, transformer_impl: str = "local"):
+def layer_spec(arch: ModelArch, transformer_impl: str = "local", *, unfused_attention: bool = False):
+    """The GPTModel layer spec of ``arch``: megatron-core's local or Transformer-Engine spec plus this toolkit's
+    core attention where needed (ALiBi; and on the local spec SDPA attention, see ``layers/sdpa.py``).
+
+    ``unfused_attention`` keeps megatron-core's own unfused local ``DotProductAttention`` (the reference the SDPA
+    path is tested against); it has no effect on the TE spec, whose attention is TE's own.
+    """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
     check_transformer_impl(transformer_impl)
+    alibi = arch.position_embedding == "alibi"
     if transformer_impl == "transformer_engine":
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+        core_attention = None
+        if alibi:
+            from ..layers.alibi import alibi_core_attention
+
+            core_attention = alibi_core_attention(transformer_impl)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization=arch.normalization)
-    if arch.position_embedding == "alibi":
-        from ..layers.alibi import alibi_core_attention
+        if unfused_attention:
+            from ..layers.alibi import alibi_core_attention
 
+            core_attention = alibi_core_attention(transformer_impl) if alibi else None
+        else:
+            from ..layers.sdpa import sdpa_core_attention
+
+            # Fused attention without Transformer Engine: megatron-core's local attention is unfused (s x s scores).
+            core_attention = sdpa_core_attention(alibi=alibi)
+    if core_attention is not None:
         spec = copy.deepcopy(spec)  # specs are plain dataclasses: never alter one megatron-core may hand out again
-        spec.submodules.self_attention.submodules.core_attention = alibi_core_attention(transformer_impl)
+        spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec
 
 
@@ -125,8 +144,10 @@ def build_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     parallel_output: bool = True,
+    unfused_attention: bool = False,
 ):
-    """One pipeline stage of ``arch`` as a megatron-core GPTModel on the current TP/PP ranks."""
+    """One pipeline stage of ``arch`` as a megatron-core GPTModel on the current TP/PP ranks
+    (``unfused_attention``: see ``layer_spec``)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -142,7 +163,7 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, transformer_impl),
+        transformer_layer_spec=layer_spec(arch, transformer_impl, unfused_attention=unfused_attention),
         vocab_size=padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
