@@ -12,7 +12,7 @@ per query group, in order), so each rank uses that slice of the slopes.
 Core-attention classes with ALiBi enter through the layer spec (``self_attention.submodules.core_attention``):
   * ``SDPAAlibiDotProductAttention`` (``layers/sdpa.py``, the local spec's default): the bias is the float mask of
     ``F.scaled_dot_product_attention``.
-  * ``AlibiDotProductAttention`` (local spec with ``unfused_attention``, the reference): megatron-core's unfused
+  * ``AlibiDotProductAttention`` (local spec with ``fused_local=False``, the reference): megatron-core's unfused
     ``DotProductAttention`` whose softmax module receives the bias added to its scores.
   * ``TEAlibiDotProductAttention`` (Transformer-Engine spec): TE's fused attention takes ALiBi natively
     (``core_attention_bias_type="alibi"``, ``alibi_slopes``). Written against TE's documented API; it cannot

@@ -87,6 +87,10 @@ class SDPADotProductAttention(DotProductAttention):
             raise ValueError("an extra attention bias is not supported by the local spec's core attention")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         sq, sk = query.size(0), key.size(0)
+        if value.requires_grad and torch.is_grad_enabled():
+            # value is a view into linear_qkv's fused output: saved for backward as is, it would keep the whole
+            # [s, b, (heads + 2 * groups) * d] tensor alive; a copy keeps only V (as separate q/k/v linears do).
+            value = value.contiguous()
         q, k, v = _to_bhsd(query), _to_bhsd(key), _to_bhsd(value)
         # As the parent: a given mask is applied whatever the mask type; else causal only when several queries
         # are present (after the prompt the KV-cache path passes no_mask, or a single query that sees every key).

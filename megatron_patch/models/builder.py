@@ -84,12 +84,13 @@ def _gelu(x):
     return F.gelu(x, approximate="tanh")
 
 
-def layer_spec(arch: ModelArch, transformer_impl: str = "local", *, unfused_attention: bool = False):
+def layer_spec(arch: ModelArch, transformer_impl: str = "local", *, fused_local: bool = True):
     """The GPTModel layer spec of ``arch``: megatron-core's local or Transformer-Engine spec plus this toolkit's
-    core attention where needed (ALiBi; and on the local spec SDPA attention, see ``layers/sdpa.py``).
+    core attention where needed (ALiBi; on the local spec SDPA attention, ``layers/sdpa.py``) and, on the local
+    spec, the SwiGLU MLP (``layers/swiglu.py``).
 
-    ``unfused_attention`` keeps megatron-core's own unfused local ``DotProductAttention`` (the reference the SDPA
-    path is tested against); it has no effect on the TE spec, whose attention is TE's own.
+    ``fused_local=False`` keeps megatron-core's own unfused local modules (``DotProductAttention``, ``MLP``): the
+    reference the fast path is tested against. The TE spec is unaffected (its attention and MLP are TE's own).
     """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -107,7 +108,7 @@ def layer_spec(arch: ModelArch, transformer_impl: str = "local", *, unfused_atte
             core_attention = alibi_core_attention(transformer_impl)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization=arch.normalization)
-        if unfused_attention:
+        if not fused_local:
             from ..layers.alibi import alibi_core_attention
 
             core_attention = alibi_core_attention(transformer_impl) if alibi else None
@@ -116,9 +117,14 @@ def layer_spec(arch: ModelArch, transformer_impl: str = "local", *, unfused_atte
 
             # Fused attention without Transformer Engine: megatron-core's local attention is unfused (s x s scores).
             core_attention = sdpa_core_attention(alibi=alibi)
+    spec = copy.deepcopy(spec)  # specs are plain dataclasses: never alter one megatron-core may hand out again
     if core_attention is not None:
-        spec = copy.deepcopy(spec)  # specs are plain dataclasses: never alter one megatron-core may hand out again
         spec.submodules.self_attention.submodules.core_attention = core_attention
+    if transformer_impl == "local" and fused_local and arch.gated_linear_unit:
+        from ..layers.swiglu import SwiGLUMLP
+
+        # The unfused gated MLP keeps 4 ffn-wide activations per layer and copies `up` each step; SwiGLUMLP keeps 2.
+        spec.submodules.mlp.module = SwiGLUMLP
     return spec
 
 
@@ -144,10 +150,10 @@ def build_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     parallel_output: bool = True,
-    unfused_attention: bool = False,
+    fused_local: bool = True,
 ):
     """One pipeline stage of ``arch`` as a megatron-core GPTModel on the current TP/PP ranks
-    (``unfused_attention``: see ``layer_spec``)."""
+    (``fused_local``: see ``layer_spec``)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -163,7 +169,7 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, transformer_impl, unfused_attention=unfused_attention),
+        transformer_layer_spec=layer_spec(arch, transformer_impl, fused_local=fused_local),
         vocab_size=padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

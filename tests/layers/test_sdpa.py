@@ -179,5 +179,25 @@ def test_local_spec_uses_sdpa_by_default():
     llama = get_family("llama").arch_from_hf(get_family("llama").flavor("tiny"))
     bloom = get_family("bloom").arch_from_hf(get_family("bloom").flavor("tiny"))
     assert core(llama) is SDPADotProductAttention and core(bloom) is SDPAAlibiDotProductAttention
-    assert core(llama, unfused_attention=True) is DotProductAttention
-    assert core(bloom, unfused_attention=True) is alibi_core_attention("local")
+    assert core(llama, fused_local=False) is DotProductAttention
+    assert core(bloom, fused_local=False) is alibi_core_attention("local")
+
+
+def test_backward_keeps_value_not_the_fused_qkv(parallel_state):
+    # q, k, v arrive as views of linear_qkv's one output; only what backward needs may stay alive.
+    config = make_config(heads=4, groups=2)
+    sdpa = make_pair(config)[1]
+    s, b, d = 6, 2, config.kv_channels
+    fused = torch.randn(s, b, 2, (2 + 2) * d, requires_grad=True)  # per group: 2 query heads, k, v
+    query, key, value = torch.split(fused, [2 * d, d, d], dim=3)
+    storages = set()
+
+    def pack(tensor):
+        storages.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = sdpa(query.reshape(s, b, 4, d) * 1.0, key * 1.0, value, None)
+    assert fused.untyped_storage().data_ptr() not in storages
+    out.sum().backward()
+    assert fused.grad is not None

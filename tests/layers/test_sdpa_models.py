@@ -1,5 +1,6 @@
-"""Whole models with SDPA attention equal the same models with megatron-core's unfused attention at TP=2 (llama with
-GQA and RoPE, bloom with ALiBi and the embedding norm), causal and with a packed-sequence mask."""
+"""Whole models on the fast local path (SDPA attention, SwiGLU MLP) equal the same models built from megatron-core's
+own unfused local modules, at TP=2: llama (GQA, RoPE, SwiGLU) and bloom (ALiBi, embedding norm, GeLU); logits
+causal and with a packed-sequence mask, and every parameter's gradient of a training loss."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import torch
 
 from megatron_patch.runtime import run_on_local_ranks
 
+TOLERANCE = 1e-4  # fp32 logits, as the parity tests
+GRAD_TOLERANCE = 1e-5  # fp32 gradients of a mean token loss
 
-def tp_logits_worker(family: str, tp: int) -> dict:
-    """Logits of one tiny random model of ``family`` at TP=tp with SDPA and with the unfused attention (same init),
-    for a causal batch and a packed-mask batch; TP rank 0 returns them."""
+
+def tp_worker(family: str, tp: int) -> dict:
+    """Logits and gradients of one tiny random model of ``family`` at TP=tp, built on the fast path and on
+    megatron-core's unfused modules from the same seed; TP rank 0 returns them (its shard of every gradient)."""
     from megatron_patch.models import get_family
     from megatron_patch.models.builder import build_model, transformer_config
     from megatron_patch.models.inference import forward_logits
@@ -26,19 +30,25 @@ def tp_logits_worker(family: str, tp: int) -> dict:
     mask = torch.ones(12, 12, dtype=torch.bool).tril().logical_not().expand(2, 1, 12, 12).clone()
     mask[0, 0, 6:, :6] = True  # two packed samples in row 0
     out = {}
-    for name, unfused in (("sdpa", False), ("unfused", True)):
+    for name, fused in (("fast", True), ("reference", False)):
         set_seed(0)  # the same weights for both
-        model = build_model(arch, arch.vocab_size, config=config, parallel_output=False,
-                            unfused_attention=unfused).eval()
+        model = build_model(arch, arch.vocab_size, config=config, parallel_output=False, fused_local=fused)
+        model.eval()
         with torch.no_grad():
             out[name] = forward_logits(model, tokens)
             out[name + "_masked"] = model(tokens, positions, mask)
+        model.train()
+        model(tokens, positions, None, labels=tokens.roll(-1, dims=1)).mean().backward()
+        out[name + "_grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
     return out
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom"])
-def test_models_at_tp2_equal_unfused(family):
-    logits = run_on_local_ranks(tp_logits_worker, 2, family, 2, timeout=300)[0]
-    assert (logits["sdpa"] - logits["unfused"]).abs().max() <= 1e-4
-    assert (logits["sdpa_masked"] - logits["unfused_masked"]).abs().max() <= 1e-4
-    assert not torch.allclose(logits["sdpa"][0], logits["sdpa_masked"][0])  # the mask mattered
+def test_fast_path_at_tp2_equals_megatron_modules(family):
+    out = run_on_local_ranks(tp_worker, 2, family, 2, timeout=300)[0]
+    assert (out["fast"] - out["reference"]).abs().max() <= TOLERANCE
+    assert (out["fast_masked"] - out["reference_masked"]).abs().max() <= TOLERANCE
+    assert not torch.allclose(out["fast"][0], out["fast_masked"][0])  # the mask mattered
+    assert out["fast_grads"].keys() == out["reference_grads"].keys()
+    for name, grad in out["fast_grads"].items():
+        assert (grad - out["reference_grads"][name]).abs().max() <= GRAD_TOLERANCE, name
