@@ -10,7 +10,7 @@ Measured: the MLP keeps 3 instead of 5 ffn-wide activations per token (fc2's inp
 at the llama-7B layer shape in bf16 (seq 4096); outputs and gradients are bit-identical; CPU time per MLP forward +
 backward unchanged within noise (tests/layers/test_swiglu.py checks the bytes).
 
-``SwiGLUMLP`` enters through the layer spec (``mlp.module``) and falls back to megatron-core's forward for
+``SwiGLUMLP`` enters through the layer spec (``mlp``) and falls back to megatron-core's forward for
 anything it does not cover (per-token scales, clamping, a GLU offset, megatron's own fused activation).
 """
 
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.mlp import MLP
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -47,10 +48,16 @@ def swiglu(y: torch.Tensor) -> torch.Tensor:
 
 
 class SwiGLUMLP(MLP):
-    """megatron-core ``MLP`` whose gated activation is ``swiglu``; same parameters, checkpoint and results."""
+    """megatron-core ``MLP`` whose gated activation is ``swiglu``; same parameters, checkpoint and results.
 
-    def __init__(self, config, submodules, *args, **kwargs):
-        super().__init__(config, submodules, *args, **kwargs)
+    The layer spec names this class itself (``submodules.mlp = SwiGLUMLP``), not a ModuleSpec of it: for a
+    ModuleSpec'd MLP other than its own, megatron-core's TransformerLayer logs "Unknown MLP type" on every layer.
+    Built from the config alone, it uses the local spec's linears and the model-parallel TP group, as MLP does.
+    """
+
+    def __init__(self, config, submodules: MLPSubmodules | None = None, **kwargs):
+        submodules = submodules or MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        super().__init__(config, submodules, **kwargs)
         self.uses_swiglu = (config.gated_linear_unit and config.activation_func is F.silu
                             and not config.bias_activation_fusion and not config.use_te_activation_func
                             and config.glu_linear_offset == 0.0 and config.activation_func_clamp_value is None)

@@ -124,7 +124,7 @@ def layer_spec(arch: ModelArch, transformer_impl: str = "local", *, fused_local:
         from ..layers.swiglu import SwiGLUMLP
 
         # The unfused gated MLP keeps 4 ffn-wide activations per layer and copies `up` each step; SwiGLUMLP keeps 2.
-        spec.submodules.mlp.module = SwiGLUMLP
+        spec.submodules.mlp = SwiGLUMLP  # the class itself: see SwiGLUMLP's docstring
     return spec
 
 

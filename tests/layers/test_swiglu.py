@@ -101,6 +101,6 @@ def test_local_spec_uses_swiglu_mlp_for_gated_families():
 
     llama = get_family("llama").arch_from_hf(get_family("llama").flavor("tiny"))
     bloom = get_family("bloom").arch_from_hf(get_family("bloom").flavor("tiny"))
-    assert layer_spec(llama).submodules.mlp.module is SwiGLUMLP
+    assert layer_spec(llama).submodules.mlp is SwiGLUMLP
     assert layer_spec(llama, fused_local=False).submodules.mlp.module is MLP
     assert layer_spec(bloom).submodules.mlp.module is MLP  # GeLU: megatron-core's MLP is already one op
