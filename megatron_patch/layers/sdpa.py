@@ -37,6 +37,10 @@ from .alibi import alibi_bias, check_alibi_config, this_rank_slopes
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+# The causal ALiBi bias of the last shape used (one entry: the layers of a model share it; a new shape replaces it).
+_CAUSAL_ALIBI: dict = {}
+
+
 def _to_bhsd(x: torch.Tensor) -> torch.Tensor:
     """[s, b, heads, d] -> [b, heads, s, d] (a view; SDPA kernels take any strides with a unit last dimension)."""
     return x.permute(1, 2, 0, 3)
@@ -78,6 +82,7 @@ class SDPADotProductAttention(DotProductAttention):
             check_alibi_config(config)
             # A plain fp32 attribute, not a buffer: no checkpoint entry, and Float16Module cannot round it.
             self.alibi_slopes = this_rank_slopes(config, self.tp_group).float()
+            self.alibi_key = tuple(self.alibi_slopes.tolist())  # host copy: names the cached causal bias
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -126,11 +131,15 @@ class SDPADotProductAttention(DotProductAttention):
         """ALiBi bias in the query dtype: (1, heads, 1, sk), or (1, heads, sq, sk) with -inf above the diagonal."""
         if self.alibi_slopes.device != q.device:
             self.alibi_slopes = self.alibi_slopes.to(q.device)  # once: .cuda() does not move plain attributes
-        bias = alibi_bias(self.alibi_slopes, sk, q.dtype, q.device)
         if not causal:
-            return bias
-        future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
-        return bias.expand(1, -1, sq, sk).masked_fill(future, float("-inf"))
+            return alibi_bias(self.alibi_slopes, sk, q.dtype, q.device)
+        key = (self.alibi_key, sq, sk, q.dtype, q.device)
+        if _CAUSAL_ALIBI.get("key") != key:
+            # SDPA keeps its mask for backward: one shared (heads, s, s) tensor for every layer, not one per layer.
+            bias = alibi_bias(self.alibi_slopes, sk, q.dtype, q.device)
+            future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
+            _CAUSAL_ALIBI.update(key=key, bias=bias.expand(1, -1, sq, sk).masked_fill(future, float("-inf")))
+        return _CAUSAL_ALIBI["bias"]
 
     def _dropout_rng(self, dropout_p: float):
         # Dropout inside a TP region must differ across TP ranks: megatron-core's model-parallel stream, as the

@@ -201,3 +201,12 @@ def test_backward_keeps_value_not_the_fused_qkv(parallel_state):
     assert fused.untyped_storage().data_ptr() not in storages
     out.sum().backward()
     assert fused.grad is not None
+
+
+def test_layers_share_one_causal_alibi_bias(parallel_state):
+    # SDPA keeps its mask for backward: a (heads, s, s) bias per layer would grow with the depth of the model.
+    config = make_config()
+    first, second = make_pair(config, alibi=True)[1], make_pair(config, alibi=True)[1]
+    q = torch.zeros(2, 4, 6, 8)
+    assert first._alibi(6, 6, True, q) is second._alibi(6, 6, True, q)
+    assert first._alibi(5, 5, True, q).shape == (1, 4, 5, 5)  # a new length replaces it
