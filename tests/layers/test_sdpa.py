@@ -1,22 +1,15 @@
 """SDPA core attention against megatron-core's unfused local ``DotProductAttention`` (the reference): fp32 outputs
 and gradients for causal, GQA, ALiBi, padding masks (incl. rows masked everywhere), KV-cache decode shapes, dropout.
-Whole models at TP=2: ``test_sdpa_models.py`` (its ranks must not inherit this module's process group)."""
+Each test runs in its own local rank (``in_rank``); whole models at TP=2: ``test_sdpa_models.py``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tests.layers.in_rank import in_rank
+
 TOLERANCE = 1e-5  # fp32, one attention layer: the two paths differ only in summation order
-
-
-@pytest.fixture(scope="module")
-def parallel_state():
-    from megatron_patch.runtime import destroy_distributed, init_distributed
-
-    init_distributed(1, 1, seed=0)
-    yield
-    destroy_distributed()
 
 
 def make_config(heads=4, groups=4, head_dim=8, dropout=0.0, **overrides):
@@ -72,14 +65,16 @@ def assert_same(results):
 
 @pytest.mark.parametrize("groups", [4, 2, 1])
 @pytest.mark.parametrize("alibi", [False, True])
-def test_causal_equals_unfused(parallel_state, groups, alibi):
+@in_rank
+def test_causal_equals_unfused(groups, alibi):
     config = make_config(heads=4, groups=groups)
     assert_same(run_both(*make_pair(config, alibi=alibi), *qkv(config, 9)))
 
 
 @pytest.mark.parametrize("groups", [4, 2])
 @pytest.mark.parametrize("alibi", [False, True])
-def test_padding_mask_equals_unfused(parallel_state, groups, alibi):
+@in_rank
+def test_padding_mask_equals_unfused(groups, alibi):
     # A packed-sequence mask as data/sft.py builds it, batch-specific, with one query row masked everywhere.
     config = make_config(heads=4, groups=groups)
     s = 10
@@ -92,7 +87,8 @@ def test_padding_mask_equals_unfused(parallel_state, groups, alibi):
     assert_same(results)
 
 
-def test_mask_with_padding_type(parallel_state):
+@in_rank
+def test_mask_with_padding_type():
     from megatron.core.transformer.enums import AttnMaskType
 
     config = make_config()
@@ -102,7 +98,8 @@ def test_mask_with_padding_type(parallel_state):
 
 
 @pytest.mark.parametrize("alibi", [False, True])
-def test_kv_cache_decode_step_equals_unfused(parallel_state, alibi):
+@in_rank
+def test_kv_cache_decode_step_equals_unfused(alibi):
     # After the prompt megatron-core's Attention passes one query, every cached key and mask type no_mask.
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -113,7 +110,8 @@ def test_kv_cache_decode_step_equals_unfused(parallel_state, alibi):
     assert_same(run_both(*pair, *qkv(config, 1, sk=1)))
 
 
-def test_query_key_layer_scaling_keeps_the_scale(parallel_state):
+@in_rank
+def test_query_key_layer_scaling_keeps_the_scale():
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_patch.layers.sdpa import SDPADotProductAttention
@@ -125,7 +123,8 @@ def test_query_key_layer_scaling_keeps_the_scale(parallel_state):
     assert SDPADotProductAttention(layer_number=3, **kwargs).sdpa_scale == pytest.approx(plain.sdpa_scale)
 
 
-def test_dropout_in_training_only(parallel_state):
+@in_rank
+def test_dropout_in_training_only():
     config = make_config(dropout=0.5)
     reference, sdpa = make_pair(config)
     q, k, v = (t.detach() for t in qkv(config, 8))
@@ -147,7 +146,8 @@ def test_dropout_in_training_only(parallel_state):
     assert torch.equal(sdpa(q, k, v, None), third)  # replayable from the tracker's state
 
 
-def test_refuses_what_it_cannot_compute(parallel_state):
+@in_rank
+def test_refuses_what_it_cannot_compute():
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -183,7 +183,8 @@ def test_local_spec_uses_sdpa_by_default():
     assert core(bloom, fused_local=False) is alibi_core_attention("local")
 
 
-def test_backward_keeps_value_not_the_fused_qkv(parallel_state):
+@in_rank
+def test_backward_keeps_value_not_the_fused_qkv():
     # q, k, v arrive as views of linear_qkv's one output; only what backward needs may stay alive.
     config = make_config(heads=4, groups=2)
     sdpa = make_pair(config)[1]
@@ -203,7 +204,8 @@ def test_backward_keeps_value_not_the_fused_qkv(parallel_state):
     assert fused.grad is not None
 
 
-def test_layers_share_one_causal_alibi_bias(parallel_state):
+@in_rank
+def test_layers_share_one_causal_alibi_bias():
     # SDPA keeps its mask for backward: a (heads, s, s) bias per layer would grow with the depth of the model.
     config = make_config()
     first, second = make_pair(config, alibi=True)[1], make_pair(config, alibi=True)[1]

@@ -7,14 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-
-@pytest.fixture(scope="module")
-def parallel_state():
-    from megatron_patch.runtime import destroy_distributed, init_distributed
-
-    init_distributed(1, 1, seed=0)
-    yield
-    destroy_distributed()
+from tests.layers.in_rank import in_rank
 
 
 def make_pair(bias=False, **overrides):
@@ -59,7 +52,8 @@ def saved_activation_bytes(module, x) -> int:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_same_outputs_and_gradients(parallel_state, bias):
+@in_rank
+def test_same_outputs_and_gradients(bias):
     reference, fast = make_pair(bias=bias)
     assert fast.uses_swiglu
     gen = torch.Generator().manual_seed(0)
@@ -75,7 +69,8 @@ def test_same_outputs_and_gradients(parallel_state, bias):
     assert all(g is not None for g in grads[:3])
 
 
-def test_keeps_fewer_activations(parallel_state):
+@in_rank
+def test_keeps_fewer_activations():
     # megatron-core keeps fc1's output [s, b, 2f], silu's output and the `up + 0.0` copy (f each), and fc2's input
     # (f): 5f per token; SwiGLUMLP keeps fc1's output and fc2's input: 3f.
     reference, fast = make_pair()
@@ -85,7 +80,8 @@ def test_keeps_fewer_activations(parallel_state):
     assert saved_activation_bytes(fast, x) == 3 * per_f
 
 
-def test_megatron_forward_where_not_plain_swiglu(parallel_state):
+@in_rank
+def test_megatron_forward_where_not_plain_swiglu():
     reference, fast = make_pair(glu_linear_offset=1.0)
     assert not fast.uses_swiglu
     x, grad = torch.randn(4, 2, 32), torch.randn(4, 2, 32)
