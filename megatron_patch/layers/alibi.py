@@ -9,9 +9,11 @@ Slopes follow HF ``_get_alibi_slopes``: for n heads with p = the largest power o
 Tensor parallelism: a rank holds heads ``[r * n/TP, (r + 1) * n/TP)`` (megatron-core splits ``linear_qkv``
 per query group, in order), so each rank uses that slice of the slopes.
 
-Two core-attention classes enter through the layer spec (``self_attention.submodules.core_attention``):
-  * ``AlibiDotProductAttention`` (local spec, runs on the CPU): megatron-core's ``DotProductAttention`` whose
-    softmax module receives the bias added to its scores. Nothing of the attention math is re-implemented.
+Core-attention classes with ALiBi enter through the layer spec (``self_attention.submodules.core_attention``):
+  * ``SDPAAlibiDotProductAttention`` (``layers/sdpa.py``, the local spec's default): the bias is the float mask of
+    ``F.scaled_dot_product_attention``.
+  * ``AlibiDotProductAttention`` (local spec with ``fused_local=False``, the reference): megatron-core's unfused
+    ``DotProductAttention`` whose softmax module receives the bias added to its scores.
   * ``TEAlibiDotProductAttention`` (Transformer-Engine spec): TE's fused attention takes ALiBi natively
     (``core_attention_bias_type="alibi"``, ``alibi_slopes``). Written against TE's documented API; it cannot
     be run on these CPU-only machines, so it is not covered by a test here.
@@ -55,13 +57,23 @@ def alibi_bias(slopes: torch.Tensor, key_length: int, dtype: torch.dtype, device
     return (slopes.to(device=device).view(1, -1, 1, 1) * positions.view(1, 1, 1, -1)).to(dtype)
 
 
-def _this_rank_slopes(config, tp_group) -> torch.Tensor:
+def this_rank_slopes(config, tp_group) -> torch.Tensor:
+    """The slopes of the heads this TP rank holds, for a core attention built with ``config``."""
     if config.context_parallel_size > 1:
         # ALiBi needs each key's absolute position; context parallelism reorders the sequence across ranks.
         raise ValueError("ALiBi attention does not support context parallelism; use --context-parallel-size 1")
     tp = tp_group.size() if tp_group is not None else 1
     rank = tp_group.rank() if tp_group is not None else 0
     return local_alibi_slopes(config.num_attention_heads, tp, rank)
+
+
+def check_alibi_config(config) -> None:
+    """Refuse the TransformerConfig options the local ALiBi attention cannot honour (one line each)."""
+    if config.softmax_type != "vanilla":
+        raise ValueError(f"ALiBi attention supports --softmax-type vanilla only (got {config.softmax_type})")
+    if config.apply_query_key_layer_scaling:
+        # The unfused softmax would multiply the bias by the layer number along with the scores.
+        raise ValueError("ALiBi attention does not support --apply-query-key-layer-scaling")
 
 
 class _AlibiSoftmax(torch.nn.Module):
@@ -91,12 +103,8 @@ def _local_class():
 
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
-            if config.softmax_type != "vanilla":
-                raise ValueError(f"ALiBi attention supports --softmax-type vanilla only (got {config.softmax_type})")
-            if config.apply_query_key_layer_scaling:
-                # The softmax would multiply the bias by the layer number along with the scores.
-                raise ValueError("ALiBi attention does not support --apply-query-key-layer-scaling")
-            slopes = _this_rank_slopes(config, self.tp_group)
+            check_alibi_config(config)
+            slopes = this_rank_slopes(config, self.tp_group)
             self.scale_mask_softmax = _AlibiSoftmax(self.scale_mask_softmax, slopes)
 
     return AlibiDotProductAttention
@@ -127,7 +135,7 @@ def _te_class():
             super().__init__(config, *args, **kwargs)
             from megatron.core import parallel_state
 
-            slopes = _this_rank_slopes(config, parallel_state.get_tensor_model_parallel_group())
+            slopes = this_rank_slopes(config, parallel_state.get_tensor_model_parallel_group())
             self.alibi_slopes_fp32 = slopes.float()  # TE wants fp32 slopes; a plain attribute keeps them fp32
 
         def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None,

@@ -84,22 +84,47 @@ def _gelu(x):
     return F.gelu(x, approximate="tanh")
 
 
-def layer_spec(arch: ModelArch, transformer_impl: str = "local"):
+def layer_spec(arch: ModelArch, transformer_impl: str = "local", *, fused_local: bool = True):
+    """The GPTModel layer spec of ``arch``: megatron-core's local or Transformer-Engine spec plus this toolkit's
+    core attention where needed (ALiBi; on the local spec SDPA attention, ``layers/sdpa.py``) and, on the local
+    spec, the SwiGLU MLP (``layers/swiglu.py``).
+
+    ``fused_local=False`` keeps megatron-core's own unfused local modules (``DotProductAttention``, ``MLP``): the
+    reference the fast path is tested against. The TE spec is unaffected (its attention and MLP are TE's own).
+    """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
     check_transformer_impl(transformer_impl)
+    alibi = arch.position_embedding == "alibi"
     if transformer_impl == "transformer_engine":
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+        core_attention = None
+        if alibi:
+            from ..layers.alibi import alibi_core_attention
+
+            core_attention = alibi_core_attention(transformer_impl)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization=arch.normalization)
-    if arch.position_embedding == "alibi":
-        from ..layers.alibi import alibi_core_attention
+        if not fused_local:
+            from ..layers.alibi import alibi_core_attention
 
-        spec = copy.deepcopy(spec)  # specs are plain dataclasses: never alter one megatron-core may hand out again
-        spec.submodules.self_attention.submodules.core_attention = alibi_core_attention(transformer_impl)
+            core_attention = alibi_core_attention(transformer_impl) if alibi else None
+        else:
+            from ..layers.sdpa import sdpa_core_attention
+
+            # Fused attention without Transformer Engine: megatron-core's local attention is unfused (s x s scores).
+            core_attention = sdpa_core_attention(alibi=alibi)
+    spec = copy.deepcopy(spec)  # specs are plain dataclasses: never alter one megatron-core may hand out again
+    if core_attention is not None:
+        spec.submodules.self_attention.submodules.core_attention = core_attention
+    if transformer_impl == "local" and fused_local and arch.gated_linear_unit:
+        from ..layers.swiglu import SwiGLUMLP
+
+        # The unfused gated MLP keeps 4 ffn-wide activations per layer and copies `up` each step; SwiGLUMLP keeps 2.
+        spec.submodules.mlp = SwiGLUMLP  # the class itself: see SwiGLUMLP's docstring
     return spec
 
 
@@ -125,8 +150,10 @@ def build_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     parallel_output: bool = True,
+    fused_local: bool = True,
 ):
-    """One pipeline stage of ``arch`` as a megatron-core GPTModel on the current TP/PP ranks."""
+    """One pipeline stage of ``arch`` as a megatron-core GPTModel on the current TP/PP ranks
+    (``fused_local``: see ``layer_spec``)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -142,7 +169,7 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, transformer_impl),
+        transformer_layer_spec=layer_spec(arch, transformer_impl, fused_local=fused_local),
         vocab_size=padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

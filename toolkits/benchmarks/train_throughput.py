@@ -1,15 +1,23 @@
-"""Training and preprocessing throughput of megatron-patch against plain baselines, measured side by side.
+"""Training throughput of megatron-patch against a plain transformers loop, measured side by side; preprocessing too.
 
-Training: the toolkit's train_step (megatron-core GPTModel, megatron-core DDP + optimizer, pipeline schedule, grad
-clipping) against a plain PyTorch loop over transformers' LlamaForCausalLM of the same shape, batch, sequence length,
-dtype and optimizer (Adam, same betas/eps/weight decay, grad clipping 1.0). Each side runs in its own fresh process
-(the CPU path's function mode would otherwise tax the baseline too), alternating A, B, A, B for --rounds rounds;
-the medians are compared.
+Training: the toolkit's ``train_step`` (megatron-core GPTModel with the local layer spec, megatron-core DDP and
+optimizer, the pipeline schedule, grad clipping) against a plain PyTorch loop over transformers' ``LlamaForCausalLM``
+of the same shape, batch, sequence length and optimizer (Adam, same betas/eps/weight decay, grad clipping 1.0).
+On CUDA the baseline is what a careful user writes: fp32 weights, SDPA attention, bf16 autocast, fused AdamW; the
+toolkit trains bf16 weights with fp32 main weights and fp32 gradient buffers. Each side (and the matmul probe) runs
+in its own fresh process, alternating A, B for ``--rounds`` rounds; a round reports the median step time.
+
+Reported per side: ms/step, tokens/s, model TFLOP/s, MFU against the datasheet peak (bf16 dense; known for
+H100/H200) and against a matmul measured in the same run, and peak memory (CUDA: max allocated; CPU: max RSS).
+Model FLOPs per step follow the usual convention (Megatron-LM, PaLM): per token 6 x the matmul parameters (output
+layer included, embedding lookup excluded) + 12 x layers x sequence x attention width (causal attention not halved).
+
+    python toolkits/benchmarks/train_throughput.py --device cuda            # 7b-layer shape, bf16
+    python toolkits/benchmarks/train_throughput.py --device cpu             # small shape, fp32
+    python toolkits/benchmarks/train_throughput.py --device cpu --shape small --layers 2 --skip-preprocessing
 
 Preprocessing: jsonl -> indexed dataset (tokenize + EOD + write) against the bare tokenizer encoding the same
 documents in one loop.
-
-    python toolkits/benchmarks/train_throughput.py [--layers 4 --hidden 256 --seq-length 256 --micro-batch-size 4]
 """
 
 from __future__ import annotations
@@ -21,55 +29,139 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+GIB = 1024**3
 
-def hf_config(args) -> dict:
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    seq_length: int
+    micro_batch_size: int
+    dtype: str  # "float32" | "bfloat16"
+
+    def flops_per_step(self) -> float:
+        """Model FLOPs of one training step (forward + backward) of one micro-batch."""
+        head_dim = self.hidden // self.heads
+        attention_width = self.heads * head_dim
+        per_layer = (self.hidden * (attention_width + 2 * self.kv_heads * head_dim)  # qkv
+                     + attention_width * self.hidden  # proj
+                     + 3 * self.hidden * self.ffn)  # SwiGLU fc1 (gate, up) + fc2
+        matmul_params = self.layers * per_layer + self.vocab * self.hidden  # + output layer
+        per_token = 6 * matmul_params + 12 * self.layers * self.seq_length * attention_width
+        return per_token * self.seq_length * self.micro_batch_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_length * self.micro_batch_size
+
+
+SHAPES = {
+    # The CPU shape this benchmark has always used.
+    "small": Shape(layers=4, hidden=256, ffn=680, heads=8, kv_heads=8, vocab=2048, seq_length=256,
+                   micro_batch_size=4, dtype="float32"),
+    # Four llama-7B layers: the shape of shared/notes/gpu-facts.md.
+    "7b-layer": Shape(layers=4, hidden=4096, ffn=11008, heads=32, kv_heads=32, vocab=32000, seq_length=4096,
+                      micro_batch_size=1, dtype="bfloat16"),
+}
+
+# bf16 dense tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name (SXM parts; datasheets).
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
+
+
+def datasheet_peak(device_name: str) -> float | None:
+    for key, tflops in sorted(DATASHEET_BF16_TFLOPS.items(), key=lambda item: -len(item[0])):
+        if key in device_name:
+            return tflops
+    return None
+
+
+# --- the two sides (each in its own process) -----------------------------------------------------------------------
+
+
+def hf_config(shape: Shape) -> dict:
     from megatron_patch.models import get_family
 
     cfg = get_family("llama").flavor("tiny")
-    cfg.update(num_hidden_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 8 * 8,
-               num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
-               max_position_embeddings=max(512, args.seq_length))
+    cfg.update(num_hidden_layers=shape.layers, hidden_size=shape.hidden, intermediate_size=shape.ffn,
+               num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.hidden // shape.heads,
+               vocab_size=shape.vocab, max_position_embeddings=max(512, shape.seq_length), tie_word_embeddings=False)
     return cfg
 
 
-def batches(args, n):
+def batches(shape: Shape, n: int, device):
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    return [torch.randint(0, args.vocab, (args.micro_batch_size, args.seq_length + 1), generator=gen) for _ in range(n)]
+    return [torch.randint(0, shape.vocab, (shape.micro_batch_size, shape.seq_length + 1), generator=gen).to(device)
+            for _ in range(n)]
 
 
-def measure_hf(args) -> float:
+def timed_steps(step, samples, warmup: int, device) -> dict[str, list[float]]:
+    """Wall seconds (``step_s``) and this process's CPU seconds (``cpu_s``) of each step after ``warmup`` steps;
+    the device is synchronised around every step."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    wall, cpu = [], []
+    for i, sample in enumerate(samples):
+        sync()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step(sample)
+        sync()
+        if i >= warmup:
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+    return {"step_s": wall, "cpu_s": cpu}
+
+
+def peak_memory_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure_hf(shape: Shape, args, device) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = dict(hf_config(args))
+    cfg = dict(hf_config(shape))
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with device:  # initialise where it trains (a 7B-layer model initialises slowly on the host)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
-    data = batches(args, args.warmup + args.steps)
+    on_cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
+                            **({"fused": True} if on_cuda else {}))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=shape.dtype == "bfloat16")
 
     def step(sample):
         opt.zero_grad(set_to_none=True)
-        out = model(input_ids=sample[:, :-1], labels=sample[:, :-1])  # HF shifts labels itself
+        with autocast:
+            out = model(input_ids=sample[:, :-1], labels=sample[:, :-1])  # HF shifts labels itself
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    for sample in data[: args.warmup]:
-        step(sample)
-    start = time.perf_counter()
-    for sample in data[args.warmup:]:
-        step(sample)
-    return args.steps * args.micro_batch_size * args.seq_length / (time.perf_counter() - start)
+    times = timed_steps(step, batches(shape, args.warmup + args.steps, device), args.warmup, device)
+    return {**times, "peak_memory": peak_memory_bytes(device)}
 
 
-def measure_toolkit(args) -> float:
+def measure_toolkit(shape: Shape, args, device) -> dict:
     import torch
+    from megatron.core.distributed import finalize_model_grads
 
     from megatron_patch.models.spec import ModelSpec
     from megatron_patch.runtime import init_distributed
@@ -85,40 +177,133 @@ def measure_toolkit(args) -> float:
         build_transformer_config,
     )
 
-    spec = ModelSpec.from_hf_config(hf_config(args), tp=1, family="llama", make_vocab_size_divisible_by=128)
+    spec = ModelSpec.from_hf_config(hf_config(shape), tp=1, family="llama", make_vocab_size_divisible_by=128)
+    iters = args.warmup + args.steps
     cfg = TrainConfig(mode="pretrain", model_name="llama", model_size="tiny", tokenizer_model="-", data_path=["-"],
-                      micro_batch_size=args.micro_batch_size, global_batch_size=args.micro_batch_size,
-                      seq_length=args.seq_length, train_iters=args.warmup + args.steps, lr=1e-4, min_lr=1e-4,
-                      lr_decay_style="constant", weight_decay=0.01, clip_grad=1.0).validate(1)
+                      micro_batch_size=shape.micro_batch_size, global_batch_size=shape.micro_batch_size,
+                      seq_length=shape.seq_length, train_iters=iters, lr=1e-4, min_lr=1e-4,
+                      lr_decay_style="constant", weight_decay=0.01, clip_grad=1.0,
+                      bf16=shape.dtype == "bfloat16").validate(1)
     init_distributed(1, 1, seed=0)
     source = ModelSource(spec, None, None)
     config = build_transformer_config(cfg, source)
     model = build_ddp_model(cfg, source, config)
+    if device.type == "cuda":
+        model.cuda(device)  # built on the host (use_cpu_initialization); a no-op once the build places it
     optimizer = build_optimizer(cfg, model)
-    from megatron.core.distributed import finalize_model_grads
-
     config.no_sync_func, config.finalize_model_grads_func = model.no_sync, finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    scheduler = build_scheduler(cfg, optimizer, cfg.train_iters)
+    scheduler = build_scheduler(cfg, optimizer, iters)
     logger = MetricsLogger(1, None, 0, quiet=True)
-    t = Trainer(cfg, model, optimizer, scheduler, source, TrainerState(), None, None, cfg.train_iters,
-                args.seq_length, logger)
-    positions = torch.arange(args.seq_length).unsqueeze(0).expand(args.micro_batch_size, -1)
-    data = [{"tokens": s[:, :-1], "labels": s[:, 1:], "loss_mask": torch.ones(args.micro_batch_size, args.seq_length),
-             "position_ids": positions} for s in batches(args, args.warmup + args.steps)]
-    iterator = iter(data)
-    for _ in range(args.warmup):
-        train_step(t, iterator)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        train_step(t, iterator)
-    return args.steps * args.micro_batch_size * args.seq_length / (time.perf_counter() - start)
+    trainer = Trainer(cfg, model, optimizer, scheduler, source, TrainerState(), None, None, iters, shape.seq_length,
+                      logger)
+    positions = torch.arange(shape.seq_length, device=device).unsqueeze(0).expand(shape.micro_batch_size, -1)
+    loss_mask = torch.ones(shape.micro_batch_size, shape.seq_length, device=device)
+    samples = [{"tokens": s[:, :-1], "labels": s[:, 1:], "loss_mask": loss_mask, "position_ids": positions}
+               for s in batches(shape, iters, device)]
+    times = timed_steps(lambda sample: train_step(trainer, iter([sample])), samples, args.warmup, device)
+    return {**times, "peak_memory": peak_memory_bytes(device)}
 
 
-def run_side(side: str, args) -> float:
-    cmd = [sys.executable, __file__, "--_side", side] + [a for a in sys.argv[1:] if not a.startswith("--_side")]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["tokens_per_s"])
+def measure_matmul(shape: Shape, args, device) -> dict:
+    """TFLOP/s of the best of repeated square matmuls: bf16 8192^3 on CUDA, the run's dtype 1024^3 on the CPU."""
+    import torch
+
+    on_cuda = device.type == "cuda"
+    n = 8192 if on_cuda else 1024
+    dtype = torch.bfloat16 if on_cuda else getattr(torch, shape.dtype)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 20 if on_cuda else 5
+    best = float("inf")
+    for _ in range(3 + args.rounds):
+        times = timed_steps(lambda _: [torch.mm(a, b) for _ in range(reps)], [None] * 2, 1, device)
+        best = min(best, times["step_s"][0] / reps)
+    name = torch.cuda.get_device_name(device) if on_cuda else "cpu"
+    return {"tflops": 2 * n**3 / best / 1e12, "what": f"{str(dtype).replace('torch.', '')} {n}^3 matmul",
+            "device_name": name}
+
+
+SIDES = {"hf": measure_hf, "toolkit": measure_toolkit, "matmul": measure_matmul}
+
+
+def run_side(side: str, shape: Shape, args) -> dict:
+    cmd = [sys.executable, __file__, "--_side", side, "--_shape", json.dumps(asdict(shape)), "--device", args.device,
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--rounds", str(args.rounds)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.side_timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"the {side} side failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- reporting -----------------------------------------------------------------------------------------------------
+
+
+def resolve_shape(args) -> Shape:
+    shape = SHAPES[args.shape or ("7b-layer" if args.device == "cuda" else "small")]
+    overrides = {name: getattr(args, name) for name in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab",
+                                                         "seq_length", "micro_batch_size", "dtype")}
+    shape = replace(shape, **{k: v for k, v in overrides.items() if v is not None})
+    if args.kv_heads is None and args.heads is not None:
+        shape = replace(shape, kv_heads=shape.heads)
+    if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
+        raise SystemExit(f"--heads {shape.heads} must divide --hidden {shape.hidden} and be a multiple of --kv-heads "
+                         f"{shape.kv_heads}")
+    return shape
+
+
+def report_training(shape: Shape, args) -> None:
+    flops = shape.flops_per_step()
+    print(f"shape: {shape.layers} layers, hidden {shape.hidden}, ffn {shape.ffn}, {shape.heads} heads "
+          f"({shape.kv_heads} kv), vocab {shape.vocab}; batch {shape.micro_batch_size} x seq {shape.seq_length}; "
+          f"{shape.dtype}; Adam; {args.device}; {args.steps} timed steps after {args.warmup} per run; "
+          f"{flops / 1e12:.3f} model TFLOP per step", flush=True)
+    matmul = run_side("matmul", shape, args)
+    peak = datasheet_peak(matmul["device_name"]) if args.device == "cuda" else None
+    print(f"device: {matmul['device_name']}; measured {matmul['what']}: {matmul['tflops']:.3f} TFLOP/s; "
+          f"datasheet bf16 dense: {f'{peak:.0f} TFLOP/s' if peak else 'n/a (not a known GPU)'}", flush=True)
+    runs = {"hf": [], "toolkit": []}
+    on_cpu = args.device == "cpu"
+    for r in range(args.rounds):
+        for side in runs:
+            runs[side].append(run_side(side, shape, args))
+        hf_ms, tk_ms = (1e3 * statistics.median(runs[s][-1]["step_s"]) for s in ("hf", "toolkit"))
+        line = (f"round {r + 1}: transformers loop {hf_ms:.1f} ms/step | megatron-patch {tk_ms:.1f} ms/step "
+                f"-> ratio {hf_ms / tk_ms:.2f}")
+        if on_cpu:
+            hf_cpu, tk_cpu = (1e3 * statistics.median(runs[s][-1]["cpu_s"]) for s in ("hf", "toolkit"))
+            line += f" (CPU time {hf_cpu:.1f} vs {tk_cpu:.1f} ms/step -> ratio {hf_cpu / tk_cpu:.2f})"
+        print(line, flush=True)
+
+    def median_of_runs(side_runs, key):
+        return statistics.median(statistics.median(run[key]) for run in side_runs)
+
+    def row(name, side_runs):
+        step = median_of_runs(side_runs, "step_s")
+        tflops = flops / step / 1e12
+        mfu_sheet = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
+        memory = max(run["peak_memory"] for run in side_runs) / GIB
+        cpu = f" {1e3 * median_of_runs(side_runs, 'cpu_s'):.1f} |" if on_cpu else ""
+        print(f"| {name} | {1e3 * step:.1f} |{cpu} {shape.tokens_per_step / step:,.0f} | {tflops:.3f} | {mfu_sheet} | "
+              f"{100 * tflops / matmul['tflops']:.1f}% | {memory:.2f} GiB |")
+        return step
+
+    cpu_header = " CPU ms/step |" if on_cpu else ""
+    print(f"| side | ms/step (median) |{cpu_header} tokens/s | model TFLOP/s | MFU (datasheet) | MFU (measured matmul) "
+          "| peak memory |")
+    print("| --- " * (8 if on_cpu else 7) + "|")
+    hf_step = row("transformers LlamaForCausalLM loop", runs["hf"])
+    tk_step = row("megatron-patch train_step", runs["toolkit"])
+    ratios = [statistics.median(h["step_s"]) / statistics.median(t["step_s"]) for h, t in zip(runs["hf"], runs["toolkit"])]
+    summary = (f"training throughput megatron-patch / transformers loop: {hf_step / tk_step:.2f}x "
+               f"(per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})")
+    if on_cpu:
+        # On a shared host the wall clock includes other processes' load; CPU seconds of each process do not.
+        cpu_ratio = median_of_runs(runs["hf"], "cpu_s") / median_of_runs(runs["toolkit"], "cpu_s")
+        summary += f"; by CPU time {cpu_ratio:.2f}x"
+    print(summary)
 
 
 def preprocessing(args) -> tuple[float, dict[int, float]]:
@@ -145,40 +330,46 @@ def preprocessing(args) -> tuple[float, dict[int, float]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--seq-length", type=int, default=256)
-    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="size preset (default: 7b-layer on cuda, small on cpu); the flags below override it")
+    for name in ("layers", "hidden", "ffn", "heads", "kv-heads", "vocab", "seq-length", "micro-batch-size"):
+        parser.add_argument(f"--{name}", type=int, default=None)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="default: 3 on cpu (a shared host is noisy), 1 on cuda")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads of every side (CPU; default: torch's choice)")
+    parser.add_argument("--side-timeout", type=float, default=1800.0, help="seconds one side may run")
     parser.add_argument("--corpus-repeat", type=int, default=100)
     parser.add_argument("--skip-preprocessing", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
-    parser.add_argument("--_side", choices=("hf", "toolkit"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_side", choices=sorted(SIDES), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_shape", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args._side:
-        rate = measure_hf(args) if args._side == "hf" else measure_toolkit(args)
-        print(json.dumps({"tokens_per_s": rate}))
-        return 0
+    if args.device is None:
+        import torch
 
-    print(f"shape: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab {args.vocab}; "
-          f"batch {args.micro_batch_size} x seq {args.seq_length}; fp32; Adam; {args.steps} timed steps per round")
-    hf_rates, tk_rates = [], []
-    for r in range(0 if args.skip_training else args.rounds):
-        hf_rates.append(run_side("hf", args))
-        tk_rates.append(run_side("toolkit", args))
-        print(f"round {r + 1}: transformers+torch loop {hf_rates[-1]:,.0f} tokens/s | "
-              f"megatron-patch {tk_rates[-1]:,.0f} tokens/s", flush=True)
-    # A shared machine makes single rounds noisy: report the median of the per-round ratios (each from adjacent
-    # runs) and the ratio of the best rounds.
-    ratios = [tk / hf for tk, hf in zip(tk_rates, hf_rates)]
-    if ratios:
-        print(f"training tokens/s, megatron-patch / plain PyTorch + LlamaForCausalLM: median per-round ratio "
-              f"{statistics.median(ratios):.2f}; best {max(tk_rates):,.0f} vs {max(hf_rates):,.0f} -> "
-              f"ratio {max(tk_rates) / max(hf_rates):.2f}")
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.rounds is None:
+        args.rounds = 3 if args.device == "cpu" else 1
+    if args._side:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+        result = SIDES[args._side](Shape(**json.loads(args._shape)), args, device)
+        print(json.dumps(result))
+        return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA GPU is visible here; use --device cpu")
+    if not args.skip_training:
+        report_training(resolve_shape(args), args)
     if not args.skip_preprocessing:
         bare, ours = preprocessing(args)
         for workers, rate in ours.items():
