@@ -73,16 +73,6 @@ def test_fp8_refused_before_work_on_this_machine(capsys):
     assert "FP8 requested but --transformer-impl transformer_engine needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_distributed_optimizer_refused_on_cpu():
-    from megatron_patch.runtime import cuda_available
-    from megatron_patch.training.setup import check_precision_support
-
-    if cuda_available():
-        pytest.skip("this test is about a machine without CUDA")
-    with pytest.raises(RuntimeError, match="--use-distributed-optimizer is not supported on the CPU/gloo path"):
-        check_precision_support(pretrain_cfg(use_distributed_optimizer=True).validate(1))
-
-
 def test_resolved_config_written(tmp_path):
     import json
 
