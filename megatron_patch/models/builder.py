@@ -182,4 +182,19 @@ def build_model(
     add_model_patches(model, arch, config)
     if arch.position_embedding == "rope":
         set_rope_inv_freq(model, rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling))
+    _parameters_in_params_dtype(model, config.params_dtype)
     return model
+
+
+def _parameters_in_params_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter in ``dtype``, buffers (RoPE frequencies, ALiBi slopes) left as they are.
+
+    Without Apex or Transformer Engine megatron-core's local spec falls back to ``torch.nn`` norms built in the
+    default dtype, so a bf16 model held fp32 norm weights: megatron-core's Float16Optimizer then keeps them outside
+    its fp16 groups and cannot describe them in a checkpoint ("Param id N does not match any model sharded param"),
+    i.e. every bf16/fp16 save failed. TE's and Apex's norms use ``params_dtype``, as HF's bf16 checkpoints do.
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dtype.is_floating_point and param.dtype != dtype:
+                param.data = param.data.to(dtype)
