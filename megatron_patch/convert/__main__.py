@@ -91,13 +91,11 @@ def run(args) -> int | None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from ..runtime.errors import run_reporting_errors
+    from ..errors import run_reporting_errors
     from ..runtime.noise import quiet_third_party
 
     quiet_third_party(args.verbose or None)
-
-    # RuntimeError too: megatron-core and torch.distributed report unusable setups that way.
-    return run_reporting_errors(lambda: run(args), extra_errors=(RuntimeError,))
+    return run_reporting_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

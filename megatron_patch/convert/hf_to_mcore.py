@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from ..errors import ConfigError
 from ..models import detect_family, get_family
+from ..runtime.progress import progress as progress_bar
 from .engine import ConversionPlan, te_name
 from .hf_io import HFCheckpointReader, copy_assets, read_config
 from .mcore_io import (
@@ -56,9 +57,9 @@ def hf_to_mcore(
 ) -> Path:
     """Convert; everything is validated before the first byte is written, and the output appears atomically."""
     if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {fmt})")
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)} (got {fmt})")
     if transformer_impl not in ("local", "transformer_engine"):
-        raise ValueError(f"--transformer-impl must be local or transformer_engine (got {transformer_impl})")
+        raise ConfigError(f"--transformer-impl must be local or transformer_engine (got {transformer_impl})")
     hf_config = read_config(hf_dir)
     plan = make_plan(hf_config, tp, pp, family, extra_vocab_size, make_vocab_size_divisible_by)
     check_output_dir(out_dir, overwrite)
@@ -84,7 +85,7 @@ def _save_legacy(plan: ConversionPlan, reader: HFCheckpointReader, iter_dir: Pat
     (the tensors are views of memory-mapped files), so every byte is read once over all ranks."""
     rename = te_name if transformer_impl == "transformer_engine" else (lambda name: name)
     total = plan.tp * sum(len(plan.stage_entries(s)) for s in range(plan.pp))
-    with tqdm(total=total, desc="hf2mcore", unit="tensor", disable=None) as progress:
+    with progress_bar(total=total, desc="hf2mcore", unit="tensor") as progress:
         for pp_rank in range(plan.pp):
             for tp_rank in range(plan.tp):
                 state_dict = {rename(name): shards[tp_rank]
@@ -96,5 +97,5 @@ def _save_legacy(plan: ConversionPlan, reader: HFCheckpointReader, iter_dir: Pat
 def _save_torch_dist(plan: ConversionPlan, reader: HFCheckpointReader, iter_dir: Path, dtype: torch.dtype) -> None:
     """One process writes the whole torch_dist checkpoint (its tensors are TP/PP-independent): see torch_dist.py."""
     total = len(single_rank_plan(plan).stage_entries(0))
-    with tqdm(total=total, desc="hf2mcore", unit="tensor", disable=None) as progress:
+    with progress_bar(total=total, desc="hf2mcore", unit="tensor") as progress:
         write_torch_dist(plan, reader, iter_dir, dtype, progress)

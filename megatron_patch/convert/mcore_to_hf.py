@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from ..runtime.progress import progress as progress_bar
 from .hf_io import StreamingSafetensorsWriter, copy_assets
 from .mcore_io import (
     ASSETS,
@@ -71,7 +71,7 @@ def mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: boo
         if not (temp / "generation_config.json").is_file():
             (temp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
         writer = StreamingSafetensorsWriter(temp, layout, max_shard_bytes)
-        with tqdm(total=len(plan.export_entries()), desc="mcore2hf", unit="tensor", disable=None) as progress:
+        with progress_bar(total=len(plan.export_entries()), desc="mcore2hf", unit="tensor") as progress:
             for name, tensor in plan.megatron_to_hf(get_full, progress):
                 writer.add(name, tensor)
         writer.close()

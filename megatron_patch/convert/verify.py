@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import CheckpointError, ConfigError
 from .mcore_io import read_meta, resolve_checkpoint
 
 FIXED_TEXT = (
@@ -53,7 +54,7 @@ def hf_logits(hf_dir, tokens: torch.Tensor, trust_remote_code: bool = False) -> 
         if trust_remote_code:
             raise
         # Baichuan and Qwen (v1) ship their modeling code with the checkpoint; transformers has no class for them.
-        raise ValueError(f"transformers has no built-in class for {hf_dir} ({str(error).split('.')[0]}); if the "
+        raise ConfigError(f"transformers has no built-in class for {hf_dir} ({str(error).split('.')[0]}); if the "
                          "directory ships its own modeling code, rerun with --trust-remote-code") from None
     model.eval()
     with torch.no_grad():
@@ -112,6 +113,6 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, tp: int | No
     if extra and candidate.shape[-1] == reference.shape[-1] + extra:
         candidate = candidate[..., : reference.shape[-1]]  # new tokens have no HF counterpart; old ones must agree
     if reference.shape != candidate.shape:
-        raise ValueError(f"HF logits {tuple(reference.shape)} and Megatron logits {tuple(candidate.shape)} differ in "
+        raise CheckpointError(f"HF logits {tuple(reference.shape)} and Megatron logits {tuple(candidate.shape)} differ in "
                          "shape: is this checkpoint converted from that HF directory?")
     return compare(reference, candidate, tolerance)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import GenerationError
 from ..runtime.device import device_generator, local_device
 from .sampling import SamplingParams, select_next
 
@@ -35,10 +36,6 @@ def mark_weights_loaded(model: torch.nn.Module, source: str) -> None:
 
 def weights_source(model: torch.nn.Module) -> str | None:
     return getattr(model, _LOADED_MARK, None)
-
-
-class GenerationError(ValueError):
-    """A generation request that cannot run (one-line message)."""
 
 
 class GenerationEngine:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
 from .cpu import cuda_available, enable_cpu_path, seed_model_parallel_rng
 from .device import set_local_device
 from .versions import check_megatron_version
@@ -44,7 +45,7 @@ def init_distributed(
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             if os.environ["WORLD_SIZE"] != "1":
-                raise RuntimeError("MASTER_PORT is not set for a multi-process run; launch with torchrun")
+                raise ConfigError("MASTER_PORT is not set for a multi-process run; launch with torchrun")
             os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group(
             backend="gloo" if on_cpu else "nccl",
@@ -52,7 +53,7 @@ def init_distributed(
         )
     world = dist.get_world_size()
     if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
-        raise ValueError(
+        raise ConfigError(
             f"world size {world} is not divisible by tensor x pipeline parallel size "
             f"{tensor_model_parallel_size}x{pipeline_model_parallel_size}"
         )

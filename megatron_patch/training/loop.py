@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..convert.mcore_io import TRACKER, resolve_checkpoint
+from ..errors import ConfigError
 from ..runtime.device import local_device, to_device
 from .arguments import TrainConfig
 from .checkpointing import TrainerState, has_train_state, load_train_state, load_weights, save_checkpoint
@@ -198,13 +199,12 @@ def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
     check_precision_support(cfg)
     load_dir, resume = _load_dirs(cfg)
     source = resolve_model_source(cfg, load_dir)
-    source.arch.check_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     tokenizer_path = cfg.tokenizer_model or source.assets_dir
     if tokenizer_path is None:
-        raise ValueError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
+        raise ConfigError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.vocab_size > source.plan.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.plan.vocab_size} "
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.plan.vocab_size} "
                          "rows: pass --extra-vocab-size (or convert with hf2mcore --extra-vocab-size)")
 
     init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed)
@@ -258,7 +258,7 @@ def _build_data(cfg: TrainConfig, tokenizer):
         cfg.data_path, cfg.split, cfg.seq_length, cfg.seed, tokenizer.eod, tokenizer.vocab_size,
         (train_samples, valid_samples, 0), cache)
     if train_data is None:
-        raise ValueError(f"--split {cfg.split} leaves no training data")
+        raise ConfigError(f"--split {cfg.split} leaves no training data")
     return train_data, valid_data if valid_samples else None, cfg.seq_length, cfg.train_iters
 
 

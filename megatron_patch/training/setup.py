@@ -9,15 +9,13 @@ from pathlib import Path
 import torch
 
 from ..convert.engine import ConversionPlan
-from ..convert.mcore_io import ASSETS, plan_from_meta, read_meta, resolve_checkpoint
+from ..convert.mcore_io import ASSETS, plan_from_meta, read_meta
+from ..errors import ConfigError, MachineSupportError
 from ..models import get_family
+from ..models.presets import check_size_preset
 from ..runtime.cpu import cuda_available
 from ..runtime.device import place_model
-from .arguments import TrainConfig
-
-
-class MachineSupportError(RuntimeError):
-    """The run asks for something this machine cannot do (no GPU, no Transformer Engine, no NCCL, old GPU)."""
+from .arguments import PARALLEL_FLAGS, TrainConfig
 
 
 @dataclass
@@ -35,37 +33,37 @@ class ModelSource:
 
 
 def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
-    """From the checkpoint's metadata when loading one, else from ``--model-name`` / ``--model-size``."""
+    """From the checkpoint's metadata when loading one, else from ``--model-name`` / ``--model-size``.
+
+    Checks the flags against the model on the way (family, size preset, extra vocabulary, TP x PP), each error
+    naming the training flag to change.
+    """
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     if load_dir is not None:
         meta = read_meta(load_dir)
         if cfg.model_name and cfg.model_name != meta["family"]:
-            raise ValueError(f"--model-name {cfg.model_name} does not match the --load checkpoint ({meta['family']})")
+            raise ConfigError(f"--model-name {cfg.model_name} does not match the --load checkpoint ({meta['family']})")
         if cfg.extra_vocab_size and cfg.extra_vocab_size != meta["extra_vocab_size"]:
-            raise ValueError(
+            raise ConfigError(
                 f"--extra-vocab-size {cfg.extra_vocab_size} differs from the checkpoint's {meta['extra_vocab_size']}: "
                 "new token rows are added at conversion (hf2mcore --extra-vocab-size)"
             )
-        plan = plan_from_meta(meta, tp=tp, pp=pp)
+        family = get_family(meta["family"])
         if cfg.model_size:  # the preset must describe the checkpoint (the launch scripts always pass one)
-            preset = plan.family.arch_from_hf(plan.family.flavor(cfg.model_size))
-            if (preset.num_layers, preset.hidden_size) != (plan.arch.num_layers, plan.arch.hidden_size):
-                raise ValueError(
-                    f"--model-size {cfg.model_size} ({preset.num_layers} layers, hidden {preset.hidden_size}) does not "
-                    f"match the --load checkpoint ({plan.arch.num_layers} layers, hidden {plan.arch.hidden_size})")
+            check_size_preset(family, cfg.model_size, meta["hf_config"])
+        family.arch_from_hf(meta["hf_config"]).check_parallel(tp, pp, PARALLEL_FLAGS)
+        plan = plan_from_meta(meta, tp=tp, pp=pp)
         assets = load_dir / ASSETS
         return ModelSource(plan, meta["hf_config"], load_dir, assets if assets.is_dir() else None)
     family = get_family(cfg.model_name)
     hf_config = family.flavor(cfg.model_size)
-    plan = ConversionPlan(family=family, arch=family.arch_from_hf(hf_config), tp=tp, pp=pp,
+    arch = family.arch_from_hf(hf_config)
+    arch.check_parallel(tp, pp, PARALLEL_FLAGS)
+    plan = ConversionPlan(family=family, arch=arch, tp=tp, pp=pp,
                           make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
                           extra_vocab_size=cfg.extra_vocab_size)
     assets = Path(cfg.tokenizer_model) if cfg.tokenizer_model and Path(cfg.tokenizer_model).is_dir() else None
     return ModelSource(plan, hf_config, None, assets)
-
-
-def find_load_dir(path: str | None) -> Path | None:
-    return None if path is None else resolve_checkpoint(path)
 
 
 def check_precision_support(cfg: TrainConfig) -> None:
@@ -76,7 +74,7 @@ def check_precision_support(cfg: TrainConfig) -> None:
         what = "FP8" if cfg.fp8_format else "flash attention" if cfg.use_flash_attn else "Transformer Engine"
         try:
             check_transformer_impl("transformer_engine")
-        except RuntimeError as error:
+        except MachineSupportError as error:
             raise MachineSupportError(f"{what} requested but {error}") from None
         if cfg.fp8_format:
             major, minor = torch.cuda.get_device_capability()

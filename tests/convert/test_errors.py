@@ -115,7 +115,8 @@ def test_not_a_megatron_checkpoint(tmp_path, capsys):
 
 
 def test_unsupported_megatron_core_version(monkeypatch):
-    from megatron_patch.runtime import UnsupportedVersionError, versions
+    from megatron_patch.errors import UnsupportedVersionError
+    from megatron_patch.runtime import versions
 
     monkeypatch.setattr(versions, "megatron_core_version", lambda: "0.14.0")
     with pytest.raises(UnsupportedVersionError, match="supports 0.16.x"):

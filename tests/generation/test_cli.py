@@ -118,7 +118,7 @@ def _entry_args(mcore, prompts, out, *extra):
 
 @pytest.mark.parametrize("extra,message", [
     (["--pp", "2"], "1 processes were launched for TP x PP = 1 x 2"),
-    (["--model-size", "7B"], "MODEL_SIZE 7B does not match the checkpoint"),
+    (["--model-size", "7B"], "--model-size 7B (32 layers, hidden 4096) does not match the --load checkpoint"),
     (["--model-name", "qwen"], "holds a 'llama' model, not 'qwen'"),
     (["--extra-vocab-size", "3"], "--extra-vocab-size 3 differs from the checkpoint's 0"),
     (["--seq-length", "4096", "--input-len", "16"], "--seq-length 4096 exceeds the model's 512 positions"),

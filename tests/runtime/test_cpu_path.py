@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_patch.runtime import WorkerError, run_on_local_ranks
+from megatron_patch.errors import WorkerError
+from megatron_patch.runtime import run_on_local_ranks
 from megatron_patch.runtime.cpu import CPURNGStatesTracker
 
 
