@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..runtime.progress import progress
 from .mcore_io import read_meta, resolve_checkpoint
 
 FIXED_TEXT = (
@@ -107,12 +108,15 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, tp: int | No
     tp = tp or meta["tensor_model_parallel_size"]
     pp = pp or meta["pipeline_model_parallel_size"]
     tokens = fixed_tokens(hf_dir, meta["hf_config"]["vocab_size"], trust_remote_code=trust_remote_code)
-    reference = hf_logits(hf_dir, tokens, trust_remote_code)
-    candidate = megatron_logits([iter_dir], tokens, tp, pp)[0]
+    with progress(total=2, desc="verify: logits", unit="model") as bar:  # HF, then Megatron at TP x PP
+        reference = hf_logits(hf_dir, tokens, trust_remote_code)
+        bar.update(1)
+        candidate = megatron_logits([iter_dir], tokens, tp, pp)[0]
+        bar.update(1)
     extra = meta.get("extra_vocab_size", 0)
     if extra and candidate.shape[-1] == reference.shape[-1] + extra:
         candidate = candidate[..., : reference.shape[-1]]  # new tokens have no HF counterpart; old ones must agree
     if reference.shape != candidate.shape:
-        raise CheckpointError(f"HF logits {tuple(reference.shape)} and Megatron logits {tuple(candidate.shape)} differ in "
-                         "shape: is this checkpoint converted from that HF directory?")
+        raise CheckpointError(f"HF logits {tuple(reference.shape)} and Megatron logits {tuple(candidate.shape)} differ "
+                              "in shape: is this checkpoint converted from that HF directory?")
     return compare(reference, candidate, tolerance)

@@ -44,11 +44,8 @@ _NORMAL = 1  # sentencepiece_model_pb2.ModelProto.SentencePiece.Type.NORMAL
 # --- 1. training -------------------------------------------------------------------------------------------------
 
 
-def train_sentencepiece(corpus: list[str | os.PathLike], model_prefix: str | os.PathLike, vocab_size: int,
-                        model_type: str = "bpe", character_coverage: float = 0.9995) -> Path:
-    """Train a SentencePiece model on ``corpus`` files; returns the ``.model`` path."""
-    import sentencepiece as spm
-
+def check_training_request(corpus: list[str | os.PathLike], vocab_size: int, model_type: str) -> None:
+    """The SentencePiece flags, checked before any work."""
     for path in corpus:
         if not Path(path).is_file():
             raise FileNotFoundError(f"corpus file {path} does not exist")
@@ -56,6 +53,14 @@ def train_sentencepiece(corpus: list[str | os.PathLike], model_prefix: str | os.
         raise ConfigError(f"--model-type must be bpe or unigram (got {model_type})")
     if vocab_size < 2:
         raise ConfigError(f"--vocab-size must be >= 2 (got {vocab_size})")
+
+
+def train_sentencepiece(corpus: list[str | os.PathLike], model_prefix: str | os.PathLike, vocab_size: int,
+                        model_type: str = "bpe", character_coverage: float = 0.9995) -> Path:
+    """Train a SentencePiece model on ``corpus`` files; returns the ``.model`` path."""
+    import sentencepiece as spm
+
+    check_training_request(corpus, vocab_size, model_type)
     try:
         spm.SentencePieceTrainer.train(
             input=",".join(str(p) for p in corpus), model_prefix=str(model_prefix), vocab_size=vocab_size,
@@ -326,6 +331,7 @@ def extend_vocabulary(corpus: list[str | os.PathLike], load: str | os.PathLike, 
     from ..checkpoint.paths import check_disjoint
     from ..convert.mcore_io import META, TRACKER, check_output_dir, read_meta, resolve_checkpoint
 
+    check_training_request(corpus, vocab_size, model_type)
     load, save = Path(load), Path(save)
     if not load.exists():
         raise FileNotFoundError(f"--load {load} does not exist")

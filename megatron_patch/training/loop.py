@@ -134,7 +134,7 @@ def evaluate(t: Trainer) -> float | None:
 # --- the loop -----------------------------------------------------------------------------------------------------
 
 
-def train(t: Trainer, after_model_save=None) -> list[tuple[int, float]]:
+def train(t: Trainer) -> list[tuple[int, float]]:
     from megatron.core import parallel_state
 
     from ..data.loader import MicroBatchIterator
@@ -156,18 +156,17 @@ def train(t: Trainer, after_model_save=None) -> list[tuple[int, float]]:
         if cfg.eval_interval and t.state.iteration % cfg.eval_interval == 0:
             t.logger.log_eval(t.state.iteration, evaluate(t))
         if cfg.save and cfg.save_interval and t.state.iteration % cfg.save_interval == 0:
-            checkpoint(t, after_model_save)
+            checkpoint(t)
     finished = t.state.iteration >= t.train_iters
     if finished and t.valid_data is not None and not (cfg.eval_interval and t.state.iteration % cfg.eval_interval == 0):
         t.logger.log_eval(t.state.iteration, evaluate(t))  # the validation loss of the final weights
     if cfg.save and (not cfg.save_interval or t.state.iteration % cfg.save_interval):
-        checkpoint(t, after_model_save)
+        checkpoint(t)
     return t.history
 
 
-def checkpoint(t: Trainer, after_model_save=None) -> Path:
-    path = save_checkpoint(t.cfg.save, t.state.iteration, t.model, t.optimizer, t.scheduler, t.state, t.source, t.cfg,
-                           after_model_save)
+def checkpoint(t: Trainer) -> Path:
+    path = save_checkpoint(t.cfg.save, t.state.iteration, t.model, t.optimizer, t.scheduler, t.state, t.source, t.cfg)
     t.logger.print(f"saved checkpoint of iteration {t.state.iteration} to {path}")
     return path
 
@@ -262,12 +261,12 @@ def _build_data(cfg: TrainConfig, tokenizer):
     return train_data, valid_data if valid_samples else None, cfg.seq_length, cfg.train_iters
 
 
-def run(cfg: TrainConfig | dict, quiet: bool = False, after_model_save=None) -> list[tuple[int, float]]:
+def run(cfg: TrainConfig | dict, quiet: bool = False) -> list[tuple[int, float]]:
     """Build and train; returns [(iteration, loss)] for the steps this process ran."""
     if isinstance(cfg, dict):
         cfg = TrainConfig.from_dict(cfg)
     trainer = build_trainer(cfg, quiet=quiet)
     try:
-        return train(trainer, after_model_save)
+        return train(trainer)
     finally:
         trainer.logger.close()
