@@ -54,6 +54,16 @@ def check_request(args: Namespace) -> None:
     check_disjoint(args.load, target, "--load", "--text-generate-output-file")
 
 
+def preflight(args: Namespace) -> None:
+    """What a launch checks once before starting ranks: the flags, the prompt file, the checkpoint's metadata."""
+    from ..convert.mcore_io import read_meta, resolve_checkpoint
+    from .prompts import read_prompts
+
+    check_request(args)
+    read_prompts(args.text_generate_input_file, args.prompt_key)
+    check_checkpoint(args, read_meta(resolve_checkpoint(args.load)))
+
+
 def check_checkpoint(args: Namespace, meta: dict) -> None:
     """The checkpoint (its ``megatron_patch.json``) against --model-name, --model-size, --extra-vocab-size, the
     parallel sizes and --seq-length."""
