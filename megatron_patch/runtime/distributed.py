@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
-from .cpu import cuda_available, enable_cpu_path, seed_model_parallel_rng
+from .cpu import enable_cpu_path
 from .device import set_local_device
 from .versions import check_megatron_version
 
@@ -67,17 +67,18 @@ def init_distributed(
 
 
 def set_seed(seed: int) -> None:
-    """Seed Python, numpy and torch; offset by pipeline rank as Megatron-LM does, then the TP RNG streams."""
+    """Seed Python, numpy and torch; offset by pipeline rank as Megatron-LM does, then the TP RNG streams.
+
+    The streams are seeded by megatron-core's ``model_parallel_cuda_manual_seed`` (its offsets per TP / expert rank);
+    on the CPU path it seeds the CPU tracker ``enable_cpu_path`` installed in place of the CUDA one.
+    """
     from megatron.core import parallel_state, tensor_parallel
 
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if cuda_available():
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    else:
-        seed_model_parallel_rng(seed, parallel_state.get_tensor_model_parallel_rank())
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def destroy_distributed() -> None:

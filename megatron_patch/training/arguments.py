@@ -187,7 +187,7 @@ class TrainConfig:
         if self.load is None and self.model_name is None:
             fail("pass --load (a converted checkpoint) or --model-name and --model-size")
         if self.load is None and self.tokenizer_model is None:
-            fail("without --load, pass --tokenizer-model")
+            fail("without --load, pass --tokenizer-model (the launch scripts: TOKENIZER_MODEL=<dir or .model>)")
         if self.save_interval is not None and self.save_interval < 1:
             fail(f"--save-interval must be >= 1 (got {self.save_interval})")
         if self.save_interval and not self.save:
