@@ -60,6 +60,10 @@ def hf_to_mcore(
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)} (got {fmt})")
     if transformer_impl not in ("local", "transformer_engine"):
         raise ConfigError(f"--transformer-impl must be local or transformer_engine (got {transformer_impl})")
+    if extra_vocab_size < 0:
+        raise ConfigError(f"--extra-vocab-size must be >= 0 (got {extra_vocab_size})")
+    if make_vocab_size_divisible_by < 1:
+        raise ConfigError(f"--make-vocab-size-divisible-by must be >= 1 (got {make_vocab_size_divisible_by})")
     hf_config = read_config(hf_dir)
     plan = make_plan(hf_config, tp, pp, family, extra_vocab_size, make_vocab_size_divisible_by)
     check_output_dir(out_dir, overwrite)
