@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Extend a model's vocabulary with a new language (see extend_vocab.py for what is done and guaranteed).
+# Extend a model's vocabulary with a new language (see megatron_patch/data/vocab_extension.py for what is done and guaranteed).
 #
 #   run_vocab_extension.sh MEGATRON_PATCH_PATH CORPUS LOAD SAVE VOCAB_SIZE [MODEL_TYPE]
 #
