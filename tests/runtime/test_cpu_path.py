@@ -87,14 +87,22 @@ def test_type_rewrite_is_for_megatron_core_only_and_streams_use_its_seeding():
 def _fail_on_rank_one():
     import os
 
+    from megatron_patch.errors import ConfigError
+
     if os.environ["RANK"] == "1":
-        raise ValueError("rank one refuses")
+        raise ConfigError("rank one refuses")
     return os.environ["RANK"]
 
 
+def _bug_on_rank_zero():
+    raise ValueError("not a user error")
+
+
 def test_launcher_reports_the_failing_rank():
-    with pytest.raises(WorkerError, match="rank 1 failed: rank one refuses"):
+    with pytest.raises(WorkerError, match="rank 1 failed: rank one refuses$"):  # a user error: its one line
         run_on_local_ranks(_fail_on_rank_one, 2, timeout=120)
+    with pytest.raises(WorkerError, match=r"(?s)rank 0 failed: Traceback .*ValueError: not a user error"):
+        run_on_local_ranks(_bug_on_rank_zero, 1, timeout=120)  # anything else: the traceback
 
 
 def _hang():
