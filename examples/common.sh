@@ -1,8 +1,13 @@
 # Shared logic of the examples/<family>/run_*_megatron_<family>.sh launchers (sourced, not executed).
 #
 # Each launcher is `source common.sh; mp_pretrain <family> "$@"` (or mp_finetune): the positional arguments are
-# named once here, every one is validated before anything starts, and they become Megatron-LM flags of
-# `python -m megatron_patch.train`, launched by torchrun.
+# named once here and checked for their shape (integer, number, choice, existing path), and they become Megatron-LM
+# flags of `python -m megatron_patch.train`, launched by torchrun. Rules between arguments (SP needs TP > 1, the
+# global batch divisible by micro batch x data-parallel size, MIN_LR <= LR, ...) live once, in Python: the
+# pre-flight `python -m megatron_patch.train check` runs them before any rank starts, naming the flag to change.
+#
+# Two pretraining layouts are accepted, told apart by the argument count: the 24 arguments below, and
+# Pai-Megatron-Patch's newer 25 with TE (true: Transformer Engine layers) right after SP.
 #
 # Environment knobs: GPUS_PER_NODE (dsw/dlc; default: every visible GPU), TOKENIZER_MODEL (needed when training
 # from scratch, i.e. PRETRAIN_CHECKPOINT_PATH=none), MP_DRY_RUN=1 (print the command instead of running it),
@@ -13,12 +18,16 @@
 MP_PRETRAIN_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN
   PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS
   WARMUP_TOKENS OUTPUT_BASEPATH)
+MP_PRETRAIN_TE_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN
+  PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP TE SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS
+  WARMUP_TOKENS OUTPUT_BASEPATH)
 MP_FINETUNE_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN
   EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP TRAIN_DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH EPOCH
   OUTPUT_BASEPATH)
 
 mp_fail() {  # print the usage and the error naming the bad argument; exit 2
   echo "usage: $MP_SCRIPT ${MP_NAMES[*]}" >&2
+  if [ -n "${MP_OTHER_LAYOUT:-}" ]; then echo "   or: $MP_SCRIPT $MP_OTHER_LAYOUT" >&2; fi
   echo "error: $*" >&2
   exit 2
 }
@@ -32,9 +41,15 @@ mp_bool() { mp_choice "$1" true false; }
 mp_parse() {  # mp_parse <script> <expected names...> -- "$@": assigns each name, or prints usage naming the problem
   MP_SCRIPT=$1; shift
   MP_NAMES=()
+  TE=""  # only the 25-argument pretraining layout sets it (never taken from the environment)
   while [ "$1" != "--" ]; do MP_NAMES+=("$1"); shift; done
   shift
   if [ $# -ne ${#MP_NAMES[@]} ]; then
+    if [ -n "${MP_OTHER_LAYOUT:-}" ]; then
+      local other
+      read -r -a other <<< "$MP_OTHER_LAYOUT"
+      mp_fail "expected ${#MP_NAMES[@]} or ${#other[@]} arguments, got $#"
+    fi
     mp_fail "expected ${#MP_NAMES[@]} arguments, got $#"
   fi
   local name
@@ -54,14 +69,9 @@ mp_validate_common() {
   mp_int TP; mp_int PP
   mp_choice AC none sel full
   mp_bool DO; mp_bool FL; mp_bool SP
-  if [ "$SP" = true ] && [ "$TP" -le 1 ]; then mp_fail "SP=true needs TP > 1 (got TP=$TP)"; fi
-  if [ "$PAD_LEN" -gt "$SEQ_LEN" ]; then mp_fail "PAD_LEN ($PAD_LEN) must not exceed SEQ_LEN ($SEQ_LEN)"; fi
-  if awk "BEGIN{exit !($MIN_LR > $LR)}"; then mp_fail "MIN_LR ($MIN_LR) must not exceed LR ($LR)"; fi
+  if [ -n "${TE:-}" ]; then mp_bool TE; fi
   if [ "$PRETRAIN_CHECKPOINT_PATH" != none ] && [ ! -e "$PRETRAIN_CHECKPOINT_PATH" ]; then
     mp_fail "PRETRAIN_CHECKPOINT_PATH '$PRETRAIN_CHECKPOINT_PATH' does not exist (or pass none to train from scratch)"
-  fi
-  if [ "$PRETRAIN_CHECKPOINT_PATH" = none ] && [ -z "${TOKENIZER_MODEL:-}" ]; then
-    mp_fail "PRETRAIN_CHECKPOINT_PATH=none (from scratch) needs TOKENIZER_MODEL=<tokenizer dir or .model> in the environment"
   fi
   [ -n "$OUTPUT_BASEPATH" ] || mp_fail "OUTPUT_BASEPATH must not be empty"
 }
@@ -99,10 +109,8 @@ mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
                  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
       MP_WORLD_SIZE=$((WORLD_SIZE * nproc)) ;;
   esac
-  if [ $((MP_WORLD_SIZE % (TP * PP))) -ne 0 ]; then
-    mp_fail "TP x PP = $((TP * PP)) does not divide the $MP_WORLD_SIZE processes of ENV=$ENV"
-  fi
-  MP_DP=$((MP_WORLD_SIZE / (TP * PP)))
+  # Whether TP x PP divides the processes is checked in Python (the pre-flight); at least 1 for the flags below.
+  MP_DP=$((MP_WORLD_SIZE / (TP * PP) > 0 ? MP_WORLD_SIZE / (TP * PP) : 1))
 }
 
 mp_common_flags() {  # sets MP_FLAGS (array) from the validated common arguments
@@ -122,8 +130,9 @@ mp_common_flags() {  # sets MP_FLAGS (array) from the validated common arguments
   [ "$DO" = true ] && MP_FLAGS+=(--use-distributed-optimizer)
   [ "$FL" = true ] && MP_FLAGS+=(--use-flash-attn)
   [ "$SP" = true ] && MP_FLAGS+=(--sequence-parallel)
-  # FP8, flash attention and sequence parallelism all run through Transformer Engine's layers.
-  if [ "$PR" = fp8 ] || [ "$FL" = true ] || [ "$SP" = true ]; then
+  # FP8, flash attention and sequence parallelism all run through Transformer Engine's layers; with the 25-argument
+  # layout TE says it explicitly (TE=false with one of them is refused in Python, naming --transformer-impl).
+  if [ "${TE:-}" = true ] || { [ -z "${TE:-}" ] && { [ "$PR" = fp8 ] || [ "$FL" = true ] || [ "$SP" = true ]; }; }; then
     MP_FLAGS+=(--transformer-impl transformer_engine)
   fi
   if [ "$PRETRAIN_CHECKPOINT_PATH" != none ]; then MP_FLAGS+=(--load "$PRETRAIN_CHECKPOINT_PATH"); fi
@@ -169,7 +178,10 @@ mp_exec() {  # mp_exec <mode> <run name>: pre-flight checks, then launch (or pri
 
 mp_pretrain() {  # mp_pretrain <family> "$@"
   MP_FAMILY=$1; shift
-  mp_parse "run_pretrain_megatron_$MP_FAMILY.sh" "${MP_PRETRAIN_ARGS[@]}" -- "$@"
+  local names=("${MP_PRETRAIN_ARGS[@]}")
+  MP_OTHER_LAYOUT="${MP_PRETRAIN_TE_ARGS[*]}"
+  if [ $# -eq ${#MP_PRETRAIN_TE_ARGS[@]} ]; then names=("${MP_PRETRAIN_TE_ARGS[@]}"); MP_OTHER_LAYOUT="${MP_PRETRAIN_ARGS[*]}"; fi
+  mp_parse "run_pretrain_megatron_$MP_FAMILY.sh" "${names[@]}" -- "$@"
   mp_validate_common
   mp_int GLOBAL_BATCH_SIZE; mp_int SAVE_INTERVAL; mp_int TRAIN_TOKENS; mp_int WARMUP_TOKENS 0
   [ -n "$DATASET_PATH" ] || mp_fail "DATASET_PATH must name at least one indexed dataset prefix"
@@ -178,9 +190,7 @@ mp_pretrain() {  # mp_pretrain <family> "$@"
     [[ "$word" =~ ^[0-9]*\.?[0-9]+$ ]] || [ -f "$word.bin" ] || mp_fail "DATASET_PATH: $word.bin does not exist"
   done
   mp_launcher
-  if [ $((GLOBAL_BATCH_SIZE % (BATCH_SIZE * MP_DP))) -ne 0 ]; then
-    mp_fail "GLOBAL_BATCH_SIZE ($GLOBAL_BATCH_SIZE) must be divisible by BATCH_SIZE x data-parallel size ($BATCH_SIZE x $MP_DP)"
-  fi
+  # Python never sees token counts: turning them into iterations, and the checks of that arithmetic, stay here.
   local tokens_per_iter=$((GLOBAL_BATCH_SIZE * SEQ_LEN))
   local train_iters=$((TRAIN_TOKENS / tokens_per_iter)) warmup_iters=$((WARMUP_TOKENS / tokens_per_iter))
   [ "$train_iters" -ge 1 ] || mp_fail "TRAIN_TOKENS ($TRAIN_TOKENS) is less than one global batch ($tokens_per_iter tokens)"

@@ -4,6 +4,7 @@
 #   run_text_generation_megatron_<family>.sh ENV MEGATRON_PATH MEGATRON_PATCH_PATH CHECKPOINT_PATH MODEL_SIZE TP BS
 #       SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TOP_K INPUT_SEQ_LEN OUTPUT_SEQ_LEN INPUT_FILE OUTPUT_FILE TOP_P
 #       TEMPERATURE REPETITION_PENALTY
+#   or, as Pai-Megatron-Patch's newer scripts, without MEGATRON_PATH (18 arguments; the count tells them apart)
 #
 #   ENV                 cpu (TP processes, gloo), dsw (one node: GPUS_PER_NODE or every GPU) or dlc (cluster)
 #   MEGATRON_PATH       a Megatron-LM checkout to put on PYTHONPATH, or none for the installed megatron-core
@@ -31,12 +32,16 @@
 
 MP_GENERATE_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH CHECKPOINT_PATH MODEL_SIZE TP BS SEQ_LEN PAD_LEN
   EXTRA_VOCAB_SIZE PR TOP_K INPUT_SEQ_LEN OUTPUT_SEQ_LEN INPUT_FILE OUTPUT_FILE TOP_P TEMPERATURE REPETITION_PENALTY)
-
-mp_gt0() { awk "BEGIN{exit !(${!1} > 0)}" || mp_fail "$1 must be > 0 (got '${!1}')"; }
+MP_GENERATE_NO_MEGATRON_ARGS=("${MP_GENERATE_ARGS[0]}" "${MP_GENERATE_ARGS[@]:2}")
 
 mp_text_generation() {  # mp_text_generation <family> "$@"
   MP_FAMILY=$1; shift
-  mp_parse "run_text_generation_megatron_$MP_FAMILY.sh" "${MP_GENERATE_ARGS[@]}" -- "$@"
+  local names=("${MP_GENERATE_ARGS[@]}")
+  MP_OTHER_LAYOUT="${MP_GENERATE_NO_MEGATRON_ARGS[*]}"
+  if [ $# -eq ${#MP_GENERATE_NO_MEGATRON_ARGS[@]} ]; then
+    names=("${MP_GENERATE_NO_MEGATRON_ARGS[@]}"); MP_OTHER_LAYOUT="${MP_GENERATE_ARGS[*]}"; MEGATRON_PATH=none
+  fi
+  mp_parse "run_text_generation_megatron_$MP_FAMILY.sh" "${names[@]}" -- "$@"
   mp_choice ENV dsw dlc cpu
   [ "$MEGATRON_PATH" = none ] || [ -d "$MEGATRON_PATH" ] || mp_fail "MEGATRON_PATH must be none or a directory (got '$MEGATRON_PATH')"
   [ -d "$MEGATRON_PATCH_PATH/megatron_patch" ] || mp_fail "MEGATRON_PATCH_PATH must be the megatron-patch checkout (got '$MEGATRON_PATCH_PATH')"
@@ -44,17 +49,10 @@ mp_text_generation() {  # mp_text_generation <family> "$@"
   [[ "$MODEL_SIZE" =~ ^[A-Za-z0-9._-]+$ ]] || mp_fail "MODEL_SIZE must be a preset name such as 7B or tiny (got '$MODEL_SIZE')"
   mp_int TP; mp_int BS; mp_int SEQ_LEN; mp_int PAD_LEN; mp_int EXTRA_VOCAB_SIZE 0
   mp_choice PR fp32 bf16 fp16
-  mp_int TOP_K 0; mp_float TOP_P; mp_float TEMPERATURE; mp_gt0 TEMPERATURE; mp_float REPETITION_PENALTY
-  mp_gt0 REPETITION_PENALTY
+  mp_int TOP_K 0; mp_float TOP_P; mp_float TEMPERATURE; mp_float REPETITION_PENALTY
   mp_int INPUT_SEQ_LEN; mp_int OUTPUT_SEQ_LEN
-  awk "BEGIN{exit !($TOP_P <= 1)}" || mp_fail "TOP_P must be in [0, 1] (got '$TOP_P')"
-  if [ "$TOP_K" -gt 0 ] && awk "BEGIN{exit !($TOP_P > 0)}"; then
-    mp_fail "TOP_K ($TOP_K) and TOP_P ($TOP_P) are both non-zero; set one of them to 0"
-  fi
-  if [ "$PAD_LEN" -gt "$SEQ_LEN" ]; then mp_fail "PAD_LEN ($PAD_LEN) must not exceed SEQ_LEN ($SEQ_LEN)"; fi
-  if [ $((INPUT_SEQ_LEN + OUTPUT_SEQ_LEN)) -gt "$SEQ_LEN" ]; then
-    mp_fail "INPUT_SEQ_LEN + OUTPUT_SEQ_LEN ($INPUT_SEQ_LEN + $OUTPUT_SEQ_LEN) must not exceed SEQ_LEN ($SEQ_LEN)"
-  fi
+  # Ranges and rules between arguments (TOP_P <= 1, TOP_K and TOP_P not both set, TEMPERATURE > 0, lengths within
+  # SEQ_LEN, the checkpoint's size and vocabulary) are checked by the Python pre-flight below.
   [ -f "$INPUT_FILE" ] || mp_fail "INPUT_FILE '$INPUT_FILE' is not a file"
   [ -d "$(dirname -- "$OUTPUT_FILE")" ] || mp_fail "OUTPUT_FILE's directory '$(dirname -- "$OUTPUT_FILE")' does not exist"
   PP=1
@@ -74,5 +72,7 @@ mp_text_generation() {  # mp_text_generation <family> "$@"
     printf '%q ' "${cmd[@]}"; echo
     return 0
   fi
+  # Every check one process can do (flags, files, the checkpoint's metadata) before torchrun starts a rank.
+  WORLD_SIZE=$MP_WORLD_SIZE "${PYTHON:-python}" -m megatron_patch.generate --check-only "${MP_FLAGS[@]}" "${extra[@]}"
   "${cmd[@]}"
 }

@@ -47,7 +47,13 @@ def main(argv=None) -> int:
     add_verbose_flag(parser)
     args = parser.parse_args(argv)
     quiet_third_party(args.verbose or None)
+    from .errors import run_reporting_errors
 
+    return run_reporting_errors(lambda: run_demo(args))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The stages of the demo; returns 0 when the pretraining loss fell."""
     from .convert.hf_to_mcore import hf_to_mcore
     from .data.indexed import build_indexed_dataset
     from .data.sft import write_demo_sft

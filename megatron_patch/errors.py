@@ -1,15 +1,129 @@
-"""The toolkit's errors: one base class, one subclass per domain. A leaf module: it imports nothing of ours.
+"""The toolkit's errors and the one reporter every CLI uses. A leaf module: it imports nothing of ours.
 
 An error of these classes describes bad input or a machine that cannot do the job, and its message is one
-actionable line; entry points print it as ``error: <message>`` and exit 1. Anything else keeps its traceback.
+actionable line; entry points run their work through ``run_reporting_errors``, which prints it as
+``error: <message>`` and exits 1. Anything else (a bug, a crash inside torch) keeps its traceback.
+
+Classes that describe bad input also derive from ``ValueError`` and those that describe the machine or the run from
+``RuntimeError``, so callers that catch the builtin kinds keep working.
+
+Under ``python -m megatron_patch.torchrun`` (what the launch scripts use) a rank hands its line to the launcher
+through torchrun's per-rank error file instead of printing it; the launcher prints the first failing rank's line
+once, in place of torchrun's ChildFailedError dump.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
 
 
 class MegatronPatchError(Exception):
     """Base of every user-facing error of megatron-patch (one-line message)."""
 
 
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(MegatronPatchError, ValueError):
+    """A flag value, or a combination of flags, that cannot work; the message names the caller's flag to change."""
+
+
+class OverlappingPathsError(ConfigError):
+    """An output path that is, contains or lies inside an input path."""
+
+
 class CheckpointError(MegatronPatchError, ValueError):
     """A checkpoint that cannot be read, is unsafe to load, or does not match its configuration."""
+
+
+class UnsupportedModelError(MegatronPatchError, ValueError):
+    """A HF architecture or config option this toolkit cannot represent in megatron-core."""
+
+
+class DataError(MegatronPatchError, ValueError):
+    """A data, prompt or tokenizer file that does not have the expected content."""
+
+
+class BadLineError(DataError):
+    """A line of a jsonl input that cannot be used (not JSON, missing the key, wrong type)."""
+
+
+class GenerationError(MegatronPatchError, ValueError):
+    """A generation request that cannot run."""
+
+
+# --- the machine or the run -----------------------------------------------------------------------------------------
+
+
+class MachineSupportError(MegatronPatchError, RuntimeError):
+    """The run asks for something this machine cannot do (no GPU, no Transformer Engine, no NCCL, old GPU)."""
+
+
+class UnsupportedVersionError(MegatronPatchError, RuntimeError):
+    """An installed library (megatron-core) whose version this toolkit was not written against."""
+
+
+class WorkerError(MegatronPatchError, RuntimeError):
+    """A local worker process failed or did not finish; the message carries the first failing rank's report."""
+
+
+class WorkerDiedError(MegatronPatchError, RuntimeError):
+    """A tokenizer worker of the preprocessing pool died (out of memory, killed)."""
+
+
+# Path errors the OS raises for what a user typed (a missing input, an output that exists) are reported the same way.
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types reported as one line (everything else keeps its traceback)."""
+    return (MegatronPatchError, *USER_OS_ERRORS)
+
+
+# --- the reporter ---------------------------------------------------------------------------------------------------
+
+LAUNCHER_ENV = "MEGATRON_PATCH_LAUNCHER"  # "1" in ranks started by megatron_patch.torchrun
+USER_ERROR_KEY = "megatron_patch_user_error"  # marks our lines in torchrun's error files
+
+
+def run_reporting_errors(action: Callable[[], int | None], cleanup: Callable[[], None] | None = None,
+                         extra_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run ``action``; return its exit code (0 for None), or 1 after printing a user error as one line.
+
+    Args:
+        action: the entry point's work.
+        cleanup: called however ``action`` ends (e.g. tearing down the process groups).
+        extra_errors: further types to report as one line, for callers whose user errors are not yet ours.
+    """
+    try:
+        code = action()
+    except (*user_errors(), *extra_errors) as error:
+        report_user_error(str(error))
+        return 1
+    finally:
+        if cleanup is not None:
+            cleanup()
+    return 0 if code is None else int(code)
+
+
+def report_user_error(message: str) -> None:
+    """Print ``error: <message>`` on stderr; in a rank under torchrun also record it in the rank's error file.
+
+    torchrun (TORCHELASTIC_ERROR_FILE) reads a ``{"message": str, "timestamp": int}`` file; the extra key lets
+    megatron_patch.torchrun tell our one-line errors from crashes and order ranks by the moment they failed.
+    """
+    line = f"error: {message}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        record = {"message": line, "timestamp": int(time.time()), USER_ERROR_KEY: time.time_ns()}
+        try:
+            with open(error_file, "w") as handle:
+                json.dump(record, handle)
+        except OSError:
+            error_file = None  # the launcher cannot see it: print instead
+    if not (error_file and os.environ.get(LAUNCHER_ENV) == "1"):
+        print(line, file=sys.stderr)

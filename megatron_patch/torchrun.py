@@ -3,7 +3,7 @@
 The launch scripts start their ranks through this module instead of ``torchrun``. It runs torchrun's own launcher
 (same flags, same rendezvous, same environment for the ranks) and changes only what the user sees:
 
-- a rank that stops on a user error hands its one line to the launcher (runtime/errors.py), which prints the line
+- a rank that stops on a user error hands its one line to the launcher (errors.py), which prints the line
   of the first failing rank once and exits 1, instead of every rank printing it followed by torchrun's
   ``ChildFailedError`` traceback dump;
 - a rank that crashes has printed its own traceback; the launcher adds one line naming the rank and exit code;
@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 
-from .runtime.errors import LAUNCHER_ENV, USER_ERROR_KEY
+from .errors import LAUNCHER_ENV, USER_ERROR_KEY
 from .runtime.noise import is_verbose, quiet_third_party
 
 

@@ -63,16 +63,14 @@ def main(argv=None) -> int:
     from .runtime.noise import environment_notes, quiet_third_party
 
     quiet_third_party(args.verbose or None)
+    from .errors import run_reporting_errors
     from .runtime import destroy_distributed
-    from .runtime.errors import run_reporting_errors
     from .training.arguments import config_from_args
-    from .training.setup import MachineSupportError
 
     if args.mode == "check":
         from .training.preflight import preflight
 
-        return run_reporting_errors(lambda: preflight(config_from_args(args, args.check_mode), args.world_size),
-                                    extra_errors=(MachineSupportError,))
+        return run_reporting_errors(lambda: preflight(config_from_args(args, args.check_mode), args.world_size))
 
     def train() -> None:
         from .training.loop import run
@@ -83,7 +81,7 @@ def main(argv=None) -> int:
                 print(f"note: {note}", flush=True)
         run(cfg)
 
-    return run_reporting_errors(train, extra_errors=(MachineSupportError,), cleanup=destroy_distributed)
+    return run_reporting_errors(train, cleanup=destroy_distributed)
 
 
 if __name__ == "__main__":

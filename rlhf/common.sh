@@ -76,10 +76,7 @@ rlhf_validate() {  # the checks shared by both tools, after mp_parse
   mp_int GLOBAL_BATCH_SIZE; mp_int EPOCH
   [ -f "$TRAIN_DATASET_PATH" ] || mp_fail "TRAIN_DATASET_PATH '$TRAIN_DATASET_PATH' is not a file (preference jsonl)"
   [ "$VALID_DATASET_PATH" = none ] || [ -f "$VALID_DATASET_PATH" ] || mp_fail "VALID_DATASET_PATH '$VALID_DATASET_PATH' is not a file (or none)"
-  mp_launcher
-  if [ $((GLOBAL_BATCH_SIZE % (BATCH_SIZE * MP_DP))) -ne 0 ]; then
-    mp_fail "GLOBAL_BATCH_SIZE ($GLOBAL_BATCH_SIZE) must be divisible by BATCH_SIZE x data-parallel size ($BATCH_SIZE x $MP_DP)"
-  fi
+  mp_launcher  # the global batch vs micro batch x data-parallel size: TrainConfig.validate, before any model
   mp_common_flags
   MP_FLAGS+=(--global-batch-size "$GLOBAL_BATCH_SIZE" --epochs "$EPOCH" --train-data-path "$TRAIN_DATASET_PATH"
              --lr-decay-style cosine)

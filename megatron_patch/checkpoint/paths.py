@@ -5,11 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import MegatronPatchError
-
-
-class OverlappingPathsError(MegatronPatchError, ValueError):
-    """An output path that is, contains or lies inside an input path."""
+from ..errors import OverlappingPathsError
 
 
 def check_disjoint(source: str | os.PathLike, target: str | os.PathLike, source_flag: str, target_flag: str) -> None:

@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--trust-remote-code", action="store_true",
                      help="let transformers run the modeling code shipped with the HF directory (Baichuan, Qwen v1)")
 
-    demo = sub.add_parser("demo", help="tiny llama built offline -> Megatron TP x PP -> parity -> HF round trip")
+    from .demo import __doc__ as demo_description
+
+    demo = sub.add_parser("demo", help="tiny llama built offline -> Megatron TP x PP -> parity -> HF round trip",
+                          description=demo_description, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--workdir", default="runs/convert_demo", help="where to write (default: runs/convert_demo)")
     demo.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default: 2)")
     demo.add_argument("--pp", type=int, default=2, help="pipeline-parallel size (default: 2)")
@@ -100,13 +103,11 @@ def run(args) -> int | None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from ..runtime.errors import run_reporting_errors
+    from ..errors import run_reporting_errors
     from ..runtime.noise import quiet_third_party
 
     quiet_third_party(args.verbose or None)
-
-    # RuntimeError too: megatron-core and torch.distributed report unusable setups that way.
-    return run_reporting_errors(lambda: run(args), extra_errors=(RuntimeError,))
+    return run_reporting_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

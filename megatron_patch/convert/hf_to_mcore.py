@@ -6,14 +6,15 @@ import os
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.formats import format_names, get_format
 from ..checkpoint.hf import HFCheckpointReader, copy_assets, read_config
 from ..checkpoint.megatron import ASSETS, TRACKER, TRANSFORMER_IMPLS
+from ..errors import ConfigError
 from ..models.checkpoint import write_checkpoint_meta
 from ..models.spec import ModelSpec
+from ..runtime.progress import progress as progress_bar
 from .plan import ConversionPlan
 
 
@@ -44,9 +45,13 @@ def hf_to_mcore(
 ) -> Path:
     """Convert; everything is validated before the first byte is written, and the output appears atomically."""
     if fmt not in format_names():
-        raise ValueError(f"--format must be one of {', '.join(format_names())} (got {fmt})")
+        raise ConfigError(f"--format must be one of {', '.join(format_names())} (got {fmt})")
     if transformer_impl not in TRANSFORMER_IMPLS:
-        raise ValueError(f"--transformer-impl must be local or transformer_engine (got {transformer_impl})")
+        raise ConfigError(f"--transformer-impl must be local or transformer_engine (got {transformer_impl})")
+    if extra_vocab_size < 0:
+        raise ConfigError(f"--extra-vocab-size must be >= 0 (got {extra_vocab_size})")
+    if make_vocab_size_divisible_by < 1:
+        raise ConfigError(f"--make-vocab-size-divisible-by must be >= 1 (got {make_vocab_size_divisible_by})")
     storage = get_format(fmt)
     hf_config = read_config(hf_dir)
     plan = make_plan(hf_config, tp, pp, family, extra_vocab_size, make_vocab_size_divisible_by)
@@ -58,7 +63,7 @@ def hf_to_mcore(
     with atomic_output_dir(out_dir, overwrite) as temp:
         iter_dir = temp / "release"
         iter_dir.mkdir()
-        with tqdm(total=storage.write_steps(plan.sharding), desc="hf2mcore", unit="tensor", disable=None) as progress:
+        with progress_bar(total=storage.write_steps(plan.sharding), desc="hf2mcore", unit="tensor") as progress:
             storage.write(plan.sharding, reader, iter_dir, dtype=dtype, transformer_impl=transformer_impl,
                           progress=progress)
         copy_assets(hf_dir, iter_dir / ASSETS)

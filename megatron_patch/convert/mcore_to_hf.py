@@ -8,11 +8,10 @@ import json
 import os
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.hf import StreamingSafetensorsWriter, copy_assets
 from ..models.checkpoint import Checkpoint
+from ..runtime.progress import progress as progress_bar
 
 
 def export_config(meta: dict) -> dict:
@@ -60,7 +59,7 @@ def mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: boo
         if not (temp / "generation_config.json").is_file():
             (temp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
         writer = StreamingSafetensorsWriter(temp, layout, max_shard_bytes)
-        with tqdm(total=len(sharding.export_entries()), desc="mcore2hf", unit="tensor", disable=None) as progress:
+        with progress_bar(total=len(sharding.export_entries()), desc="mcore2hf", unit="tensor") as progress:
             for name, tensor in sharding.megatron_to_hf(get_full, progress):
                 writer.add(name, tensor)
         writer.close()

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import CheckpointError, ConfigError
 from ..models.checkpoint import Checkpoint
+from ..runtime.progress import progress
 
 FIXED_TEXT = (
     "The quick brown fox jumps over the lazy dog. Megatron splits each layer across tensor-parallel ranks "
@@ -53,7 +55,7 @@ def hf_logits(hf_dir, tokens: torch.Tensor, trust_remote_code: bool = False) -> 
         if trust_remote_code:
             raise
         # Baichuan and Qwen (v1) ship their modeling code with the checkpoint; transformers has no class for them.
-        raise ValueError(f"transformers has no built-in class for {hf_dir} ({str(error).split('.')[0]}); if the "
+        raise ConfigError(f"transformers has no built-in class for {hf_dir} ({str(error).split('.')[0]}); if the "
                          "directory ships its own modeling code, rerun with --trust-remote-code") from None
     model.eval()
     with torch.no_grad():
@@ -102,12 +104,15 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, tp: int | No
     ckpt = Checkpoint.open(mcore_dir)
     tp, pp = tp or ckpt.tp, pp or ckpt.pp
     tokens = fixed_tokens(hf_dir, ckpt.spec.arch.vocab_size, trust_remote_code=trust_remote_code)
-    reference = hf_logits(hf_dir, tokens, trust_remote_code)
-    candidate = megatron_logits([ckpt.iter_dir], tokens, tp, pp)[0]
+    with progress(total=2, desc="verify: logits", unit="model") as bar:  # HF, then Megatron at TP x PP
+        reference = hf_logits(hf_dir, tokens, trust_remote_code)
+        bar.update(1)
+        candidate = megatron_logits([ckpt.iter_dir], tokens, tp, pp)[0]
+        bar.update(1)
     extra = ckpt.spec.extra_vocab_size
     if extra and candidate.shape[-1] == reference.shape[-1] + extra:
         candidate = candidate[..., : reference.shape[-1]]  # new tokens have no HF counterpart; old ones must agree
     if reference.shape != candidate.shape:
-        raise ValueError(f"HF logits {tuple(reference.shape)} and Megatron logits {tuple(candidate.shape)} differ in "
-                         "shape: is this checkpoint converted from that HF directory?")
+        raise CheckpointError(f"HF logits {tuple(reference.shape)} and Megatron logits {tuple(candidate.shape)} differ "
+                              "in shape: is this checkpoint converted from that HF directory?")
     return compare(reference, candidate, tolerance)

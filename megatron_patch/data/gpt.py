@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class _DatasetTokenizer:
@@ -32,7 +34,7 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
             try:
                 float(weight)
             except ValueError:
-                raise ValueError(f"--data-path: '{weight}' should be a weight (use W1 PREFIX1 W2 PREFIX2 ...)") from None
+                raise ConfigError(f"--data-path: '{weight}' should be a weight (use W1 PREFIX1 W2 PREFIX2 ...)") from None
     prefixes, weights = get_blend_from_list(data_path)
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):

@@ -19,18 +19,12 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from ..errors import MegatronPatchError
+from ..errors import BadLineError, ConfigError, DataError, WorkerDiedError
+from ..runtime.progress import progress as progress_bar
 from .tokenizers import Tokenizer, load_tokenizer
 
-
-class BadLineError(MegatronPatchError, ValueError):
-    """A jsonl line that is not a document (message: file, line number, what is wrong)."""
-
-
-class WorkerDiedError(MegatronPatchError, RuntimeError):
-    """A tokenizer worker process ended without a result (killed, or out of memory)."""
+__all__ = ["BadLineError", "PreprocessSummary", "WorkerDiedError", "build_indexed_dataset"]
 
 
 @dataclass
@@ -163,19 +157,19 @@ def build_indexed_dataset(
     if not input_path.is_file():
         raise FileNotFoundError(f"input {input_path} does not exist")
     if input_path.stat().st_size == 0:
-        raise ValueError(f"input {input_path} is empty: nothing to tokenize")
+        raise DataError(f"input {input_path} is empty: nothing to tokenize")
     if workers < 1:
-        raise ValueError(f"--workers must be >= 1 (got {workers})")
+        raise ConfigError(f"--workers must be >= 1 (got {workers})")
     tokenizer = load_tokenizer(tokenizer_path, tokenizer_kind)  # fail here, not in a worker
     # The key must exist on the first document: a wrong --json-key is a usage error, not a bad line.
     with open(input_path, encoding="utf-8", errors="replace") as handle:
         first = next(((i, ln) for i, ln in enumerate(handle, 1) if ln.strip()), None)
     if first is None:
-        raise ValueError(f"input {input_path} has no documents (only blank lines)")
+        raise DataError(f"input {input_path} has no documents (only blank lines)")
     try:
         record = json.loads(first[1])
         if isinstance(record, dict) and json_key not in record:
-            raise ValueError(f"--json-key '{json_key}' is not in the documents of {input_path} "
+            raise ConfigError(f"--json-key '{json_key}' is not in the documents of {input_path} "
                              f"(line {first[0]} has keys: {', '.join(sorted(record)) or 'none'})")
     except json.JSONDecodeError:
         pass  # reported with its line number below (or skipped)
@@ -201,7 +195,7 @@ def build_indexed_dataset(
             results = map(_encode_chunk, _chunks(input_path, chunk_lines))
         else:
             results = _ordered_results(pool, _chunks(input_path, chunk_lines), in_flight=4 * workers)
-        with tqdm(unit="doc", desc="tokenizing", disable=progress is False) as bar:
+        with progress_bar(total=None, desc="tokenizing", unit="doc", enabled=progress is not False) as bar:
             for chunk in results:
                 for _line_no, ids, error in chunk:
                     if error is not None:
@@ -219,7 +213,7 @@ def build_indexed_dataset(
                 bar.update(len(chunk))
                 bar.set_postfix(tokens=tokens, refresh=False)
         if documents == 0:
-            raise ValueError(f"no documents in {input_path} could be tokenized ({skipped} bad lines, {empty} empty)")
+            raise DataError(f"no documents in {input_path} could be tokenized ({skipped} bad lines, {empty} empty)")
         builder.finalize(str(tmp_idx))
         finished = True
     finally:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import DataError
+
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}
@@ -18,7 +20,7 @@ class MicroBatchIterator:
 
     def __init__(self, dataset, micro_batch_size: int, dp_size: int, dp_rank: int, consumed_samples: int = 0):
         if len(dataset) == 0:
-            raise ValueError("the dataset has no samples")
+            raise DataError("the dataset has no samples")
         self.dataset, self.mbs, self.dp, self.rank = dataset, micro_batch_size, dp_size, dp_rank
         self.consumed = consumed_samples  # counts samples of all DP ranks
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .indexed import BadLineError
+from ..errors import BadLineError, ConfigError, DataError
 from .tokenizers import Tokenizer
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -84,7 +84,7 @@ def read_preference_pairs(path: str | Path, tokenizer: Tokenizer, seq_length: in
     if not path.is_file():
         raise FileNotFoundError(f"preference data {path} does not exist")
     if seq_length < 2:
-        raise ValueError(f"the sequence length must be >= 2 to hold a prompt and a response, got {seq_length}")
+        raise ConfigError(f"the sequence length must be >= 2 to hold a prompt and a response, got {seq_length}")
     pairs, skipped = [], 0
     with open(path, encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, 1):
@@ -97,7 +97,7 @@ def read_preference_pairs(path: str | Path, tokenizer: Tokenizer, seq_length: in
                     raise BadLineError(f"{path}: {error} (pass --skip-bad-lines to skip such lines)") from None
                 skipped += 1
     if not pairs:
-        raise ValueError(f"preference data {path} has no usable pair ({skipped} bad lines skipped)")
+        raise DataError(f"preference data {path} has no usable pair ({skipped} bad lines skipped)")
     return pairs, skipped
 
 

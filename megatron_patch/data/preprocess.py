@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .indexed import BadLineError, WorkerDiedError, build_indexed_dataset
+from ..errors import run_reporting_errors
+from .indexed import build_indexed_dataset
 from .tokenizers import tokenizer_kinds
 
 
@@ -35,16 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     prefix = args.output_prefix if args.exact_prefix else f"{args.output_prefix}_{args.json_key}_document"
-    try:
+
+    def preprocess() -> None:
         summary = build_indexed_dataset(args.input, prefix, args.tokenizer, args.tokenizer_type, args.json_key,
                                         args.workers, args.chunk_lines, args.skip_bad_lines,
                                         overwrite=args.overwrite)
-    except (BadLineError, WorkerDiedError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(summary.line())
-    print(f"data prefix for --data-path: {summary.output_prefix}")
-    return 0
+        print(summary.line())
+        print(f"data prefix for --data-path: {summary.output_prefix}")
+
+    return run_reporting_errors(preprocess)
 
 
 if __name__ == "__main__":

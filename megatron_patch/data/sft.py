@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .tokenizers import Tokenizer
 
 # Used when the tokenizer has no chat template (Alpaca's prompt layout).
@@ -33,13 +34,13 @@ def parse_record(line: str, where: str) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+        raise DataError(f"{where}: not valid JSON ({error.msg})") from None
     if not isinstance(record, dict) or not ("messages" in record or {"instruction", "output"} <= set(record)):
         found = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where}: expected {SCHEMA}; found {found}")
+        raise DataError(f"{where}: expected {SCHEMA}; found {found}")
     if "messages" in record and not (isinstance(record["messages"], list) and all(
             isinstance(m, dict) and {"role", "content"} <= set(m) for m in record["messages"])):
-        raise ValueError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
+        raise DataError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
     return record
 
 
@@ -57,7 +58,7 @@ def read_records(path: str | Path, limit: int | None = None) -> list[dict]:
             if limit is not None and len(records) >= limit:
                 break
     if not records:
-        raise ValueError(f"SFT data {path} has no samples")
+        raise DataError(f"SFT data {path} has no samples")
     return records
 
 
@@ -99,7 +100,7 @@ class SFTDataset(torch.utils.data.Dataset):
             if len(ids) >= 2 and any(mask[1:]):
                 samples.append((ids, mask))
         if not samples:
-            raise ValueError(f"no sample of {path} has a response token within {length} tokens")
+            raise DataError(f"no sample of {path} has a response token within {length} tokens")
         order = np.random.RandomState(seed).permutation(len(samples))
         samples = [samples[i] for i in order]
         self.sequences = self._pack(samples) if packing else [[s] for s in samples]

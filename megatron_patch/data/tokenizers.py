@@ -17,6 +17,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import ConfigError, DataError
+
 
 class Tokenizer(abc.ABC):
     """The interface the data pipeline and megatron-core's GPTDataset read (``eod``, ``pad``, ``vocab_size``)."""
@@ -54,7 +56,7 @@ class HFTokenizer(Tokenizer):
 
         self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         if self.tok.eos_token_id is None:
-            raise ValueError(f"the tokenizer in {path} has no eos token to mark document ends")
+            raise DataError(f"the tokenizer in {path} has no eos token to mark document ends")
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
@@ -84,7 +86,7 @@ class HFTokenizer(Tokenizer):
             rendered = self.tok.apply_chat_template(messages[:end], tokenize=False)
             full = self.tok.encode(rendered, add_special_tokens=False)
             if full[: len(ids)] != ids:
-                raise ValueError("the chat template does not render a conversation prefix-consistently")
+                raise DataError("the chat template does not render a conversation prefix-consistently")
             new = full[len(ids):]
             ids += new
             mask += [messages[end - 1].get("role") == "assistant"] * len(new)
@@ -100,7 +102,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self._eod = self.sp.eos_id()
         if self._eod < 0:
-            raise ValueError(f"the sentencepiece model {path} has no eos piece to mark document ends")
+            raise DataError(f"the sentencepiece model {path} has no eos piece to mark document ends")
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -146,7 +148,7 @@ class QwenTiktokenTokenizer(Tokenizer):
                 token, rank = line.split()
                 ranks[base64.b64decode(token)] = int(rank)
             except ValueError:
-                raise ValueError(f"{path}:{line_no}: not a '<base64 token> <rank>' line") from None
+                raise DataError(f"{path}:{line_no}: not a '<base64 token> <rank>' line") from None
         start = len(ranks)
         special = {tok: start + i for i, tok in enumerate(_QWEN_SPECIAL)}
         self.enc = tiktoken.Encoding("qwen", pat_str=_QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=special)
@@ -201,7 +203,7 @@ def detect_kind(path: str | os.PathLike) -> str:
             return "sentencepiece"
     else:
         raise FileNotFoundError(f"tokenizer path {path} does not exist")
-    raise ValueError(
+    raise ConfigError(
         f"cannot tell what tokenizer {path} is: expected a HF tokenizer directory, a sentencepiece .model or "
         f"qwen.tiktoken (or pass the kind: {', '.join(tokenizer_kinds())})"
     )
@@ -211,7 +213,7 @@ def load_tokenizer(path: str | os.PathLike, kind: str | None = None) -> Tokenize
     """Load a tokenizer; ``kind`` is detected from ``path`` when omitted."""
     kind = kind or detect_kind(path)
     if kind not in _KINDS:
-        raise ValueError(f"unknown tokenizer kind '{kind}' (supported: {', '.join(tokenizer_kinds())})")
+        raise ConfigError(f"unknown tokenizer kind '{kind}' (supported: {', '.join(tokenizer_kinds())})")
     path = Path(path)
     if kind == "sentencepiece" and path.is_dir():
         path = path / "tokenizer.model"

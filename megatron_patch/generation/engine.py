@@ -12,8 +12,10 @@ costs one token's forward. It runs unchanged on the CPU path with the local laye
 the whole prefix every step (the reference the cache is tested against).
 
 Tensor parallelism: the model is built with ``parallel_output=False`` so every TP rank sees the full vocabulary;
-TP rank 0 picks the tokens and broadcasts them, so all ranks feed identical inputs. Pipeline parallelism is
-refused (a checkpoint saved at any PP loads at PP=1).
+TP rank 0 picks the tokens and broadcasts them, so all ranks feed identical inputs. Pipeline parallelism: each step
+is one forward-only pass of megatron-core's pipeline schedule (activations sent stage to stage, the KV cache of a
+stage's layers kept on that stage); the last stage picks the tokens and broadcasts them to every stage. A checkpoint
+saved at any TP x PP loads at any other.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import GenerationError
 from ..runtime.device import device_generator, local_device
 from .sampling import SamplingParams, select_next
 
@@ -35,10 +38,6 @@ def mark_weights_loaded(model: torch.nn.Module, source: str) -> None:
 
 def weights_source(model: torch.nn.Module) -> str | None:
     return getattr(model, _LOADED_MARK, None)
-
-
-class GenerationError(ValueError):
-    """A generation request that cannot run (one-line message)."""
 
 
 class GenerationEngine:

@@ -47,7 +47,7 @@ class LoadedModel:
 
 def load_model(checkpoint: str | os.PathLike, precision: str = "fp32") -> LoadedModel:
     """Load a converted or trained checkpoint (torch_dist or legacy, saved at any TP x PP) into a model stage for
-    the current TP size. ``init_distributed(tp, 1)`` must have run on every rank."""
+    the current TP x PP (this rank's pipeline stage). ``init_distributed(tp, pp)`` must have run on every rank."""
     from megatron.core import parallel_state
 
     from ..models.builder import build_model, transformer_config

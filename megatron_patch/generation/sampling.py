@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -33,15 +35,15 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.top_k < 0:
-            raise ValueError(f"--top-k must be >= 0 (got {self.top_k})")
+            raise ConfigError(f"--top-k must be >= 0 (got {self.top_k})")
         if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"--top-p must be in [0, 1] (got {self.top_p})")
+            raise ConfigError(f"--top-p must be in [0, 1] (got {self.top_p})")
         if self.top_k > 0 and self.top_p > 0.0:
-            raise ValueError(f"--top-k {self.top_k} and --top-p {self.top_p} are both non-zero; set one of them to 0")
+            raise ConfigError(f"--top-k {self.top_k} and --top-p {self.top_p} are both non-zero; set one of them to 0")
         if self.temperature <= 0.0:
-            raise ValueError(f"--temperature must be > 0 (got {self.temperature}); use --top-k 1 for greedy decoding")
+            raise ConfigError(f"--temperature must be > 0 (got {self.temperature}); use --top-k 1 for greedy decoding")
         if self.repetition_penalty <= 0.0:
-            raise ValueError(f"--repetition-penalty must be > 0 (got {self.repetition_penalty}); 1.0 disables it")
+            raise ConfigError(f"--repetition-penalty must be > 0 (got {self.repetition_penalty}); 1.0 disables it")
 
     @property
     def greedy(self) -> bool:

@@ -27,11 +27,13 @@ import math
 
 import torch
 
+from ..errors import ConfigError, MachineSupportError, UnsupportedModelError
+
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """The ALiBi slope of every head, shape (num_heads,), float32, computed as HF transformers does."""
     if num_heads < 1:
-        raise ValueError(f"ALiBi needs at least one attention head (got {num_heads})")
+        raise UnsupportedModelError(f"ALiBi needs at least one attention head (got {num_heads})")
     closest = 2 ** math.floor(math.log2(num_heads))
     base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
     slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
@@ -46,7 +48,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 def local_alibi_slopes(num_heads: int, tp: int, tp_rank: int) -> torch.Tensor:
     """The slopes of the heads TP rank ``tp_rank`` holds (its contiguous block of ``num_heads / tp`` heads)."""
     if num_heads % tp:
-        raise ValueError(f"--tp {tp} does not divide the {num_heads} attention heads")
+        raise ConfigError(f"--tp {tp} does not divide the {num_heads} attention heads")
     per_rank = num_heads // tp
     return alibi_slopes(num_heads)[tp_rank * per_rank:(tp_rank + 1) * per_rank]
 
@@ -61,7 +63,7 @@ def this_rank_slopes(config, tp_group) -> torch.Tensor:
     """The slopes of the heads this TP rank holds, for a core attention built with ``config``."""
     if config.context_parallel_size > 1:
         # ALiBi needs each key's absolute position; context parallelism reorders the sequence across ranks.
-        raise ValueError("ALiBi attention does not support context parallelism; use --context-parallel-size 1")
+        raise ConfigError("ALiBi attention does not support context parallelism; use --context-parallel-size 1")
     tp = tp_group.size() if tp_group is not None else 1
     rank = tp_group.rank() if tp_group is not None else 0
     return local_alibi_slopes(config.num_attention_heads, tp, rank)
@@ -70,10 +72,10 @@ def this_rank_slopes(config, tp_group) -> torch.Tensor:
 def check_alibi_config(config) -> None:
     """Refuse the TransformerConfig options the local ALiBi attention cannot honour (one line each)."""
     if config.softmax_type != "vanilla":
-        raise ValueError(f"ALiBi attention supports --softmax-type vanilla only (got {config.softmax_type})")
+        raise ConfigError(f"ALiBi attention supports --softmax-type vanilla only (got {config.softmax_type})")
     if config.apply_query_key_layer_scaling:
         # The unfused softmax would multiply the bias by the layer number along with the scores.
-        raise ValueError("ALiBi attention does not support --apply-query-key-layer-scaling")
+        raise ConfigError("ALiBi attention does not support --apply-query-key-layer-scaling")
 
 
 class _AlibiSoftmax(torch.nn.Module):
@@ -115,11 +117,11 @@ def _te_class():
     from megatron.core.extensions.transformer_engine import HAVE_TE, TEDotProductAttention, te
 
     if not HAVE_TE:
-        raise RuntimeError("ALiBi with --transformer-impl transformer_engine needs Transformer Engine, which is not "
+        raise MachineSupportError("ALiBi with --transformer-impl transformer_engine needs Transformer Engine, which is not "
                            "installed; use --transformer-impl local")
     te_forward = te.pytorch.DotProductAttention.forward
     if "alibi_slopes" not in inspect.signature(te_forward).parameters:
-        raise RuntimeError("this Transformer Engine build has no ALiBi support (DotProductAttention.forward takes "
+        raise MachineSupportError("this Transformer Engine build has no ALiBi support (DotProductAttention.forward takes "
                            "no alibi_slopes); upgrade transformer-engine or use --transformer-impl local")
 
     class TEAlibiDotProductAttention(TEDotProductAttention):
@@ -141,7 +143,7 @@ def _te_class():
         def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None,
                     packed_seq_params=None, **kwargs):
             if packed_seq_params is not None or attention_bias is not None:
-                raise ValueError("ALiBi attention with Transformer Engine supports neither packed sequences nor an "
+                raise ConfigError("ALiBi attention with Transformer Engine supports neither packed sequences nor an "
                                  "extra attention bias")
             # Bypass TEDotProductAttention.forward (it only forwards a post-scale bias) and call TE directly.
             return te_forward(self, query, key, value, attention_mask, attn_mask_type=attn_mask_type.name,

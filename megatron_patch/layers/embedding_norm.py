@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 
+from ..errors import UnsupportedModelError
+
 NORM_NAME = "word_embeddings_layernorm"
 
 
@@ -35,7 +37,7 @@ def make_norm(config) -> torch.nn.Module:
     """The norm ``config.normalization`` names, initialised to identity (weight 1, bias 0)."""
     kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
     if config.normalization not in kinds:
-        raise ValueError(f"embedding norm supports {', '.join(kinds)} (got {config.normalization})")
+        raise UnsupportedModelError(f"embedding norm supports {', '.join(kinds)} (got {config.normalization})")
     norm = kinds[config.normalization](config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
     for param in norm.parameters():
         # Under sequence parallelism each TP rank sees different tokens: megatron-core all-reduces the grads of

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear
 
+from ..errors import ConfigError
+
 
 class NormHeadColumnParallelLinear(ColumnParallelLinear):
     """Vocab-parallel output layer whose weight rows are L2-normalised before the matmul."""
@@ -33,7 +35,7 @@ def use_norm_head(output_layer: ColumnParallelLinear, config) -> NormHeadColumnP
     if config.gradient_accumulation_fusion:
         # The fused wgrad kernel accumulates into weight.main_grad of the tensor it is given, which would be the
         # normalised copy rather than the parameter.
-        raise ValueError("NormHead (Baichuan2) does not work with gradient accumulation fusion; "
+        raise ConfigError("NormHead (Baichuan2) does not work with gradient accumulation fusion; "
                          "pass --no-gradient-accumulation-fusion")
     output_layer.__class__ = NormHeadColumnParallelLinear
     return output_layer

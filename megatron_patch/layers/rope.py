@@ -11,13 +11,15 @@ import math
 
 import torch
 
+from ..errors import UnsupportedModelError
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def check_rope_scaling(scaling: dict | None) -> None:
     rope_type = (scaling or {}).get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope scaling type '{rope_type}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        raise UnsupportedModelError(f"rope scaling type '{rope_type}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:

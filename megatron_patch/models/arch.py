@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..errors import ConfigError, UnsupportedModelError
+
 POSITION_EMBEDDINGS = ("rope", "alibi")
 
 
@@ -39,12 +41,12 @@ class ModelArch:
 
     def __post_init__(self):
         if self.position_embedding not in POSITION_EMBEDDINGS:
-            raise ValueError(f"position embedding must be one of {', '.join(POSITION_EMBEDDINGS)} "
-                             f"(got {self.position_embedding})")
+            raise UnsupportedModelError(f"position embedding must be one of {', '.join(POSITION_EMBEDDINGS)} "
+                                        f"(got {self.position_embedding})")
         if self.norm_head and self.tie_word_embeddings:
-            raise ValueError("NormHead with tied input/output embeddings is not supported")
+            raise UnsupportedModelError("NormHead with tied input/output embeddings is not supported")
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_query_groups}"
             )
@@ -56,23 +58,27 @@ class ModelArch:
     def from_dict(cls, data: dict) -> ModelArch:
         return cls(**data)
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        """Raise a one-line error naming the flag to change if this model cannot be split TP x PP."""
-        if tp < 1 or pp < 1:
-            raise ValueError(f"--tp and --pp must be >= 1 (got {tp}, {pp})")
-        if self.num_attention_heads % tp:
-            raise ValueError(f"--tp {tp} does not divide the {self.num_attention_heads} attention heads")
-        if self.num_query_groups % tp:
-            raise ValueError(
-                f"--tp {tp} does not divide the {self.num_query_groups} key/value groups (num_key_value_heads)"
-            )
-        if self.ffn_hidden_size % tp:
-            raise ValueError(f"--tp {tp} does not divide the FFN width {self.ffn_hidden_size}")
-        if pp > self.num_layers:
-            raise ValueError(f"--pp {pp} is larger than the number of layers ({self.num_layers})")
-        if self.num_layers % pp:
-            raise ValueError(f"--pp {pp} does not divide the {self.num_layers} layers evenly")
+    def check_parallel(self, tp: int, pp: int, flags: tuple[str, str] = ("--tp", "--pp")) -> None:
+        """Raise a one-line error naming the flag to change if this model cannot be split TP x PP.
 
+        Args:
+            flags: the caller's names for TP and PP (the converter's ``--tp`` / ``--pp``; training and generation
+                spell them ``--tensor-model-parallel-size`` / ``--pipeline-model-parallel-size``).
+        """
+        tp_flag, pp_flag = flags
+        if tp < 1 or pp < 1:
+            raise ConfigError(f"{tp_flag} and {pp_flag} must be >= 1 (got {tp}, {pp})")
+        if self.num_attention_heads % tp:
+            raise ConfigError(f"{tp_flag} {tp} does not divide the {self.num_attention_heads} attention heads")
+        if self.num_query_groups % tp:
+            raise ConfigError(f"{tp_flag} {tp} does not divide the {self.num_query_groups} key/value groups "
+                              "(num_key_value_heads)")
+        if self.ffn_hidden_size % tp:
+            raise ConfigError(f"{tp_flag} {tp} does not divide the FFN width {self.ffn_hidden_size}")
+        if pp > self.num_layers:
+            raise ConfigError(f"{pp_flag} {pp} is larger than the number of layers ({self.num_layers})")
+        if self.num_layers % pp:
+            raise ConfigError(f"{pp_flag} {pp} does not divide the {self.num_layers} layers evenly")
 
 def parse_rope(hf_config: dict) -> tuple[float, dict | None]:
     """(theta, scaling) from a config written by transformers 4.x (``rope_theta``, ``rope_scaling``)

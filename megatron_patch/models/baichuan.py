@@ -13,6 +13,7 @@ Llama's layout and names, with these differences:
 
 from __future__ import annotations
 
+from ..errors import UnsupportedModelError
 from ..mapping import QKV, FusedQKV
 from . import llama
 from .arch import ModelArch, hf_dtype
@@ -24,7 +25,7 @@ BAICHUAN2_VOCAB = 125696
 def uses_alibi(hf: dict) -> bool:
     if "position_embedding" in hf:
         if hf["position_embedding"] not in ("rope", "alibi"):
-            raise ValueError(f"baichuan position_embedding must be rope or alibi (got {hf['position_embedding']})")
+            raise UnsupportedModelError(f"baichuan position_embedding must be rope or alibi (got {hf['position_embedding']})")
         return hf["position_embedding"] == "alibi"
     return "max_position_embeddings" not in hf
 

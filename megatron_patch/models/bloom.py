@@ -7,6 +7,7 @@ with bias, ALiBi instead of RoPE (``layers/alibi.py``), and the output layer tie
 
 from __future__ import annotations
 
+from ..errors import UnsupportedModelError
 from ..mapping import Direct, PerHeadQKV, Split
 from .arch import ModelArch, hf_dtype
 from .registry import ModelFamily, register_family
@@ -16,12 +17,12 @@ def _get(hf: dict, *names):
     for name in names:
         if hf.get(name) is not None:
             return hf[name]
-    raise KeyError(f"bloom config.json has none of {', '.join(names)}")
+    raise UnsupportedModelError(f"bloom config.json has none of {', '.join(names)}")
 
 
 def arch_from_hf(hf: dict) -> ModelArch:
     if hf.get("apply_residual_connection_post_layernorm"):
-        raise ValueError("bloom with apply_residual_connection_post_layernorm=true is not supported")
+        raise UnsupportedModelError("bloom with apply_residual_connection_post_layernorm=true is not supported")
     hidden = _get(hf, "hidden_size", "n_embed")
     heads = _get(hf, "n_head", "num_attention_heads")
     return ModelArch(

@@ -7,6 +7,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError, MachineSupportError
 from ..layers.rope import rope_inv_freq, set_rope_inv_freq
 from ..runtime.cpu import cuda_available
 from .arch import ModelArch
@@ -23,7 +24,7 @@ def have_transformer_engine() -> bool:
 def check_transformer_impl(transformer_impl: str) -> None:
     """Refuse a Transformer Engine build on a machine that cannot run one, saying what is missing."""
     if transformer_impl not in TRANSFORMER_IMPLS:
-        raise ValueError(f"--transformer-impl must be one of {', '.join(TRANSFORMER_IMPLS)} (got {transformer_impl})")
+        raise ConfigError(f"--transformer-impl must be one of {', '.join(TRANSFORMER_IMPLS)} (got {transformer_impl})")
     if transformer_impl == "transformer_engine":
         missing = []
         if not cuda_available():
@@ -31,7 +32,7 @@ def check_transformer_impl(transformer_impl: str) -> None:
         if not have_transformer_engine():
             missing.append("Transformer Engine (pip install 'megatron-patch[gpu]')")
         if missing:
-            raise RuntimeError(
+            raise MachineSupportError(
                 f"--transformer-impl transformer_engine needs {' and '.join(missing)}; "
                 "use --transformer-impl local on this machine"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import UnsupportedModelError
 from ..mapping import QKV, Direct, GatedMLP, Split
 from .arch import ModelArch, llama_style_arch
 from .registry import ModelFamily, register_family
@@ -10,11 +11,11 @@ from .registry import ModelFamily, register_family
 def arch_from_hf(hf: dict) -> ModelArch:
     if hf.get("sliding_window") and hf.get("model_type") == "mistral":
         if hf["sliding_window"] < hf.get("max_position_embeddings", 0):
-            raise ValueError("Mistral sliding-window attention is not supported; only full-attention configs convert")
+            raise UnsupportedModelError("Mistral sliding-window attention is not supported; only full-attention configs convert")
     attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
     if attention_bias != mlp_bias:
         # megatron-core ties the o_proj bias to the MLP biases (add_bias_linear); q/k/v-only bias is qwen2's layout.
-        raise ValueError(f"llama with attention_bias={attention_bias} and mlp_bias={mlp_bias} cannot be represented in "
+        raise UnsupportedModelError(f"llama with attention_bias={attention_bias} and mlp_bias={mlp_bias} cannot be represented in "
                          "megatron-core (its output-projection bias comes with MLP biases); only equal values convert")
     return llama_style_arch(hf, 2048, add_qkv_bias=attention_bias, add_linear_bias=mlp_bias)
 

@@ -12,6 +12,7 @@ What differs from llama:
 
 from __future__ import annotations
 
+from ..errors import UnsupportedModelError
 from ..mapping import Direct, FusedQKV, GatedMLP, Split
 from . import llama
 from .arch import ModelArch, hf_dtype, llama_style_arch
@@ -22,22 +23,22 @@ QWEN1 = "qwen"  # model_type of Qwen v1; its layout is recorded in ModelArch.ext
 
 def _qwen2_arch(hf: dict) -> ModelArch:
     if hf.get("use_sliding_window") and hf.get("sliding_window", 0) < hf.get("max_position_embeddings", 0):
-        raise ValueError("Qwen sliding-window attention (use_sliding_window) is not supported; "
+        raise UnsupportedModelError("Qwen sliding-window attention (use_sliding_window) is not supported; "
                          "only full-attention configs convert")
     is_qwen3 = hf.get("model_type") == "qwen3"
     if is_qwen3 and hf.get("attention_bias"):
         # megatron-core can bias q/k/v alone, but an o_proj bias would come with MLP biases.
-        raise ValueError("Qwen3 with attention_bias=true cannot be represented in megatron-core")
+        raise UnsupportedModelError("Qwen3 with attention_bias=true cannot be represented in megatron-core")
     return llama_style_arch(hf, 32768, add_qkv_bias=not is_qwen3, qk_layernorm=is_qwen3)
 
 
 def _qwen1_arch(hf: dict) -> ModelArch:
     if hf.get("rotary_pct", 1.0) != 1.0:
-        raise ValueError(f"Qwen (v1) with rotary_pct={hf['rotary_pct']} is not supported (only 1.0)")
+        raise UnsupportedModelError(f"Qwen (v1) with rotary_pct={hf['rotary_pct']} is not supported (only 1.0)")
     if not hf.get("no_bias", True):
-        raise ValueError("Qwen (v1) with no_bias=false is not supported (published checkpoints use no_bias=true)")
+        raise UnsupportedModelError("Qwen (v1) with no_bias=false is not supported (published checkpoints use no_bias=true)")
     if hf["intermediate_size"] % 2:
-        raise ValueError(f"Qwen (v1) intermediate_size {hf['intermediate_size']} must be even (it is 2 x FFN width)")
+        raise UnsupportedModelError(f"Qwen (v1) intermediate_size {hf['intermediate_size']} must be even (it is 2 x FFN width)")
     heads = hf["num_attention_heads"]
     return ModelArch(
         num_layers=hf["num_hidden_layers"],

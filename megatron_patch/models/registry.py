@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError, UnsupportedModelError
 from .arch import ModelArch
 
 
@@ -38,7 +39,7 @@ class ModelFamily:
         for name, cfg in self.flavors.items():
             if name.lower() == key:
                 return dict(cfg)
-        raise ValueError(f"{self.name} has no size preset '{size}' (available: {', '.join(self.flavors)})")
+        raise ConfigError(f"{self.name} has no size preset '{size}' (available: {', '.join(self.flavors)})")
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -63,7 +64,7 @@ def supported_families() -> list[str]:
 def get_family(name: str) -> ModelFamily:
     _load_builtin_families()
     if name not in _FAMILIES:
-        raise ValueError(f"unknown model family '{name}' (supported: {', '.join(sorted(_FAMILIES))})")
+        raise ConfigError(f"unknown model family '{name}' (supported: {', '.join(sorted(_FAMILIES))})")
     return _FAMILIES[name]
 
 
@@ -79,6 +80,6 @@ def detect_family(hf_config: dict) -> ModelFamily:
         if model_type in family.model_types:
             return family
     known = sorted(a for f in _FAMILIES.values() for a in f.architectures)
-    raise ValueError(
+    raise UnsupportedModelError(
         f"unsupported architecture {architectures or model_type!r} (supported: {', '.join(known)})"
     )

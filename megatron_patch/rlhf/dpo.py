@@ -285,7 +285,7 @@ def run(cfg: TrainConfig | dict, beta: float = 0.1, skip_bad_lines: bool = False
 
 
 def main(argv=None) -> int:
-    from ..runtime.errors import run_reporting_errors
+    from ..errors import run_reporting_errors
 
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.dpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,7 +294,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip malformed preference lines")
     args = parser.parse_args(argv)
     return run_reporting_errors(
-        lambda: run(config_from_args(args, "finetune"), args.dpo_beta, args.skip_bad_lines) and None)
+        lambda: run(config_from_args(args, "finetune"), args.dpo_beta, args.skip_bad_lines) and None,
+        extra_errors=(ValueError,))  # rlhf/ raises plain ValueError for user errors
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def reward_model_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwri
 
 
 def main(argv=None) -> int:
-    from ..runtime.errors import run_reporting_errors
+    from ..errors import run_reporting_errors
 
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--save", required=True, help="HF output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     args = parser.parse_args(argv)
-    return run_reporting_errors(lambda: reward_model_to_hf(args.load, args.save, args.overwrite) and None)
+    return run_reporting_errors(lambda: reward_model_to_hf(args.load, args.save, args.overwrite) and None,
+                                extra_errors=(ValueError,))  # rlhf/ raises plain ValueError for user errors
 
 
 if __name__ == "__main__":

@@ -371,7 +371,7 @@ def run(cfg: TrainConfig | dict, rl: RLConfig | dict, quiet: bool = False) -> di
 
 
 def main(argv=None) -> int:
-    from ..runtime.errors import run_reporting_errors
+    from ..errors import run_reporting_errors
 
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.ppo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

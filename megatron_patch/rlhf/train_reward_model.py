@@ -241,14 +241,15 @@ def run(cfg: TrainConfig | dict, skip_bad_lines: bool = False, quiet: bool = Fal
 
 
 def main(argv=None) -> int:
-    from ..runtime.errors import run_reporting_errors
+    from ..errors import run_reporting_errors
 
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.train_reward_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, mode="finetune")  # preference data is read like SFT data (--train-data-path)
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip malformed preference lines")
     args = parser.parse_args(argv)
-    return run_reporting_errors(lambda: run(config_from_args(args, "finetune"), args.skip_bad_lines) and None)
+    return run_reporting_errors(lambda: run(config_from_args(args, "finetune"), args.skip_bad_lines) and None,
+                                extra_errors=(ValueError,))  # rlhf/ raises plain ValueError for user errors
 
 
 if __name__ == "__main__":

@@ -4,12 +4,10 @@ strict device check), seeds, version checks."""
 from .cpu import cuda_available, enable_cpu_path
 from .device import device_generator, local_device, place_model, set_local_device, to_device
 from .distributed import destroy_distributed, free_port, init_distributed, set_seed
-from .launch import WorkerError, run_on_local_ranks
-from .versions import UnsupportedVersionError, check_megatron_version
+from .launch import run_on_local_ranks
+from .versions import check_megatron_version
 
 __all__ = [
-    "UnsupportedVersionError",
-    "WorkerError",
     "check_megatron_version",
     "cuda_available",
     "destroy_distributed",

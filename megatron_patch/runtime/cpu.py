@@ -14,6 +14,7 @@ tensors would live on the GPU and raises where a GPU run would fail on a misplac
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -35,6 +36,18 @@ def _is_cuda_device(device) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+# Frames of the machinery between a caller and the mode: skipped when looking for who asked.
+_MACHINERY = ("megatron_patch.runtime.cpu", "megatron_patch.runtime.strict", "torch.overrides", "torch.utils._device")
+
+
+def _caller_is_megatron_core() -> bool:
+    """Whether the torch call being handled was made by megatron-core's own code."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(_MACHINERY):
+        frame = frame.f_back
+    return frame is not None and frame.f_globals.get("__name__", "").startswith("megatron.core")
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments to the CPU for every torch call made while the mode is active."""
 
@@ -45,9 +58,12 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            # megatron-core's optimizer and grad clipping assert type strings such as 'torch.cuda.FloatTensor'.
+            # megatron-core's optimizer and grad clipping assert type strings such as 'torch.cuda.FloatTensor';
+            # only its own calls get the CUDA spelling (transformers, users and our code see the real type).
             name = func(*args)
-            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+            if not _caller_is_megatron_core() or name.startswith("torch.cuda."):
+                return name
+            return name.replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": self._CPU}
         if kwargs.get("pin_memory"):
@@ -128,6 +144,10 @@ def enable_cpu_path() -> bool:
     if cuda_available():
         return False
     from . import strict
+    from .versions import check_megatron_version
+
+    # Every redirection below is written against megatron-core 0.16's internals (see the module doc).
+    check_megatron_version()
 
     if _ENABLED:
         if strict.requested() and not strict.is_active():
@@ -162,14 +182,3 @@ def enable_cpu_path() -> bool:
     _MODE.__enter__()
     _ENABLED = True
     return True
-
-
-def seed_model_parallel_rng(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: int = 0) -> None:
-    """Seed the tracker's streams with the offsets ``model_parallel_cuda_manual_seed`` uses on a GPU."""
-    from megatron.core.tensor_parallel import random as mcore_random
-
-    tracker = mcore_random.get_cuda_rng_tracker()
-    tracker.reset()
-    tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
-    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
-    tracker.add(mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cpu import cuda_available, enable_cpu_path, seed_model_parallel_rng
+from ..errors import ConfigError
+from .cpu import enable_cpu_path
 from .device import set_local_device
 from .versions import check_megatron_version
 
@@ -44,7 +45,7 @@ def init_distributed(
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             if os.environ["WORLD_SIZE"] != "1":
-                raise RuntimeError("MASTER_PORT is not set for a multi-process run; launch with torchrun")
+                raise ConfigError("MASTER_PORT is not set for a multi-process run; launch with torchrun")
             os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group(
             backend="gloo" if on_cpu else "nccl",
@@ -52,7 +53,7 @@ def init_distributed(
         )
     world = dist.get_world_size()
     if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
-        raise ValueError(
+        raise ConfigError(
             f"world size {world} is not divisible by tensor x pipeline parallel size "
             f"{tensor_model_parallel_size}x{pipeline_model_parallel_size}"
         )
@@ -66,17 +67,18 @@ def init_distributed(
 
 
 def set_seed(seed: int) -> None:
-    """Seed Python, numpy and torch; offset by pipeline rank as Megatron-LM does, then the TP RNG streams."""
+    """Seed Python, numpy and torch; offset by pipeline rank as Megatron-LM does, then the TP RNG streams.
+
+    The streams are seeded by megatron-core's ``model_parallel_cuda_manual_seed`` (its offsets per TP / expert rank);
+    on the CPU path it seeds the CPU tracker ``enable_cpu_path`` installed in place of the CUDA one.
+    """
     from megatron.core import parallel_state, tensor_parallel
 
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if cuda_available():
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    else:
-        seed_model_parallel_rng(seed, parallel_state.get_tensor_model_parallel_rank())
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def destroy_distributed() -> None:

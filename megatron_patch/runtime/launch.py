@@ -15,12 +15,9 @@ import traceback
 import psutil
 import torch.multiprocessing as mp
 
+from ..errors import WorkerError, user_errors
 from .distributed import free_port
 from .noise import quiet_third_party
-
-
-class WorkerError(RuntimeError):
-    pass
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -47,7 +44,7 @@ def _child(rank, world_size, port, env, fn, args, results, parent_pid):
     try:
         results.put((rank, True, fn(*args)))
     except Exception as error:  # reported to the parent, which re-raises; the child then exits non-zero
-        message = str(error) if isinstance(error, (ValueError, FileNotFoundError)) else traceback.format_exc()
+        message = str(error) if isinstance(error, user_errors()) else traceback.format_exc()
         results.put((rank, False, message))
         raise SystemExit(1) from None
     finally:

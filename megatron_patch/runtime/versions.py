@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+from ..errors import UnsupportedVersionError
+
 SUPPORTED_MEGATRON_CORE = "0.16"
-
-
-class UnsupportedVersionError(RuntimeError):
-    pass
 
 
 def megatron_core_version() -> str:

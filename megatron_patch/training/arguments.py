@@ -11,8 +11,11 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..errors import ConfigError
+
 RECOMPUTE = (None, "selective", "full")
 FP8_FORMATS = (None, "hybrid", "e4m3")
+PARALLEL_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size")  # what TP / PP are called here
 
 
 @dataclass
@@ -111,7 +114,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         return cls(**data)
 
     def to_dict(self) -> dict:
@@ -124,7 +127,7 @@ class TrainConfig:
     def validate(self, world_size: int = 1) -> TrainConfig:
         """Check every cross-field rule once; the error names the flag to change."""
         def fail(message):
-            raise ValueError(message)
+            raise ConfigError(message)
 
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         if self.mode not in ("pretrain", "finetune"):
@@ -184,7 +187,7 @@ class TrainConfig:
         if self.load is None and self.model_name is None:
             fail("pass --load (a converted checkpoint) or --model-name and --model-size")
         if self.load is None and self.tokenizer_model is None:
-            fail("without --load, pass --tokenizer-model")
+            fail("without --load, pass --tokenizer-model (the launch scripts: TOKENIZER_MODEL=<dir or .model>)")
         if self.save_interval is not None and self.save_interval < 1:
             fail(f"--save-interval must be >= 1 (got {self.save_interval})")
         if self.save_interval and not self.save:

@@ -103,7 +103,8 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
                     source, cfg, after_model_save=None) -> Path:
     """Save on every rank (collective); returns the final iteration directory.
 
-    ``after_model_save`` is a test hook called on rank 0 between the shard writes and the rename.
+    ``after_model_save(tmp_dir)`` runs on rank 0 once everything is written, before the rename makes the checkpoint
+    visible: a caller adds its own files there (the reward model its marker) and they appear atomically with it.
     """
     from megatron.core import dist_checkpointing
 

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.megatron import TRACKER, find_iteration_dir
+from ..errors import ConfigError
 from ..runtime.device import local_device, to_device
 from .arguments import TrainConfig
 from .checkpointing import TrainerState, has_train_state, load_train_state, load_weights, save_checkpoint
@@ -133,7 +134,7 @@ def evaluate(t: Trainer) -> float | None:
 # --- the loop -----------------------------------------------------------------------------------------------------
 
 
-def train(t: Trainer, after_model_save=None) -> list[tuple[int, float]]:
+def train(t: Trainer) -> list[tuple[int, float]]:
     from megatron.core import parallel_state
 
     from ..data.loader import MicroBatchIterator
@@ -155,18 +156,17 @@ def train(t: Trainer, after_model_save=None) -> list[tuple[int, float]]:
         if cfg.eval_interval and t.state.iteration % cfg.eval_interval == 0:
             t.logger.log_eval(t.state.iteration, evaluate(t))
         if cfg.save and cfg.save_interval and t.state.iteration % cfg.save_interval == 0:
-            checkpoint(t, after_model_save)
+            checkpoint(t)
     finished = t.state.iteration >= t.train_iters
     if finished and t.valid_data is not None and not (cfg.eval_interval and t.state.iteration % cfg.eval_interval == 0):
         t.logger.log_eval(t.state.iteration, evaluate(t))  # the validation loss of the final weights
     if cfg.save and (not cfg.save_interval or t.state.iteration % cfg.save_interval):
-        checkpoint(t, after_model_save)
+        checkpoint(t)
     return t.history
 
 
-def checkpoint(t: Trainer, after_model_save=None) -> Path:
-    path = save_checkpoint(t.cfg.save, t.state.iteration, t.model, t.optimizer, t.scheduler, t.state, t.source, t.cfg,
-                           after_model_save)
+def checkpoint(t: Trainer) -> Path:
+    path = save_checkpoint(t.cfg.save, t.state.iteration, t.model, t.optimizer, t.scheduler, t.state, t.source, t.cfg)
     t.logger.print(f"saved checkpoint of iteration {t.state.iteration} to {path}")
     return path
 
@@ -198,13 +198,12 @@ def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
     check_precision_support(cfg)
     load_dir, resume = _load_dirs(cfg)
     source = resolve_model_source(cfg, load_dir)
-    source.arch.check_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     tokenizer_path = cfg.tokenizer_model or source.assets_dir
     if tokenizer_path is None:
-        raise ValueError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
+        raise ConfigError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.vocab_size > source.spec.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.spec.vocab_size} "
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.spec.vocab_size} "
                          "rows: pass --extra-vocab-size (or convert with hf2mcore --extra-vocab-size)")
 
     init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed)
@@ -258,16 +257,16 @@ def _build_data(cfg: TrainConfig, tokenizer):
         cfg.data_path, cfg.split, cfg.seq_length, cfg.seed, tokenizer.eod, tokenizer.vocab_size,
         (train_samples, valid_samples, 0), cache)
     if train_data is None:
-        raise ValueError(f"--split {cfg.split} leaves no training data")
+        raise ConfigError(f"--split {cfg.split} leaves no training data")
     return train_data, valid_data if valid_samples else None, cfg.seq_length, cfg.train_iters
 
 
-def run(cfg: TrainConfig | dict, quiet: bool = False, after_model_save=None) -> list[tuple[int, float]]:
+def run(cfg: TrainConfig | dict, quiet: bool = False) -> list[tuple[int, float]]:
     """Build and train; returns [(iteration, loss)] for the steps this process ran."""
     if isinstance(cfg, dict):
         cfg = TrainConfig.from_dict(cfg)
     trainer = build_trainer(cfg, quiet=quiet)
     try:
-        return train(trainer, after_model_save)
+        return train(trainer)
     finally:
         trainer.logger.close()

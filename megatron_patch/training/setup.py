@@ -8,15 +8,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError, MachineSupportError
 from ..models.checkpoint import Checkpoint
+from ..models.presets import check_size_preset
 from ..models.spec import ModelSpec
 from ..runtime.cpu import cuda_available
 from ..runtime.device import place_model
-from .arguments import TrainConfig
-
-
-class MachineSupportError(RuntimeError):
-    """The run asks for something this machine cannot do (no GPU, no Transformer Engine, no NCCL, old GPU)."""
+from .arguments import PARALLEL_FLAGS, TrainConfig
 
 
 @dataclass
@@ -37,29 +35,30 @@ class ModelSource:
 
 
 def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
-    """From the checkpoint's metadata when loading one, else from ``--model-name`` / ``--model-size``. Raises a
-    one-line error when the model cannot be split over the requested TP x PP."""
+    """From the checkpoint's metadata when loading one, else from ``--model-name`` / ``--model-size``.
+
+    Checks the flags against the model on the way (family, size preset, extra vocabulary, TP x PP), each error
+    naming the training flag to change.
+    """
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     if load_dir is not None:
         ckpt = Checkpoint.open(load_dir)
         spec = ckpt.spec
         if cfg.model_name and cfg.model_name != spec.family.name:
-            raise ValueError(f"--model-name {cfg.model_name} does not match the --load checkpoint ({spec.family.name})")
+            raise ConfigError(f"--model-name {cfg.model_name} does not match the --load checkpoint ({spec.family.name})")
         if cfg.extra_vocab_size and cfg.extra_vocab_size != spec.extra_vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"--extra-vocab-size {cfg.extra_vocab_size} differs from the checkpoint's {spec.extra_vocab_size}: "
                 "new token rows are added at conversion (hf2mcore --extra-vocab-size)"
             )
-        spec.sharding(tp, pp)
         if cfg.model_size:  # the preset must describe the checkpoint (the launch scripts always pass one)
-            preset = spec.family.arch_from_hf(spec.family.flavor(cfg.model_size))
-            if (preset.num_layers, preset.hidden_size) != (spec.arch.num_layers, spec.arch.hidden_size):
-                raise ValueError(
-                    f"--model-size {cfg.model_size} ({preset.num_layers} layers, hidden {preset.hidden_size}) does not "
-                    f"match the --load checkpoint ({spec.arch.num_layers} layers, hidden {spec.arch.hidden_size})")
+            check_size_preset(spec.family, cfg.model_size, spec.hf_config)
+        spec.arch.check_parallel(tp, pp, PARALLEL_FLAGS)
+        spec.sharding(tp, pp)
         return ModelSource(spec, ckpt, ckpt.assets_dir)
     spec = ModelSpec.from_flavor(cfg.model_name, cfg.model_size, tp=tp, extra_vocab_size=cfg.extra_vocab_size,
                                  make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
+    spec.arch.check_parallel(tp, pp, PARALLEL_FLAGS)
     spec.sharding(tp, pp)
     assets = Path(cfg.tokenizer_model) if cfg.tokenizer_model and Path(cfg.tokenizer_model).is_dir() else None
     return ModelSource(spec, None, assets)
@@ -73,7 +72,7 @@ def check_precision_support(cfg: TrainConfig) -> None:
         what = "FP8" if cfg.fp8_format else "flash attention" if cfg.use_flash_attn else "Transformer Engine"
         try:
             check_transformer_impl("transformer_engine")
-        except RuntimeError as error:
+        except MachineSupportError as error:
             raise MachineSupportError(f"{what} requested but {error}") from None
         if cfg.fp8_format:
             major, minor = torch.cuda.get_device_capability()

@@ -115,7 +115,8 @@ def test_not_a_megatron_checkpoint(tmp_path, capsys):
 
 
 def test_unsupported_megatron_core_version(monkeypatch):
-    from megatron_patch.runtime import UnsupportedVersionError, versions
+    from megatron_patch.errors import UnsupportedVersionError
+    from megatron_patch.runtime import versions
 
     monkeypatch.setattr(versions, "megatron_core_version", lambda: "0.14.0")
     with pytest.raises(UnsupportedVersionError, match="supports 0.16.x"):
@@ -132,3 +133,20 @@ def test_verify_names_trust_remote_code_for_remote_code_models(tmp_path, capsys)
 
     with pytest.raises(ValueError, match="--trust-remote-code"):
         hf_logits(tmp_path / "hf", torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_negative_extra_vocab_is_one_line(make_hf, tmp_path, capsys):
+    rc, err = _run_hf2mcore(capsys, make_hf("gqa_untied"), tmp_path / "out", "--extra-vocab-size", "-1")
+    _assert_clean_failure(rc, err, tmp_path / "out", "--extra-vocab-size must be >= 0 (got -1)")
+
+
+def test_a_bug_keeps_its_traceback(make_hf, tmp_path, monkeypatch):
+    """Only our error classes (and the OS's path errors) become one line; a RuntimeError from a bug propagates."""
+    from megatron_patch.convert import hf_to_mcore as module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(module, "hf_to_mcore", broken)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        main(["hf2mcore", "--load", str(make_hf("gqa_untied")), "--save", str(tmp_path / "out")])

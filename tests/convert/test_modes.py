@@ -35,7 +35,7 @@ def test_atomic_output_dir_honours_umask(tmp_path, umask):
 
 
 def test_generation_output_honours_umask(tmp_path, umask):
-    from megatron_patch.generate import write_jsonl_atomic
+    from megatron_patch.generation.prompts import write_jsonl_atomic
 
     write_jsonl_atomic(tmp_path / "out.jsonl", [{"prompt": "a", "completion": "b"}])
     assert mode(tmp_path / "out.jsonl") == 0o666 & ~umask

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_patch.runtime import WorkerError, run_on_local_ranks
+from megatron_patch.errors import WorkerError
+from megatron_patch.runtime import run_on_local_ranks
 from megatron_patch.runtime.cpu import CPURNGStatesTracker
 
 
@@ -53,17 +54,55 @@ def test_cuda_device_requests_are_redirected_in_a_cpu_process():
     assert run_on_local_ranks(_cuda_requests_land_on_cpu, 1) == [["cpu"] * 7]
 
 
+def _type_strings_and_seeded_streams():
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    from megatron_patch.runtime import init_distributed
+
+    init_distributed(1, 1, seed=77)
+    ours = torch.zeros(2).type()
+    # The same call made by megatron-core's code (its optimizer asserts 'torch.cuda.FloatTensor').
+    as_mcore = {"__name__": "megatron.core.optimizer.clip_grads", "torch": torch}
+    exec(compile("spelled = torch.zeros(2).type()", "<megatron-core>", "exec"), as_mcore)
+    from transformers import PreTrainedModel  # noqa: F401  (a third-party import under the CPU path)
+
+    tracker = mcore_random.get_cuda_rng_tracker()
+    with tracker.fork(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        model_parallel = torch.rand(3)
+    with tracker.fork(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME):
+        data_parallel = torch.rand(3)
+    return ours, as_mcore["spelled"], model_parallel, data_parallel
+
+
+def test_type_rewrite_is_for_megatron_core_only_and_streams_use_its_seeding():
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path is inactive on a CUDA machine")
+    ours, spelled, model_parallel, data_parallel = run_on_local_ranks(_type_strings_and_seeded_streams, 1)[0]
+    assert ours == "torch.FloatTensor" and spelled == "torch.cuda.FloatTensor"
+    # megatron-core's model_parallel_cuda_manual_seed: data-parallel stream = seed, model-parallel = seed + 2718 + tp.
+    assert torch.equal(data_parallel, torch.rand(3, generator=torch.Generator().manual_seed(77)))
+    assert torch.equal(model_parallel, torch.rand(3, generator=torch.Generator().manual_seed(77 + 2718)))
+
+
 def _fail_on_rank_one():
     import os
 
+    from megatron_patch.errors import ConfigError
+
     if os.environ["RANK"] == "1":
-        raise ValueError("rank one refuses")
+        raise ConfigError("rank one refuses")
     return os.environ["RANK"]
 
 
+def _bug_on_rank_zero():
+    raise ValueError("not a user error")
+
+
 def test_launcher_reports_the_failing_rank():
-    with pytest.raises(WorkerError, match="rank 1 failed: rank one refuses"):
+    with pytest.raises(WorkerError, match="rank 1 failed: rank one refuses$"):  # a user error: its one line
         run_on_local_ranks(_fail_on_rank_one, 2, timeout=120)
+    with pytest.raises(WorkerError, match=r"(?s)rank 0 failed: Traceback .*ValueError: not a user error"):
+        run_on_local_ranks(_bug_on_rank_zero, 1, timeout=120)  # anything else: the traceback
 
 
 def _hang():

@@ -39,7 +39,7 @@ def failure(exitcode=1, timestamp=100, data=None):
 
 
 def test_first_user_error_wins_over_ranks_stopped_after_it():
-    from megatron_patch.runtime.errors import USER_ERROR_KEY
+    from megatron_patch.errors import USER_ERROR_KEY
     from megatron_patch.torchrun import first_failure_line
 
     failures = {0: failure(-15, 90),  # stopped by torchrun after rank 1 failed: no error file, earlier second

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from megatron_patch.runtime import WorkerError, run_on_local_ranks
+from megatron_patch.errors import WorkerError
+from megatron_patch.runtime import run_on_local_ranks
 
 from .workers import convert_back_worker, train_and_die_worker, train_worker
 

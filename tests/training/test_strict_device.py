@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from megatron_patch.runtime import WorkerError, run_on_local_ranks
+from megatron_patch.errors import WorkerError
+from megatron_patch.runtime import run_on_local_ranks
 
 from .test_pretrain import config
 from .workers import planted_train_worker

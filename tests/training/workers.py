@@ -23,9 +23,13 @@ def _die_during_save(tmp_dir) -> None:
 
 
 def train_and_die_worker(cfg: dict) -> list[tuple[int, float]]:
-    from megatron_patch.training.loop import run
+    import functools
 
-    return run(cfg, quiet=True, after_model_save=_die_during_save)
+    from megatron_patch.training import loop
+
+    # This spawned process only: every save of the loop runs the kill between the shard writes and the rename.
+    loop.save_checkpoint = functools.partial(loop.save_checkpoint, after_model_save=_die_during_save)
+    return loop.run(cfg, quiet=True)
 
 
 def load_logits_worker(ckpt: str, tokens: list[int]):

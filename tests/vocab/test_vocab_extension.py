@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_patch.data import vocab_extension as ev
 from megatron_patch.models import get_family
 from megatron_patch.models.tiny import CORPUS, make_hf_checkpoint
-from toolkits.vocab_extension import extend_vocab as ev
 
 # A made-up corpus in a language the base tokenizers never saw (they fall back to bytes for every character).
 WORDS = ["你好", "世界", "模型", "训练", "数据", "语言", "分词", "向量", "学习", "并行", "张量", "流水线", "检查点",
@@ -158,7 +158,9 @@ def test_command_line_extends_a_hf_directory_and_refuses_bad_input(extended, tmp
     assert ev.main(["--corpus", str(corpus), "--load", old_dir, "--save", str(out), "--vocab-size", "120"]) == 0
     assert _tokenizer(out).encode(NEW_TEXT) == _tokenizer(reference_dir).encode(NEW_TEXT)
     assert load_file(f"{out}/model.safetensors").keys() == load_file(f"{reference_dir}/model.safetensors").keys()
-    capsys.readouterr()
+    summary = capsys.readouterr().out.strip().splitlines()[-1]  # says which count is the tokenizer's
+    rows = json.loads((out / "config.json").read_text())["vocab_size"]
+    assert "tokens to the tokenizer, which now has" in summary and f"the model has {rows} embedding rows" in summary
     assert ev.main(["--corpus", str(corpus), "--load", old_dir, "--save", str(out), "--vocab-size", "120"]) == 1
     assert "exists and is not empty" in capsys.readouterr().err
     assert ev.main(["--corpus", str(tmp_path / "missing.txt"), "--load", old_dir, "--save", str(tmp_path / "o2")]) == 1
@@ -169,7 +171,7 @@ def test_command_line_extends_a_hf_directory_and_refuses_bad_input(extended, tmp
 @pytest.mark.parametrize("args,message", [
     (["CORPUS"], "expected 5 or 6 arguments, got 1"),
     (["/nonexistent.txt", "LOAD", "SAVE", "100"], "CORPUS file '/nonexistent.txt' does not exist"),
-    (["CORPUS", "LOAD", "SAVE", "many"], "VOCAB_SIZE must be an integer >= 2"),
+    (["CORPUS", "LOAD", "SAVE", "many"], "VOCAB_SIZE must be an integer (got 'many')"),
     (["CORPUS", "LOAD", "SAVE", "100", "wordpiece"], "MODEL_TYPE must be bpe or unigram"),
 ])
 def test_shell_wrapper_validates_its_arguments(extended, tmp_path, args, message):
@@ -182,3 +184,18 @@ def test_shell_wrapper_validates_its_arguments(extended, tmp_path, args, message
     result = subprocess.run(["bash", str(root / "toolkits/vocab_extension/run_vocab_extension.sh"), *argv],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_vocab_size_errors_are_ours(extended, tmp_path, capsys):
+    old_dir = extended["byte_level"][0]
+    corpus = _write_corpus(tmp_path / "corpus.txt")
+    common = ["--corpus", str(corpus), "--load", old_dir, "--save", str(tmp_path / "out")]
+    assert ev.main([*common, "--vocab-size", "1"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --vocab-size must be >= 2 (got 1)"
+    assert ev.main([*common, "--vocab-size", "100000"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --vocab-size 100000 is more pieces than SentencePiece can learn from the "
+                              "corpus (at most "), err
+    assert "Vocabulary size too high" not in "\n".join(err)
+    assert not (tmp_path / "out").exists()
+

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Extend a model's vocabulary with a new language (see extend_vocab.py for what is done and guaranteed).
+# Extend a model's vocabulary with a new language (see megatron_patch/data/vocab_extension.py for what is done and guaranteed).
 #
 #   run_vocab_extension.sh MEGATRON_PATCH_PATH CORPUS LOAD SAVE VOCAB_SIZE [MODEL_TYPE]
 #
@@ -25,7 +25,7 @@ IFS=, read -r -a corpus_files <<< "$CORPUS"
 [ ${#corpus_files[@]} -ge 1 ] || usage "CORPUS must name at least one file"
 for f in "${corpus_files[@]}"; do [ -f "$f" ] || usage "CORPUS file '$f' does not exist"; done
 [ -e "$LOAD" ] || usage "LOAD '$LOAD' does not exist"
-[[ "$VOCAB_SIZE" =~ ^[0-9]+$ ]] && [ "$VOCAB_SIZE" -ge 2 ] || usage "VOCAB_SIZE must be an integer >= 2 (got '$VOCAB_SIZE')"
+[[ "$VOCAB_SIZE" =~ ^[0-9]+$ ]] || usage "VOCAB_SIZE must be an integer (got '$VOCAB_SIZE')"
 case $MODEL_TYPE in bpe|unigram) ;; *) usage "MODEL_TYPE must be bpe or unigram (got '$MODEL_TYPE')" ;; esac
 
 export PYTHONPATH="$MEGATRON_PATCH_PATH${PYTHONPATH:+:$PYTHONPATH}"
