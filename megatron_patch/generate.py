@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-key", default="prompt", help="field holding the prompt in a .jsonl input")
     p.add_argument("--no-kv-cache", dest="use_cache", action="store_false",
                    help="re-run the whole prefix every step (slow; for checking the cache)")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="load weights holding NaN/Inf (warn once) instead of refusing the checkpoint")
     add_verbose_flag(p)
     return p
 
@@ -208,7 +210,7 @@ def generate_file(args) -> int:
     if truncated and rank0:
         print(f"warning: {truncated} prompt(s) longer than {limit} tokens keep their last {limit} tokens",
               file=sys.stderr)
-    loaded = load_model(iter_dir, args.precision)
+    loaded = load_model(iter_dir, args.precision, args.allow_non_finite)
     eos = loaded.eos_token_id()
     if eos is None:
         eos = codec.tokenizer.eod

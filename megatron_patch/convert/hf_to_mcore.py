@@ -12,6 +12,7 @@ from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.formats import format_names, get_format
 from ..checkpoint.hf import HFCheckpointReader, copy_assets, read_config
 from ..checkpoint.megatron import ASSETS, TRACKER, TRANSFORMER_IMPLS
+from ..mapping.checks import NonFiniteGuard
 from ..models.checkpoint import write_checkpoint_meta
 from ..models.spec import ModelSpec
 from .plan import ConversionPlan
@@ -41,8 +42,12 @@ def hf_to_mcore(
     extra_vocab_size: int = 0,
     make_vocab_size_divisible_by: int = 128,
     overwrite: bool = False,
+    allow_non_finite: bool = False,
 ) -> Path:
-    """Convert; everything is validated before the first byte is written, and the output appears atomically."""
+    """Convert; everything is validated before the first byte is written, and the output appears atomically.
+
+    Each megatron tensor is checked for NaN/Inf as it is built (one reduction over a fresh tensor, no extra pass
+    over the checkpoint): the first one stops the conversion, or with ``allow_non_finite`` is reported once."""
     if fmt not in format_names():
         raise ValueError(f"--format must be one of {', '.join(format_names())} (got {fmt})")
     if transformer_impl not in TRANSFORMER_IMPLS:
@@ -59,7 +64,8 @@ def hf_to_mcore(
         iter_dir = temp / "release"
         iter_dir.mkdir()
         with tqdm(total=storage.write_steps(plan.sharding), desc="hf2mcore", unit="tensor", disable=None) as progress:
-            storage.write(plan.sharding, reader, iter_dir, dtype=dtype, transformer_impl=transformer_impl,
+            sharding = plan.sharding.with_tensor_check(NonFiniteGuard(f"HF checkpoint {hf_dir}", allow_non_finite))
+            storage.write(sharding, reader, iter_dir, dtype=dtype, transformer_impl=transformer_impl,
                           progress=progress)
         copy_assets(hf_dir, iter_dir / ASSETS)
         write_checkpoint_meta(iter_dir, plan.spec, fmt=fmt, tp=tp, pp=pp, transformer_impl=transformer_impl,
