@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.formats import format_names, get_format
 from ..checkpoint.hf import HFCheckpointReader, copy_assets, read_config
 from ..checkpoint.megatron import ASSETS, TRACKER, TRANSFORMER_IMPLS
+from ..errors import MegatronPatchError
 from ..mapping.checks import NonFiniteGuard
 from ..models.checkpoint import write_checkpoint_meta
 from ..models.spec import ModelSpec
@@ -23,6 +25,22 @@ def make_plan(hf_config: dict, tp: int, pp: int, family_name: str | None = None,
     spec = ModelSpec.from_hf_config(hf_config, tp=tp, family=family_name, extra_vocab_size=extra_vocab_size,
                                     make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     return ConversionPlan(spec, tp, pp)
+
+
+@contextmanager
+def our_errors_unwrapped():
+    """Re-raise our one-line error where torch.distributed.checkpoint wrapped it (its planners run our tensor
+    builders and report any failure as a ``CheckpointException`` carrying a traceback per rank)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as wrapped:
+        for failure in wrapped.failures.values():
+            error = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(error, MegatronPatchError):
+                raise error from None
+        raise
 
 
 def checkpoint_dtype(reader: HFCheckpointReader, plan: ConversionPlan) -> torch.dtype:
@@ -65,8 +83,9 @@ def hf_to_mcore(
         iter_dir.mkdir()
         with tqdm(total=storage.write_steps(plan.sharding), desc="hf2mcore", unit="tensor", disable=None) as progress:
             sharding = plan.sharding.with_tensor_check(NonFiniteGuard(f"HF checkpoint {hf_dir}", allow_non_finite))
-            storage.write(sharding, reader, iter_dir, dtype=dtype, transformer_impl=transformer_impl,
-                          progress=progress)
+            with our_errors_unwrapped():
+                storage.write(sharding, reader, iter_dir, dtype=dtype, transformer_impl=transformer_impl,
+                              progress=progress)
         copy_assets(hf_dir, iter_dir / ASSETS)
         write_checkpoint_meta(iter_dir, plan.spec, fmt=fmt, tp=tp, pp=pp, transformer_impl=transformer_impl,
                               dtype=dtype)
