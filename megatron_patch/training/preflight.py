@@ -75,6 +75,10 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
     check_model_size(cfg, load_dir)
     source = resolve_model_source(cfg, load_dir)
     source.arch.check_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+    positions = source.arch.max_position_embeddings
+    if positions and cfg.seq_length > positions:  # generation refuses the same; RoPE/positions beyond are untrained
+        raise ValueError(f"--seq-length {cfg.seq_length} exceeds the {positions} positions the model was built for "
+                         "(max_position_embeddings)")
     tokenizer = cfg.tokenizer_model or source.assets_dir
     if tokenizer is None:
         raise ValueError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
