@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -56,8 +57,8 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from ..errors import CheckpointError
 from ..mapping import Entry, Sharding, Split, megatron_shape, te_name
-from .formats import CheckpointFormat, register_format
 from ..mapping.checks import check_exact_names
+from .formats import CheckpointFormat, register_format
 from .trusted_load import check_torch_dist_checkpoint
 from .trusted_load import read_dcp_metadata as read_trusted_metadata
 
@@ -322,7 +323,8 @@ class TorchDistReader:
                 dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(key, offsets, dest), no_dist=True)
         except CheckpointError:
             raise
-        except Exception as error:  # a missing or truncated .distcp file surfaces as several exception types
+        except (Exception, CheckpointException) as error:  # a missing or truncated .distcp file surfaces as several
+            # exception types; DCP wraps them in CheckpointException, a BaseException
             raise CheckpointError(f"cannot read '{key}' from torch_dist checkpoint {self.dir} (missing or truncated "
                                   f"file?): {' '.join(str(error).split())[:300]}") from None
         return dest[0] if layer is not None else dest

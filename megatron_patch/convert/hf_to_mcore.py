@@ -13,7 +13,7 @@ from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.formats import format_names, get_format
 from ..checkpoint.hf import HFCheckpointReader, copy_assets, read_config
 from ..checkpoint.megatron import ASSETS, TRACKER, TRANSFORMER_IMPLS
-from ..errors import MegatronPatchError
+from ..errors import CheckpointError, MegatronPatchError
 from ..mapping.checks import NonFiniteGuard
 from ..models.checkpoint import write_checkpoint_meta
 from ..models.spec import ModelSpec
@@ -22,8 +22,13 @@ from .plan import ConversionPlan
 
 def make_plan(hf_config: dict, tp: int, pp: int, family_name: str | None = None, extra_vocab_size: int = 0,
               make_vocab_size_divisible_by: int = 128) -> ConversionPlan:
-    spec = ModelSpec.from_hf_config(hf_config, tp=tp, family=family_name, extra_vocab_size=extra_vocab_size,
-                                    make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    try:
+        spec = ModelSpec.from_hf_config(hf_config, tp=tp, family=family_name, extra_vocab_size=extra_vocab_size,
+                                        make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    except KeyError as error:  # a family reads its fields by name
+        raise CheckpointError(f"config.json has no field {error} that the model needs") from None
+    except TypeError as error:  # a field of the wrong type (a string where a number belongs)
+        raise CheckpointError(f"config.json has a field of the wrong type: {error}") from None
     return ConversionPlan(spec, tp, pp)
 
 
