@@ -33,8 +33,15 @@ mp_fail() {  # print the usage and the error naming the bad argument; exit 2
 }
 
 # Validators: each names the argument it rejects.
-mp_int() { [[ "${!1}" =~ ^[0-9]+$ ]] && [ "${!1}" -ge "${2:-1}" ] || mp_fail "$1 must be an integer >= ${2:-1} (got '${!1}')"; }
-mp_float() { [[ "${!1}" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || mp_fail "$1 must be a non-negative number (got '${!1}')"; }
+# Integers are read as decimal and rewritten so (TP=010 is 10 here and in Python, not octal 8 in $((...))).
+mp_int() {
+  [[ "${!1}" =~ ^[0-9]+$ ]] && [ "${!1}" -ge "${2:-1}" ] || mp_fail "$1 must be an integer >= ${2:-1} (got '${!1}')"
+  printf -v "$1" '%d' "$((10#${!1}))"
+}
+mp_float() {
+  [[ "${!1}" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || mp_fail "$1 must be a non-negative number (got '${!1}')"
+  awk "BEGIN{exit !(${!1} < 1e300)}" 2>/dev/null || mp_fail "$1 must be a finite number (got '${!1}')"
+}
 mp_choice() { local name=$1 v=${!1} c; shift; for c in "$@"; do [ "$v" = "$c" ] && return 0; done; mp_fail "$name must be one of: $* (got '$v')"; }
 mp_bool() { mp_choice "$1" true false; }
 

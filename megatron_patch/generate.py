@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-only", action="store_true",
                    help="run the checks a launch runs before starting ranks (flags, files, checkpoint metadata; no "
                         "model) and exit; $WORLD_SIZE is the number of processes the launch will start")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="load weights holding NaN/Inf (warn once) instead of refusing the checkpoint")
     add_verbose_flag(p)
     return p
 

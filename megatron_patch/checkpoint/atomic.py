@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,16 +39,59 @@ def apply_umask_modes(root: str | os.PathLike) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def _temp_prefix(path: Path, kind: str) -> str:
+    """``.<name>.tmp-<pid>@<host>-`` (or ``.old-``): the writer's pid and host in the name let a later run tell
+    the leftovers of a killed writer from a live one's work in progress (on a shared filesystem, only pids of
+    this host can be checked)."""
+    return f".{path.name}.{kind}-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_siblings(path: str | os.PathLike) -> list[Path]:
+    """Remove the ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` siblings of ``path`` whose writer is dead.
+
+    A writer killed with SIGKILL cannot clean up after itself; the next run for the same output does it. Siblings
+    of a live pid (another run writing the same output right now), of another host, and names without a pid are
+    left alone. Returns what was removed.
+    """
+    path = Path(path).absolute()
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    host = socket.gethostname()
+    for kind in ("tmp", "old"):
+        start = f".{path.name}.{kind}-"
+        for sibling in path.parent.glob(glob.escape(start) + "*"):
+            writer = sibling.name[len(start):].rpartition("-")[0]  # mkdtemp's random tail has no '-'
+            pid, _, writer_host = writer.partition("@")
+            if (pid.isdigit() and writer_host == host and int(pid) != os.getpid() and not _pid_alive(int(pid))
+                    and sibling.is_dir() and not sibling.is_symlink()):
+                shutil.rmtree(sibling, ignore_errors=True)
+                removed.append(sibling)
+    return removed
+
+
 @contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary sibling directory; on success it replaces ``path``, on any error it is removed.
 
-    The output gets the modes the umask gives (not the 0700 / 0600 of temporary files).
+    The output gets the modes the umask gives (not the 0700 / 0600 of temporary files). Siblings left by a writer
+    that was killed (SIGKILL, power loss) are removed first.
     """
     path = Path(path).absolute()
     check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_siblings(path)
+    temp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path, "tmp"), dir=path.parent))
     finished = False
     try:
         yield temp
@@ -56,7 +101,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
             shutil.rmtree(temp, ignore_errors=True)
     apply_umask_modes(temp)
     if path.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        trash = Path(tempfile.mkdtemp(prefix=_temp_prefix(path, "old"), dir=path.parent))
         os.replace(path, trash / path.name)
         os.replace(temp, path)
         shutil.rmtree(trash, ignore_errors=True)

@@ -312,6 +312,8 @@ def copy_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[
     copied = []
     for path in sorted(src.iterdir()):
         if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in (SAFE_INDEX, BIN_INDEX):
+            if not path.resolve().is_relative_to(src.resolve()):  # never copy a file from outside the model dir
+                raise CheckpointError(f"{path} is a link to {path.resolve()}, outside {src}; copy the file in instead")
             shutil.copy2(path, dst / path.name)
             copied.append(path.name)
     return copied

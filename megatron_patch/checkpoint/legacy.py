@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..mapping import Sharding, Split, merge_for_tp, split_for_tp, te_name
+from ..mapping import Sharding, Split, megatron_shape, merge_for_tp, split_for_tp, te_name
+from ..mapping.checks import check_exact_names
 from .formats import CheckpointFormat, register_format
 from .megatron import fill_model, load_legacy_rank, save_legacy_rank
 
@@ -24,6 +25,31 @@ class LegacyReader:
 
         # Where each parameter was saved, by its global name: a load at another PP numbers layers differently.
         self._where = {e.global_name: (stage, e) for stage in range(saved.pp) for e in saved.stage_entries(stage)}
+        for pp_rank in range(saved.pp):
+            self._check_stage(pp_rank)
+
+    def _stored_name(self, entry) -> str:
+        return te_name(entry.local_name) if self.te else entry.local_name
+
+    def _check_stage(self, pp_rank: int) -> None:
+        """Every rank file of a stage holds exactly the tensors the recorded configuration places there, each
+        floating point with its TP shard's shape: a file that disagrees with ``megatron_patch.json`` would
+        otherwise export a broken model."""
+        entries = self.saved.stage_entries(pp_rank)
+        for tp_rank, rank_sd in enumerate(self._stages[pp_rank]):
+            where = f"legacy checkpoint {self.dir} (TP rank {tp_rank}, PP rank {pp_rank})"
+            check_exact_names(rank_sd, [self._stored_name(e) for e in entries], where)
+            for entry in entries:
+                name, tensor = self._stored_name(entry), rank_sd[self._stored_name(entry)]
+                if not isinstance(tensor, torch.Tensor) or not tensor.dtype.is_floating_point:
+                    kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                    raise CheckpointError(f"{where}: '{name}' is {kind}; a weight must be a floating-point tensor")
+                full = torch.empty(megatron_shape(entry.global_name, self.saved.arch, self.saved.padded_vocab_size),
+                                   device="meta")
+                expected = tuple(split_for_tp(full, entry.row.split, self.saved.tp)[tp_rank].shape)
+                if tuple(tensor.shape) != expected:
+                    raise CheckpointError(f"{where}: '{name}' has shape {tuple(tensor.shape)}; its recorded "
+                                          f"configuration implies {expected}")
 
     def full(self, global_name: str) -> torch.Tensor:
         """The TP-merged tensor of a parameter, e.g. ``decoder.layers.5.mlp.linear_fc1.weight`` (global layer id)."""
@@ -42,7 +68,7 @@ class LegacyReader:
         if global_name not in self._where:
             raise CheckpointError(f"legacy checkpoint {self.dir} holds no '{global_name}'")
         pp_rank, entry = self._where[global_name]
-        name = te_name(entry.local_name) if self.te else entry.local_name
+        name = self._stored_name(entry)
         shards = []
         for rank_sd in self._stages[pp_rank]:
             if name not in rank_sd:

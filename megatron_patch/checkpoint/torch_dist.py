@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -56,6 +57,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from ..errors import CheckpointError
 from ..mapping import Entry, Sharding, Split, megatron_shape, te_name
+from ..mapping.checks import check_exact_names
 from .formats import CheckpointFormat, register_format
 from .trusted_load import check_torch_dist_checkpoint
 from .trusted_load import read_dcp_metadata as read_trusted_metadata
@@ -281,6 +283,18 @@ class TorchDistReader:
                                   f"{' '.join(str(error).split())}") from None
         self._reader = _MetadataOnceReader(self.dir, self.metadata)
 
+    def check_matches(self, saved: Sharding) -> None:
+        """The stored tensors are exactly those of ``saved``'s model, with its global shapes (``_extra_state``
+        aside): a ``megatron_patch.json`` that disagrees with the weights is refused instead of exported."""
+        expected = {chunk.key: tuple(chunk.global_shape) for chunk in layout(saved)}
+        stored = {key: tuple(item.size) for key, item in self.metadata.state_dict_metadata.items()
+                  if isinstance(item, TensorStorageMetadata)}
+        check_exact_names(stored, expected, f"torch_dist checkpoint {self.dir}")
+        for key, shape in expected.items():
+            if stored[key] != shape:
+                raise CheckpointError(f"torch_dist checkpoint {self.dir}: '{key}' has shape {stored[key]}; its "
+                                      f"recorded configuration implies {shape}")
+
     def _where(self, global_name: str) -> tuple[str, int | None, TensorStorageMetadata]:
         key, layer = sharded_key(global_name)
         stored = self.metadata.state_dict_metadata.get(key)
@@ -309,7 +323,8 @@ class TorchDistReader:
                 dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(key, offsets, dest), no_dist=True)
         except CheckpointError:
             raise
-        except Exception as error:  # a missing or truncated .distcp file surfaces as several exception types
+        except (Exception, CheckpointException) as error:  # a missing or truncated .distcp file surfaces as several
+            # exception types; DCP wraps them in CheckpointException, a BaseException
             raise CheckpointError(f"cannot read '{key}' from torch_dist checkpoint {self.dir} (missing or truncated "
                                   f"file?): {' '.join(str(error).split())[:300]}") from None
         return dest[0] if layer is not None else dest
@@ -329,7 +344,9 @@ class TorchDistFormat(CheckpointFormat):
         return len(sharding.retarget(1, 1).stage_entries(0))
 
     def open_reader(self, iter_dir, saved, transformer_impl):
-        return TorchDistReader(iter_dir)
+        reader = TorchDistReader(iter_dir)
+        reader.check_matches(saved)
+        return reader
 
     def export_dtype(self, saved_dtype):
         return saved_dtype  # as a model built with the checkpoint's dtype would load it
@@ -338,6 +355,7 @@ class TorchDistFormat(CheckpointFormat):
         from megatron.core import dist_checkpointing
 
         check_torch_dist_checkpoint(iter_dir)  # megatron-core unpickles without restriction: vet the bytes first
+        TorchDistReader(iter_dir).check_matches(saved)
         state = dist_checkpointing.load(model.sharded_state_dict(), str(iter_dir))
         try:
             model.load_state_dict(state, strict=True)

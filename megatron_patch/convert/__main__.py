@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     h2m.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                      help="pad the vocabulary to a multiple of this x TP (default: 128)")
     h2m.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
+    h2m.add_argument("--allow-non-finite", action="store_true",
+                     help="convert weights holding NaN/Inf (warn once) instead of refusing them")
 
     m2h = sub.add_parser("mcore2hf", help="Megatron checkpoint (any TP x PP, either format) -> HF directory")
     m2h.add_argument("--load", required=True, help="Megatron checkpoint directory (or one iteration directory)")
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.add_argument("--max-shard-size-gb", type=float, default=5.0,
                      help="largest safetensors shard, in GiB (default: 5)")
     m2h.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
+    m2h.add_argument("--allow-non-finite", action="store_true",
+                     help="export weights holding NaN/Inf (warn once) instead of refusing them")
     m2h.add_argument("--model-name", "--family", dest="family", default=None,
                      help="model family of a checkpoint without megatron_patch.json (Megatron-LM, Megatron-Bridge); "
                           "detected from --hf-config's config.json when omitted")
@@ -78,13 +82,15 @@ def run(args) -> int | None:
         from .hf_to_mcore import hf_to_mcore
 
         out = hf_to_mcore(args.load, args.save, args.tp, args.pp, args.fmt, args.transformer_impl, args.family,
-                          args.extra_vocab_size, args.make_vocab_size_divisible_by, args.overwrite)
+                          args.extra_vocab_size, args.make_vocab_size_divisible_by, args.overwrite,
+                          allow_non_finite=args.allow_non_finite)
         print(f"saved Megatron checkpoint ({args.fmt}, TP={args.tp}, PP={args.pp}) to {out}")
     elif args.command == "mcore2hf":
         from .mcore_to_hf import mcore_to_hf
 
         out = mcore_to_hf(args.load, args.save, args.overwrite, int(args.max_shard_size_gb * 2**30),
-                          model_name=args.family, hf_config_dir=args.hf_config)
+                          model_name=args.family, hf_config_dir=args.hf_config,
+                          allow_non_finite=args.allow_non_finite)
         print(f"saved HF model to {out}")
     elif args.command == "demo":
         from .demo import print_table, run_conversion_demo

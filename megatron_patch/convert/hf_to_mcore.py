@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,7 +12,8 @@ from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.formats import format_names, get_format
 from ..checkpoint.hf import HFCheckpointReader, copy_assets, read_config
 from ..checkpoint.megatron import ASSETS, TRACKER, TRANSFORMER_IMPLS
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError, MegatronPatchError
+from ..mapping.checks import NonFiniteGuard
 from ..models.checkpoint import write_checkpoint_meta
 from ..models.spec import ModelSpec
 from ..runtime.progress import progress as progress_bar
@@ -20,9 +22,30 @@ from .plan import ConversionPlan
 
 def make_plan(hf_config: dict, tp: int, pp: int, family_name: str | None = None, extra_vocab_size: int = 0,
               make_vocab_size_divisible_by: int = 128) -> ConversionPlan:
-    spec = ModelSpec.from_hf_config(hf_config, tp=tp, family=family_name, extra_vocab_size=extra_vocab_size,
-                                    make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    try:
+        spec = ModelSpec.from_hf_config(hf_config, tp=tp, family=family_name, extra_vocab_size=extra_vocab_size,
+                                        make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    except KeyError as error:  # a family reads its fields by name
+        raise CheckpointError(f"config.json has no field {error} that the model needs") from None
+    except TypeError as error:  # a field of the wrong type (a string where a number belongs)
+        raise CheckpointError(f"config.json has a field of the wrong type: {error}") from None
     return ConversionPlan(spec, tp, pp)
+
+
+@contextmanager
+def our_errors_unwrapped():
+    """Re-raise our one-line error where torch.distributed.checkpoint wrapped it (its planners run our tensor
+    builders and report any failure as a ``CheckpointException`` carrying a traceback per rank)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as wrapped:
+        for failure in wrapped.failures.values():
+            error = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(error, MegatronPatchError):
+                raise error from None
+        raise
 
 
 def checkpoint_dtype(reader: HFCheckpointReader, plan: ConversionPlan) -> torch.dtype:
@@ -42,8 +65,12 @@ def hf_to_mcore(
     extra_vocab_size: int = 0,
     make_vocab_size_divisible_by: int = 128,
     overwrite: bool = False,
+    allow_non_finite: bool = False,
 ) -> Path:
-    """Convert; everything is validated before the first byte is written, and the output appears atomically."""
+    """Convert; everything is validated before the first byte is written, and the output appears atomically.
+
+    Each megatron tensor is checked for NaN/Inf as it is built (one reduction over a fresh tensor, no extra pass
+    over the checkpoint): the first one stops the conversion, or with ``allow_non_finite`` is reported once."""
     if fmt not in format_names():
         raise ConfigError(f"--format must be one of {', '.join(format_names())} (got {fmt})")
     if transformer_impl not in TRANSFORMER_IMPLS:
@@ -64,8 +91,10 @@ def hf_to_mcore(
         iter_dir = temp / "release"
         iter_dir.mkdir()
         with progress_bar(total=storage.write_steps(plan.sharding), desc="hf2mcore", unit="tensor") as progress:
-            storage.write(plan.sharding, reader, iter_dir, dtype=dtype, transformer_impl=transformer_impl,
-                          progress=progress)
+            sharding = plan.sharding.with_tensor_check(NonFiniteGuard(f"HF checkpoint {hf_dir}", allow_non_finite))
+            with our_errors_unwrapped():
+                storage.write(sharding, reader, iter_dir, dtype=dtype, transformer_impl=transformer_impl,
+                              progress=progress)
         copy_assets(hf_dir, iter_dir / ASSETS)
         write_checkpoint_meta(iter_dir, plan.spec, fmt=fmt, tp=tp, pp=pp, transformer_impl=transformer_impl,
                               dtype=dtype)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.hf import StreamingSafetensorsWriter, copy_assets
+from ..mapping.checks import NonFiniteGuard
 from ..models.checkpoint import Checkpoint
 from ..runtime.progress import progress as progress_bar
 
@@ -30,11 +31,12 @@ def generation_config(config: dict) -> dict:
 
 def mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: bool = False,
                 max_shard_bytes: int = 5 * 2**30, model_name: str | None = None,
-                hf_config_dir: str | os.PathLike | None = None) -> Path:
+                hf_config_dir: str | os.PathLike | None = None, allow_non_finite: bool = False) -> Path:
     """Convert in one process, one parameter at a time: memory holds one parameter (and, for legacy input, the
     pages of the current pipeline stage's files), never the model. Every tensor's presence and shape is checked
     before the first byte is written. ``model_name`` / ``hf_config_dir`` serve checkpoints without
-    ``megatron_patch.json`` (see ``models.foreign``)."""
+    ``megatron_patch.json`` (see ``models.foreign``). A NaN or Inf in an exported tensor stops the export (found as
+    the tensor is written) unless ``allow_non_finite``, which warns once instead."""
     ckpt = Checkpoint.open(load, model_name=model_name, hf_config_dir=hf_config_dir)
     sharding = ckpt.sharding()
     check_output_dir(save, overwrite)
@@ -46,9 +48,10 @@ def mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: boo
         return tensor if dtype is None else tensor.to(dtype)
 
     # The HF names, dtypes and shapes, from running the export on meta tensors: validates every source tensor
-    # before any work and lets the writer stream (it writes each file's header first).
+    # (its stored dtype, before any cast) before any work and lets the writer stream (it writes each file's header
+    # first).
+    sharding.check_megatron_shapes(lambda entry: reader.meta(entry.global_name))
     as_meta = functools.partial(get_full, meta_only=True)
-    sharding.check_megatron_shapes(as_meta)
     layout = [(name, t.dtype, tuple(t.shape)) for name, t in sharding.megatron_to_hf(as_meta)]
 
     config = export_config(ckpt.meta)
@@ -59,8 +62,10 @@ def mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: boo
         if not (temp / "generation_config.json").is_file():
             (temp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
         writer = StreamingSafetensorsWriter(temp, layout, max_shard_bytes)
+        check_finite = NonFiniteGuard(f"checkpoint {ckpt.iter_dir}", allow_non_finite)
         with progress_bar(total=len(sharding.export_entries()), desc="mcore2hf", unit="tensor") as progress:
             for name, tensor in sharding.megatron_to_hf(get_full, progress):
+                check_finite(name, tensor)
                 writer.add(name, tensor)
         writer.close()
     return Path(save)

@@ -39,7 +39,7 @@ def fixed_tokens(hf_dir, vocab_size: int, length: int = 48, trust_remote_code: b
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust_remote_code, local_files_only=True)
         ids = tokenizer(FIXED_TEXT)["input_ids"][:length]
     except (OSError, ValueError):
         ids = [(7 * i + 3) % vocab_size for i in range(length)]
@@ -50,7 +50,8 @@ def hf_logits(hf_dir, tokens: torch.Tensor, trust_remote_code: bool = False) -> 
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                     local_files_only=True)
     except ValueError as error:
         if trust_remote_code:
             raise
@@ -101,8 +102,19 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float) 
 
 def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, tp: int | None = None, pp: int | None = None,
            tolerance: float = 1e-4, trust_remote_code: bool = False) -> ParityReport:
+    """Everything checkable is checked before a rank is spawned or transformers is called (which, given a path that
+    is not a directory, would look the name up on the Hugging Face hub)."""
+    from pathlib import Path
+
+
+    if not (Path(hf_dir) / "config.json").is_file():
+        raise CheckpointError(f"--hf {hf_dir} is not a HF model directory (no config.json there)")
+    for flag, value in (("--tp", tp), ("--pp", pp)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1 (got {value})")
     ckpt = Checkpoint.open(mcore_dir)
     tp, pp = tp or ckpt.tp, pp or ckpt.pp
+    ckpt.sharding(tp, pp)  # TP must divide the heads and groups, PP the layers: one line now, not from a rank
     tokens = fixed_tokens(hf_dir, ckpt.spec.arch.vocab_size, trust_remote_code=trust_remote_code)
     with progress(total=2, desc="verify: logits", unit="model") as bar:  # HF, then Megatron at TP x PP
         reference = hf_logits(hf_dir, tokens, trust_remote_code)

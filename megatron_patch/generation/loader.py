@@ -45,9 +45,10 @@ class LoadedModel:
         return self.hf_config.get("eos_token_id")
 
 
-def load_model(checkpoint: str | os.PathLike, precision: str = "fp32") -> LoadedModel:
+def load_model(checkpoint: str | os.PathLike, precision: str = "fp32", allow_non_finite: bool = False) -> LoadedModel:
     """Load a converted or trained checkpoint (torch_dist or legacy, saved at any TP x PP) into a model stage for
-    the current TP x PP (this rank's pipeline stage). ``init_distributed(tp, pp)`` must have run on every rank."""
+    the current TP x PP (this rank's pipeline stage). ``init_distributed(tp, pp)`` must have run on every rank.
+    NaN/Inf weights are refused (they would generate empty completions) unless ``allow_non_finite``."""
     from megatron.core import parallel_state
 
     from ..models.builder import build_model, transformer_config
@@ -64,7 +65,7 @@ def load_model(checkpoint: str | os.PathLike, precision: str = "fp32") -> Loaded
     config = transformer_config(spec.arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 params_dtype=DTYPES[precision])
     model = place_model(build_model(spec.arch, spec.padded_vocab_size, config=config, parallel_output=False))
-    ckpt.load_into(model)  # copied into the placed parameters
+    ckpt.load_into(model, allow_non_finite)  # copied into the placed parameters
     mark_weights_loaded(model, str(ckpt.iter_dir))
     model.eval()
     return LoadedModel(model=model, iter_dir=ckpt.iter_dir, meta=ckpt.meta, vocab_size=spec.vocab_size,

@@ -40,7 +40,7 @@ def generate_file(args: Namespace) -> int:
     if truncated and rank0:
         print(f"warning: {truncated} prompt(s) longer than {limit} tokens keep their last {limit} tokens",
               file=sys.stderr)
-    loaded = load_model(iter_dir, args.precision)
+    loaded = load_model(iter_dir, args.precision, getattr(args, "allow_non_finite", False))
     eos = loaded.eos_token_id()
     if eos is None:
         eos = codec.tokenizer.eod

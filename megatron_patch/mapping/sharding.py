@@ -147,6 +147,9 @@ class Sharding:
     pp: int
     padded_vocab_size: int
     extra_vocab_size: int = 0
+    # Called as check(description, tensor) on every megatron tensor ``hf_to_megatron`` / ``full_megatron_tensor``
+    # produce, while it is fresh (e.g. ``checks.NonFiniteGuard``); see ``with_tensor_check``.
+    tensor_check: Callable[[str, torch.Tensor], None] | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "rows", tuple(self.rows))
@@ -162,6 +165,15 @@ class Sharding:
     @property
     def vocab_size(self) -> int:
         return self.arch.vocab_size + self.extra_vocab_size
+
+    def with_tensor_check(self, check: Callable[[str, torch.Tensor], None] | None) -> Sharding:
+        """The same sharding, calling ``check(description, tensor)`` on each megatron tensor it builds."""
+        return dataclasses.replace(self, tensor_check=check)
+
+    def _checked(self, entry: Entry, tensor: torch.Tensor) -> torch.Tensor:
+        if self.tensor_check is not None:
+            self.tensor_check(f"{entry.global_name} (from {', '.join(entry.hf_names)})", tensor)
+        return tensor
 
     def retarget(self, tp: int, pp: int) -> Sharding:
         """The same model (rows, vocabulary as padded) on another TP x PP."""
@@ -199,6 +211,10 @@ class Sharding:
     # --- hf_to_megatron ----------------------------------------------------------------------------------
 
     def full_megatron_tensor(self, entry: Entry, hf_tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The full (TP=1) megatron tensor of an entry, checked by ``tensor_check``."""
+        return self._checked(entry, self._full(entry, hf_tensors))
+
+    def _full(self, entry: Entry, hf_tensors: list[torch.Tensor]) -> torch.Tensor:
         full = entry.row.hf_to_megatron(hf_tensors, self.arch)
         if entry.row.split is Split.VOCAB:
             full = layouts.pad_vocab(layouts.extend_vocab(full, self.extra_vocab_size), self.padded_vocab_size)
@@ -217,7 +233,7 @@ class Sharding:
             dim = INPUT_SPLIT_DIM[row.split]
             parts = [layouts.split_tp(t, self.tp, dim)[tp_rank] for t in hf_tensors]
             return row.hf_to_megatron(parts, self.rank_arch).clone()
-        full = self.full_megatron_tensor(entry, hf_tensors)
+        full = self._full(entry, hf_tensors)
         return split_for_tp(full, row.split, self.tp)[tp_rank].clone()
 
     @property
@@ -235,7 +251,7 @@ class Sharding:
         tp_ranks = list(range(self.tp)) if tp_ranks is None else tp_ranks
         for entry in self.stage_entries(pp_rank):
             hf_tensors = [reader.get(n) for n in entry.hf_names]
-            yield entry.local_name, {r: self.rank_shard(entry, hf_tensors, r) for r in tp_ranks}
+            yield entry.local_name, {r: self._checked(entry, self.rank_shard(entry, hf_tensors, r)) for r in tp_ranks}
             if progress is not None:
                 progress.update(1)
 
@@ -252,10 +268,14 @@ class Sharding:
                 progress.update(1)
 
     def check_megatron_shapes(self, get_full) -> None:
-        """Check before any work that every exported parameter has the shape the architecture implies;
-        ``get_full(entry)`` may return meta tensors."""
+        """Check before any work that every exported parameter is floating point with the shape the architecture
+        implies; ``get_full(entry)`` may return meta tensors."""
         for entry in self.export_entries():
-            got = tuple(get_full(entry).shape)
+            tensor = get_full(entry)
+            if not tensor.dtype.is_floating_point:
+                raise CheckpointError(f"the checkpoint's {entry.global_name} has dtype {tensor.dtype}; a weight must "
+                                      "be floating point")
+            got = tuple(tensor.shape)
             expected = megatron_shape(entry.global_name, self.arch, self.padded_vocab_size)
             if got != expected:
                 raise CheckpointError(f"the checkpoint's {entry.global_name} has shape {got}; its recorded "

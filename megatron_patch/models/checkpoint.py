@@ -16,6 +16,7 @@ from ..checkpoint.formats import CheckpointFormat, MegatronTensors, get_format
 from ..checkpoint.megatron import ASSETS, META, find_iteration_dir, read_meta, write_meta
 from ..errors import CheckpointError
 from ..mapping import Sharding
+from ..mapping.checks import NonFiniteGuard
 from .spec import ModelSpec
 
 
@@ -89,15 +90,19 @@ class Checkpoint:
         """Full megatron tensors, one parameter at a time (files validated first)."""
         return self.format.open_reader(self.iter_dir, self.sharding(), self.transformer_impl)
 
-    def load_into(self, model: torch.nn.Module) -> None:
+    def load_into(self, model: torch.nn.Module, allow_non_finite: bool = False) -> None:
         """Fill this rank's model stage (built for the current TP x PP, any saved TP x PP): every parameter must
-        be found (only ``_extra_state`` may be absent)."""
+        be found (only ``_extra_state`` may be absent), and hold no NaN/Inf unless ``allow_non_finite`` (then one
+        warning). The finiteness check is one reduction per loaded parameter, on the device it was placed on."""
         from megatron.core import parallel_state as ps
 
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
         self.format.load_into_model(model, self.iter_dir, self.sharding(), self.sharding(tp, pp),
                                     ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                                     self.transformer_impl)
+        check_finite = NonFiniteGuard(f"checkpoint {self.iter_dir}", allow_non_finite)
+        for name, parameter in model.named_parameters():
+            check_finite(name, parameter)
 
 
 def write_checkpoint_meta(iter_dir: str | os.PathLike, spec: ModelSpec, *, fmt: str, tp: int, pp: int,

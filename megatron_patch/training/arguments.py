@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -166,6 +167,10 @@ class TrainConfig:
             fail(f"--recompute-method must be uniform or block (got {self.recompute_method})")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
             fail(f"--lr-decay-style must be cosine, linear or constant (got {self.lr_decay_style})")
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(f"--{spec.name.replace('_', '-')} must be a finite number (got {value})")
         if self.min_lr > self.lr:
             fail(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
         if self.extra_vocab_size < 0:

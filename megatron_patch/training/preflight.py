@@ -46,6 +46,10 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
     check_precision_support(cfg)
     load_dir, _ = _load_dirs(cfg)
     source = resolve_model_source(cfg, load_dir)  # family, size preset, vocabulary, TP x PP
+    positions = source.arch.max_position_embeddings
+    if positions and cfg.seq_length > positions:  # generation refuses the same; RoPE/positions beyond are untrained
+        raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the {positions} positions the model was built for "
+                          "(max_position_embeddings)")
     tokenizer = cfg.tokenizer_model or source.assets_dir
     if tokenizer is None:
         raise ConfigError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")

@@ -27,6 +27,7 @@ def test_unknown_keys_rejected():
     (dict(bf16=True, fp16=True), 1, "--bf16 and --fp16 are exclusive"),
     (dict(fp8_format="hybrid"), 1, "--fp8-format needs --bf16"),
     (dict(min_lr=1.0, lr=0.1), 1, "--min-lr"),
+    (dict(lr=float("inf")), 1, "--lr must be a finite number"),
     (dict(recompute_granularity="some"), 1, "--recompute-granularity"),
     (dict(data_path=None), 1, "pretraining needs --data-path"),
 ])
