@@ -305,15 +305,25 @@ class StreamingSafetensorsWriter:
             (self.dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
-    """Copy every non-weight file of a HF directory (config, generation config, tokenizer files)."""
-    src, dst = Path(src_dir), Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
+def asset_files(src_dir: str | os.PathLike) -> list[Path]:
+    """The non-weight files of a HF directory (config, generation config, tokenizer files); raises CheckpointError
+    for a link that leads outside the directory (never copy a file from elsewhere). Cheap: call it before work."""
+    src = Path(src_dir)
+    assets = []
     for path in sorted(src.iterdir()):
         if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in (SAFE_INDEX, BIN_INDEX):
-            if not path.resolve().is_relative_to(src.resolve()):  # never copy a file from outside the model dir
+            if not path.resolve().is_relative_to(src.resolve()):
                 raise CheckpointError(f"{path} is a link to {path.resolve()}, outside {src}; copy the file in instead")
-            shutil.copy2(path, dst / path.name)
-            copied.append(path.name)
+            assets.append(path)
+    return assets
+
+
+def copy_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy every non-weight file of a HF directory (see ``asset_files``) into ``dst_dir``."""
+    dst = Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for path in asset_files(src_dir):
+        shutil.copy2(path, dst / path.name)
+        copied.append(path.name)
     return copied

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.formats import format_names, get_format
-from ..checkpoint.hf import HFCheckpointReader, copy_assets, read_config
+from ..checkpoint.hf import HFCheckpointReader, asset_files, copy_assets, read_config
 from ..checkpoint.megatron import ASSETS, TRACKER, TRANSFORMER_IMPLS
 from ..errors import CheckpointError, ConfigError, MegatronPatchError
 from ..mapping.checks import NonFiniteGuard
@@ -81,6 +81,7 @@ def hf_to_mcore(
         raise ConfigError(f"--make-vocab-size-divisible-by must be >= 1 (got {make_vocab_size_divisible_by})")
     storage = get_format(fmt)
     hf_config = read_config(hf_dir)
+    asset_files(hf_dir)  # a link leading outside the model directory is refused now, not after the weights
     plan = make_plan(hf_config, tp, pp, family, extra_vocab_size, make_vocab_size_divisible_by)
     check_output_dir(out_dir, overwrite)
     reader = plan.open_hf(hf_dir)

@@ -111,7 +111,7 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, tp: int | No
         raise CheckpointError(f"--hf {hf_dir} is not a HF model directory (no config.json there)")
     for flag, value in (("--tp", tp), ("--pp", pp)):
         if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1 (got {value})")
+            raise ConfigError(f"{flag} must be >= 1 (got {value})")
     ckpt = Checkpoint.open(mcore_dir)
     tp, pp = tp or ckpt.tp, pp or ckpt.pp
     ckpt.sharding(tp, pp)  # TP must divide the heads and groups, PP the layers: one line now, not from a rank

@@ -31,6 +31,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from ..errors import ConfigError
 from .alibi import alibi_bias, check_alibi_config, this_rank_slopes
 
 # enable_gqa (torch >= 2.5) lets the flash / CPU kernels read each K/V head for its whole query group.
@@ -68,9 +69,9 @@ class SDPADotProductAttention(DotProductAttention):
         super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout=attention_dropout,
                          softmax_scale=softmax_scale, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         if config.softmax_type != "vanilla":
-            raise ValueError(f"SDPA core attention supports --softmax-type vanilla only (got {config.softmax_type})")
+            raise ConfigError(f"SDPA core attention supports --softmax-type vanilla only (got {config.softmax_type})")
         if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
-            raise ValueError("SDPA core attention does not support sliding-window attention (--window-size)")
+            raise ConfigError("SDPA core attention does not support sliding-window attention (--window-size)")
         # The parent divides its matmul scale by the layer number and the softmax multiplies it back
         # (apply_query_key_layer_scaling, an fp16 overflow guard); SDPA kernels scale in fp32, so use the product.
         self.sdpa_scale = self.softmax_scale * (self.layer_number if config.apply_query_key_layer_scaling else 1)
@@ -87,9 +88,9 @@ class SDPADotProductAttention(DotProductAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is not None:
-            raise ValueError("packed sequences need --transformer-impl transformer_engine (TE fused attention)")
+            raise ConfigError("packed sequences need --transformer-impl transformer_engine (TE fused attention)")
         if attention_bias is not None:
-            raise ValueError("an extra attention bias is not supported by the local spec's core attention")
+            raise ConfigError("an extra attention bias is not supported by the local spec's core attention")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         sq, sk = query.size(0), key.size(0)
         if value.requires_grad and torch.is_grad_enabled():

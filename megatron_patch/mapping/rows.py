@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from ..errors import UnsupportedModelError
 from . import layouts
 
 
@@ -175,7 +176,7 @@ class PerHeadQKV(Row):
 
     def _check(self, arch):
         if arch.num_query_groups != arch.num_attention_heads:
-            raise ValueError(f"{self.hf}: a per-head fused q/k/v tensor needs one key/value head per query head")
+            raise UnsupportedModelError(f"{self.hf}: a per-head fused q/k/v tensor needs one key/value head per query head")
 
     def hf_to_megatron(self, tensors, arch):
         self._check(arch)

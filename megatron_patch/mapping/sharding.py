@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from . import layouts
 from .rows import Row, Split, layer_names
 
@@ -155,11 +155,11 @@ class Sharding:
         object.__setattr__(self, "rows", tuple(self.rows))
         self.arch.check_parallel(self.tp, self.pp)
         if self.extra_vocab_size < 0:
-            raise ValueError(f"extra vocabulary size must be >= 0 (got {self.extra_vocab_size})")
+            raise ConfigError(f"extra vocabulary size must be >= 0 (got {self.extra_vocab_size})")
         if self.padded_vocab_size < self.vocab_size:
-            raise ValueError(f"{self.padded_vocab_size} vocabulary rows cannot hold {self.vocab_size} tokens")
+            raise ConfigError(f"{self.padded_vocab_size} vocabulary rows cannot hold {self.vocab_size} tokens")
         if self.padded_vocab_size % self.tp:
-            raise ValueError(f"the checkpoint's {self.padded_vocab_size} vocabulary rows cannot be split over "
+            raise ConfigError(f"the checkpoint's {self.padded_vocab_size} vocabulary rows cannot be split over "
                              f"TP={self.tp}")
 
     @property

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from ..mapping import Sharding, layouts
 from .arch import ModelArch
 from .registry import ModelFamily, detect_family, get_family
@@ -34,9 +35,9 @@ class ModelSpec:
 
     def __post_init__(self):
         if self.extra_vocab_size < 0:
-            raise ValueError(f"extra vocabulary size must be >= 0 (got {self.extra_vocab_size})")
+            raise ConfigError(f"extra vocabulary size must be >= 0 (got {self.extra_vocab_size})")
         if self.padded_vocab_size < self.vocab_size:
-            raise ValueError(f"{self.padded_vocab_size} vocabulary rows cannot hold {self.vocab_size} tokens")
+            raise ConfigError(f"{self.padded_vocab_size} vocabulary rows cannot hold {self.vocab_size} tokens")
 
     @property
     def vocab_size(self) -> int:
@@ -54,9 +55,9 @@ class ModelSpec:
             family = get_family(family)
         arch = family.arch_from_hf(hf_config)
         if extra_vocab_size < 0:
-            raise ValueError(f"extra vocabulary size must be >= 0 (got {extra_vocab_size})")
+            raise ConfigError(f"extra vocabulary size must be >= 0 (got {extra_vocab_size})")
         if make_vocab_size_divisible_by < 1:
-            raise ValueError(f"--make-vocab-size-divisible-by must be >= 1 (got {make_vocab_size_divisible_by})")
+            raise ConfigError(f"--make-vocab-size-divisible-by must be >= 1 (got {make_vocab_size_divisible_by})")
         padded = layouts.padded_vocab_size(arch.vocab_size + extra_vocab_size, make_vocab_size_divisible_by, tp)
         return cls(family, arch, dict(hf_config), extra_vocab_size, padded, make_vocab_size_divisible_by)
 
