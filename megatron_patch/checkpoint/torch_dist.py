@@ -4,8 +4,9 @@ A torch_dist checkpoint stores every parameter under its global (TP=1, PP=1) sha
 part it owns, at whatever TP x PP it runs. So the converter needs no ranks and no model: it writes what a TP=1 PP=1
 megatron-core GPTModel would save, streaming one parameter at a time from the memory-mapped HF shards, and reads
 checkpoints back one parameter at a time. Neither direction imports megatron-core (its import alone costs several
-seconds and a few hundred MB). Only public torch DCP interfaces are used: a ``SavePlanner`` whose ``resolve_data``
-builds each parameter when the writer asks for it, and a ``LoadPlanner`` that reads one region of one key.
+seconds and a few hundred MB). Writing produces the files ``dcp.save`` with a one-file ``FileSystemWriter`` would,
+directly (DCP's per-item machinery costs a copy of every view and a buffered second copy of every byte); reading
+goes through DCP with a ``LoadPlanner`` that reads one region of one key.
 
 What megatron-core 0.16's ``GPTModel.sharded_state_dict`` holds (``tests/convert/test_torch_dist.py`` compares
 this layout with it for every family at TP x PP in {1,2}^2):
@@ -28,6 +29,8 @@ import io
 import json
 import math
 import os
+import pickle
+import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,29 +38,25 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
 from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
     ChunkStorageMetadata,
+    Metadata,
     MetadataIndex,
+    StorageMeta,
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import (
-    LoadPlan,
-    LoadPlanner,
-    SavePlan,
-    SavePlanner,
-    TensorWriteData,
-    WriteItem,
-    WriteItemType,
-)
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from ..errors import CheckpointError
 from ..mapping import Entry, Sharding, Split, megatron_shape, te_name
 from ..mapping.checks import check_exact_names
+from ..mapping.rows import GatedMLP
 from .formats import CheckpointFormat, register_format
 from .trusted_load import check_torch_dist_checkpoint
 from .trusted_load import read_dcp_metadata as read_trusted_metadata
@@ -139,52 +138,40 @@ def _one_process():
 # --- writing --------------------------------------------------------------------------------------------------
 
 
-class _StreamingSavePlanner(SavePlanner):
-    """Plans the chunks of ``layout`` and builds each entry's tensor only when the writer resolves its first chunk.
+DCP_DATA_FILE = "__0_0.distcp"  # what DCP's FileSystemWriter names rank 0's single file
 
-    With one writer thread, DCP's ``FileSystemWriter`` resolves items in plan order and writes each before
-    resolving the next, so memory holds one entry's tensors (plus the HF pages it touched), never the model.
-    """
 
-    def __init__(self, chunks: list[Chunk], objects: list[str], dtype: torch.dtype, build_entry, progress=None):
-        self.chunks = {(c.key, tuple(c.offsets)): c for c in chunks}
-        self.objects, self.dtype, self.build_entry, self.progress = objects, dtype, build_entry, progress
-        self._order = chunks
-        self._current: tuple[Entry, list[torch.Tensor]] | None = None
-        buffer = io.BytesIO()
-        torch.save([None], buffer)  # megatron-core packs the objects of one key in a list
-        self._extra_state = buffer.getvalue()
+def _entry_parts(single: Sharding, entry: Entry, hf_tensors: list[torch.Tensor], parts: int) -> list[torch.Tensor]:
+    """The ``parts`` stored chunks (dim-0 pieces) of an entry's full megatron tensor.
 
-    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
-        self.is_coordinator = is_coordinator
+    SwiGLU ``linear_fc1`` = [gate; up] is stored as two chunks that are exactly the HF gate and up tensors: they are
+    written from the HF files as they are instead of being concatenated and split again (fc1 is about half of a
+    llama layer's bytes)."""
+    if parts == 2 and isinstance(entry.row, GatedMLP):
+        return list(hf_tensors)
+    return list(single.full_megatron_tensor(entry, hf_tensors).chunk(parts, dim=0))
 
-    def create_local_plan(self) -> SavePlan:
-        properties = TensorProperties(dtype=self.dtype)
-        items = [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self.objects]
-        items += [
-            WriteItem(index=MetadataIndex(c.key, c.offsets), type=WriteItemType.SHARD,
-                      tensor_data=TensorWriteData(ChunkStorageMetadata(c.offsets, c.sizes), properties, c.global_shape))
-            for c in self._order
-        ]
-        return SavePlan(items)
 
-    def create_global_plan(self, all_plans):
-        return create_default_global_save_plan(all_plans)
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (contiguous) over a storage of exactly its bytes, without copying: ``torch.save`` writes a view's
+    whole storage, which is why DCP clones every view; a buffer view of the same memory avoids that copy."""
+    tensor = tensor.contiguous()
+    if tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.nbytes:
+        return tensor
+    data = torch.frombuffer(tensor.reshape(-1).view(torch.uint8).numpy(), dtype=torch.uint8)
+    return data.view(tensor.dtype).view(tensor.shape)
 
-    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
-        return new_plan
 
-    def resolve_data(self, write_item: WriteItem):
-        if write_item.type == WriteItemType.BYTE_IO:
-            return io.BytesIO(self._extra_state)
-        chunk = self.chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
-        if self._current is None or self._current[0] != chunk.entry:
-            self._current = None  # drop the previous entry's tensors before building the next
-            full = self.build_entry(chunk.entry).to(self.dtype)
-            self._current = (chunk.entry, list(full.chunk(chunk.parts, dim=0)))
-            if self.progress is not None:
-                self.progress.update(1)
-        return self._current[1][chunk.part].reshape(chunk.sizes)
+@contextmanager
+def _no_crc32():
+    """``torch.save`` without the CRC32 of each record: ``torch.load`` (and so DCP and megatron-core) never checks
+    it, and computing it is a third of the user time of a conversion."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
 
 
 def write_torch_dist(sharding: Sharding, reader, iter_dir: Path, dtype: torch.dtype, progress=None) -> None:
@@ -192,19 +179,51 @@ def write_torch_dist(sharding: Sharding, reader, iter_dir: Path, dtype: torch.dt
 
     The tensors are exactly those of a TP=1 PP=1 save (any TP x PP loads them); every chunk is cast to ``dtype``,
     as a model built with ``params_dtype=dtype`` would hold it.
+
+    The files are what ``dcp.save`` with a single-file ``FileSystemWriter`` writes (one ``__0_0.distcp`` of
+    ``torch.save`` records: the byte objects first, then the tensor chunks in plan order; a pickled DCP
+    ``Metadata`` of the same classes), written here directly: one entry's tensors at a time, each straight from
+    the memory-mapped HF files, to an unbuffered file (a buffered one costs a second copy of every byte).
     """
     single = sharding.retarget(1, 1)
+    chunks = layout(sharding)
+    state_dict_metadata, storage_data = {}, {}
+    properties = TensorProperties(dtype=dtype)
 
-    def build_entry(entry: Entry) -> torch.Tensor:
-        return single.full_megatron_tensor(entry, [reader.get(name) for name in entry.hf_names])
+    with open(iter_dir / DCP_DATA_FILE, "wb", buffering=0) as out, _no_crc32():
+        def record(index: MetadataIndex, item: torch.Tensor | memoryview) -> None:
+            """Append one item (a tensor as a ``torch.save`` record, an object's bytes as they are)."""
+            offset = out.tell()
+            torch.save(item, out) if isinstance(item, torch.Tensor) else out.write(item)
+            storage_data[index] = _StorageInfo(DCP_DATA_FILE, offset, out.tell() - offset)
 
-    planner = _StreamingSavePlanner(layout(sharding), extra_state_keys(sharding), dtype, build_entry, progress)
-    # One thread keeps the plan order (see the planner); no copy-ahead keeps the lazy serial loader on GPU hosts too.
-    # No fsync, like the other writers here: the output directory becomes visible by rename once complete.
-    writer = FileSystemWriter(iter_dir, single_file_per_rank=True, sync_files=False, thread_count=1,
-                              per_thread_copy_ahead=0)
-    with _one_process():
-        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+        extra_state = io.BytesIO()
+        torch.save([None], extra_state)  # megatron-core packs the objects of one key in a list
+        for key in extra_state_keys(sharding):
+            state_dict_metadata[key] = BytesStorageMetadata()
+            record(MetadataIndex(key), extra_state.getbuffer())
+
+        current, parts = None, []
+        for chunk in chunks:
+            if chunk.entry != current:
+                current, parts = None, []  # drop the previous entry's tensors before building the next
+                hf_tensors = [reader.get(name) for name in chunk.entry.hf_names]
+                parts = [part.to(dtype) for part in _entry_parts(single, chunk.entry, hf_tensors, chunk.parts)]
+                current = chunk.entry
+                if progress is not None:
+                    progress.update(1)
+            stored = state_dict_metadata.setdefault(
+                chunk.key, TensorStorageMetadata(properties=properties, size=chunk.global_shape, chunks=[]))
+            index = MetadataIndex(chunk.key, chunk.offsets, len(stored.chunks))
+            stored.chunks.append(ChunkStorageMetadata(offsets=chunk.offsets, sizes=chunk.sizes))
+            record(index, _own_storage(parts[chunk.part].reshape(chunk.sizes)))
+        del current, parts
+
+    metadata = Metadata(state_dict_metadata=state_dict_metadata, planner_data=None, storage_data=storage_data,
+                        storage_meta=StorageMeta(checkpoint_id=iter_dir, save_id=str(uuid.uuid4())),
+                        version=CURRENT_DCP_VERSION)
+    with open(iter_dir / DCP_METADATA, "wb") as handle:
+        pickle.dump(metadata, handle)
     (iter_dir / CONFIG_FILE).write_text(json.dumps(BACKEND_CONFIG))
     torch.save({}, iter_dir / COMMON_FILE)
 
