@@ -41,6 +41,12 @@ def parse_record(line: str, where: str) -> dict:
     if "messages" in record and not (isinstance(record["messages"], list) and all(
             isinstance(m, dict) and {"role", "content"} <= set(m) for m in record["messages"])):
         raise DataError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
+    for message in record.get("messages", []):
+        if not (isinstance(message["role"], str) and isinstance(message["content"], str)):
+            raise DataError(f'{where}: a message\'s "role" and "content" must be strings')
+    for key in ("instruction", "input", "output"):
+        if key in record and not isinstance(record[key], str):
+            raise DataError(f'{where}: "{key}" must be a string (got {type(record[key]).__name__})')
     return record
 
 

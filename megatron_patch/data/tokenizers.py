@@ -216,5 +216,10 @@ def load_tokenizer(path: str | os.PathLike, kind: str | None = None) -> Tokenize
         raise ConfigError(f"unknown tokenizer kind '{kind}' (supported: {', '.join(tokenizer_kinds())})")
     path = Path(path)
     if kind == "sentencepiece" and path.is_dir():
+        if not (path / "tokenizer.model").is_file():
+            raise ConfigError(f"--tokenizer-type sentencepiece: {path} holds no tokenizer.model (a HF tokenizer "
+                              "directory? leave --tokenizer-type out to detect it)")
         path = path / "tokenizer.model"
+    if kind == "sentencepiece" and not path.is_file():
+        raise ConfigError(f"--tokenizer-type sentencepiece: {path} is not a sentencepiece .model file")
     return _KINDS[kind](str(path))

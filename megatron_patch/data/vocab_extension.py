@@ -288,11 +288,11 @@ def _copy_non_weights(src: Path, dst: Path) -> None:
     copy_assets(src, dst)
 
 
-def extend_hf(hf_dir: Path, out_dir: Path, trained_model: Path) -> dict:
+def extend_hf(hf_dir: Path, out_dir: Path, trained_model: Path, overwrite: bool = False) -> dict:
     """HF directory -> HF directory with the extended tokenizer and resized embeddings."""
     from ..checkpoint.atomic import atomic_output_dir
 
-    with atomic_output_dir(out_dir) as temp:
+    with atomic_output_dir(out_dir, overwrite) as temp:
         _copy_non_weights(hf_dir, temp)
         added = extend_tokenizer(hf_dir, temp, trained_model)
         rows = sub_pieces(hf_dir, temp)
@@ -301,7 +301,16 @@ def extend_hf(hf_dir: Path, out_dir: Path, trained_model: Path) -> dict:
     return {"added_tokens": added, "vocab_size": vocab_size}
 
 
-def extend_megatron(checkpoint: Path, out_dir: Path, trained_model: Path) -> dict:
+def _check_hf_weights(hf_dir: Path) -> None:
+    """Every tensor the model's config implies is there with its shape, before any work (the converter's check)."""
+    from ..checkpoint.hf import read_config
+    from ..convert.hf_to_mcore import make_plan
+
+    plan = make_plan(read_config(hf_dir), tp=1, pp=1)
+    plan.validate_hf(plan.open_hf(hf_dir))
+
+
+def extend_megatron(checkpoint: Path, out_dir: Path, trained_model: Path, overwrite: bool = False) -> dict:
     """Megatron checkpoint -> Megatron checkpoint (same format, TP x PP): exported to HF, extended, converted back
     (the converter's round trip is bit-exact, so only the vocabulary rows change)."""
     from ..checkpoint.atomic import check_output_dir
@@ -309,7 +318,7 @@ def extend_megatron(checkpoint: Path, out_dir: Path, trained_model: Path) -> dic
     from ..convert.hf_to_mcore import hf_to_mcore
     from ..convert.mcore_to_hf import mcore_to_hf
 
-    check_output_dir(out_dir, overwrite=False)
+    check_output_dir(out_dir, overwrite)
     meta = read_meta(find_iteration_dir(checkpoint))
     with tempfile.TemporaryDirectory(prefix="vocab-extension-") as work:
         hf_dir, extended = Path(work) / "hf", Path(work) / "hf-extended"
@@ -318,12 +327,13 @@ def extend_megatron(checkpoint: Path, out_dir: Path, trained_model: Path) -> dic
         hf_to_mcore(extended, out_dir, tp=meta["tensor_model_parallel_size"],
                     pp=meta["pipeline_model_parallel_size"], fmt=meta["format"],
                     transformer_impl=meta["transformer_impl"], family=meta["family"],
-                    make_vocab_size_divisible_by=meta["make_vocab_size_divisible_by"])
+                    make_vocab_size_divisible_by=meta["make_vocab_size_divisible_by"], overwrite=overwrite)
     return summary
 
 
 def extend_vocabulary(corpus: list[str | os.PathLike], load: str | os.PathLike, save: str | os.PathLike,
-                      vocab_size: int = 8000, model_type: str = "bpe", character_coverage: float = 0.9995) -> dict:
+                      vocab_size: int = 8000, model_type: str = "bpe", character_coverage: float = 0.9995,
+                      overwrite: bool = False) -> dict:
     """The whole tool: train SentencePiece on ``corpus``, extend the tokenizer of ``load`` (a HF directory or a
     Megatron checkpoint) and write the model with grown vocabulary rows to ``save`` (same kind as ``load``).
 
@@ -341,12 +351,14 @@ def extend_vocabulary(corpus: list[str | os.PathLike], load: str | os.PathLike, 
     if not megatron and not (load / "config.json").is_file():
         raise CheckpointError(f"--load {load} is neither a HF directory (config.json) nor a Megatron checkpoint")
     check_disjoint(load, save, "--load", "--save")
-    check_output_dir(save, overwrite=False)
+    check_output_dir(save, overwrite)
+    if not megatron:
+        _check_hf_weights(load)
     with tempfile.TemporaryDirectory(prefix="spm-") as work:
         print(f"training a SentencePiece {model_type} model of {vocab_size} pieces on {len(corpus)} file(s)",
               file=sys.stderr, flush=True)
         trained = train_sentencepiece(corpus, Path(work) / "new", vocab_size, model_type, character_coverage)
-        summary = (extend_megatron if megatron else extend_hf)(load, save, trained)
+        summary = (extend_megatron if megatron else extend_hf)(load, save, trained, overwrite)
     if megatron:
         summary["embedding_rows"] = read_meta(find_iteration_dir(save))["padded_vocab_size"]
     else:
@@ -360,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", nargs="+", required=True, help="text file(s) in the new language")
     p.add_argument("--load", required=True, help="HF model directory or Megatron checkpoint")
     p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     p.add_argument("--vocab-size", type=int, default=8000,
                    help="pieces of the SentencePiece model trained on --corpus; those the tokenizer lacks are added "
                         "(default: 8000)")
@@ -375,7 +388,7 @@ def main(argv=None) -> int:
 
     def run() -> None:
         summary = extend_vocabulary(args.corpus, args.load, args.save, args.vocab_size, args.model_type,
-                                    args.character_coverage)
+                                    args.character_coverage, args.overwrite)
         print(f"added {summary['added_tokens']} tokens to the tokenizer, which now has {summary['vocab_size']} ids; "
               f"the model has {summary['embedding_rows']} embedding rows (padding included); saved to {args.save}")
 

@@ -162,7 +162,10 @@ def test_command_line_extends_a_hf_directory_and_refuses_bad_input(extended, tmp
     rows = json.loads((out / "config.json").read_text())["vocab_size"]
     assert "tokens to the tokenizer, which now has" in summary and f"the model has {rows} embedding rows" in summary
     assert ev.main(["--corpus", str(corpus), "--load", old_dir, "--save", str(out), "--vocab-size", "120"]) == 1
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert "exists and is not empty (pass --overwrite" in capsys.readouterr().err
+    assert ev.main(["--corpus", str(corpus), "--load", old_dir, "--save", str(out), "--vocab-size", "120",
+                    "--overwrite"]) == 0  # the flag the error names exists
+    capsys.readouterr()
     assert ev.main(["--corpus", str(tmp_path / "missing.txt"), "--load", old_dir, "--save", str(tmp_path / "o2")]) == 1
     assert "missing.txt does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
@@ -199,3 +202,21 @@ def test_vocab_size_errors_are_ours(extended, tmp_path, capsys):
     assert "Vocabulary size too high" not in "\n".join(err)
     assert not (tmp_path / "out").exists()
 
+
+
+def test_hf_model_with_a_missing_tensor_is_refused_before_work(extended, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    old_dir = Path(extended["byte_level"][0])
+    broken = tmp_path / "broken"
+    shutil.copytree(old_dir, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors.pop("model.layers.0.mlp.down_proj.weight")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    corpus = _write_corpus(tmp_path / "corpus.txt")
+    assert ev.main(["--corpus", str(corpus), "--load", str(broken), "--save", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the HF checkpoint has no tensor 'model.layers.0.mlp.down_proj.weight'")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,35 @@
+"""Bad SFT records and tokenizer choices are refused with one line naming the file (issue 13, item 5)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_patch.data.sft import read_records
+from megatron_patch.data.tokenizers import load_tokenizer
+from megatron_patch.errors import ConfigError, DataError
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"instruction": 5, "output": "x"}, '"instruction" must be a string (got int)'),
+    ({"instruction": "q", "input": ["a"], "output": "x"}, '"input" must be a string (got list)'),
+    ({"instruction": "q", "output": None}, '"output" must be a string (got NoneType)'),
+    ({"messages": [{"content": "hi"}]}, '"messages" must be a list of {"role", "content"} objects'),
+    ({"messages": [{"role": "user", "content": 3}]}, 'a message\'s "role" and "content" must be strings'),
+])
+def test_sft_record_fields_are_checked(tmp_path, record, message):
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"instruction": "fine", "output": "fine"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError) as error:
+        read_records(path)
+    assert str(error.value) == f"{path}:2: {message}"
+
+
+def test_sentencepiece_kind_on_a_hf_directory(tmp_path):
+    from megatron_patch.models.tiny import train_tokenizer
+
+    train_tokenizer(tmp_path / "tok", vocab_size=300)
+    with pytest.raises(ConfigError, match="holds no tokenizer.model .*leave --tokenizer-type out"):
+        load_tokenizer(tmp_path / "tok", "sentencepiece")
+    assert load_tokenizer(tmp_path / "tok").kind == "hf"
