@@ -57,13 +57,15 @@ def write_toy_preferences(out_dir: str | Path, valid_fraction: float = 0.1, limi
     return paths[0], paths[1]
 
 
-def greedy_continuation_accuracy(checkpoints: list[str], pairs_path: str | Path, max_new_tokens: int = 8) -> list[dict]:
+def greedy_continuation_accuracy(checkpoints: list[str], pairs_path: str | Path, max_new_tokens: int = 8,
+                                 limit: int | None = None) -> list[dict]:
     """Greedy continuations of each held-out prompt against its true continuation (``chosen``), per checkpoint.
 
     Runs on one rank (it initialises the process group; call it through ``run_on_local_ranks``). For each
     checkpoint, the generation engine continues every prompt greedily for up to ``max_new_tokens`` tokens; the
     scores are ``token_accuracy`` (generated tokens equal to the true continuation's token at the same position,
-    over the true continuation's first ``max_new_tokens`` tokens) and ``first_token_accuracy``.
+    over the true continuation's first ``max_new_tokens`` tokens) and ``first_token_accuracy``. ``limit`` keeps
+    the first prompts only.
 
     Returns:
         One ``{"token_accuracy", "first_token_accuracy", "prompts"}`` per checkpoint, in order.
@@ -73,6 +75,7 @@ def greedy_continuation_accuracy(checkpoints: list[str], pairs_path: str | Path,
     from ..runtime import init_distributed
 
     records = [json.loads(line) for line in Path(pairs_path).read_text(encoding="utf-8").splitlines() if line]
+    records = records[:limit]
     init_distributed(1, 1)
     scores = []
     for checkpoint in checkpoints:
