@@ -94,9 +94,33 @@ def _reward_model_worker(cfg: dict) -> dict:
     return run(cfg, quiet=False)
 
 
+def greedy_task_reward(checkpoints: list[str], prompts_path: str, limit: int = 64) -> list[float]:
+    """Mean count-up reward (``rewards`` ``count_up``, 0 .. 1) of greedy answers to the first ``limit`` RL prompts,
+    per checkpoint: the task's true score, which the reward model only approximates. One rank (it initialises the
+    process group; call it through ``run_on_local_ranks``)."""
+    from ..data.tokenizers import load_tokenizer
+    from ..generation import GenerationEngine, SamplingParams, load_model
+    from ..runtime import init_distributed
+    from .rewards import build_reward_fn
+
+    lines = Path(prompts_path).read_text(encoding="utf-8").splitlines()[:limit]
+    init_distributed(1, 1)
+    means = []
+    for checkpoint in checkpoints:
+        loaded = load_model(checkpoint)
+        tokenizer = load_tokenizer(str(loaded.assets_dir))
+        score = build_reward_fn("count_up", tokenizer, NEW_TOKENS)
+        prompts = [tokenizer.encode(json.loads(line)["prompt"]) for line in lines]
+        engine = GenerationEngine(loaded.model, loaded.vocab_size, loaded.eos_token_id(), loaded.max_sequence_length)
+        answers = engine.generate(prompts, NEW_TOKENS, SamplingParams(top_k=1))
+        means.append(sum(sum(score(p, a)) for p, a in zip(prompts, answers)) / len(prompts))
+    return means
+
+
 def run_pipeline(work: Path, sizes: PipelineSizes) -> dict:
-    """The three stages in ``work``; returns ``{"sft_history": [(iteration, loss)], "rm_eval": {...},
-    "rl_history": [(iteration, metrics)]}`` (each stage in its own process group, one rank, like three jobs)."""
+    """The three stages in ``work``, each in its own process group (one rank, like three jobs), then the true
+    count-up reward of greedy answers before and after PPO. Returns ``{"sft_history": [(iteration, loss)],
+    "rm_eval": {...}, "rl_history": [(iteration, metrics)], "greedy_task_reward": [sft, ppo]}``."""
     from ..runtime import run_on_local_ranks
 
     paths = write_task(work / "data")
@@ -111,7 +135,11 @@ def run_pipeline(work: Path, sizes: PipelineSizes) -> dict:
                          ptx_coef=sizes.ptx_coef, ptx_data_path=paths["ptx"])
     rl = {**rl, "reward_fn": None, "reward_model": str(work / "reward_model")}
     rl_out = run_on_local_ranks(_rl_worker, 1, cfg, rl)[0]
-    return {"sft_history": sft, "rm_eval": rm["evals"][-1][1], "rl_history": rl_out["history"]}
+    sft_dir = work / "sft" / f"iter_{sizes.sft_iters:07d}"
+    actor_dir = work / "ppo" / "actor" / f"iter_{sizes.rl_iters:07d}"
+    greedy = run_on_local_ranks(greedy_task_reward, 1, [str(sft_dir), str(actor_dir)], paths["prompts"])[0]
+    return {"sft_history": sft, "rm_eval": rm["evals"][-1][1], "rl_history": rl_out["history"],
+            "greedy_task_reward": greedy}
 
 
 def main(argv=None) -> int:
@@ -133,6 +161,8 @@ def main(argv=None) -> int:
         out = run_pipeline(Path(args.workdir or tmp), sizes)
     rm_eval = out["rm_eval"]
     print(f"reward model: held-out accuracy {rm_eval['accuracy']:.3f}, margin {rm_eval['margin']:.3f}")
+    sft_score, ppo_score = out["greedy_task_reward"]
+    print(f"count-up reward of greedy answers (64 prompts): SFT {sft_score:.3f} -> PPO {ppo_score:.3f}")
     start, end, kl = summary(out["rl_history"])
     print(f"reward {start:.3f} -> {end:.3f}, kl {kl:.3f}")
     return 0

@@ -33,3 +33,4 @@ def test_instructgpt_pipeline_writes_every_stage(tmp_path):
     for stage in ("sft", "reward_model", "ppo/actor", "ppo/critic"):
         assert (tmp_path / stage / "iter_0000002" / "megatron_patch.json").is_file(), stage
     assert (tmp_path / "reward_model" / "iter_0000002" / "reward_model.json").is_file()
+    assert len(out["greedy_task_reward"]) == 2 and all(0.0 <= r <= 1.0 for r in out["greedy_task_reward"])
