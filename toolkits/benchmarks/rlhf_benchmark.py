@@ -17,7 +17,8 @@ number of torch threads:
   The split: *rollout* = generation + rewards + reference (and, ours, old-policy) log-probs; *training* = the rest.
 
 TRL 1.x has no PPO trainer (``PPOTrainer`` left the package), so PPO is not compared.
-Step time: the mean over steps 2..N (the first step carries one-off warm-up). Memory: the process's peak resident
+Step time: the mean over steps 2..N (the first step carries one-off warm-up), wall (``step``) and the process's
+CPU time (``cpu``; steadier on a shared host; not measured for ours' GRPO, whose loop times itself). Memory: the process's peak resident
 set size (``ru_maxrss``), whole and as the rise during training (peak minus the resident size when training
 starts), both as ours / TRL ratios (< 1: ours is faster / smaller).
 """
@@ -49,6 +50,15 @@ def _mean_step(stamps: list[float]) -> float:
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
+def _clock() -> tuple[float, float]:
+    """(wall, this process's CPU time): on a shared host the CPU time is the steadier of the two."""
+    return time.perf_counter(), time.process_time()
+
+
+def _step_times(stamps: list[tuple[float, float]]) -> dict:
+    return {"step": _mean_step([wall for wall, _ in stamps]), "cpu": _mean_step([cpu for _, cpu in stamps])}
+
+
 # ---- ours (run_on_local_ranks workers: each in a fresh process with torchrun's environment) ----
 
 def _timed_optimizer(optimizer, stamps: list[float]) -> None:
@@ -57,7 +67,7 @@ def _timed_optimizer(optimizer, stamps: list[float]) -> None:
 
     def timed_step(*args, **kwargs):
         result = step(*args, **kwargs)
-        stamps.append(time.perf_counter())
+        stamps.append(_clock())
         return result
 
     optimizer.step = timed_step
@@ -74,7 +84,7 @@ def ours_reward(cfg: dict, threads: int) -> dict:
     stamps, start_rss = [], _rss_mb()
     _timed_optimizer(run.optimizer, stamps)
     train(run)
-    return {"step": _mean_step(stamps), "peak_mb": _rss_mb(), "rise_mb": _rss_mb() - start_rss}
+    return {**_step_times(stamps), "peak_mb": _rss_mb(), "rise_mb": _rss_mb() - start_rss}
 
 
 def ours_dpo(cfg: dict, threads: int) -> dict:
@@ -88,7 +98,7 @@ def ours_dpo(cfg: dict, threads: int) -> dict:
     stamps, start_rss = [], _rss_mb()
     _timed_optimizer(run.optimizer, stamps)
     train(run)
-    return {"step": _mean_step(stamps), "peak_mb": _rss_mb(), "rise_mb": _rss_mb() - start_rss}
+    return {**_step_times(stamps), "peak_mb": _rss_mb(), "rise_mb": _rss_mb() - start_rss}
 
 
 def ours_grpo(cfg: dict, rl: dict, threads: int) -> dict:
@@ -127,7 +137,7 @@ def _step_clock():
             self.start_rss = _rss_mb()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.stamps.append(time.perf_counter())
+            self.stamps.append(_clock())
 
     return StepClock()
 
@@ -152,7 +162,7 @@ def trl_reward(hf: str, data: str, out: str, steps: int, threads: int) -> dict:
     clock = _step_clock()
     RewardTrainer(model=model, args=args, train_dataset=_pairs_dataset(data), processing_class=tokenizer,
                   callbacks=[clock]).train()
-    return {"step": _mean_step(clock.stamps), "peak_mb": _rss_mb(), "rise_mb": _rss_mb() - clock.start_rss}
+    return {**_step_times(clock.stamps), "peak_mb": _rss_mb(), "rise_mb": _rss_mb() - clock.start_rss}
 
 
 def trl_dpo(hf: str, data: str, out: str, steps: int, threads: int) -> dict:
@@ -166,7 +176,7 @@ def trl_dpo(hf: str, data: str, out: str, steps: int, threads: int) -> dict:
     clock = _step_clock()
     DPOTrainer(model=model, args=args, train_dataset=_pairs_dataset(data), processing_class=tokenizer,
                callbacks=[clock]).train()
-    return {"step": _mean_step(clock.stamps), "peak_mb": _rss_mb(), "rise_mb": _rss_mb() - clock.start_rss}
+    return {**_step_times(clock.stamps), "peak_mb": _rss_mb(), "rise_mb": _rss_mb() - clock.start_rss}
 
 
 def _count_up_text_reward(prompts, completions, **kwargs) -> list[float]:
@@ -208,9 +218,9 @@ def trl_grpo(hf: str, prompts: str, out: str, steps: int, threads: int) -> dict:
 
     trainer._generate_and_score_completions = timed
     trainer.train()
-    step = _mean_step(clock.stamps)
+    times = _step_times(clock.stamps)
     rollout = sum(rollout_times[1:]) / len(rollout_times[1:])
-    return {"step": step, "rollout": rollout, "training": step - rollout, "peak_mb": _rss_mb(),
+    return {**times, "rollout": rollout, "training": times["step"] - rollout, "peak_mb": _rss_mb(),
             "rise_mb": _rss_mb() - clock.start_rss}
 
 
@@ -220,7 +230,7 @@ def _in_fresh_process(fn, *args):
 
 
 def _ratios(name: str, ours: dict, trl: dict) -> None:
-    keys = [k for k in ("step", "rollout", "training") if k in ours]
+    keys = [k for k in ("step", "cpu", "rollout", "training") if k in ours and k in trl]
     times = ", ".join(f"{k} {ours[k]:.3f}s vs {trl[k]:.3f}s (x{ours[k] / trl[k]:.2f})" for k in keys)
     print(f"{name:12s} ours/TRL: {times}; peak RSS {ours['peak_mb']:.0f} vs {trl['peak_mb']:.0f} MB "
           f"(x{ours['peak_mb'] / trl['peak_mb']:.2f}), rise in training {ours['rise_mb']:.0f} vs "
