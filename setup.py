@@ -21,5 +21,6 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "test": ["pytest>=8", "pytest-timeout", "ruff"],
+        "bench": ["trl>=1.0"],  # toolkits/benchmarks/rlhf_benchmark.py only
     },
 )

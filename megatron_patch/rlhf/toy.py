@@ -55,3 +55,38 @@ def write_toy_preferences(out_dir: str | Path, valid_fraction: float = 0.1, limi
         path.write_text("".join(json.dumps(pair) + "\n" for pair in part), encoding="utf-8")
         paths.append(str(path))
     return paths[0], paths[1]
+
+
+def greedy_continuation_accuracy(checkpoints: list[str], pairs_path: str | Path, max_new_tokens: int = 8,
+                                 limit: int | None = None) -> list[dict]:
+    """Greedy continuations of each held-out prompt against its true continuation (``chosen``), per checkpoint.
+
+    Runs on one rank (it initialises the process group; call it through ``run_on_local_ranks``). For each
+    checkpoint, the generation engine continues every prompt greedily for up to ``max_new_tokens`` tokens; the
+    scores are ``token_accuracy`` (generated tokens equal to the true continuation's token at the same position,
+    over the true continuation's first ``max_new_tokens`` tokens) and ``first_token_accuracy``. ``limit`` keeps
+    the first prompts only.
+
+    Returns:
+        One ``{"token_accuracy", "first_token_accuracy", "prompts"}`` per checkpoint, in order.
+    """
+    from ..data.tokenizers import load_tokenizer
+    from ..generation import GenerationEngine, SamplingParams, load_model
+    from ..runtime import init_distributed
+
+    records = [json.loads(line) for line in Path(pairs_path).read_text(encoding="utf-8").splitlines() if line]
+    records = records[:limit]
+    init_distributed(1, 1)
+    scores = []
+    for checkpoint in checkpoints:
+        loaded = load_model(checkpoint)
+        tokenizer = load_tokenizer(str(loaded.assets_dir))
+        prompts = [tokenizer.encode(r["prompt"]) for r in records]
+        truths = [tokenizer.encode(r["chosen"])[:max_new_tokens] for r in records]
+        engine = GenerationEngine(loaded.model, loaded.vocab_size, None, loaded.max_sequence_length)
+        outputs = engine.generate(prompts, max_new_tokens, SamplingParams(top_k=1))
+        right = sum(g == t for out, truth in zip(outputs, truths) for g, t in zip(out, truth))
+        scores.append({"token_accuracy": right / sum(len(t) for t in truths),
+                       "first_token_accuracy": sum(out[0] == t[0] for out, t in zip(outputs, truths)) / len(truths),
+                       "prompts": len(truths)})
+    return scores

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from megatron_patch.rlhf.toy import write_toy_preferences
+from megatron_patch.rlhf.toy import greedy_continuation_accuracy, write_toy_preferences
 from megatron_patch.runtime import run_on_local_ranks
 from tests.rlhf import workers
 
@@ -36,6 +36,13 @@ def test_dpo_raises_held_out_implicit_reward_accuracy(dpo_workspace, tmp_path):
     assert before["margin"] == pytest.approx(0.0, abs=1e-6)
     assert after["accuracy"] >= 0.75 and after["margin"] > 0 and after["loss"] < before["loss"]
     assert (tmp_path / "dpo" / "iter_0000004" / "megatron_patch.json").is_file()
+    # Greedy continuations (the generation engine) of 64 held-out prompts match the true continuation more often
+    # after DPO than before (measured: tokens right 0.0 -> 0.09, first token 0.0 -> 0.23).
+    before, after = run_on_local_ranks(greedy_continuation_accuracy, 1,
+                                       [dpo_workspace["ckpt"], str(tmp_path / "dpo" / "iter_0000004")],
+                                       dpo_workspace["valid"], 8, 64, timeout=600)[0]
+    assert after["token_accuracy"] > before["token_accuracy"] + 0.03, (before, after)
+    assert after["first_token_accuracy"] > before["first_token_accuracy"] + 0.1, (before, after)
 
 
 def _parallel_cfg(ws) -> dict:
