@@ -7,6 +7,7 @@ is joined; a child that fails or a run that exceeds its timeout stops all of the
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import sys
 import time
@@ -42,7 +43,9 @@ def _child(rank, world_size, port, env, fn, args, results, parent_pid):
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     try:
-        results.put((rank, True, fn(*args)))
+        # Plain pickle bytes: torch.multiprocessing would pass tensors as shared-memory file descriptors, which are
+        # gone when this rank exits before the parent reads the queue (a lost result, seen on a loaded machine).
+        results.put((rank, True, pickle.dumps(fn(*args))))
     except Exception as error:  # reported to the parent, which re-raises; the child then exits non-zero
         message = str(error) if isinstance(error, user_errors()) else traceback.format_exc()
         results.put((rank, False, message))
@@ -105,7 +108,7 @@ def run_on_local_ranks(fn, world_size: int, *args, timeout: float = 900.0, env: 
                     if results.empty():
                         raise WorkerError(f"a local rank exited with code {dead[0].exitcode} without a report") from None
                 continue
-            outcomes[rank] = (ok, value)
+            outcomes[rank] = (ok, pickle.loads(value) if ok else value)
             if not ok:
                 raise WorkerError(f"rank {rank} failed: {value}")
     finally:
