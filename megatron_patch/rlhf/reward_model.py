@@ -76,6 +76,7 @@ def load_reward_model_weights(model, iter_dir: str | Path) -> bool:
     from megatron.core import dist_checkpointing
 
     from ..checkpoint.megatron import read_meta
+    from ..checkpoint.trusted_load import check_torch_dist_checkpoint
 
     iter_dir = Path(iter_dir)
     meta = read_meta(iter_dir)
@@ -86,6 +87,7 @@ def load_reward_model_weights(model, iter_dir: str | Path) -> bool:
     sharded = model.sharded_state_dict()
     if not with_head:
         sharded = {key: value for key, value in sharded.items() if not key.startswith(HEAD_PREFIX)}
+    check_torch_dist_checkpoint(iter_dir)  # megatron-core unpickles without restriction: vet the bytes first
     state = dist_checkpointing.load(sharded, str(iter_dir))
     result = model.load_state_dict(state, strict=False)
     allowed = {key for key in model.state_dict() if key.startswith(HEAD_PREFIX) and not with_head}

@@ -144,3 +144,17 @@ def test_every_loading_tool_refuses_a_crafted_checkpoint(clean_checkpoint, make_
     assert not marker.exists(), f"{tool} ran the planted payload"
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors and "refusing to load" in errors[0], result.stderr[-3000:]
+
+
+def test_every_megatron_core_load_is_vetted_first():
+    """Each module that hands a directory to ``dist_checkpointing.load`` runs the check just before (a new loader
+    that forgets it fails here, not in a user's cluster)."""
+    import re
+
+    package = ROOT / "megatron_patch"
+    for path in package.rglob("*.py"):
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines):
+            if re.search(r"dist_checkpointing\.load\(", line) and not line.lstrip().startswith(("#", '"', "``")):
+                window = "\n".join(lines[max(0, number - 3):number])
+                assert "check_torch_dist_checkpoint(" in window, f"{path}:{number + 1} loads without the check"
