@@ -116,21 +116,25 @@ def _ordered_results(pool: ProcessPoolExecutor, chunks, in_flight: int):
     """
     pending: deque = deque()
     chunks = iter(chunks)
-    while True:
-        while len(pending) < in_flight:
-            chunk = next(chunks, None)
-            if chunk is None:
-                break
-            pending.append((chunk[0], pool.submit(_encode_chunk, chunk)))
-        if not pending:
-            return
-        first_line, future = pending.popleft()
-        try:
+    first_line = 1
+    try:
+        while True:
+            while len(pending) < in_flight:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    break
+                try:
+                    pending.append((chunk[0], pool.submit(_encode_chunk, chunk)))
+                except OSError as error:  # the pool spawns workers lazily; a break mid-spawn surfaces here
+                    raise BrokenProcessPool(str(error)) from None
+            if not pending:
+                return
+            first_line, future = pending.popleft()
             yield future.result()
-        except BrokenProcessPool:
-            raise WorkerDiedError(f"a tokenizer worker died (killed or out of memory?) while on the lines from "
-                                  f"{first_line}; nothing was written, run again (with fewer --workers if memory "
-                                  "is short)") from None
+    except BrokenProcessPool:  # raised by submit or result once a worker died
+        raise WorkerDiedError(f"a tokenizer worker died (killed or out of memory?) while on the lines from "
+                              f"{first_line}; nothing was written, run again (with fewer --workers if memory "
+                              "is short)") from None
 
 
 def token_dtype(vocab_size: int):
