@@ -57,6 +57,7 @@ from ..errors import CheckpointError
 from ..mapping import Entry, Sharding, Split, megatron_shape, te_name
 from ..mapping.checks import check_exact_names
 from ..mapping.rows import GatedMLP
+from .dcp_records import PROBE_ERRORS, tensor_record_data
 from .formats import CheckpointFormat, register_format
 from .trusted_load import check_torch_dist_checkpoint
 from .trusted_load import read_dcp_metadata as read_trusted_metadata
@@ -301,6 +302,7 @@ class TorchDistReader:
             raise CheckpointError(f"cannot read {self.dir / DCP_METADATA} (truncated or corrupt?): "
                                   f"{' '.join(str(error).split())}") from None
         self._reader = _MetadataOnceReader(self.dir, self.metadata)
+        self._record_data: dict[tuple[str, int], int | None] = {}  # (file, record offset) -> data offset or None
 
     def check_matches(self, saved: Sharding) -> None:
         """The stored tensors are exactly those of ``saved``'s model, with its global shapes (``_extra_state``
@@ -337,6 +339,8 @@ class TorchDistReader:
         else:
             dest = torch.empty((1, *stored.size[1:]), dtype=stored.properties.dtype)
             offsets = (layer,) + (0,) * (len(stored.size) - 1)
+        if self._read_records(key, stored, offsets, dest):
+            return dest[0] if layer is not None else dest
         try:
             with _one_process():
                 dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(key, offsets, dest), no_dist=True)
@@ -347,6 +351,79 @@ class TorchDistReader:
             raise CheckpointError(f"cannot read '{key}' from torch_dist checkpoint {self.dir} (missing or truncated "
                                   f"file?): {' '.join(str(error).split())[:300]}") from None
         return dest[0] if layer is not None else dest
+
+    def _read_records(self, key: str, stored: TensorStorageMetadata, offsets: tuple[int, ...],
+                      dest: torch.Tensor) -> bool:
+        """Read the box (``offsets``, ``dest.shape``) of ``key`` into ``dest`` by copying each stored record's raw
+        bytes straight into it (one read per chunk, no intermediate tensor); False, with nothing promised about
+        ``dest``, when some record is not a plain tensor record (the caller then reads through DCP).
+
+        Raises:
+            CheckpointError: the chunks do not cover the box, or a record's bytes end early.
+        """
+        wanted = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
+        items = create_read_items_for_chunk_list(key, stored, [wanted])
+        if sum(math.prod(item.lengths) for item in items) != dest.numel():
+            raise CheckpointError(f"the stored chunks of '{key}' do not cover offsets {tuple(offsets)} "
+                                  f"size {tuple(dest.shape)}")
+        dtype = stored.properties.dtype
+        reads = []  # (file, absolute offset, byte count, destination view)
+        for item in items:
+            info = self.metadata.storage_data.get(item.storage_index)
+            sizes = tuple(stored.chunks[item.storage_index.index].sizes)
+            source = _contiguous_range(sizes, tuple(item.storage_offsets), tuple(item.lengths))
+            if info is None or getattr(info, "transform_descriptors", None) or source is None:
+                return False
+            start = self._data_offset(info, dtype, sizes)
+            if start is None:
+                return False
+            view = dest
+            for dim, (begin, length) in enumerate(zip(item.dest_offsets, item.lengths)):
+                view = view.narrow(dim, begin, length)
+            reads.append((info.relative_path, start + source * dtype.itemsize, view.numel() * dtype.itemsize, view))
+        for relative_path in sorted({read[0] for read in reads}):
+            with open(self.dir / relative_path, "rb", buffering=0) as file:
+                for _, position, nbytes, view in sorted((r for r in reads if r[0] == relative_path),
+                                                        key=lambda r: r[1]):
+                    target = view if view.is_contiguous() else torch.empty(view.shape, dtype=dtype)
+                    _read_exactly(file, position, target, nbytes,
+                                  f"'{key}' from torch_dist checkpoint {self.dir} (missing or truncated file?)")
+                    if target is not view:
+                        view.copy_(target)
+        return True
+
+    def _data_offset(self, info: _StorageInfo, dtype: torch.dtype, sizes: tuple[int, ...]) -> int | None:
+        """Where the raw bytes of the record ``info`` start, if it is a plain ``dtype`` tensor of ``sizes``."""
+        cache_key = (info.relative_path, info.offset)
+        if cache_key not in self._record_data:
+            try:
+                with open(self.dir / info.relative_path, "rb", buffering=0) as file:
+                    start = tensor_record_data(file, info.offset, info.length, dtype, sizes)
+            except PROBE_ERRORS:
+                start = None  # a missing, cut or foreign record: DCP reads it and reports what is wrong
+            self._record_data[cache_key] = start
+        return self._record_data[cache_key]
+
+
+def _contiguous_range(sizes: tuple[int, ...], offsets: tuple[int, ...], lengths: tuple[int, ...]) -> int | None:
+    """Element offset of the box (``offsets``, ``lengths``) in a row-major tensor of ``sizes`` if the box is one
+    contiguous run of elements (dims before the first partial one have length 1), else None."""
+    partial = [dim for dim, (size, length) in enumerate(zip(sizes, lengths)) if length != size]
+    if partial and any(length != 1 for length in lengths[:partial[-1]]):
+        return None
+    return sum(offset * math.prod(sizes[dim + 1:]) for dim, offset in enumerate(offsets))
+
+
+def _read_exactly(file, position: int, target: torch.Tensor, nbytes: int, what: str) -> None:
+    """Fill the contiguous ``target`` with the ``nbytes`` bytes at ``position`` of the unbuffered ``file``."""
+    buffer = memoryview(target.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    file.seek(position)
+    done = 0
+    while done < nbytes:
+        count = file.readinto(buffer[done:])
+        if not count:
+            raise CheckpointError(f"cannot read {what}: the file ends {nbytes - done} bytes early")
+        done += count
 
 
 # --- the format -------------------------------------------------------------------------------------------------

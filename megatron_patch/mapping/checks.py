@@ -20,11 +20,12 @@ EXTRA_STATE = "_extra_state"  # Transformer Engine's FP8 state: the only name al
 
 
 def is_finite(tensor: torch.Tensor) -> bool:
-    """True when every element is finite. One float64 sum, no boolean mask: a NaN or Inf anywhere makes the sum
-    non-finite, and no float32/16 values can overflow a float64 sum of any realistic length."""
+    """True when every element is finite. A NaN or Inf anywhere makes the sum non-finite, so a finite sum in the
+    tensor's own dtype settles it without a temporary (a float64 sum first converts the whole tensor: twice its
+    bytes); only a non-finite sum, which finite values can also reach by overflow, is checked element by element."""
     if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.numel() == 0:
         return True
-    return bool(torch.isfinite(tensor.sum(dtype=torch.float64)))
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 class NonFiniteGuard:
