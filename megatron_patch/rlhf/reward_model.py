@@ -71,7 +71,7 @@ def load_reward_model_weights(model, iter_dir: str | Path) -> bool:
 
     A reward checkpoint fills everything; an LM checkpoint (converted or SFT) fills the backbone and leaves the
     freshly initialised head: the only keys allowed to be missing are the head's (an explicit allow-list, not
-    ``strict=False`` at large).
+    a load that ignores mismatches).
     """
     from megatron.core import dist_checkpointing
 
@@ -89,12 +89,13 @@ def load_reward_model_weights(model, iter_dir: str | Path) -> bool:
         sharded = {key: value for key, value in sharded.items() if not key.startswith(HEAD_PREFIX)}
     check_torch_dist_checkpoint(iter_dir)  # megatron-core unpickles without restriction: vet the bytes first
     state = dist_checkpointing.load(sharded, str(iter_dir))
-    result = model.load_state_dict(state, strict=False)
-    allowed = {key for key in model.state_dict() if key.startswith(HEAD_PREFIX) and not with_head}
-    missing = [key for key in result.missing_keys if key not in allowed and not key.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"checkpoint {iter_dir} does not match the reward model: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
+    if not with_head:  # the allow-list: the fresh head keeps its own initial values
+        state.update({key: value for key, value in model.state_dict().items() if key.startswith(HEAD_PREFIX)})
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {iter_dir} does not match the reward model: "
+                         f"{' '.join(str(error).split())[:300]}") from None
     return with_head
 
 
