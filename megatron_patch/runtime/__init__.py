@@ -1,7 +1,7 @@
 """Process setup: distributed init (NCCL or gloo), the device helper, the CPU path for megatron-core (and its
 strict device check), seeds, version checks."""
 
-from .cpu import cuda_available, enable_cpu_path
+from .cpu import cuda_available, disable_cpu_path, enable_cpu_path
 from .device import device_generator, local_device, place_model, set_local_device, to_device
 from .distributed import destroy_distributed, free_port, init_distributed, set_seed
 from .launch import run_on_local_ranks
@@ -11,6 +11,7 @@ __all__ = [
     "check_megatron_version",
     "cuda_available",
     "destroy_distributed",
+    "disable_cpu_path",
     "device_generator",
     "enable_cpu_path",
     "free_port",

@@ -3,24 +3,33 @@
 megatron-core 0.16 assumes CUDA in a handful of places (see ../shared/notes/megatron-core-on-cpu.md):
 tensors created with ``device="cuda"`` or ``device=torch.cuda.current_device()``, ``torch.cuda.synchronize()``
 in the pipeline p2p code, and an RNG tracker that forks the CUDA generator. Rather than patching each call
-site (they move between releases), a ``TorchFunctionMode`` rewrites any CUDA device argument to the CPU, and
-three ``torch.cuda`` functions get CPU stand-ins. The RNG tracker is replaced by one that forks the CPU
-generator. Everything here is a no-op when CUDA is available.
+site (they move between releases), a ``TorchFunctionMode`` rewrites CUDA device arguments to the CPU and three
+``torch.cuda`` functions get CPU stand-ins; the RNG tracker is replaced by one that forks the CPU generator.
 
-With ``MEGATRON_PATCH_STRICT_DEVICE=1`` the mode is the strict one of ``runtime.strict``, which also tracks which
-tensors would live on the GPU and raises where a GPU run would fail on a misplaced tensor.
+The rewriting is scoped to megatron-core: it applies only to calls made by megatron-core's own code (the first
+caller outside torch), so transformers, users and this package see torch unchanged (``torch.zeros(device="cuda")``
+still fails there, ``Tensor.type()`` still says ``torch.FloatTensor``). ``init_distributed`` enters it
+(``enable_cpu_path``) and ``destroy_distributed`` leaves it (``disable_cpu_path``), restoring ``torch.cuda``.
+Everything here is a no-op when CUDA is available.
+
+With ``MEGATRON_PATCH_STRICT_DEVICE=1`` the mode is the strict one of ``runtime.strict``: a test instrument that
+plays a GPU for the whole process (this package's code included), tracking which tensors would live on the GPU and
+raising where a GPU run would fail on a misplaced tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _ENABLED = False
+_INSTALLED = False  # the RNG tracker and recompute wrappers: megatron-core's own objects, installed once
 _MODE: TorchFunctionMode | None = None
+_SAVED_CUDA_FUNCTIONS: dict[str, object] = {}
 
 
 def cuda_available() -> bool:
@@ -36,41 +45,51 @@ def _is_cuda_device(device) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
-# Frames of the machinery between a caller and the mode: skipped when looking for who asked.
-_MACHINERY = ("megatron_patch.runtime.cpu", "megatron_patch.runtime.strict", "torch.overrides", "torch.utils._device")
+# Frames between a caller and the mode, skipped when looking for who asked: this machinery, torch itself (torch code
+# run on a caller's behalf, e.g. Module.cuda() moving tensors), and the stdlib's call plumbing.
+_PASS_THROUGH = ("megatron_patch.runtime.cpu", "megatron_patch.runtime.strict", "torch", "contextlib", "functools")
 
 
-def _caller_is_megatron_core() -> bool:
-    """Whether the torch call being handled was made by megatron-core's own code."""
+def _called_from_megatron_core() -> bool:
+    """Whether the torch call being handled was made by megatron-core's own code (its first caller outside torch)."""
     frame = sys._getframe(1)
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(_MACHINERY):
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not any(module == name or module.startswith(name + ".") for name in _PASS_THROUGH):
+            return module == "megatron.core" or module.startswith("megatron.core.")
         frame = frame.f_back
-    return frame is not None and frame.f_globals.get("__name__", "").startswith("megatron.core")
+    return False
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA device arguments to the CPU for every torch call made while the mode is active."""
+    """Rewrites CUDA device arguments of megatron-core's torch calls to the CPU."""
 
     _CPU = torch.device("cpu")
+    # The strict check plays a GPU for every caller (it must see this package's code too); the plain path only
+    # for megatron-core.
+    redirects_every_caller = False
+
+    def _redirects(self) -> bool:
+        return self.redirects_every_caller or _called_from_megatron_core()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
+        if func is torch.Tensor.cuda and self._redirects():
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             # megatron-core's optimizer and grad clipping assert type strings such as 'torch.cuda.FloatTensor';
-            # only its own calls get the CUDA spelling (transformers, users and our code see the real type).
+            # only its own calls get the CUDA spelling.
             name = func(*args)
-            if not _caller_is_megatron_core() or name.startswith("torch.cuda."):
+            if name.startswith("torch.cuda.") or not _called_from_megatron_core():
                 return name
             return name.replace("torch.", "torch.cuda.", 1)
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]) and self._redirects():
             kwargs = {**kwargs, "device": self._CPU}
-        if kwargs.get("pin_memory"):
+        if kwargs.get("pin_memory") and self._redirects():
             # pinned host memory needs a CUDA driver; on a CPU-only machine it has no purpose.
             kwargs = {**kwargs, "pin_memory": False}
         if func is torch.Tensor.to and len(args) > 1 and not isinstance(args[1], (torch.dtype, torch.Tensor)):
-            if _is_cuda_device(args[1]):
+            if _is_cuda_device(args[1]) and self._redirects():
                 args = (args[0], self._CPU, *args[2:])
         return func(*args, **kwargs)
 
@@ -134,32 +153,29 @@ def _run_under_mode(cls, method: str) -> None:
     setattr(cls, method, staticmethod(wrapped) if is_static else wrapped)
 
 
-def enable_cpu_path() -> bool:
-    """Make megatron-core run on the CPU when CUDA is absent. Returns True if the CPU path is active.
+def _for_megatron_core(original, stand_in):
+    """``torch.cuda.<name>`` answering megatron-core's calls with the CPU stand-in and everyone else's as torch does."""
 
-    Idempotent. Affects only this process (and the thread that calls it: torch function modes are per thread).
-    A process that enabled the plain path (e.g. a forked test worker) switches to the strict one when it is asked.
-    """
-    global _ENABLED, _MODE
-    if cuda_available():
-        return False
-    from . import strict
-    from .versions import check_megatron_version
+    @functools.wraps(original)
+    def call(*args, **kwargs):
+        return (stand_in if _called_from_megatron_core() else original)(*args, **kwargs)
 
-    # Every redirection below is written against megatron-core 0.16's internals (see the module doc).
-    check_megatron_version()
+    return call
 
-    if _ENABLED:
-        if strict.requested() and not strict.is_active():
-            _MODE.__exit__(None, None, None)
-            _MODE = strict.activate()
-            _MODE.__enter__()
-        return True
-    # Megatron calls these unconditionally; without CUDA they raise. Ordinal 0 is mapped to the CPU by the mode.
-    torch.cuda.current_device = lambda: 0
-    torch.cuda.synchronize = lambda *args, **kwargs: None
-    torch.cuda.device_count = lambda: 0
 
+# Megatron calls these unconditionally; without CUDA they raise. Ordinal 0 is mapped to the CPU by the mode.
+_CUDA_STAND_INS = {
+    "current_device": lambda: 0,
+    "synchronize": lambda *args, **kwargs: None,
+    "device_count": lambda: 0,
+}
+
+
+def _install_into_megatron_core() -> None:
+    """The CPU RNG tracker and the recompute wrappers: megatron-core's own objects, replaced once per process."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
     from megatron.core.tensor_parallel import random as mcore_random
 
     mcore_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
@@ -177,8 +193,63 @@ def enable_cpu_path() -> bool:
         cls = getattr(mcore_random, cls_name, None)
         if cls is not None and hasattr(cls, method):
             _run_under_mode(cls, method)
+    _INSTALLED = True
 
-    _MODE = strict.activate() if strict.requested() else _CudaToCpuMode()
+
+def _enter(mode: TorchFunctionMode) -> None:
+    global _MODE
+    _MODE = mode
     _MODE.__enter__()
+
+
+def _leave() -> None:
+    """Exit the mode (it is the innermost one: nothing else of ours stays entered across calls)."""
+    global _MODE
+    if _MODE is not None and _MODE in torch.overrides._get_current_function_mode_stack():
+        _MODE.__exit__(None, None, None)
+    _MODE = None
+
+
+def enable_cpu_path() -> bool:
+    """Make megatron-core run on the CPU when CUDA is absent. Returns True if the CPU path is active.
+
+    Idempotent; undone by ``disable_cpu_path``. Affects only this process (and the thread that calls it: torch
+    function modes are per thread). A process that enabled the plain path (e.g. a forked test worker) switches to
+    the strict one when it is asked.
+    """
+    global _ENABLED
+    if cuda_available():
+        return False
+    from . import strict
+    from .versions import check_megatron_version
+
+    # Every redirection here is written against megatron-core 0.16's internals (see the module doc).
+    check_megatron_version()
+
+    if _ENABLED:
+        if strict.requested() and not strict.is_active():
+            _leave()
+            _enter(strict.activate())
+        return True
+    _install_into_megatron_core()
+    for name, stand_in in _CUDA_STAND_INS.items():
+        _SAVED_CUDA_FUNCTIONS[name] = getattr(torch.cuda, name)
+        setattr(torch.cuda, name, _for_megatron_core(_SAVED_CUDA_FUNCTIONS[name], stand_in))
+    _enter(strict.activate() if strict.requested() else _CudaToCpuMode())
     _ENABLED = True
     return True
+
+
+def disable_cpu_path() -> None:
+    """Leave the CPU path: exit the mode and give ``torch.cuda`` its functions back. No-op when it is not active."""
+    global _ENABLED
+    if not _ENABLED:
+        return
+    _leave()
+    from . import strict
+
+    strict.deactivate()
+    for name, original in _SAVED_CUDA_FUNCTIONS.items():
+        setattr(torch.cuda, name, original)
+    _SAVED_CUDA_FUNCTIONS.clear()
+    _ENABLED = False

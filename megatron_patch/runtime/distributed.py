@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
-from .cpu import enable_cpu_path
+from .cpu import disable_cpu_path, enable_cpu_path
 from .device import set_local_device
 from .versions import check_megatron_version
 
@@ -82,9 +82,11 @@ def set_seed(seed: int) -> None:
 
 
 def destroy_distributed() -> None:
+    """Tear down what ``init_distributed`` set up: parallel state, the process group, the CPU path."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    disable_cpu_path()

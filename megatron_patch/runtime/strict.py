@@ -151,6 +151,8 @@ def _target_device(args, kwargs):
 class StrictDeviceMode(_CudaToCpuMode):
     """The CPU path's device redirection plus the placement bookkeeping and checks described in the module doc."""
 
+    redirects_every_caller = True  # this package's code asks for the symbolic device too
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         owner = getattr(func, "__self__", None)
@@ -261,7 +263,7 @@ def _checked_collective(name: str, collective):
         groups = [a for a in (*args, *kwargs.values()) if isinstance(a, dist.ProcessGroup)]
         # Inside backward the engine's gradients carry no marks (the check does not see backward ops).
         in_backward = torch._C._current_autograd_node() is not None
-        if not in_backward and (not groups or id(groups[0]) not in _gloo_groups()):
+        if _ACTIVE and not in_backward and (not groups or id(groups[0]) not in _gloo_groups()):
             values = [*args, *kwargs.values()]
             if name == "batch_isend_irecv":
                 values = [op.tensor for op in args[0]]
@@ -289,3 +291,9 @@ def activate() -> StrictDeviceMode:
     _check_collectives()
     _ACTIVE = True
     return StrictDeviceMode()
+
+
+def deactivate() -> None:
+    """Turn the check off (``disable_cpu_path``): ``local_device()`` is the CPU again, collectives go unchecked."""
+    global _ACTIVE
+    _ACTIVE = False

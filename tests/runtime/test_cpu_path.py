@@ -31,27 +31,65 @@ def test_rng_tracker_fork_restores_outer_stream_and_continues_its_own():
             pass
 
 
-def _cuda_requests_land_on_cpu():
-    from megatron_patch.runtime import enable_cpu_path
+# CUDA requests as megatron-core makes them (run below as if they were its code).
+_CUDA_REQUESTS = """
+made = [
+    torch.zeros(2, device="cuda"),
+    torch.ones(2, device=torch.cuda.current_device()),
+    torch.empty(2, device=torch.device("cuda", 0)),
+    torch.arange(3).cuda(),
+    torch.arange(3).to("cuda"),
+    torch.arange(3).to(device="cuda:0"),
+    torch.zeros(2, pin_memory=True),
+    next(torch.nn.Linear(2, 2).cuda().parameters()),  # torch's own code moving tensors on megatron-core's behalf
+]
+torch.cuda.synchronize()
+devices = [t.device.type for t in made]
+"""
+
+
+def _run_as(module_name: str, source: str) -> dict:
+    """Execute ``source`` with ``module_name`` as its module (what the CPU path looks at to decide who asked)."""
+    scope = {"__name__": module_name, "torch": torch}
+    exec(compile(source, f"<{module_name}>", "exec"), scope)
+    return scope
+
+
+def _refused(module_name: str, source: str) -> bool:
+    try:
+        _run_as(module_name, source)
+    except (RuntimeError, AssertionError):  # what torch raises for CUDA requests on a machine without a driver
+        return True
+    return False
+
+
+def _cuda_requests_by_caller():
+    from megatron_patch.runtime import disable_cpu_path, enable_cpu_path
 
     assert enable_cpu_path() is True
-    made = [
-        torch.zeros(2, device="cuda"),
-        torch.ones(2, device=torch.cuda.current_device()),
-        torch.empty(2, device=torch.device("cuda", 0)),
-        torch.arange(3).cuda(),
-        torch.arange(3).to("cuda"),
-        torch.arange(3).to(device="cuda:0"),
-        torch.zeros(2, pin_memory=True),
-    ]
-    torch.cuda.synchronize()
-    return [t.device.type for t in made]
+    by_megatron_core = _run_as("megatron.core.some_module", _CUDA_REQUESTS)["devices"]
+    others = {
+        name: [_refused(name, request) for request in (
+            "torch.zeros(2, device='cuda')", "torch.arange(3).cuda()", "torch.cuda.current_device()",
+            "torch.cuda.synchronize()", "torch.nn.Linear(2, 2).cuda()")]
+        for name in ("transformers.modeling_utils", "__main__", "megatron_patch.training.loop")
+    }
+    types = [_run_as(name, "spelled = torch.zeros(2).type()")["spelled"]
+             for name in ("megatron.core.optimizer.clip_grads", "transformers.modeling_utils")]
+    disable_cpu_path()
+    after = _refused("megatron.core.some_module", "torch.zeros(2, device='cuda')")
+    return by_megatron_core, others, types, after
 
 
-def test_cuda_device_requests_are_redirected_in_a_cpu_process():
+def test_cuda_requests_are_redirected_for_megatron_core_only_and_until_disabled():
     if torch.cuda.is_available():
         pytest.skip("the CPU path is inactive on a CUDA machine")
-    assert run_on_local_ranks(_cuda_requests_land_on_cpu, 1) == [["cpu"] * 7]
+    by_megatron_core, others, types, after = run_on_local_ranks(_cuda_requests_by_caller, 1)[0]
+    assert by_megatron_core == ["cpu"] * 8
+    # transformers, users and this package see torch as it is: CUDA requests fail on a machine without CUDA.
+    assert others == {name: [True] * 5 for name in others}
+    assert types == ["torch.cuda.FloatTensor", "torch.FloatTensor"]
+    assert after  # disable_cpu_path (destroy_distributed) leaves nothing behind
 
 
 def _type_strings_and_seeded_streams():
