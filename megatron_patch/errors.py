@@ -90,18 +90,16 @@ LAUNCHER_ENV = "MEGATRON_PATCH_LAUNCHER"  # "1" in ranks started by megatron_pat
 USER_ERROR_KEY = "megatron_patch_user_error"  # marks our lines in torchrun's error files
 
 
-def run_reporting_errors(action: Callable[[], int | None], cleanup: Callable[[], None] | None = None,
-                         extra_errors: tuple[type[BaseException], ...] = ()) -> int:
+def run_reporting_errors(action: Callable[[], int | None], cleanup: Callable[[], None] | None = None) -> int:
     """Run ``action``; return its exit code (0 for None), or 1 after printing a user error as one line.
 
     Args:
         action: the entry point's work.
         cleanup: called however ``action`` ends (e.g. tearing down the process groups).
-        extra_errors: further types to report as one line, for callers whose user errors are not yet ours.
     """
     try:
         code = action()
-    except (*user_errors(), *extra_errors) as error:
+    except user_errors() as error:
         report_user_error(str(error))
         return 1
     finally:

@@ -24,6 +24,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
 from ..training.arguments import TrainConfig, add_config_arguments, config_from_args
 from .core_algos import compute_dpo_loss, masked_sum
 from .logprobs import vocab_parallel_logprobs
@@ -226,11 +227,11 @@ def build_run(cfg: TrainConfig, beta: float, skip_bad_lines: bool = False, quiet
     )
 
     if beta <= 0:
-        raise ValueError(f"--dpo-beta must be > 0 (got {beta})")
+        raise ConfigError(f"--dpo-beta must be > 0 (got {beta})")
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.load is None:
-        raise ValueError("DPO needs --load: the SFT (or converted) checkpoint both the policy and the reference "
-                         "start from")
+        raise ConfigError("DPO needs --load: the SFT (or converted) checkpoint both the policy and the reference "
+                          "start from")
     check_precision_support(cfg)
     load_dir = find_iteration_dir(cfg.load)
     source = resolve_model_source(cfg, load_dir)
@@ -294,8 +295,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip malformed preference lines")
     args = parser.parse_args(argv)
     return run_reporting_errors(
-        lambda: run(config_from_args(args, "finetune"), args.dpo_beta, args.skip_bad_lines) and None,
-        extra_errors=(ValueError,))  # rlhf/ raises plain ValueError for user errors
+        lambda: run(config_from_args(args, "finetune"), args.dpo_beta, args.skip_bad_lines) and None)
 
 
 if __name__ == "__main__":

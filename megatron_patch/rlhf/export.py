@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError, DataError, UnsupportedModelError
 from .reward_model import HEAD_PREFIX, build_reward_model, is_reward_checkpoint, load_reward_model_weights
 
 SCORE = "score.weight"
@@ -29,7 +30,7 @@ def sequence_classification_config(meta: dict, pad_token_id: int) -> dict:
     config = dict(meta["hf_config"])
     architectures = config.get("architectures") or []
     if not architectures or not architectures[0].endswith("ForCausalLM"):
-        raise ValueError(f"cannot name a sequence-classification class for architectures {architectures}")
+        raise UnsupportedModelError(f"cannot name a sequence-classification class for architectures {architectures}")
     config.update(architectures=[architectures[0].replace("ForCausalLM", "ForSequenceClassification")],
                   num_labels=1, pad_token_id=pad_token_id, vocab_size=meta["vocab_size"])
     config["dtype" if "dtype" in config else "torch_dtype"] = meta["dtype"]
@@ -58,17 +59,17 @@ def reward_model_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwri
     ckpt = Checkpoint.open(load)
     iter_dir = ckpt.iter_dir
     if not is_reward_checkpoint(iter_dir):
-        raise ValueError(f"{iter_dir} is not a reward-model checkpoint (no reward_model.json); export language "
-                         f"models with mcore2hf")
+        raise CheckpointError(f"{iter_dir} is not a reward-model checkpoint (no reward_model.json); export language "
+                              f"models with mcore2hf")
     meta = ckpt.meta
     check_output_dir(save, overwrite)
     assets = iter_dir / ASSETS
     if not assets.is_dir():
-        raise ValueError(f"{iter_dir} has no {ASSETS}/ (tokenizer) to take the pad id from")
+        raise CheckpointError(f"{iter_dir} has no {ASSETS}/ (tokenizer) to take the pad id from")
     tokenizer = load_tokenizer(assets)
     if tokenizer.pad == tokenizer.eod:
-        raise ValueError("the tokenizer's pad id equals its EOS id: transformers would read the score before the "
-                         "EOS the reward model was trained to score at; give the tokenizer a distinct pad token")
+        raise DataError("the tokenizer's pad id equals its EOS id: transformers would read the score before the "
+                        "EOS the reward model was trained to score at; give the tokenizer a distinct pad token")
     config = sequence_classification_config(meta, tokenizer.pad)
     state = _load_full_state(iter_dir, meta, ckpt.spec)
     # Export the backbone as a tied LM would be exported: the sharding then has no LM-head row to look for.
@@ -93,8 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--save", required=True, help="HF output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     args = parser.parse_args(argv)
-    return run_reporting_errors(lambda: reward_model_to_hf(args.load, args.save, args.overwrite) and None,
-                                extra_errors=(ValueError,))  # rlhf/ raises plain ValueError for user errors
+    return run_reporting_errors(lambda: reward_model_to_hf(args.load, args.save, args.overwrite) and None)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import torch.distributed as dist
 
+from ..errors import CheckpointError, ConfigError
 from ..training.arguments import TrainConfig
 from .rl_config import RLConfig
 
@@ -30,11 +31,11 @@ def _validate(cfg: TrainConfig, rl: RLConfig):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     if world % (tp * pp):
-        raise ValueError(f"the world size {world} must divide by TP x PP = {tp * pp}")
+        raise ConfigError(f"the world size {world} must divide by TP x PP = {tp * pp}")
     if cfg.load is None:
-        raise ValueError("RLHF needs --load: the SFT (or converted) checkpoint the actor starts from")
+        raise ConfigError("RLHF needs --load: the SFT (or converted) checkpoint the actor starts from")
     if not cfg.train_iters:
-        raise ValueError("--train-iters (RL iterations) is required")
+        raise ConfigError("--train-iters (RL iterations) is required")
     rl.validate(cfg.seq_length, cfg.global_batch_size, cfg.micro_batch_size, world // (tp * pp))
     check_precision_support(cfg)
     load_dir = find_iteration_dir(cfg.load)
@@ -43,8 +44,8 @@ def _validate(cfg: TrainConfig, rl: RLConfig):
     ref_dir = find_iteration_dir(rl.ref_load or cfg.load)
     rm_dir = find_iteration_dir(rl.reward_model) if rl.reward_model else None
     if rm_dir is not None and not is_reward_checkpoint(rm_dir):
-        raise ValueError(f"--reward-model {rl.reward_model} is not a reward-model checkpoint (train one with "
-                         f"rlhf.train_reward_model)")
+        raise CheckpointError(f"--reward-model {rl.reward_model} is not a reward-model checkpoint (train one with "
+                              f"rlhf.train_reward_model)")
     critic_dir = None
     if rl.algo == "ppo":
         critic_dir = find_iteration_dir(rl.critic_load) if rl.critic_load else rm_dir or load_dir
@@ -72,8 +73,8 @@ def _resume_dirs(cfg: TrainConfig, rl: RLConfig):
     actor = find_resume_dir(str(Path(cfg.save) / "actor"))
     critic = find_resume_dir(str(Path(cfg.save) / "critic")) if rl.algo == "ppo" else None
     if actor is not None and rl.algo == "ppo" and (critic is None or critic.name != actor.name):
-        raise ValueError(f"--save {cfg.save}: the actor ({actor.name}) and critic "
-                         f"({critic.name if critic else 'none'}) checkpoints differ; remove the newer one")
+        raise ConfigError(f"--save {cfg.save}: the actor ({actor.name}) and critic "
+                          f"({critic.name if critic else 'none'}) checkpoints differ; remove the newer one")
     return actor, critic
 
 

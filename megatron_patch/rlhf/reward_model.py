@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
+
 REWARD_MARKER = "reward_model.json"
 HEAD_PREFIX = "output_layer."
 
@@ -81,8 +83,8 @@ def load_reward_model_weights(model, iter_dir: str | Path) -> bool:
     iter_dir = Path(iter_dir)
     meta = read_meta(iter_dir)
     if meta["format"] != "torch_dist":
-        raise ValueError(f"{iter_dir} is a {meta['format']} checkpoint; the reward model loads torch_dist ones "
-                         f"(convert with hf2mcore --format torch_dist)")
+        raise CheckpointError(f"{iter_dir} is a {meta['format']} checkpoint; the reward model loads torch_dist ones "
+                              f"(convert with hf2mcore --format torch_dist)")
     with_head = is_reward_checkpoint(iter_dir)
     sharded = model.sharded_state_dict()
     if not with_head:
@@ -94,8 +96,8 @@ def load_reward_model_weights(model, iter_dir: str | Path) -> bool:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"checkpoint {iter_dir} does not match the reward model: "
-                         f"{' '.join(str(error).split())[:300]}") from None
+        raise CheckpointError(f"checkpoint {iter_dir} does not match the reward model: "
+                              f"{' '.join(str(error).split())[:300]}") from None
     return with_head
 
 

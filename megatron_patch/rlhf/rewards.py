@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import ConfigError
+
 RewardFn = Callable[[list[int], list[int]], "float | list[float]"]
 _REWARDS: dict[str, Callable[..., RewardFn]] = {}
 
@@ -31,7 +33,7 @@ def reward_names() -> list[str]:
 
 def build_reward_fn(name: str, tokenizer, max_new_tokens: int) -> RewardFn:
     if name not in _REWARDS:
-        raise ValueError(f"unknown --reward-fn '{name}' (valid: {', '.join(reward_names())})")
+        raise ConfigError(f"unknown --reward-fn '{name}' (valid: {', '.join(reward_names())})")
     return _REWARDS[name](tokenizer, max_new_tokens)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from ..errors import ConfigError
 from .core_algos import LOSS_AGG_MODES
 
 ALGOS = ("ppo", "grpo")
@@ -49,42 +50,42 @@ class RLConfig:
     ptx_coef: float = field(default=0.0, metadata={"help": "PTX: weight of the LM loss added to the actor loss"})
 
     def validate(self, seq_length: int, global_batch_size: int, micro_batch_size: int, dp: int) -> None:
-        """Every cross-field rule; raises ValueError naming the flag to change."""
+        """Every cross-field rule; raises ConfigError naming the flag to change."""
         if self.algo not in ALGOS:
-            raise ValueError(f"--algo must be one of {', '.join(ALGOS)} (got {self.algo})")
+            raise ConfigError(f"--algo must be one of {', '.join(ALGOS)} (got {self.algo})")
         if self.prompt_data_path is None:
-            raise ValueError("--prompt-data-path is required")
+            raise ConfigError("--prompt-data-path is required")
         if (self.reward_fn is None) == (self.reward_model is None):
-            raise ValueError("pass exactly one of --reward-fn (programmatic) and --reward-model (checkpoint)")
+            raise ConfigError("pass exactly one of --reward-fn (programmatic) and --reward-model (checkpoint)")
         if self.kl_coef < 0:
-            raise ValueError(f"--kl-coef must be >= 0 (got {self.kl_coef})")
+            raise ConfigError(f"--kl-coef must be >= 0 (got {self.kl_coef})")
         if self.kl_controller not in ("fixed", "adaptive"):
-            raise ValueError(f"--kl-controller must be fixed or adaptive (got {self.kl_controller})")
+            raise ConfigError(f"--kl-controller must be fixed or adaptive (got {self.kl_controller})")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(f"--loss-agg-mode must be one of {', '.join(LOSS_AGG_MODES)} (got {self.loss_agg_mode})")
+            raise ConfigError(f"--loss-agg-mode must be one of {', '.join(LOSS_AGG_MODES)} (got {self.loss_agg_mode})")
         if self.algo == "grpo" and self.n_samples_per_prompt < 2:
-            raise ValueError(f"GRPO needs --n-samples-per-prompt >= 2 (got {self.n_samples_per_prompt})")
+            raise ConfigError(f"GRPO needs --n-samples-per-prompt >= 2 (got {self.n_samples_per_prompt})")
         if self.n_samples_per_prompt < 1:
-            raise ValueError(f"--n-samples-per-prompt must be >= 1 (got {self.n_samples_per_prompt})")
+            raise ConfigError(f"--n-samples-per-prompt must be >= 1 (got {self.n_samples_per_prompt})")
         if self.max_new_tokens < 1 or self.max_new_tokens >= seq_length:
-            raise ValueError(f"--max-new-tokens must lie in [1, --seq-length {seq_length}) (got {self.max_new_tokens})")
+            raise ConfigError(f"--max-new-tokens must lie in [1, --seq-length {seq_length}) (got {self.max_new_tokens})")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"--temperature must be > 0 and --top-p in (0, 1] (got {self.temperature}, {self.top_p})")
+            raise ConfigError(f"--temperature must be > 0 and --top-p in (0, 1] (got {self.temperature}, {self.top_p})")
         if self.ppo_epochs < 1 or self.ppo_mini_batches < 1:
-            raise ValueError(f"--ppo-epochs and --ppo-mini-batches must be >= 1 (got {self.ppo_epochs}, "
-                             f"{self.ppo_mini_batches})")
+            raise ConfigError(f"--ppo-epochs and --ppo-mini-batches must be >= 1 (got {self.ppo_epochs}, "
+                              f"{self.ppo_mini_batches})")
         if self.ptx_coef < 0 or (self.ptx_coef > 0) != (self.ptx_data_path is not None):
-            raise ValueError("--ptx-coef > 0 and --ptx-data-path go together (PTX needs both)")
+            raise ConfigError("--ptx-coef > 0 and --ptx-data-path go together (PTX needs both)")
         if global_batch_size % dp:
-            raise ValueError(f"--global-batch-size {global_batch_size} (prompts per iteration) must divide by the "
-                             f"data-parallel size {dp}")
+            raise ConfigError(f"--global-batch-size {global_batch_size} (prompts per iteration) must divide by the "
+                              f"data-parallel size {dp}")
         samples = global_batch_size // dp * self.n_samples_per_prompt
         if self.ppo_mini_batches > samples:
-            raise ValueError(f"--ppo-mini-batches {self.ppo_mini_batches} exceeds the {samples} samples per "
-                             f"data-parallel rank and iteration (lower it or raise --global-batch-size)")
+            raise ConfigError(f"--ppo-mini-batches {self.ppo_mini_batches} exceeds the {samples} samples per "
+                              f"data-parallel rank and iteration (lower it or raise --global-batch-size)")
         if samples % (self.ppo_mini_batches * micro_batch_size):
-            raise ValueError(f"the {samples} samples per data-parallel rank and iteration must divide into "
-                             f"--ppo-mini-batches {self.ppo_mini_batches} x --micro-batch-size {micro_batch_size}")
+            raise ConfigError(f"the {samples} samples per data-parallel rank and iteration must divide into "
+                              f"--ppo-mini-batches {self.ppo_mini_batches} x --micro-batch-size {micro_batch_size}")
 
     def max_prompt_tokens(self, seq_length: int) -> int:
         return seq_length - self.max_new_tokens
@@ -94,7 +95,7 @@ class RLConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown RL option(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown RL option(s): {', '.join(unknown)}")
         return cls(**values)
 
     def to_dict(self) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..errors import CheckpointError
 from ..training.arguments import TrainConfig
 
 
@@ -35,8 +36,8 @@ def check_vocabularies(actor_spec, others: dict[str, Path]) -> None:
     for flag, iter_dir in others.items():
         spec = Checkpoint.open(iter_dir).spec
         if (spec.vocab_size, spec.padded_vocab_size) != (actor_spec.vocab_size, actor_spec.padded_vocab_size):
-            raise ValueError(f"{flag} {iter_dir} has a vocabulary of {spec.vocab_size} tokens, the actor's has "
-                             f"{actor_spec.vocab_size}: RLHF needs one tokenizer for every model")
+            raise CheckpointError(f"{flag} {iter_dir} has a vocabulary of {spec.vocab_size} tokens, the actor's has "
+                                  f"{actor_spec.vocab_size}: RLHF needs one tokenizer for every model")
 
 
 def _hook_into_schedule(config, model, optimizer) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import BadLineError, DataError
+
 
 def _jsonl_values(path: str | Path, key: str, what: str) -> list[str]:
     path = Path(path)
@@ -25,13 +27,13 @@ def _jsonl_values(path: str | Path, key: str, what: str) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
+                raise BadLineError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get(key), str):
                 found = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f'{path}:{line_no}: expected {{"{key}": "..."}}; found {found}')
+                raise BadLineError(f'{path}:{line_no}: expected {{"{key}": "..."}}; found {found}')
             values.append(record[key])
     if not values:
-        raise ValueError(f"{what} {path} has no lines")
+        raise DataError(f"{what} {path} has no lines")
     return values
 
 
@@ -51,11 +53,11 @@ class PromptDataset:
         for line_no, text in enumerate(_jsonl_values(path, "prompt", "prompt data"), 1):
             ids = tokenizer.encode(text)
             if not ids:
-                raise ValueError(f"{path}: prompt {line_no} is empty after tokenization")
+                raise DataError(f"{path}: prompt {line_no} is empty after tokenization")
             if len(ids) > max_prompt_tokens:
-                raise ValueError(f"{path}: prompt {line_no} has {len(ids)} tokens, over the budget of "
-                                 f"{max_prompt_tokens} (--seq-length minus --max-new-tokens): raise --seq-length or "
-                                 f"lower --max-new-tokens")
+                raise DataError(f"{path}: prompt {line_no} has {len(ids)} tokens, over the budget of "
+                                f"{max_prompt_tokens} (--seq-length minus --max-new-tokens): raise --seq-length or "
+                                f"lower --max-new-tokens")
             self.prompts.append(ids)
         self.seed = seed
 
@@ -84,7 +86,7 @@ class PtxDataset:
         for text in _jsonl_values(path, "text", "PTX data"):
             stream += tokenizer.encode(text) + [tokenizer.eod]
         if len(stream) < 2:
-            raise ValueError(f"PTX data {path} has fewer than 2 tokens")
+            raise DataError(f"PTX data {path} has fewer than 2 tokens")
         self.length, self.pad = length, tokenizer.pad
         self.rows = [stream[i:i + length + 1] for i in range(0, len(stream) - 1, length)]
 

@@ -21,6 +21,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
 from ..training.arguments import TrainConfig, add_config_arguments, config_from_args
 from .core_algos import compute_pairwise_reward_loss
 from .reward_model import build_reward_model, load_reward_model_weights, sequence_rewards, write_reward_marker
@@ -190,10 +191,10 @@ def build_run(cfg: TrainConfig, skip_bad_lines: bool = False, quiet: bool = Fals
     source.arch.check_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     tokenizer_path = cfg.tokenizer_model or source.assets_dir
     if tokenizer_path is None:
-        raise ValueError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
+        raise ConfigError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.vocab_size > source.spec.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.spec.vocab_size}")
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.spec.vocab_size}")
     # Data first: a bad preference file stops the run before any process group or model exists.
     train_data = PreferenceDataset(cfg.train_data_path, tokenizer, cfg.seq_length, skip_bad_lines)
     valid_data = (PreferenceDataset(cfg.valid_data_path, tokenizer, cfg.seq_length, skip_bad_lines)
@@ -248,8 +249,7 @@ def main(argv=None) -> int:
     add_config_arguments(parser, mode="finetune")  # preference data is read like SFT data (--train-data-path)
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip malformed preference lines")
     args = parser.parse_args(argv)
-    return run_reporting_errors(lambda: run(config_from_args(args, "finetune"), args.skip_bad_lines) and None,
-                                extra_errors=(ValueError,))  # rlhf/ raises plain ValueError for user errors
+    return run_reporting_errors(lambda: run(config_from_args(args, "finetune"), args.skip_bad_lines) and None)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ def other_vocab_ckpt(ws, make_hf):
 
 @pytest.mark.parametrize("case", ["missing_key", "too_long", "other_vocab", "negative_kl", "mini_batches"])
 def test_bad_input_refused_before_work(ws, other_vocab_ckpt, tmp_path, case):
+    from megatron_patch.errors import MegatronPatchError
     from megatron_patch.rlhf.ppo_setup import _validate
     from megatron_patch.rlhf.rl_config import RLConfig
     from megatron_patch.training.arguments import TrainConfig
@@ -114,7 +115,7 @@ def test_bad_input_refused_before_work(ws, other_vocab_ckpt, tmp_path, case):
         "negative_kl": ("--kl-coef must be >= 0", dict(kl_coef=-0.1)),
         "mini_batches": ("--ppo-mini-batches 8 exceeds the 4 samples", dict(ppo_mini_batches=8)),
     }[case]
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(MegatronPatchError) as error:  # a user error: reported as one line by the CLI
         _validate(TrainConfig.from_dict({"mode": "finetune", **cfg}), RLConfig.from_dict({**rl, **expected[1]}))
     message = str(error.value)
     assert expected[0] in message and "\n" not in message

@@ -77,6 +77,24 @@ def test_bad_preference_line_stops_the_entry_point_with_one_line(tmp_path, make_
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_rl_input_stops_the_ppo_entry_point_with_one_line(tmp_path, make_hf):
+    from megatron_patch.convert.hf_to_mcore import hf_to_mcore
+
+    ckpt = tmp_path / "mcore"
+    hf_to_mcore(make_hf("rlhf_cli_tiny"), ckpt)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "1 2"}) + "\n" + json.dumps({"text": "3 4"}) + "\n")
+    result = subprocess.run([sys.executable, "-m", "megatron_patch.rlhf.ppo", "--load", str(ckpt), "--seq-length", "32",
+                             "--prompt-data-path", str(prompts), "--reward-fn", "count_up", "--max-new-tokens", "8",
+                             "--train-iters", "1", "--global-batch-size", "2", "--micro-batch-size", "1",
+                             "--save", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f'error: {prompts}:2: expected {{"prompt": "..."}}; found keys [\'text\']'], result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
 def rl_script_args(tmp_path, algo: str, **kw) -> list[str]:
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "1 2 3"}\n')
     args = dict(ENV="cpu", MEGATRON_PATH="none", MEGATRON_PATCH_PATH=str(ROOT), MODEL_SIZE="tiny", BATCH_SIZE="2",
