@@ -567,10 +567,11 @@ def compute_value_loss(
     return loss, metrics
 
 
-def explained_variance(values: Tensor, returns: Tensor, response_mask: Tensor) -> Tensor:
-    """``1 - Var(R - V) / Var(R)`` over the valid tokens: 1 is a perfect critic, <= 0 no better than a constant."""
-    residual_var = masked_var(returns - values, response_mask)
-    return 1 - residual_var / masked_var(returns, response_mask).clamp(min=1e-8)
+def explained_variance(values: Tensor, returns: Tensor, response_mask: Tensor, group=None) -> Tensor:
+    """``1 - Var(R - V) / Var(R)`` over the valid tokens (of every rank of ``group`` when given): 1 is a perfect
+    critic, <= 0 no better than a constant."""
+    residual_var = masked_var(returns - values, response_mask, group=group)
+    return 1 - residual_var / masked_var(returns, response_mask, group=group).clamp(min=1e-8)
 
 
 def compute_kl_loss(

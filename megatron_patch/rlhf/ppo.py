@@ -165,7 +165,8 @@ def make_experience(run: RLRun, samples, responses, group_ids) -> tuple[dict, di
         advantages, returns = core_algos.get_adv_estimator("gae")(rewards, mask, config, values=batch["values"],
                                                                   dp_group=dp_group)
         batch["returns"] = returns
-        metrics["critic/explained_variance"] = core_algos.explained_variance(batch["values"], returns, mask)
+        metrics["critic/explained_variance"] = core_algos.explained_variance(batch["values"], returns, mask,
+                                                                             group=dp_group)
         metrics["actor/kl_sum"] = kl_metrics["actor/reward_kl_sum"]
     else:
         rewards = core_algos.scores_to_token_rewards(scores, mask)  # GRPO: outcome = the row's total
@@ -175,7 +176,11 @@ def make_experience(run: RLRun, samples, responses, group_ids) -> tuple[dict, di
         metrics["actor/kl_sum"] = kl.sum(-1).mean()
     batch["advantages"] = advantages
     metrics["reward/mean"] = scores.mean()
-    metrics["reward/std"] = scores.std() if scores.numel() > 1 else scores.new_zeros(())
+    # Spread statistics over the whole batch (all data-parallel ranks), not a mean of per-rank ones; the means
+    # above are exact as every rank holds the same number of samples.
+    everyone = torch.ones_like(scores)
+    metrics["reward/std"] = (core_algos.masked_var(scores, everyone, group=dp_group).sqrt()
+                             if scores.numel() * run.dp > 1 else scores.new_zeros(()))
     metrics["response/length"] = mask.sum(-1).mean()
     metrics["actor/kl_coef"] = torch.tensor(run.kl_ctl.value)
     return batch, metrics

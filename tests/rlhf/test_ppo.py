@@ -1,6 +1,6 @@
-"""PPO and GRPO on megatron-core: the reward rises; TP=2 and PP=2 equal TP=1 over the first iteration; a resumed run
-equals an uninterrupted one; bad input is refused with one line before any work. Every run checks device placement
-as a GPU would (runtime/strict.py)."""
+"""PPO and GRPO on megatron-core: the reward rises; TP=2 and PP=2 equal TP=1 over the first iteration; DP=2 equals
+one rank; a resumed run equals an uninterrupted one; bad input is refused with one line before any work. Every run
+checks device placement as a GPU would (runtime/strict.py)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,24 @@ def test_parallel_equals_tp1(ws, single_rank, tp, pp):
         for key in ("actor/pg_loss", "actor/first_pg_loss", "actor/entropy", "actor/ptx_loss", "critic/vf_loss",
                     "reward/mean"):
             assert metrics[key] == pytest.approx(expected[key], abs=1e-4), key
+
+
+def test_data_parallel_equals_one_rank(ws):
+    """DP=2 splits each global batch over two ranks. With (near-)greedy sampling both runs roll out the same
+    responses, so advantages (whitened over the DP group), batch statistics (reward std, explained variance: over
+    the whole batch, not a mean of per-rank ones) and the updates (DDP-averaged gradients) must equal one rank's."""
+    cfg, rl = _configs(ws, cfg_over=dict(train_iters=2, micro_batch_size=1), ppo_mini_batches=1, temperature=1e-4)
+    one = _run(1, cfg, rl)[0]
+    two = _run(2, cfg, rl)
+    assert two[0]["first"]["responses"] + two[1]["first"]["responses"] == one["first"]["responses"]
+    for key in ("old_logprob", "ref_logprob", "advantages"):
+        np.testing.assert_allclose(two[0]["first"][key] + two[1]["first"][key], one["first"][key], rtol=0, atol=1e-4,
+                                   err_msg=key)
+    for rank in two:
+        for (_, expected), (_, got) in zip(one["history"], rank["history"], strict=True):
+            for key in expected:
+                if not key.startswith("time/"):
+                    assert got[key] == pytest.approx(expected[key], abs=1e-4), key
 
 
 def test_resumed_equals_uninterrupted(ws, tmp_path):
