@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import BadLineError, ConfigError, DataError, WorkerDiedError
 from ..runtime.progress import progress as progress_bar
+from .jsonl import json_object, string_field
 from .tokenizers import Tokenizer, load_tokenizer
 
 __all__ = ["BadLineError", "PreprocessSummary", "WorkerDiedError", "build_indexed_dataset"]
@@ -56,24 +57,7 @@ def _init_worker(tokenizer_path: str, tokenizer_kind: str | None, key: str) -> N
 
 def parse_line(line: str | bytes, line_no: int, key: str) -> str:
     """The document text of one jsonl line; BadLineError names the line and what is wrong with it."""
-    if isinstance(line, bytes):
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise BadLineError(f"line {line_no}: not valid UTF-8 (byte {error.start + 1} of the line)") from None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise BadLineError(f"line {line_no}: not valid JSON ({error.msg} at column {error.colno})") from None
-    if not isinstance(record, dict):
-        raise BadLineError(f"line {line_no}: expected a JSON object, got {type(record).__name__}")
-    if key not in record:
-        raise BadLineError(f"line {line_no}: no key '{key}' (keys: {', '.join(sorted(record)) or 'none'}); "
-                           f"pass --json-key to choose the text field")
-    text = record[key]
-    if not isinstance(text, str):
-        raise BadLineError(f"line {line_no}: '{key}' is a {type(text).__name__}, not a string")
-    return text
+    return string_field(json_object(line, line_no), key, line_no, hint="pass --json-key to choose the text field")
 
 
 def _encode_chunk(chunk: tuple[int, list[bytes]]) -> list[tuple[int, np.ndarray | None, str | None]]:

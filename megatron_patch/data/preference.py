@@ -14,13 +14,13 @@ read there). A pair longer than ``seq_length`` keeps its whole prompt and loses 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import BadLineError, ConfigError, DataError
+from .jsonl import in_file, json_object, numbered_lines, string_field
 from .tokenizers import Tokenizer
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -38,19 +38,13 @@ class PreferencePair:
 
 def parse_preference_line(line: str, line_no: int) -> dict:
     """The record of one jsonl line; BadLineError names the line and what is wrong with it."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise BadLineError(f"line {line_no}: not valid JSON ({error.msg} at column {error.colno})") from None
-    if not isinstance(record, dict):
-        raise BadLineError(f"line {line_no}: expected a JSON object, got {type(record).__name__}")
+    record = json_object(line, line_no)
     missing = [key for key in FIELDS if key not in record]
     if missing:
         raise BadLineError(f"line {line_no}: missing {', '.join(repr(k) for k in missing)} "
                            f"(each line needs \"prompt\", \"chosen\", \"rejected\")")
     for key in FIELDS:
-        if not isinstance(record[key], str):
-            raise BadLineError(f"line {line_no}: '{key}' is a {type(record[key]).__name__}, not a string")
+        string_field(record, key, line_no)
     for key in ("chosen", "rejected"):
         if not record[key].strip():
             raise BadLineError(f"line {line_no}: '{key}' is an empty response")
@@ -86,16 +80,13 @@ def read_preference_pairs(path: str | Path, tokenizer: Tokenizer, seq_length: in
     if seq_length < 2:
         raise ConfigError(f"the sequence length must be >= 2 to hold a prompt and a response, got {seq_length}")
     pairs, skipped = [], 0
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                pairs.append(encode_pair(parse_preference_line(line, line_no), line_no, tokenizer, seq_length))
-            except BadLineError as error:
-                if not skip_bad_lines:
-                    raise BadLineError(f"{path}: {error} (pass --skip-bad-lines to skip such lines)") from None
-                skipped += 1
+    for line_no, line in numbered_lines(path):
+        try:
+            pairs.append(encode_pair(parse_preference_line(line, line_no), line_no, tokenizer, seq_length))
+        except BadLineError as error:
+            if not skip_bad_lines:
+                raise in_file(path, error, " (pass --skip-bad-lines to skip such lines)") from None
+            skipped += 1
     if not pairs:
         raise DataError(f"preference data {path} has no usable pair ({skipped} bad lines skipped)")
     return pairs, skipped

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import BadLineError, DataError
+from .jsonl import in_file, json_object, numbered_lines
 from .tokenizers import Tokenizer
 
 # Used when the tokenizer has no chat template (Alpaca's prompt layout).
@@ -29,24 +30,21 @@ PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n#
 SCHEMA = '{"instruction": ..., "input": ... (optional), "output": ...} or {"messages": [{"role", "content"}, ...]}'
 
 
-def parse_record(line: str, where: str) -> dict:
-    """One jsonl line as an SFT record; ``where`` (``path:line``) starts the error message."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-    if not isinstance(record, dict) or not ("messages" in record or {"instruction", "output"} <= set(record)):
-        found = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
-        raise DataError(f"{where}: expected {SCHEMA}; found {found}")
+def parse_record(line: str, line_no: int) -> dict:
+    """One jsonl line as an SFT record; BadLineError names the line and what is wrong with it."""
+    record = json_object(line, line_no)
+    where = f"line {line_no}"
+    if not ("messages" in record or {"instruction", "output"} <= set(record)):
+        raise BadLineError(f"{where}: expected {SCHEMA}; found keys {sorted(record)}")
     if "messages" in record and not (isinstance(record["messages"], list) and all(
             isinstance(m, dict) and {"role", "content"} <= set(m) for m in record["messages"])):
-        raise DataError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
+        raise BadLineError(f'{where}: "messages" must be a list of {{"role", "content"}} objects')
     for message in record.get("messages", []):
         if not (isinstance(message["role"], str) and isinstance(message["content"], str)):
-            raise DataError(f'{where}: a message\'s "role" and "content" must be strings')
+            raise BadLineError(f'{where}: a message\'s "role" and "content" must be strings')
     for key in ("instruction", "input", "output"):
         if key in record and not isinstance(record[key], str):
-            raise DataError(f'{where}: "{key}" must be a string (got {type(record[key]).__name__})')
+            raise BadLineError(f'{where}: "{key}" must be a string (got {type(record[key]).__name__})')
     return record
 
 
@@ -56,13 +54,13 @@ def read_records(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"SFT data {path} does not exist")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            records.append(parse_record(line, f"{path}:{line_no}"))
-            if limit is not None and len(records) >= limit:
-                break
+    for line_no, line in numbered_lines(path):
+        try:
+            records.append(parse_record(line, line_no))
+        except BadLineError as error:
+            raise in_file(path, error) from None
+        if limit is not None and len(records) >= limit:
+            break
     if not records:
         raise DataError(f"SFT data {path} has no samples")
     return records

@@ -7,27 +7,22 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import DataError
+from ..data.jsonl import in_file, json_object, numbered_lines, string_field
+from ..errors import BadLineError, DataError
 
 
 def read_prompts(path: str | os.PathLike, prompt_key: str = "prompt") -> list[str]:
     """Prompts from a .jsonl file (``prompt_key`` of each object) or a text file (one per non-empty line)."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    prompts = []
     if path.suffix in (".jsonl", ".json"):
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        prompts = []
+        for line_no, line in numbered_lines(path):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number} is not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(prompt_key), str):
-                raise DataError(f"{path}:{number} has no string field '{prompt_key}' (set --prompt-key)")
-            prompts.append(record[prompt_key])
+                prompts.append(string_field(json_object(line, line_no), prompt_key, line_no, hint="set --prompt-key"))
+            except BadLineError as error:
+                raise in_file(path, error) from None
     else:
-        prompts = [line for line in lines if line.strip()]
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise DataError(f"{path} holds no prompts")
     return prompts

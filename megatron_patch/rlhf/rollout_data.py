@@ -6,32 +6,26 @@ line naming the file, the line and what to change.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..data.jsonl import in_file, json_object, numbered_lines, string_field
 from ..errors import BadLineError, DataError
 
 
-def _jsonl_values(path: str | Path, key: str, what: str) -> list[str]:
+def _jsonl_values(path: str | Path, key: str, what: str) -> list[tuple[int, str]]:
+    """``(line number, value of key)`` of each non-blank line; BadLineError / DataError name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     values = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise BadLineError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                found = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
-                raise BadLineError(f'{path}:{line_no}: expected {{"{key}": "..."}}; found {found}')
-            values.append(record[key])
+    for line_no, line in numbered_lines(path):
+        try:
+            values.append((line_no, string_field(json_object(line, line_no), key, line_no)))
+        except BadLineError as error:
+            raise in_file(path, error) from None
     if not values:
         raise DataError(f"{what} {path} has no lines")
     return values
@@ -50,14 +44,14 @@ class PromptDataset:
 
     def __init__(self, path: str | Path, tokenizer, max_prompt_tokens: int, seed: int = 1234):
         self.prompts: list[list[int]] = []
-        for line_no, text in enumerate(_jsonl_values(path, "prompt", "prompt data"), 1):
+        for line_no, text in _jsonl_values(path, "prompt", "prompt data"):
             ids = tokenizer.encode(text)
             if not ids:
-                raise DataError(f"{path}: prompt {line_no} is empty after tokenization")
+                raise BadLineError(f"{path}: line {line_no}: the prompt is empty after tokenization")
             if len(ids) > max_prompt_tokens:
-                raise DataError(f"{path}: prompt {line_no} has {len(ids)} tokens, over the budget of "
-                                f"{max_prompt_tokens} (--seq-length minus --max-new-tokens): raise --seq-length or "
-                                f"lower --max-new-tokens")
+                raise BadLineError(f"{path}: line {line_no}: the prompt has {len(ids)} tokens, over the budget of "
+                               f"{max_prompt_tokens} (--seq-length minus --max-new-tokens): raise --seq-length or "
+                               f"lower --max-new-tokens")
             self.prompts.append(ids)
         self.seed = seed
 
@@ -83,7 +77,7 @@ class PtxDataset:
 
     def __init__(self, path: str | Path, tokenizer, length: int):
         stream: list[int] = []
-        for text in _jsonl_values(path, "text", "PTX data"):
+        for _, text in _jsonl_values(path, "text", "PTX data"):
             stream += tokenizer.encode(text) + [tokenizer.eod]
         if len(stream) < 2:
             raise DataError(f"PTX data {path} has fewer than 2 tokens")

@@ -145,7 +145,7 @@ def _entry_args(mcore, prompts, out, *extra):
     (["--model-name", "qwen"], "holds a 'llama' model, not 'qwen'"),
     (["--extra-vocab-size", "3"], "--extra-vocab-size 3 differs from the checkpoint's 0"),
     (["--seq-length", "4096", "--input-len", "16"], "--seq-length 4096 exceeds the model's 512 positions"),
-    (["--prompt-key", "text"], "has no string field 'text'"),
+    (["--prompt-key", "text"], "line 1: no key 'text' (keys: id, prompt); set --prompt-key"),
     (["--top-k", "0", "--temperature", "-1"], "--temperature must be > 0"),
 ])
 def test_entry_fails_early_with_one_line(llama, capsys, extra, message):

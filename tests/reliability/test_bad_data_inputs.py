@@ -23,7 +23,7 @@ def test_sft_record_fields_are_checked(tmp_path, record, message):
     path.write_text(json.dumps({"instruction": "fine", "output": "fine"}) + "\n" + json.dumps(record) + "\n")
     with pytest.raises(DataError) as error:
         read_records(path)
-    assert str(error.value) == f"{path}:2: {message}"
+    assert str(error.value) == f"{path}: line 2: {message}"
 
 
 def test_sentencepiece_kind_on_a_hf_directory(tmp_path):

@@ -125,7 +125,7 @@ def test_bad_input_refused_before_work(ws, other_vocab_ckpt, tmp_path, case):
 
     cfg, rl = _configs(ws, cfg_over=dict(save=str(tmp_path / "out")))
     expected = {
-        "missing_key": ('expected {"prompt": "..."}', dict(prompt_data_path=_write(tmp_path / "keys.jsonl",
+        "missing_key": ("line 1: no key 'prompt' (keys: text)", dict(prompt_data_path=_write(tmp_path / "keys.jsonl",
                                                                                    [{"text": "12"}]))),
         "too_long": ("over the budget", dict(prompt_data_path=_write(tmp_path / "long.jsonl",
                                                                      [{"prompt": "1 2 3 4 5 6 7 8 9 0"}]))),

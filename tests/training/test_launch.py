@@ -14,7 +14,7 @@ from .test_logging import MEGATRON_LINE
 
 ROOT = Path(__file__).resolve().parents[2]
 BAD_SFT = '{"prompt": "a question", "response": "an answer"}\n'
-SCHEMA_ERROR = 'bad.jsonl:1: expected {"instruction"'
+SCHEMA_ERROR = 'bad.jsonl: line 1: expected {"instruction"'
 
 
 def env(**extra) -> dict:
@@ -146,5 +146,5 @@ def test_preflight_reads_only_the_first_sft_lines(workspace, tmp_path):
     cfg = TrainConfig(mode="finetune", load=workspace["ckpt"], train_data_path=str(data), global_batch_size=1)
     preflight(cfg, world_size=1)
     data.write_text(good + '{"messages": "hello"}\n')
-    with pytest.raises(ValueError, match=r'sft.jsonl:2: "messages" must be a list of \{"role", "content"\}'):
+    with pytest.raises(ValueError, match=r'sft.jsonl: line 2: "messages" must be a list of \{"role", "content"\}'):
         preflight(cfg, world_size=1)
