@@ -8,7 +8,6 @@ Storage only: nothing here knows model families (``models.Checkpoint`` turns the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .trusted_load import megatron_lm_args_globals
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "megatron_patch.json"
@@ -126,11 +126,11 @@ def legacy_rank_file(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int) -> Pat
 
 def load_legacy_rank(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int) -> dict:
     """The ``model`` state dict of one rank file, memory-mapped (``weights_only=True``: tensors and plain data, plus
-    the ``argparse.Namespace`` of arguments Megatron-LM stores beside the model)."""
+    the ``args`` Megatron-LM stores beside the model: ``trusted_load.megatron_lm_args_globals``)."""
     path = legacy_rank_file(iter_dir, tp_rank, pp_rank, pp)
     if not path.is_file():
         raise CheckpointError(f"legacy checkpoint shard {path} is missing")
-    payload = load_legacy_payload(path, allowed_globals=(argparse.Namespace,))
+    payload = load_legacy_payload(path, allowed_globals=tuple(megatron_lm_args_globals()))
     if not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"{path} holds no 'model' state dict (keys: {', '.join(map(str, payload))[:120]})")
     return payload["model"]

@@ -90,9 +90,28 @@ def _numpy_rng_globals() -> list:
     return allowed
 
 
+def megatron_lm_args_globals() -> list[type]:
+    """The types Megatron-LM pickles into a checkpoint's ``args`` besides plain data and torch dtypes: the
+    ``argparse.Namespace`` itself and the values of megatron-core's enum flags (``--attention-backend``,
+    ``--fp8-recipe``, the model type, CUDA-graph scopes). An enum member is unpickled by looking its value up in the
+    class: no code of the file's choosing runs."""
+    import argparse
+    import enum
+
+    from megatron.core import enums as core_enums
+    from megatron.core.transformer import enums as transformer_enums
+
+    found: list[type] = [argparse.Namespace]
+    for module in (core_enums, transformer_enums):
+        found += [value for value in vars(module).values()
+                  if isinstance(value, type) and issubclass(value, enum.Enum) and value.__module__ == module.__name__]
+    return found
+
+
 def _load_weights_only(stream, what: str) -> None:
     try:
-        with torch.serialization.safe_globals(_numpy_rng_globals()):
+        # common.pt of a Megatron-LM torch_dist checkpoint carries the run's args.
+        with torch.serialization.safe_globals(_numpy_rng_globals() + megatron_lm_args_globals()):
             torch.load(stream, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else "unpickling refused"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..checkpoint.hf import read_config
 from ..checkpoint.megatron import META, load_legacy_payload
+from ..checkpoint.trusted_load import megatron_lm_args_globals
 from ..errors import CheckpointError
 from .registry import detect_family, get_family
 
@@ -122,7 +123,7 @@ def _load_args(path: Path, what: str) -> dict:
 
 
 def _payload_with_args(path: Path, what: str) -> dict:
-    payload = load_legacy_payload(path, allowed_globals=(argparse.Namespace,))
+    payload = load_legacy_payload(path, allowed_globals=tuple(megatron_lm_args_globals()))
     if not isinstance(payload.get("args"), argparse.Namespace):
         raise CheckpointError(f"{path} has no 'args' (the Megatron-LM run's arguments): cannot tell which model the "
                               f"{what} holds")

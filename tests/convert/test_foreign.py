@@ -21,10 +21,16 @@ SHAPE = dict(num_layers=4, hidden_size=128, ffn_hidden_size=344, num_attention_h
 
 
 def _megatron_lm_args(tp: int, pp: int, **changes) -> argparse.Namespace:
+    from megatron.core.enums import Fp8Recipe, ModelType
+    from megatron.core.transformer.enums import AttnBackend
+
+    # Beside plain values a Megatron-LM run's args hold torch dtypes and megatron-core enum members.
     return argparse.Namespace(**{**SHAPE, "group_query_attention": True, "num_query_groups": 4,
                                  "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                                  "make_vocab_size_divisible_by": 128, "untie_embeddings_and_output_weights": True,
-                                 "padded_vocab_size": 2048, "swiglu": True, **changes})
+                                 "padded_vocab_size": 2048, "swiglu": True, "params_dtype": torch.bfloat16,
+                                 "attention_backend": AttnBackend.auto, "model_type": ModelType.encoder_or_decoder,
+                                 "fp8_recipe": Fp8Recipe.delayed, **changes})
 
 
 def _strip_ours(root):
@@ -105,6 +111,23 @@ def test_recorded_shape_must_match_the_hf_config(hf_dir, tmp_path):
     root = _bridge(hf_dir, tmp_path / "bridge", num_layers=6)
     with pytest.raises(CheckpointError, match="run_config.yaml records num_layers=6, but .*config.json gives "
                                               "num_layers=4"):
+        mcore_to_hf(root, tmp_path / "out", hf_config_dir=hf_dir)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "torch_dist"])
+def test_args_holding_other_objects_are_refused(hf_dir, tmp_path, fmt):
+    """Only plain data, dtypes, the Namespace and megatron-core's enums unpickle: anything else stops the run."""
+    import pathlib
+
+    if fmt == "legacy":
+        root = _megatron_lm_legacy(hf_dir, tmp_path / "mlm", tp=1, pp=1, data_path=pathlib.PurePosixPath("/d"))
+    else:
+        hf_to_mcore(hf_dir, tmp_path / "mlm", tp=1, pp=1, fmt="torch_dist")
+        iter_dir = _strip_ours(tmp_path / "mlm")
+        torch.save({"args": _megatron_lm_args(1, 1, data_path=pathlib.PurePosixPath("/d"))}, iter_dir / "common.pt")
+        root = tmp_path / "mlm"
+    with pytest.raises(CheckpointError, match="PurePosixPath"):
         mcore_to_hf(root, tmp_path / "out", hf_config_dir=hf_dir)
     assert not (tmp_path / "out").exists()
 
