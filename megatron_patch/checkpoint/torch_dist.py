@@ -59,6 +59,7 @@ from ..mapping.checks import check_exact_names
 from ..mapping.rows import GatedMLP
 from .dcp_records import PROBE_ERRORS, tensor_record_data
 from .formats import CheckpointFormat, register_format
+from .serialization import without_crc32
 from .trusted_load import check_torch_dist_checkpoint
 from .trusted_load import read_dcp_metadata as read_trusted_metadata
 
@@ -147,9 +148,9 @@ def _entry_parts(single: Sharding, entry: Entry, hf_tensors: list[torch.Tensor],
 
     SwiGLU ``linear_fc1`` = [gate; up] is stored as two chunks that are exactly the HF gate and up tensors: they are
     written from the HF files as they are instead of being concatenated and split again (fc1 is about half of a
-    llama layer's bytes)."""
+    llama layer's bytes); each is checked as the full tensor would have been."""
     if parts == 2 and isinstance(entry.row, GatedMLP):
-        return list(hf_tensors)
+        return [single.checked(entry, tensor) for tensor in hf_tensors]
     return list(single.full_megatron_tensor(entry, hf_tensors).chunk(parts, dim=0))
 
 
@@ -161,18 +162,6 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     data = torch.frombuffer(tensor.reshape(-1).view(torch.uint8).numpy(), dtype=torch.uint8)
     return data.view(tensor.dtype).view(tensor.shape)
-
-
-@contextmanager
-def _no_crc32():
-    """``torch.save`` without the CRC32 of each record: ``torch.load`` (and so DCP and megatron-core) never checks
-    it, and computing it is a third of the user time of a conversion."""
-    previous = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        yield
-    finally:
-        torch.serialization.set_crc32_options(previous)
 
 
 def write_torch_dist(sharding: Sharding, reader, iter_dir: Path, dtype: torch.dtype, progress=None) -> None:
@@ -191,7 +180,7 @@ def write_torch_dist(sharding: Sharding, reader, iter_dir: Path, dtype: torch.dt
     state_dict_metadata, storage_data = {}, {}
     properties = TensorProperties(dtype=dtype)
 
-    with open(iter_dir / DCP_DATA_FILE, "wb", buffering=0) as out, _no_crc32():
+    with open(iter_dir / DCP_DATA_FILE, "wb", buffering=0) as out, without_crc32():
         def record(index: MetadataIndex, item: torch.Tensor | memoryview) -> None:
             """Append one item (a tensor as a ``torch.save`` record, an object's bytes as they are)."""
             offset = out.tell()
