@@ -10,7 +10,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_patch.checkpoint.megatron import find_iteration_dir
-from megatron_patch.checkpoint.torch_dist import TorchDistReader
+from megatron_patch.checkpoint.torch_dist_io import TorchDistReader
 from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.models import get_family
 from megatron_patch.runtime import run_on_local_ranks
