@@ -52,6 +52,9 @@ def _one_process():
 
 
 DCP_DATA_FILE = "__0_0.distcp"  # what DCP's FileSystemWriter names rank 0's single file
+# torch.save aligns a record's tensor bytes to 64 within the record; records starting at multiples of 64 put every
+# tensor at an aligned file offset, so a reader can map it instead of copying it (``TorchDistReader._mapped``).
+RECORD_ALIGNMENT = 64
 
 
 def _entry_parts(single: Sharding, entry: Entry, hf_tensors: list[torch.Tensor], parts: int) -> list[torch.Tensor]:
@@ -93,7 +96,9 @@ def write_torch_dist(sharding: Sharding, reader, iter_dir: Path, dtype: torch.dt
 
     with open(iter_dir / DCP_DATA_FILE, "wb", buffering=0) as out, without_crc32():
         def record(index: MetadataIndex, item: torch.Tensor | memoryview) -> None:
-            """Append one item (a tensor as a ``torch.save`` record, an object's bytes as they are)."""
+            """Append one item (a tensor as a ``torch.save`` record, an object's bytes as they are) at a multiple of
+            ``RECORD_ALIGNMENT`` bytes (readers find records by offset and length, so the gap is never read)."""
+            out.write(bytes(-out.tell() % RECORD_ALIGNMENT))
             offset = out.tell()
             torch.save(item, out) if isinstance(item, torch.Tensor) else out.write(item)
             storage_data[index] = _StorageInfo(DCP_DATA_FILE, offset, out.tell() - offset)
@@ -239,6 +244,9 @@ class TorchDistReader:
         else:
             dest = torch.empty((1, *stored.size[1:]), dtype=stored.properties.dtype)
             offsets = (layer,) + (0,) * (len(stored.size) - 1)
+        mapped = self._mapped(key, stored, offsets, dest.shape)
+        if mapped is not None:
+            return mapped[0] if layer is not None else mapped
         if self._read_records(key, stored, offsets, dest):
             return dest[0] if layer is not None else dest
         try:
@@ -251,6 +259,36 @@ class TorchDistReader:
             raise CheckpointError(f"cannot read '{key}' from torch_dist checkpoint {self.dir} (missing or truncated "
                                   f"file?): {' '.join(str(error).split())[:300]}") from None
         return dest[0] if layer is not None else dest
+
+    def _mapped(self, key: str, stored: TensorStorageMetadata, offsets: tuple[int, ...],
+                sizes: torch.Size) -> torch.Tensor | None:
+        """The box (``offsets``, ``sizes``) of ``key`` as a view of a private memory map of its file, when one plain
+        record holds all of it contiguously at an offset aligned for its dtype (every tensor of a checkpoint this
+        toolkit wrote); None otherwise. Nothing is copied: pages are read as the caller touches them, and the
+        mapping goes with the tensor (as ``safetensors`` reads the HF files).
+
+        Raises:
+            CheckpointError: the file ends before the record's bytes do.
+        """
+        items = create_read_items_for_chunk_list(key, stored, [ChunkStorageMetadata(torch.Size(offsets), sizes)])
+        if len(items) != 1 or math.prod(items[0].lengths) != math.prod(sizes):
+            return None
+        item, dtype = items[0], stored.properties.dtype
+        info = self.metadata.storage_data.get(item.storage_index)
+        chunk_sizes = tuple(stored.chunks[item.storage_index.index].sizes)
+        source = _contiguous_range(chunk_sizes, tuple(item.storage_offsets), tuple(item.lengths))
+        if info is None or getattr(info, "transform_descriptors", None) or source is None:
+            return None
+        start = self._data_offset(info, dtype, chunk_sizes)
+        if start is None or start % dtype.itemsize:
+            return None
+        path = self.dir / info.relative_path
+        position, file_bytes = start + source * dtype.itemsize, path.stat().st_size
+        if position + math.prod(sizes) * dtype.itemsize > file_bytes:
+            raise CheckpointError(f"cannot read '{key}' from torch_dist checkpoint {self.dir} (missing or truncated "
+                                  f"file?): {path.name} ends before its data")
+        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=file_bytes)
+        return torch.empty(0, dtype=dtype).set_(storage, position // dtype.itemsize, sizes)
 
     def _read_records(self, key: str, stored: TensorStorageMetadata, offsets: tuple[int, ...],
                       dest: torch.Tensor) -> bool:
