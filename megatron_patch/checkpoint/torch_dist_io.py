@@ -35,7 +35,7 @@ from ..mapping import Entry, Sharding
 from ..mapping.checks import check_exact_names
 from ..mapping.rows import GatedMLP
 from .dcp_records import PROBE_ERRORS, tensor_record_data
-from .serialization import without_crc32
+from .serialization import own_storage, without_crc32
 from .torch_dist import BACKEND_CONFIG, COMMON_FILE, CONFIG_FILE, DCP_METADATA, extra_state_keys, layout, sharded_key
 from .trusted_load import read_dcp_metadata as read_trusted_metadata
 
@@ -66,16 +66,6 @@ def _entry_parts(single: Sharding, entry: Entry, hf_tensors: list[torch.Tensor],
     if parts == 2 and isinstance(entry.row, GatedMLP):
         return [single.checked(entry, tensor) for tensor in hf_tensors]
     return list(single.full_megatron_tensor(entry, hf_tensors).chunk(parts, dim=0))
-
-
-def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (contiguous) over a storage of exactly its bytes, without copying: ``torch.save`` writes a view's
-    whole storage, which is why DCP clones every view; a buffer view of the same memory avoids that copy."""
-    tensor = tensor.contiguous()
-    if tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.nbytes:
-        return tensor
-    data = torch.frombuffer(tensor.reshape(-1).view(torch.uint8).numpy(), dtype=torch.uint8)
-    return data.view(tensor.dtype).view(tensor.shape)
 
 
 def write_torch_dist(sharding: Sharding, reader, iter_dir: Path, dtype: torch.dtype, progress=None) -> None:
@@ -122,7 +112,7 @@ def write_torch_dist(sharding: Sharding, reader, iter_dir: Path, dtype: torch.dt
                 chunk.key, TensorStorageMetadata(properties=properties, size=chunk.global_shape, chunks=[]))
             index = MetadataIndex(chunk.key, chunk.offsets, len(stored.chunks))
             stored.chunks.append(ChunkStorageMetadata(offsets=chunk.offsets, sizes=chunk.sizes))
-            record(index, _own_storage(parts[chunk.part].reshape(chunk.sizes)))
+            record(index, own_storage(parts[chunk.part].reshape(chunk.sizes)))
         del current, parts
 
     metadata = Metadata(state_dict_metadata=state_dict_metadata, planner_data=None, storage_data=storage_data,

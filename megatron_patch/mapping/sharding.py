@@ -233,8 +233,13 @@ class Sharding:
         return full
 
     def rank_shard(self, entry: Entry, hf_tensors: list[torch.Tensor], tp_rank: int) -> torch.Tensor:
-        """TP rank ``tp_rank``'s shard of an entry as a new tensor, without materialising the full tensor where the
-        row allows it (``hf_tensors`` are views of memory-mapped files, so untouched parts are never read)."""
+        """TP rank ``tp_rank``'s shard of an entry as a new tensor (see ``rank_view``)."""
+        return _owned(self.rank_view(entry, hf_tensors, tp_rank), hf_tensors)
+
+    def rank_view(self, entry: Entry, hf_tensors: list[torch.Tensor], tp_rank: int) -> torch.Tensor:
+        """TP rank ``tp_rank``'s shard of an entry: a view of ``hf_tensors`` where the layout allows it, and never
+        the full tensor where the row allows that (``hf_tensors`` are views of memory-mapped files, so untouched
+        parts are never read). For a writer that stores the shard at once; ``rank_shard`` returns an owned copy."""
         row = entry.row
         if row.split is Split.VOCAB:
             rows = self.padded_vocab_size // self.tp
@@ -244,9 +249,9 @@ class Sharding:
         if self.tp > 1 and row.shards_inputs:
             dim = INPUT_SPLIT_DIM[row.split]
             parts = [layouts.split_tp(t, self.tp, dim)[tp_rank] for t in hf_tensors]
-            return _owned(row.hf_to_megatron(parts, self.rank_arch), hf_tensors)
+            return row.hf_to_megatron(parts, self.rank_arch)
         full = self._full(entry, hf_tensors)
-        return _owned(split_for_tp(full, row.split, self.tp)[tp_rank], hf_tensors)
+        return split_for_tp(full, row.split, self.tp)[tp_rank]
 
     @property
     def rank_arch(self):
