@@ -1,6 +1,6 @@
 """Where the raw bytes of a DCP tensor record lie, so a reader can copy them straight into its destination.
 
-DCP's ``FileSystemWriter`` (and ``torch_dist.write_torch_dist``) stores each tensor chunk as one ``torch.save``
+DCP's ``FileSystemWriter`` (and ``torch_dist_io.write_torch_dist``) stores each tensor chunk as one ``torch.save``
 record: an uncompressed zip archive of ``<prefix>/data.pkl`` (the pickled tensor: storage reference, offset,
 shape, strides), ``<prefix>/byteorder`` and ``<prefix>/data/<key>`` (the storage's raw bytes). DCP's reader
 ``torch.load``s each record into a new tensor and copies it again into the destination; for a plain record the

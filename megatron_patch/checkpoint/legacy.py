@@ -12,6 +12,7 @@ from ..mapping import Sharding, Split, megatron_shape, merge_for_tp, split_for_t
 from ..mapping.checks import check_exact_names
 from .formats import CheckpointFormat, register_format
 from .megatron import fill_model, load_legacy_rank, save_legacy_rank
+from .serialization import own_storage
 
 
 class LegacyReader:
@@ -80,14 +81,19 @@ class LegacyReader:
 @register_format("legacy")
 class LegacyFormat(CheckpointFormat):
     def write(self, sharding, source, iter_dir, *, dtype, transformer_impl, progress=None):
-        """One rank file at a time: memory holds one rank's tensors. A rank reads only its part of each HF tensor
-        (the tensors are views of memory-mapped files), so every byte is read once over all ranks. Tensors keep
-        the HF checkpoint's dtype (``dtype`` is that dtype)."""
+        """One rank file at a time, in this process: memory holds one rank's tensors. A rank reads only its part
+        of each HF tensor (the tensors are views of memory-mapped files), so every byte is read once over all ranks,
+        and a shard that is a contiguous piece of an HF tensor is saved straight from the mapped file (no copy).
+        Tensors keep the HF checkpoint's dtype (``dtype`` is that dtype)."""
         rename = te_name if transformer_impl == "transformer_engine" else (lambda name: name)
         for pp_rank in range(sharding.pp):
             for tp_rank in range(sharding.tp):
-                state_dict = {rename(name): shards[tp_rank]
-                              for name, shards in sharding.hf_to_megatron(source, pp_rank, [tp_rank], progress)}
+                state_dict = {}
+                for entry in sharding.stage_entries(pp_rank):
+                    shard = sharding.rank_view(entry, [source.get(name) for name in entry.hf_names], tp_rank)
+                    state_dict[rename(entry.local_name)] = own_storage(sharding.checked(entry, shard))
+                    if progress is not None:
+                        progress.update(1)
                 save_legacy_rank(iter_dir, tp_rank, pp_rank, sharding.pp, state_dict)
                 del state_dict
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.formats import format_names, get_format
 from ..checkpoint.hf import HFCheckpointReader, asset_files, copy_assets, read_config
 from ..checkpoint.megatron import ASSETS, TRACKER, TRANSFORMER_IMPLS
-from ..errors import CheckpointError, ConfigError, MegatronPatchError
+from ..errors import CheckpointError, ConfigError
 from ..mapping.checks import NonFiniteGuard
 from ..models.checkpoint import write_checkpoint_meta
 from ..models.spec import ModelSpec
@@ -30,22 +29,6 @@ def make_plan(hf_config: dict, tp: int, pp: int, family_name: str | None = None,
     except TypeError as error:  # a field of the wrong type (a string where a number belongs)
         raise CheckpointError(f"config.json has a field of the wrong type: {error}") from None
     return ConversionPlan(spec, tp, pp)
-
-
-@contextmanager
-def our_errors_unwrapped():
-    """Re-raise our one-line error where torch.distributed.checkpoint wrapped it (its planners run our tensor
-    builders and report any failure as a ``CheckpointException`` carrying a traceback per rank)."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        yield
-    except CheckpointException as wrapped:
-        for failure in wrapped.failures.values():
-            error = failure[0] if isinstance(failure, tuple) else failure
-            if isinstance(error, MegatronPatchError):
-                raise error from None
-        raise
 
 
 def checkpoint_dtype(reader: HFCheckpointReader, plan: ConversionPlan) -> torch.dtype:
@@ -93,9 +76,8 @@ def hf_to_mcore(
         iter_dir.mkdir()
         with progress_bar(total=storage.write_steps(plan.sharding), desc="hf2mcore", unit="tensor") as progress:
             sharding = plan.sharding.with_tensor_check(NonFiniteGuard(f"HF checkpoint {hf_dir}", allow_non_finite))
-            with our_errors_unwrapped():
-                storage.write(sharding, reader, iter_dir, dtype=dtype, transformer_impl=transformer_impl,
-                              progress=progress)
+            storage.write(sharding, reader, iter_dir, dtype=dtype, transformer_impl=transformer_impl,
+                          progress=progress)
         copy_assets(hf_dir, iter_dir / ASSETS)
         write_checkpoint_meta(iter_dir, plan.spec, fmt=fmt, tp=tp, pp=pp, transformer_impl=transformer_impl,
                               dtype=dtype)

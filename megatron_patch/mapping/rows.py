@@ -135,7 +135,7 @@ class GatedMLP(Row):
         return True  # rank r holds [gate_r; up_r]
 
     def hf_to_megatron(self, tensors, arch):
-        return torch.cat(tensors, dim=0)
+        return layouts.concat(tensors, dim=0)
 
     def megatron_to_hf(self, tensor, arch):
         return list(torch.chunk(tensor, 2, dim=0))

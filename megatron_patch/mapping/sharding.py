@@ -106,6 +106,17 @@ def megatron_shape(name: str, arch: ArchShape, vocab_rows: int) -> tuple[int, ..
     return (h,)  # norms and the hidden-size biases (linear_proj.bias, linear_fc2.bias)
 
 
+def _owned(tensor: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
+    """``tensor`` when it is a new tensor spanning exactly its own storage, else a copy of it.
+
+    A shard is persisted: saving a view writes its whole storage, and a view of an input keeps the memory-mapped
+    file alive. A layout that already built a new tensor (fused QKV, [gate; up]) is not copied a second time."""
+    storage = tensor.untyped_storage()
+    fresh = (tensor.is_contiguous() and tensor.storage_offset() == 0 and storage.nbytes() == tensor.nbytes
+             and all(storage.data_ptr() != source.untyped_storage().data_ptr() for source in sources))
+    return tensor if fresh and tensor.device.type != "meta" else tensor.clone()
+
+
 # --- the engine -----------------------------------------------------------------------------------------------------
 
 
@@ -170,7 +181,8 @@ class Sharding:
         """The same sharding, calling ``check(description, tensor)`` on each megatron tensor it builds."""
         return dataclasses.replace(self, tensor_check=check)
 
-    def _checked(self, entry: Entry, tensor: torch.Tensor) -> torch.Tensor:
+    def checked(self, entry: Entry, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (a megatron tensor of ``entry``, or a part of one), after ``tensor_check`` saw it."""
         if self.tensor_check is not None:
             self.tensor_check(f"{entry.global_name} (from {', '.join(entry.hf_names)})", tensor)
         return tensor
@@ -212,7 +224,7 @@ class Sharding:
 
     def full_megatron_tensor(self, entry: Entry, hf_tensors: list[torch.Tensor]) -> torch.Tensor:
         """The full (TP=1) megatron tensor of an entry, checked by ``tensor_check``."""
-        return self._checked(entry, self._full(entry, hf_tensors))
+        return self.checked(entry, self._full(entry, hf_tensors))
 
     def _full(self, entry: Entry, hf_tensors: list[torch.Tensor]) -> torch.Tensor:
         full = entry.row.hf_to_megatron(hf_tensors, self.arch)
@@ -221,8 +233,13 @@ class Sharding:
         return full
 
     def rank_shard(self, entry: Entry, hf_tensors: list[torch.Tensor], tp_rank: int) -> torch.Tensor:
-        """TP rank ``tp_rank``'s shard of an entry as a new tensor, without materialising the full tensor where the
-        row allows it (``hf_tensors`` are views of memory-mapped files, so untouched parts are never read)."""
+        """TP rank ``tp_rank``'s shard of an entry as a new tensor (see ``rank_view``)."""
+        return _owned(self.rank_view(entry, hf_tensors, tp_rank), hf_tensors)
+
+    def rank_view(self, entry: Entry, hf_tensors: list[torch.Tensor], tp_rank: int) -> torch.Tensor:
+        """TP rank ``tp_rank``'s shard of an entry: a view of ``hf_tensors`` where the layout allows it, and never
+        the full tensor where the row allows that (``hf_tensors`` are views of memory-mapped files, so untouched
+        parts are never read). For a writer that stores the shard at once; ``rank_shard`` returns an owned copy."""
         row = entry.row
         if row.split is Split.VOCAB:
             rows = self.padded_vocab_size // self.tp
@@ -232,9 +249,9 @@ class Sharding:
         if self.tp > 1 and row.shards_inputs:
             dim = INPUT_SPLIT_DIM[row.split]
             parts = [layouts.split_tp(t, self.tp, dim)[tp_rank] for t in hf_tensors]
-            return row.hf_to_megatron(parts, self.rank_arch).clone()
+            return row.hf_to_megatron(parts, self.rank_arch)
         full = self._full(entry, hf_tensors)
-        return split_for_tp(full, row.split, self.tp)[tp_rank].clone()
+        return split_for_tp(full, row.split, self.tp)[tp_rank]
 
     @property
     def rank_arch(self):
@@ -251,7 +268,7 @@ class Sharding:
         tp_ranks = list(range(self.tp)) if tp_ranks is None else tp_ranks
         for entry in self.stage_entries(pp_rank):
             hf_tensors = [reader.get(n) for n in entry.hf_names]
-            yield entry.local_name, {r: self._checked(entry, self.rank_shard(entry, hf_tensors, r)) for r in tp_ranks}
+            yield entry.local_name, {r: self.checked(entry, self.rank_shard(entry, hf_tensors, r)) for r in tp_ranks}
             if progress is not None:
                 progress.update(1)
 

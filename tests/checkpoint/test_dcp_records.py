@@ -19,9 +19,9 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from megatron_patch.checkpoint import torch_dist
+from megatron_patch.checkpoint import torch_dist, torch_dist_io
 from megatron_patch.checkpoint.dcp_records import tensor_record_data
-from megatron_patch.checkpoint.torch_dist import TorchDistReader
+from megatron_patch.checkpoint.torch_dist_io import TorchDistReader
 from megatron_patch.errors import CheckpointError
 
 STACKED = "decoder.layers.mlp.linear_fc2.weight"
@@ -103,7 +103,7 @@ def checkpoint(tmp_path):
     column-split and a row-split key in two chunks per layer pair."""
     torch.manual_seed(0)
     full = {STACKED: torch.randn(3, 6, 5).to(torch.bfloat16), QKV: torch.randn(3, 8, 4), PROJ: torch.randn(3, 4, 6)}
-    with torch_dist._one_process():
+    with torch_dist_io._one_process():
         dcp.save({STACKED: full[STACKED]}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
     (tmp_path / "split").mkdir()
     _write_chunks(tmp_path / "split", {
@@ -127,12 +127,12 @@ def _check_all(path, full) -> None:
 
 
 def test_reader_copies_records_directly(checkpoint, monkeypatch):
-    monkeypatch.setattr(torch_dist.dcp, "load", lambda *a, **k: pytest.fail("fell back to dcp.load"))
+    monkeypatch.setattr(torch_dist_io.dcp, "load", lambda *a, **k: pytest.fail("fell back to dcp.load"))
     _check_all(*checkpoint)
 
 
 def test_reader_falls_back_to_dcp_for_other_records(checkpoint, monkeypatch):
-    monkeypatch.setattr(torch_dist, "tensor_record_data", lambda *args: None)
+    monkeypatch.setattr(torch_dist_io, "tensor_record_data", lambda *args: None)
     _check_all(*checkpoint)
 
 

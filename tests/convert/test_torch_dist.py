@@ -10,7 +10,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_patch.checkpoint.megatron import find_iteration_dir
-from megatron_patch.checkpoint.torch_dist import TorchDistReader
+from megatron_patch.checkpoint.torch_dist_io import TorchDistReader
 from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.models import get_family
 from megatron_patch.runtime import run_on_local_ranks
@@ -115,3 +115,21 @@ def test_reader_returns_each_layer_of_a_stacked_key(written, make_hf):
         assert torch.equal(tensor, hf.get(f"model.layers.{layer}.mlp.down_proj.weight")), layer
     meta = reader.meta("decoder.layers.3.mlp.linear_fc2.weight")
     assert (meta.shape, meta.dtype, meta.device.type) == (tensor.shape, tensor.dtype, "meta")
+
+
+def test_reader_maps_the_records_it_wrote(written, make_hf, monkeypatch):
+    """Every single-chunk tensor of a checkpoint hf2mcore wrote is a view of the mapped file (no copy), and equal
+    to what the copying reader returns; only SwiGLU's two-chunk fc1 is assembled by copying."""
+    from megatron_patch.checkpoint.hf import HFCheckpointReader
+
+    family, flavor, overrides = VARIANTS["llama"]
+    hf = HFCheckpointReader(make_hf("td-llama", family=family, flavor=flavor, **overrides))
+    reader = TorchDistReader(written["llama"])
+    mapped = {name: reader.full(name) for name in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
+                                                   "decoder.layers.2.mlp.linear_fc2.weight",
+                                                   "decoder.layers.1.self_attention.linear_qkv.weight")}
+    assert torch.equal(mapped["decoder.layers.2.mlp.linear_fc2.weight"], hf.get("model.layers.2.mlp.down_proj.weight"))
+    monkeypatch.setattr(TorchDistReader, "_mapped", lambda *args: None)  # the copying reader
+    for name, tensor in mapped.items():
+        assert torch.equal(tensor, reader.full(name)), name
+        assert tensor.untyped_storage().nbytes() > tensor.nbytes, name  # a view of the whole file's map

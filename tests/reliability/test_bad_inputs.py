@@ -57,10 +57,10 @@ def edit_config(change):
     return damage
 
 
-def poison_hf(value):
+def poison_hf(value, name="model.layers.1.mlp.down_proj.weight"):
     def damage(hf: Path):
         tensors = load_file(hf / "model.safetensors")
-        tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = value
+        tensors[name][0, 0] = value
         save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
     return damage
 
@@ -112,6 +112,10 @@ CASES = [
     # item 4: non-finite weights
     ("hf-nan-torch_dist", "hf", poison_hf(float("nan")), "hf2mcore", [],
      "tensor 'decoder.layers.1.mlp.linear_fc2.weight (from model.layers.1.mlp.down_proj.weight)' holds 1 NaN"),
+    # torch_dist stores SwiGLU's gate and up halves straight from the HF files: each is checked on its way
+    ("hf-nan-gate-torch_dist", "hf", poison_hf(float("nan"), "model.layers.1.mlp.up_proj.weight"), "hf2mcore", [],
+     "tensor 'decoder.layers.1.mlp.linear_fc1.weight (from model.layers.1.mlp.gate_proj.weight, "
+     "model.layers.1.mlp.up_proj.weight)' holds 1 NaN"),
     ("hf-inf-legacy", "hf", poison_hf(float("inf")), "hf2mcore", ["--format", "legacy", "--tp", "2"],
      "holds 0 NaN and 1 Inf values (pass --allow-non-finite"),
     ("legacy-nan", "legacy", edit_rank(LEGACY_FC2, lambda t: t.index_fill(1, torch.tensor([3]), float("nan"))),

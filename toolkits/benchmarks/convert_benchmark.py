@@ -8,11 +8,11 @@ default 6 layers = 1.6 GB), then times
   hf2mcore   the converter CLI at TP x PP, torch_dist and legacy
   mcore2hf   back to HF from each
 and prints each time / baseline time (the mean of the baseline runs just before and after the step: the machine may
-be shared) and the peak memory of the whole process
-tree / checkpoint size, as PSS summed over processes (shared pages count once; includes the page cache of
-memory-mapped files) and as anonymous PSS (what the processes allocated: interpreters, tensors). The "before" column
-holds the numbers issue 9 measured for the per-rank torch_dist writer this one replaced (1.5 GB fp32, TP2 PP2); that
-writer is no longer selectable, so it is not re-run.
+be shared) and the peak memory of the whole process tree / checkpoint size, as PSS summed over processes (shared
+pages count once; includes the page cache of memory-mapped files) and as anonymous PSS (what the processes
+allocated: interpreters, tensors). Every step starts with no dirty pages (an untimed ``os.sync``), so none pays for
+the writeback of the one before. The "before" column holds the numbers issue 9 measured for the per-rank torch_dist
+writer this one replaced (1.5 GB fp32, TP2 PP2); that writer is no longer selectable, so it is not re-run.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -115,7 +116,13 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int]:
     """Wall time, peak PSS and peak anonymous PSS summed over the process tree (polled every 50 ms).
 
     PSS includes the page cache of memory-mapped checkpoint files; anonymous PSS is the memory the process
-    tree allocated itself (tensors, interpreter), the part that "two copies of the model" would show in."""
+    tree allocated itself (tensors, interpreter), the part that "two copies of the model" would show in.
+
+    Every step starts with no dirty pages (``os.sync``, not timed): a step that writes gigabytes while the previous
+    step's output still waits for writeback is throttled to the disk's speed by the kernel, so without it a step's
+    time depends on what ran before it (measured: the same baseline took 11 s after a sync, 27 s right after
+    another baseline)."""
+    os.sync()
     start = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak, peak_anon = 0, 0
