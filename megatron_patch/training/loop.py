@@ -22,6 +22,7 @@ from .arguments import TrainConfig
 from .checkpointing import TrainerState, has_train_state, load_train_state, load_weights, save_checkpoint
 from .logging import MetricsLogger
 from .setup import (
+    attach_schedule_hooks,
     build_ddp_model,
     build_optimizer,
     build_scheduler,
@@ -189,8 +190,6 @@ def _load_dirs(cfg: TrainConfig) -> tuple[Path | None, bool]:
 
 def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
     """Validate, initialise distributed state, build model/optimizer/data, load a checkpoint. Collective."""
-    from megatron.core.distributed import finalize_model_grads
-
     from ..data.tokenizers import load_tokenizer
     from ..runtime import init_distributed
 
@@ -210,9 +209,7 @@ def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
     config = build_transformer_config(cfg, source)
     model = build_ddp_model(cfg, source, config)
     optimizer = build_optimizer(cfg, model)
-    config.no_sync_func = model.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
+    attach_schedule_hooks(config, model, optimizer)
 
     train_data, valid_data, seq_length, train_iters = _build_data(cfg, tokenizer)
     scheduler = build_scheduler(cfg, optimizer, train_iters)
