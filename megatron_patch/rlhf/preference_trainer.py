@@ -29,7 +29,6 @@ from typing import ClassVar, Protocol
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
 from ..training.arguments import TrainConfig, add_config_arguments
 from .schedule_utils import find_resume_dir, reduce_sums, schedule_pass
 
@@ -221,23 +220,17 @@ def build_run(cfg: TrainConfig, objective: PreferenceObjective, skip_bad_lines: 
     """Validate, read the data, initialise distributed state, build the objective's models, resume or load. Collective."""
     from ..checkpoint.megatron import find_iteration_dir
     from ..data.preference import PreferenceDataset
-    from ..data.tokenizers import load_tokenizer
     from ..runtime import init_distributed
     from ..training.checkpointing import TrainerState, load_train_state
     from ..training.logging import MetricsLogger
-    from ..training.setup import check_precision_support, resolve_model_source
+    from ..training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
 
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     objective.check(cfg)
     check_precision_support(cfg)
     load_dir = find_iteration_dir(cfg.load) if cfg.load else None
     source = resolve_model_source(cfg, load_dir)
-    tokenizer_path = cfg.tokenizer_model or source.assets_dir
-    if tokenizer_path is None:
-        raise ConfigError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > source.spec.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.spec.vocab_size}")
+    tokenizer = load_model_tokenizer(cfg, source)
     # Data first: a bad preference file stops the run before any process group or model exists.
     train_data = PreferenceDataset(cfg.train_data_path, tokenizer, cfg.seq_length, skip_bad_lines)
     valid_data = (PreferenceDataset(cfg.valid_data_path, tokenizer, cfg.seq_length, skip_bad_lines)

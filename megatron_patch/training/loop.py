@@ -28,6 +28,7 @@ from .setup import (
     build_scheduler,
     build_transformer_config,
     check_precision_support,
+    load_model_tokenizer,
     resolve_model_source,
 )
 
@@ -190,20 +191,13 @@ def _load_dirs(cfg: TrainConfig) -> tuple[Path | None, bool]:
 
 def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
     """Validate, initialise distributed state, build model/optimizer/data, load a checkpoint. Collective."""
-    from ..data.tokenizers import load_tokenizer
     from ..runtime import init_distributed
 
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     check_precision_support(cfg)
     load_dir, resume = _load_dirs(cfg)
     source = resolve_model_source(cfg, load_dir)
-    tokenizer_path = cfg.tokenizer_model or source.assets_dir
-    if tokenizer_path is None:
-        raise ConfigError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > source.spec.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.spec.vocab_size} "
-                         "rows: pass --extra-vocab-size (or convert with hf2mcore --extra-vocab-size)")
+    tokenizer = load_model_tokenizer(cfg, source)
 
     init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed)
     config = build_transformer_config(cfg, source)

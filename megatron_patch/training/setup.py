@@ -64,6 +64,21 @@ def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource
     return ModelSource(spec, None, assets)
 
 
+def load_model_tokenizer(cfg: TrainConfig, source: ModelSource):
+    """The run's tokenizer: ``--tokenizer-model``, else the checkpoint's ``hf_assets``; refused (one line) when it has
+    more ids than the model has embedding rows."""
+    from ..data.tokenizers import load_tokenizer
+
+    tokenizer_path = cfg.tokenizer_model or source.assets_dir
+    if tokenizer_path is None:
+        raise ConfigError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > source.spec.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.spec.vocab_size} "
+                          "rows: pass --extra-vocab-size (or convert with hf2mcore --extra-vocab-size)")
+    return tokenizer
+
+
 def check_precision_support(cfg: TrainConfig) -> None:
     """Stop before any work when the machine cannot run what was asked, naming what is missing."""
     from ..models.builder import check_transformer_impl
