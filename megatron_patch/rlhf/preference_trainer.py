@@ -34,20 +34,32 @@ from .schedule_utils import find_resume_dir, reduce_sums, schedule_pass
 
 
 class PreferenceObjective(Protocol):
-    """What a preference trainer trains and how; data, optimizer, loop, logs and checkpoints are shared."""
+    """What a preference trainer trains and how; data, optimizer, loop, logs and checkpoints are shared.
 
-    name: ClassVar[str]  # "rm" | "dpo": the loss functions' report key, the loss's name in log lines and the
-    # TensorBoard prefix (``train/<name>_<metric>``, ``valid/<name>_<metric>``)
-    metrics: ClassVar[tuple[str, ...]]  # the report's entries, in the order the loss function stacks their sums;
-    # "loss", "accuracy" and "margin" are among them (the log lines show those three)
-    accuracy_words: ClassVar[str]  # what log lines call the accuracy
-    saved_words: ClassVar[str]  # what log lines call a saved checkpoint
-    resumed_line: ClassVar[str]  # log line on resume; format fields: iteration, resume_dir, load_dir
-    loaded_line: ClassVar[str]  # log line on loading --load; format fields: what (load_weights' answer), load_dir
-    evaluates_first: ClassVar[bool]  # evaluate the starting weights (iteration 0) when a run starts fresh
-    logs_lr_and_grad_norm: ClassVar[bool]  # log lines also carry the LR and grad norm, and TensorBoard gets every
-    # step's metrics and the LR (else TensorBoard gets the metrics every --log-interval steps)
-    after_model_save: ClassVar[Callable[[Path], None] | None]  # adds files to a checkpoint before it becomes visible
+    Attributes:
+        name: "rm" | "dpo": the loss functions' report key, the loss's name in log lines, the TensorBoard prefix
+            (``train/<name>_<metric>``, ``valid/<name>_<metric>``).
+        metrics: the report's entries in the order the loss function stacks their sums (the pair count follows);
+            "loss", "accuracy" and "margin" are among them: the log lines show those three.
+        accuracy_words: what log lines call the accuracy.
+        saved_words: what log lines call a saved checkpoint.
+        resumed_line: the log line on resuming (format fields: iteration, resume_dir, load_dir).
+        loaded_line: the log line on loading --load (format fields: what, from ``load_weights``; load_dir).
+        evaluates_first: evaluate the starting weights (as iteration 0) when a run starts fresh.
+        logs_lr_and_grad_norm: log lines also carry the LR and grad norm, and TensorBoard gets the metrics and the
+            LR every step (else the metrics every --log-interval steps).
+        after_model_save: adds files to a checkpoint's directory before it becomes visible, or None.
+    """
+
+    name: ClassVar[str]
+    metrics: ClassVar[tuple[str, ...]]
+    accuracy_words: ClassVar[str]
+    saved_words: ClassVar[str]
+    resumed_line: ClassVar[str]
+    loaded_line: ClassVar[str]
+    evaluates_first: ClassVar[bool]
+    logs_lr_and_grad_norm: ClassVar[bool]
+    after_model_save: ClassVar[Callable[[Path], None] | None]
 
     def check(self, cfg: TrainConfig) -> None:
         """Refuse (one line) flags this objective cannot run with; after the generic validation, before any work."""
