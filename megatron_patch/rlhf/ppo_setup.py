@@ -21,8 +21,7 @@ from .rl_config import RLConfig
 def _validate(cfg: TrainConfig, rl: RLConfig):
     """Checks and reads that need no process group; returns what the build needs."""
     from ..checkpoint.megatron import find_iteration_dir
-    from ..data.tokenizers import load_tokenizer
-    from ..training.setup import check_precision_support, resolve_model_source
+    from ..training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
     from .reward_model import is_reward_checkpoint
     from .rewards import build_reward_fn
     from .roles import check_vocabularies
@@ -55,7 +54,7 @@ def _validate(cfg: TrainConfig, rl: RLConfig):
     if critic_dir is not None:
         others["--critic-load"] = critic_dir
     check_vocabularies(source.spec, others)
-    tokenizer = load_tokenizer(cfg.tokenizer_model or source.assets_dir)
+    tokenizer = load_model_tokenizer(cfg, source)
     prompts = PromptDataset(rl.prompt_data_path, tokenizer, rl.max_prompt_tokens(cfg.seq_length), cfg.seed)
     ptx = PtxDataset(rl.ptx_data_path, tokenizer, cfg.seq_length) if rl.ptx_coef > 0 else None
     reward_fn = build_reward_fn(rl.reward_fn, tokenizer, rl.max_new_tokens) if rl.reward_fn else None

@@ -7,6 +7,9 @@
   - reference: a frozen GPTModel (no optimizer, no gradient buffers);
   - reward model: a frozen reward-model stage, or None when the reward is a Python function.
 
+The preference trainers build theirs here too: DPO's policy is an actor and its reference a reference; the
+reward-model trainer trains a stage built as the critic is (``build_trained_reward_model``).
+
 ``check_vocabularies`` runs before any process group exists: every model must share the actor's vocabulary.
 """
 
@@ -40,43 +43,38 @@ def check_vocabularies(actor_spec, others: dict[str, Path]) -> None:
                                   f"{actor_spec.vocab_size}: RLHF needs one tokenizer for every model")
 
 
-def _hook_into_schedule(config, model, optimizer) -> None:
-    from megatron.core.distributed import finalize_model_grads
+def _with_optimizer(cfg: TrainConfig, source, config, model, optimizer_steps: int) -> Trained:
+    """``model`` (in DDP) with its optimizer and LR schedule, both handed to the pipeline schedule via ``config``."""
+    from ..training.setup import attach_schedule_hooks, build_optimizer, build_scheduler
 
-    config.no_sync_func = model.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
+    optimizer = build_optimizer(cfg, model)
+    attach_schedule_hooks(config, model, optimizer)
+    return Trained(model, optimizer, build_scheduler(cfg, optimizer, optimizer_steps), source)
 
 
 def build_actor(cfg: TrainConfig, source, optimizer_steps: int) -> Trained:
-    from ..training.setup import build_ddp_model, build_optimizer, build_scheduler, build_transformer_config
+    """A GPTModel stage in DDP with its optimizer; weights loaded by the caller. Also DPO's policy."""
+    from ..training.setup import build_ddp_model, build_transformer_config
 
     config = build_transformer_config(cfg, source)
-    model = build_ddp_model(cfg, source, config)
-    optimizer = build_optimizer(cfg, model)
-    _hook_into_schedule(config, model, optimizer)
-    return Trained(model, optimizer, build_scheduler(cfg, optimizer, optimizer_steps), source)
+    return _with_optimizer(cfg, source, config, build_ddp_model(cfg, source, config), optimizer_steps)
+
+
+def build_trained_reward_model(cfg: TrainConfig, source, optimizer_steps: int) -> Trained:
+    """A reward-model stage (a fresh scalar head) in DDP with its optimizer; weights loaded by the caller. What the
+    reward-model trainer trains, and PPO's critic."""
+    from ..runtime.device import place_model
+    from ..training.setup import build_transformer_config, wrap_in_ddp
+    from .reward_model import build_reward_model
+
+    config = build_transformer_config(cfg, source)
+    module = build_reward_model(source.arch, source.spec.padded_vocab_size, config, cfg.transformer_impl, cfg.seed)
+    return _with_optimizer(cfg, source, config, wrap_in_ddp(cfg, place_model(module), config), optimizer_steps)
 
 
 def build_critic(cfg: TrainConfig, source, lr: float, optimizer_steps: int) -> Trained:
     """A reward-model-shaped stage (scalar head) in DDP, with an optimizer at ``lr``; weights loaded by the caller."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    from ..runtime.device import place_model
-    from ..training.setup import build_optimizer, build_scheduler, build_transformer_config
-    from .reward_model import build_reward_model
-
-    critic_cfg = replace(cfg, lr=lr, min_lr=min(cfg.min_lr, lr))
-    config = build_transformer_config(critic_cfg, source)
-    module = place_model(build_reward_model(source.arch, source.spec.padded_vocab_size, config,
-                                            cfg.transformer_impl, cfg.seed))
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=cfg.use_distributed_optimizer,
-                                               check_for_nan_in_grad=False)
-    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
-    optimizer = build_optimizer(critic_cfg, model)
-    _hook_into_schedule(config, model, optimizer)
-    return Trained(model, optimizer, build_scheduler(critic_cfg, optimizer, optimizer_steps), source)
+    return build_trained_reward_model(replace(cfg, lr=lr, min_lr=min(cfg.min_lr, lr)), source, optimizer_steps)
 
 
 def build_reference(cfg: TrainConfig, iter_dir: Path):

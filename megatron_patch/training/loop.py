@@ -22,11 +22,13 @@ from .arguments import TrainConfig
 from .checkpointing import TrainerState, has_train_state, load_train_state, load_weights, save_checkpoint
 from .logging import MetricsLogger
 from .setup import (
+    attach_schedule_hooks,
     build_ddp_model,
     build_optimizer,
     build_scheduler,
     build_transformer_config,
     check_precision_support,
+    load_model_tokenizer,
     resolve_model_source,
 )
 
@@ -189,30 +191,19 @@ def _load_dirs(cfg: TrainConfig) -> tuple[Path | None, bool]:
 
 def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
     """Validate, initialise distributed state, build model/optimizer/data, load a checkpoint. Collective."""
-    from megatron.core.distributed import finalize_model_grads
-
-    from ..data.tokenizers import load_tokenizer
     from ..runtime import init_distributed
 
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     check_precision_support(cfg)
     load_dir, resume = _load_dirs(cfg)
     source = resolve_model_source(cfg, load_dir)
-    tokenizer_path = cfg.tokenizer_model or source.assets_dir
-    if tokenizer_path is None:
-        raise ConfigError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > source.spec.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.spec.vocab_size} "
-                         "rows: pass --extra-vocab-size (or convert with hf2mcore --extra-vocab-size)")
+    tokenizer = load_model_tokenizer(cfg, source)
 
     init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed)
     config = build_transformer_config(cfg, source)
     model = build_ddp_model(cfg, source, config)
     optimizer = build_optimizer(cfg, model)
-    config.no_sync_func = model.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
+    attach_schedule_hooks(config, model, optimizer)
 
     train_data, valid_data, seq_length, train_iters = _build_data(cfg, tokenizer)
     scheduler = build_scheduler(cfg, optimizer, train_iters)

@@ -64,6 +64,21 @@ def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource
     return ModelSource(spec, None, assets)
 
 
+def load_model_tokenizer(cfg: TrainConfig, source: ModelSource):
+    """The run's tokenizer: ``--tokenizer-model``, else the checkpoint's ``hf_assets``; refused (one line) when it has
+    more ids than the model has embedding rows."""
+    from ..data.tokenizers import load_tokenizer
+
+    tokenizer_path = cfg.tokenizer_model or source.assets_dir
+    if tokenizer_path is None:
+        raise ConfigError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > source.spec.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {source.spec.vocab_size} "
+                          "rows: pass --extra-vocab-size (or convert with hf2mcore --extra-vocab-size)")
+    return tokenizer
+
+
 def check_precision_support(cfg: TrainConfig) -> None:
     """Stop before any work when the machine cannot run what was asked, naming what is missing."""
     from ..models.builder import check_transformer_impl
@@ -115,17 +130,22 @@ def build_transformer_config(cfg: TrainConfig, source: ModelSource):
 
 
 def build_ddp_model(cfg: TrainConfig, source: ModelSource, config):
-    """One pipeline stage as a GPTModel on this rank's device inside megatron-core's DistributedDataParallel.
+    """One pipeline stage as a GPTModel on this rank's device inside megatron-core's DistributedDataParallel."""
+    from ..models.builder import build_model
+
+    module = build_model(source.arch, source.spec.padded_vocab_size, config=config,
+                         transformer_impl=cfg.transformer_impl)
+    return wrap_in_ddp(cfg, place_model(module), config)
+
+
+def wrap_in_ddp(cfg: TrainConfig, module, config):
+    """A placed model stage inside megatron-core's DistributedDataParallel (grads reduced in fp32, not overlapped).
 
     Placed before wrapping (as Megatron-LM's get_model does): DDP allocates its gradient buffers, and the optimizer
     its fp32 main copies, next to the parameters they find.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from ..models.builder import build_model
-
-    module = place_model(build_model(source.arch, source.spec.padded_vocab_size, config=config,
-                                     transformer_impl=cfg.transformer_impl))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -133,6 +153,20 @@ def build_ddp_model(cfg: TrainConfig, source: ModelSource, config):
         check_for_nan_in_grad=False,
     )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+
+
+def attach_schedule_hooks(config, model, optimizer) -> None:
+    """Hand a trained model's DDP and optimizer to megatron-core's pipeline schedule, which reads them off ``config``.
+
+    ``no_sync_func``: no gradient reduction until the last micro-batch; ``finalize_model_grads_func``: the
+    data-parallel reduction (and the pipeline's shared embedding grads) after it; ``grad_scale_func``: the fp16
+    loss scale on each micro-batch's loss. A frozen model's config gets none of them.
+    """
+    from megatron.core.distributed import finalize_model_grads
+
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
 
 
 def build_optimizer(cfg: TrainConfig, model):
