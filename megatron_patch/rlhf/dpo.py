@@ -86,7 +86,6 @@ class DPOObjective:
     resumed_line = "resumed the policy at iteration {iteration} from {resume_dir}; reference from {load_dir}"
     loaded_line = "policy and reference loaded from {load_dir}"
     evaluates_first = True
-    logs_lr_and_grad_norm = False
     after_model_save = None
 
     def __post_init__(self):

@@ -46,8 +46,6 @@ class PreferenceObjective(Protocol):
         resumed_line: the log line on resuming (format fields: iteration, resume_dir, load_dir).
         loaded_line: the log line on loading --load (format fields: what, from ``load_weights``; load_dir).
         evaluates_first: evaluate the starting weights (as iteration 0) when a run starts fresh.
-        logs_lr_and_grad_norm: log lines also carry the LR and grad norm, and TensorBoard gets the metrics and the
-            LR every step (else the metrics every --log-interval steps).
         after_model_save: adds files to a checkpoint's directory before it becomes visible, or None.
     """
 
@@ -58,7 +56,6 @@ class PreferenceObjective(Protocol):
     resumed_line: ClassVar[str]
     loaded_line: ClassVar[str]
     evaluates_first: ClassVar[bool]
-    logs_lr_and_grad_norm: ClassVar[bool]
     after_model_save: ClassVar[Callable[[Path], None] | None]
 
     def check(self, cfg: TrainConfig) -> None:
@@ -158,20 +155,15 @@ def _write_scalars(run: PreferenceRun, split: str, iteration: int, report: dict[
 
 
 def log_train_step(run: PreferenceRun, iteration: int, report: dict[str, float], grad_norm) -> None:
-    objective, writer = run.objective, run.logger.writer
-    at_interval = iteration % run.cfg.log_interval == 0
-    line = f"iteration {iteration:6d} | {_metrics_text(objective, report)}"
-    if objective.logs_lr_and_grad_norm:
-        lr = run.optimizer.param_groups[0]["lr"]
-        _write_scalars(run, "train", iteration, report)
-        if writer is not None:
-            writer.add_scalar("train/learning_rate", lr, iteration)
+    """TensorBoard every step (the metrics and the LR); a console line every --log-interval steps."""
+    lr = run.optimizer.param_groups[0]["lr"]
+    _write_scalars(run, "train", iteration, report)
+    if run.logger.writer is not None:
+        run.logger.writer.add_scalar("train/learning_rate", lr, iteration)
+    if iteration % run.cfg.log_interval == 0:
         norm = "-" if grad_norm is None else f"{float(grad_norm):.4f}"
-        line += f" | lr {lr:.3e} | grad norm {norm}"
-    elif at_interval:
-        _write_scalars(run, "train", iteration, report)
-    if at_interval:
-        run.logger.print(line)
+        run.logger.print(f"iteration {iteration:6d} | {_metrics_text(run.objective, report)} | lr {lr:.3e} | "
+                         f"grad norm {norm}")
 
 
 def log_eval(run: PreferenceRun, iteration: int, report: dict[str, float] | None) -> None:

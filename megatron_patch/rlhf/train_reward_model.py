@@ -58,7 +58,6 @@ class RewardObjective:
     resumed_line = "resumed at iteration {iteration} from {resume_dir}"
     loaded_line = "loaded {what} from {load_dir}"
     evaluates_first = False
-    logs_lr_and_grad_norm = True
     after_model_save = staticmethod(write_reward_marker)
 
     def check(self, cfg: TrainConfig) -> None:
