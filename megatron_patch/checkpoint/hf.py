@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
+from .serialization import prefault
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 SAFE_INDEX = "model.safetensors.index.json"
@@ -183,7 +184,7 @@ class HFCheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         """The tensor as stored: a view of a private map of the file (pages are read when touched; writes stay
         private; the map is released with the tensor)."""
-        return self._handles[self._lookup(name)][name]
+        return prefault(self._handles[self._lookup(name)][name])
 
     def _lookup(self, name: str) -> Path:
         if name not in self._where:

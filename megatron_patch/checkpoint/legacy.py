@@ -12,7 +12,7 @@ from ..mapping import Sharding, Split, megatron_shape, merge_for_tp, split_for_t
 from ..mapping.checks import check_exact_names
 from .formats import CheckpointFormat, register_format
 from .megatron import fill_model, load_legacy_rank, save_legacy_rank
-from .serialization import own_storage
+from .serialization import own_storage, prefault
 
 
 class LegacyReader:
@@ -74,7 +74,7 @@ class LegacyReader:
         for rank_sd in self._stages[pp_rank]:
             if name not in rank_sd:
                 raise CheckpointError(f"legacy checkpoint stage {pp_rank} has no tensor '{name}'")
-            shards.append(rank_sd[name])
+            shards.append(prefault(rank_sd[name]))
         return shards, entry.row.split
 
 

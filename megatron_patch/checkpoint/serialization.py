@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -30,3 +33,37 @@ def own_storage(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     data = torch.frombuffer(tensor.reshape(-1).view(torch.uint8).numpy(), dtype=torch.uint8)
     return data.view(tensor.dtype).view(tensor.shape)
+
+
+_MADV_POPULATE_READ = 22  # Linux >= 5.14
+_PAGE = 4096
+
+
+@functools.cache
+def _madvise():
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
+
+
+def prefault(tensor: torch.Tensor) -> torch.Tensor:
+    """Map the pages of a memory-mapped tensor in one call before it is read, returns it.
+
+    Read through a memory map, a tensor costs one page fault per 4 KiB when first touched, and a ``write`` from such
+    memory takes the kernel's slow fault-in-and-retry path for every page; ``MADV_POPULATE_READ`` maps them all at
+    once (measured on the conversion benchmark's machine: 1.0-1.4 -> 1.6-1.7 GB/s writing 4.3 GB from mapped
+    safetensors files). A no-op where the kernel lacks it (EINVAL) and off Linux."""
+    madvise = _madvise()
+    if madvise is None or tensor.numel() == 0:
+        return tensor
+    start = tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size()
+    end = start + tensor.numel() * tensor.element_size()
+    aligned = start - start % _PAGE
+    madvise(aligned, end - aligned, _MADV_POPULATE_READ)
+    return tensor

@@ -35,7 +35,7 @@ from ..mapping import Entry, Sharding
 from ..mapping.checks import check_exact_names
 from ..mapping.rows import GatedMLP
 from .dcp_records import PROBE_ERRORS, tensor_record_data
-from .serialization import own_storage, without_crc32
+from .serialization import own_storage, prefault, without_crc32
 from .torch_dist import BACKEND_CONFIG, COMMON_FILE, CONFIG_FILE, DCP_METADATA, extra_state_keys, layout, sharded_key
 from .trusted_load import read_dcp_metadata as read_trusted_metadata
 
@@ -278,7 +278,7 @@ class TorchDistReader:
             raise CheckpointError(f"cannot read '{key}' from torch_dist checkpoint {self.dir} (missing or truncated "
                                   f"file?): {path.name} ends before its data")
         storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=file_bytes)
-        return torch.empty(0, dtype=dtype).set_(storage, position // dtype.itemsize, sizes)
+        return prefault(torch.empty(0, dtype=dtype).set_(storage, position // dtype.itemsize, sizes))
 
     def _read_records(self, key: str, stored: TensorStorageMetadata, offsets: tuple[int, ...],
                       dest: torch.Tensor) -> bool:

@@ -10,6 +10,9 @@ from megatron_patch.rlhf.toy import greedy_continuation_accuracy, write_toy_pref
 from megatron_patch.runtime import run_on_local_ranks
 from tests.rlhf import workers
 
+# Every run checks device placement as a GPU would (runtime/strict.py).
+STRICT = {"MEGATRON_PATCH_STRICT_DEVICE": "1"}
+
 
 @pytest.fixture(scope="module")
 def dpo_workspace(tmp_path_factory, make_hf):
@@ -29,7 +32,7 @@ def _cfg(ws, **over) -> dict:
 
 def test_dpo_raises_held_out_implicit_reward_accuracy(dpo_workspace, tmp_path):
     out = run_on_local_ranks(workers.dpo_worker, 1, _cfg(dpo_workspace, save=str(tmp_path / "dpo")), 0.1,
-                             timeout=600)[0]
+                             env=STRICT, timeout=600)[0]
     first = out["history"][0][1]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference before the first update
     (_, before), (_, after) = out["evals"][0], out["evals"][-1]
@@ -51,7 +54,7 @@ def _parallel_cfg(ws) -> dict:
 
 @pytest.fixture(scope="module")
 def single_rank_run(dpo_workspace):
-    return run_on_local_ranks(workers.dpo_worker, 1, _parallel_cfg(dpo_workspace), 0.1, timeout=600)[0]
+    return run_on_local_ranks(workers.dpo_worker, 1, _parallel_cfg(dpo_workspace), 0.1, env=STRICT, timeout=600)[0]
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
@@ -59,7 +62,7 @@ def test_parallel_dpo_equals_tp1(dpo_workspace, single_rank_run, tp, pp):
     cfg, reference = _parallel_cfg(dpo_workspace), single_rank_run
     parallel = run_on_local_ranks(workers.dpo_worker, 2,
                                   {**cfg, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
-                                  0.1, timeout=600)
+                                  0.1, env=STRICT, timeout=600)
     for rank_result in parallel:
         for (_, ref), (_, got) in zip(reference["history"], rank_result["history"]):
             assert got["loss"] == pytest.approx(ref["loss"], abs=1e-4)
@@ -68,10 +71,12 @@ def test_parallel_dpo_equals_tp1(dpo_workspace, single_rank_run, tp, pp):
 
 def test_resumed_dpo_equals_uninterrupted(dpo_workspace, tmp_path):
     cfg = _cfg(dpo_workspace, valid_data_path=None, train_iters=4, lr_decay_style="cosine", lr_warmup_iters=1)
-    whole = run_on_local_ranks(workers.dpo_worker, 1, {**cfg, "save": str(tmp_path / "a")}, 0.1, timeout=600)[0]
-    first = run_on_local_ranks(workers.dpo_worker, 1, {**cfg, "save": str(tmp_path / "b"), "exit_interval": 2}, 0.1,
+    whole = run_on_local_ranks(workers.dpo_worker, 1, {**cfg, "save": str(tmp_path / "a")}, 0.1, env=STRICT,
                                timeout=600)[0]
-    rest = run_on_local_ranks(workers.dpo_worker, 1, {**cfg, "save": str(tmp_path / "b")}, 0.1, timeout=600)[0]
+    first = run_on_local_ranks(workers.dpo_worker, 1, {**cfg, "save": str(tmp_path / "b"), "exit_interval": 2}, 0.1,
+                               env=STRICT, timeout=600)[0]
+    rest = run_on_local_ranks(workers.dpo_worker, 1, {**cfg, "save": str(tmp_path / "b")}, 0.1, env=STRICT,
+                              timeout=600)[0]
     assert [i for i, _ in first["history"]] == [1, 2] and [i for i, _ in rest["history"]] == [3, 4]
     for (_, expected), (_, got) in zip(whole["history"], first["history"] + rest["history"]):
         assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)

@@ -11,6 +11,9 @@ from megatron_patch.rlhf.toy import make_toy_pairs, write_toy_preferences
 from megatron_patch.runtime import run_on_local_ranks
 from tests.rlhf import workers
 
+# Every run checks device placement as a GPU would (runtime/strict.py).
+STRICT = {"MEGATRON_PATCH_STRICT_DEVICE": "1"}
+
 
 @pytest.fixture(scope="module")
 def rm_workspace(tmp_path_factory, make_hf):
@@ -36,7 +39,7 @@ def test_toy_pairs_are_built_from_the_corpus():
 
 def test_reward_model_learns_and_saves_a_marked_checkpoint(rm_workspace, tmp_path):
     out = run_on_local_ranks(workers.reward_model_worker, 1, _cfg(rm_workspace, save=str(tmp_path / "rm")),
-                             timeout=600)[0]
+                             env=STRICT, timeout=600)[0]
     losses = [loss for _, loss, _ in out["history"]]
     assert losses[-1] < losses[0]
     final = out["evals"][-1][1]
@@ -45,7 +48,8 @@ def test_reward_model_learns_and_saves_a_marked_checkpoint(rm_workspace, tmp_pat
     assert json.loads((iter_dir / REWARD_MARKER).read_text())["head"] == "scalar"
     # Resuming from the reward checkpoint loads the trained head: held-out accuracy holds without training.
     again = run_on_local_ranks(workers.reward_model_worker, 1,
-                               _cfg(rm_workspace, load=str(tmp_path / "rm"), train_iters=1, lr=1e-12), timeout=600)[0]
+                               _cfg(rm_workspace, load=str(tmp_path / "rm"), train_iters=1, lr=1e-12), env=STRICT,
+                               timeout=600)[0]
     assert again["history"][0][2] >= 0.8
     _check_hf_export(tmp_path / "rm", tmp_path / "hf_rm")
 
@@ -72,7 +76,7 @@ def _check_hf_export(rm_dir, hf_dir):
 
 @pytest.fixture(scope="module")
 def single_rank_run(rm_workspace):
-    return run_on_local_ranks(workers.reward_model_worker, 1, _cfg(rm_workspace), timeout=600)[0]
+    return run_on_local_ranks(workers.reward_model_worker, 1, _cfg(rm_workspace), env=STRICT, timeout=600)[0]
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
@@ -80,7 +84,7 @@ def test_parallel_runs_equal_tp1(rm_workspace, single_rank_run, tp, pp):
     reference = single_rank_run
     parallel = run_on_local_ranks(workers.reward_model_worker, 2,
                                   _cfg(rm_workspace, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-                                  timeout=600)
+                                  env=STRICT, timeout=600)
     for rank_result in parallel:
         for (_, ref_loss, ref_acc), (_, loss, acc) in zip(reference["history"], rank_result["history"]):
             assert loss == pytest.approx(ref_loss, abs=1e-4) and acc == ref_acc
@@ -88,10 +92,12 @@ def test_parallel_runs_equal_tp1(rm_workspace, single_rank_run, tp, pp):
 
 def test_resumed_reward_model_equals_uninterrupted(rm_workspace, tmp_path):
     cfg = _cfg(rm_workspace, valid_data_path=None, train_iters=4, lr_decay_style="cosine", lr_warmup_iters=1)
-    whole = run_on_local_ranks(workers.reward_model_worker, 1, {**cfg, "save": str(tmp_path / "a")}, timeout=600)[0]
+    whole = run_on_local_ranks(workers.reward_model_worker, 1, {**cfg, "save": str(tmp_path / "a")}, env=STRICT,
+                               timeout=600)[0]
     first = run_on_local_ranks(workers.reward_model_worker, 1,
-                               {**cfg, "save": str(tmp_path / "b"), "exit_interval": 2}, timeout=600)[0]
-    rest = run_on_local_ranks(workers.reward_model_worker, 1, {**cfg, "save": str(tmp_path / "b")}, timeout=600)[0]
+                               {**cfg, "save": str(tmp_path / "b"), "exit_interval": 2}, env=STRICT, timeout=600)[0]
+    rest = run_on_local_ranks(workers.reward_model_worker, 1, {**cfg, "save": str(tmp_path / "b")}, env=STRICT,
+                              timeout=600)[0]
     assert [h[0] for h in first["history"]] == [1, 2] and [h[0] for h in rest["history"]] == [3, 4]
     for expected, got in zip(whole["history"], first["history"] + rest["history"]):
         assert got[1] == pytest.approx(expected[1], abs=1e-6) and got[2] == expected[2]

@@ -10,9 +10,10 @@ default 6 layers = 1.6 GB), then times
 and prints each time / baseline time (the mean of the baseline runs just before and after the step: the machine may
 be shared) and the peak memory of the whole process tree / checkpoint size, as PSS summed over processes (shared
 pages count once; includes the page cache of memory-mapped files) and as anonymous PSS (what the processes
-allocated: interpreters, tensors). Every step starts with no dirty pages (an untimed ``os.sync``), so none pays for
-the writeback of the one before. The "before" column holds the numbers issue 9 measured for the per-rank torch_dist
-writer this one replaced (1.5 GB fp32, TP2 PP2); that writer is no longer selectable, so it is not re-run.
+allocated: interpreters, tensors). Every step starts from the same state (``settle``, untimed: no dirty pages, warm
+free memory), so none pays for the writeback or the memory of the one before. The "before" column holds the numbers
+issue 9 measured for the per-rank torch_dist writer this one replaced (1.5 GB fp32, TP2 PP2); that writer is no longer
+selectable, so it is not re-run.
 """
 
 from __future__ import annotations
@@ -112,16 +113,32 @@ def _pss(pid: int) -> tuple[int, int]:
     return fields.get("Pss", 0), fields.get("Pss_Anon", 0)
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int, int]:
+def settle(scratch_dir: Path, nbytes: int) -> None:
+    """Bring the machine to the same state before every step (untimed): no dirty pages, warm free memory.
+
+    Without it a step's time depends on what ran before it: a step that writes gigabytes while the previous step's
+    output still waits for writeback is throttled to the disk's speed (measured: the same baseline took 11 s after
+    a sync, 27 s right after another baseline); and on a virtual machine whose free memory goes back to the host,
+    the page cache for a step's output costs a host fault per page unless that memory was just used (measured: a
+    baseline that had just deleted its own previous output wrote at 4.6 GB/s, a converter writing into memory freed
+    long before at 0.4-1.4 GB/s). So: write and delete a scratch file as large as the checkpoint, then sync."""
+    scratch = scratch_dir / "settle.scratch"
+    block = bytearray(64 << 20)
+    with open(scratch, "wb") as handle:
+        for _ in range(max(1, nbytes // len(block))):
+            handle.write(block)
+    scratch.unlink()
+    os.sync()
+
+
+def run_measured(cmd: list[str], settle_first=None) -> tuple[float, int, int]:
     """Wall time, peak PSS and peak anonymous PSS summed over the process tree (polled every 50 ms).
 
     PSS includes the page cache of memory-mapped checkpoint files; anonymous PSS is the memory the process
     tree allocated itself (tensors, interpreter), the part that "two copies of the model" would show in.
-
-    Every step starts with no dirty pages (``os.sync``, not timed): a step that writes gigabytes while the previous
-    step's output still waits for writeback is throttled to the disk's speed by the kernel, so without it a step's
-    time depends on what ran before it (measured: the same baseline took 11 s after a sync, 27 s right after
-    another baseline)."""
+    ``settle_first`` (untimed) runs before the clock starts (``settle``)."""
+    if settle_first is not None:
+        settle_first()
     os.sync()
     start = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -167,13 +184,16 @@ def main() -> None:
     size = json.loads((hf / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     print(f"checkpoint: {size / 2**30:.2f} GiB ({layers} layers, {args.dtype}), TP={args.tp} PP={args.pp}", flush=True)
 
+    def settled():
+        settle(work, size)
+
     # The baseline runs as its own process, measured the same way as the converter, before and after the rest.
     def baseline():
         shutil.rmtree(work / "baseline", ignore_errors=True)
         code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                 f"from convert_benchmark import baseline_read_write; from pathlib import Path; "
                 f"baseline_read_write(Path({str(hf)!r}), Path({str(work / 'baseline')!r}))")
-        return run_measured([sys.executable, "-c", code])
+        return run_measured([sys.executable, "-c", code], settle_first=settled)
 
     # The machine is shared: each step is compared with the mean of the baseline runs just before and after it.
     baselines = [baseline()]
@@ -185,7 +205,7 @@ def main() -> None:
                                       "--pp", str(args.pp), "--format", fmt]),
                  (f"mcore2hf from {fmt}", ["mcore2hf", "--load", str(mc), "--save", str(work / f"back_{fmt}")])]
         for name, cli in steps:
-            rows.append((name, *run_measured(convert + cli)))
+            rows.append((name, *run_measured(convert + cli, settle_first=settled)))
             baselines.append(baseline())
             print(f"  {name}: {rows[-1][1]:.1f} s (baselines around it {baselines[-2][0]:.1f} s, "
                   f"{baselines[-1][0]:.1f} s)", flush=True)
