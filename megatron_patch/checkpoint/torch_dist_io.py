@@ -263,17 +263,12 @@ class TorchDistReader:
         items = create_read_items_for_chunk_list(key, stored, [ChunkStorageMetadata(torch.Size(offsets), sizes)])
         if len(items) != 1 or math.prod(items[0].lengths) != math.prod(sizes):
             return None
-        item, dtype = items[0], stored.properties.dtype
-        info = self.metadata.storage_data.get(item.storage_index)
-        chunk_sizes = tuple(stored.chunks[item.storage_index.index].sizes)
-        source = _contiguous_range(chunk_sizes, tuple(item.storage_offsets), tuple(item.lengths))
-        if info is None or getattr(info, "transform_descriptors", None) or source is None:
+        dtype = stored.properties.dtype
+        found = self._plain_bytes(items[0], stored)
+        if found is None or found[1] % dtype.itemsize:
             return None
-        start = self._data_offset(info, dtype, chunk_sizes)
-        if start is None or start % dtype.itemsize:
-            return None
-        path = self.dir / info.relative_path
-        position, file_bytes = start + source * dtype.itemsize, path.stat().st_size
+        path = self.dir / found[0]
+        position, file_bytes = found[1], path.stat().st_size
         if position + math.prod(sizes) * dtype.itemsize > file_bytes:
             raise CheckpointError(f"cannot read '{key}' from torch_dist checkpoint {self.dir} (missing or truncated "
                                   f"file?): {path.name} ends before its data")
@@ -297,18 +292,13 @@ class TorchDistReader:
         dtype = stored.properties.dtype
         reads = []  # (file, absolute offset, byte count, destination view)
         for item in items:
-            info = self.metadata.storage_data.get(item.storage_index)
-            sizes = tuple(stored.chunks[item.storage_index.index].sizes)
-            source = _contiguous_range(sizes, tuple(item.storage_offsets), tuple(item.lengths))
-            if info is None or getattr(info, "transform_descriptors", None) or source is None:
-                return False
-            start = self._data_offset(info, dtype, sizes)
-            if start is None:
+            found = self._plain_bytes(item, stored)
+            if found is None:
                 return False
             view = dest
             for dim, (begin, length) in enumerate(zip(item.dest_offsets, item.lengths)):
                 view = view.narrow(dim, begin, length)
-            reads.append((info.relative_path, start + source * dtype.itemsize, view.numel() * dtype.itemsize, view))
+            reads.append((*found, view.numel() * dtype.itemsize, view))
         for relative_path in sorted({read[0] for read in reads}):
             with open(self.dir / relative_path, "rb", buffering=0) as file:
                 for _, position, nbytes, view in sorted((r for r in reads if r[0] == relative_path),
@@ -319,6 +309,18 @@ class TorchDistReader:
                     if target is not view:
                         view.copy_(target)
         return True
+
+    def _plain_bytes(self, item, stored: TensorStorageMetadata) -> tuple[str, int] | None:
+        """(file, byte position) of a read item's elements when its record is a plain tensor record holding them
+        contiguously; None otherwise (a record DCP must read)."""
+        dtype = stored.properties.dtype
+        info = self.metadata.storage_data.get(item.storage_index)
+        sizes = tuple(stored.chunks[item.storage_index.index].sizes)
+        source = _contiguous_range(sizes, tuple(item.storage_offsets), tuple(item.lengths))
+        if info is None or getattr(info, "transform_descriptors", None) or source is None:
+            return None
+        start = self._data_offset(info, dtype, sizes)
+        return None if start is None else (info.relative_path, start + source * dtype.itemsize)
 
     def _data_offset(self, info: _StorageInfo, dtype: torch.dtype, sizes: tuple[int, ...]) -> int | None:
         """Where the raw bytes of the record ``info`` start, if it is a plain ``dtype`` tensor of ``sizes``."""
