@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent / "megatron_patch"
 # package -> the megatron_patch packages / modules it may import (besides itself).
 ALLOWED = {
     "mapping": {"errors"},
-    "checkpoint": {"errors", "mapping"},
-    "models": {"errors", "mapping", "checkpoint", "layers", "runtime", "data"},
-    "convert": {"errors", "mapping", "checkpoint", "models", "layers", "runtime", "data"},
+    "checkpoint": {"errors", "registry", "mapping"},
+    "models": {"errors", "registry", "mapping", "checkpoint", "layers", "runtime", "data"},
+    "convert": {"errors", "registry", "mapping", "checkpoint", "models", "layers", "runtime", "data"},
 }
 
 
@@ -45,3 +45,12 @@ def test_package_imports_only_what_lies_below_it(package):
     for path in sorted((ROOT / package).glob("*.py")):
         wrong = _imported_packages(path, package) - ALLOWED[package]
         assert not wrong, f"{path.relative_to(ROOT.parent)} imports {sorted(wrong)}"
+
+
+@pytest.mark.parametrize("leaf", ["errors.py", "registry.py"])
+def test_leaf_modules_import_nothing_of_ours(leaf):
+    for node in ast.walk(ast.parse((ROOT / leaf).read_text())):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and not (node.module or "").startswith("megatron_patch"), f"{leaf}: {node.module}"
+        elif isinstance(node, ast.Import):
+            assert not any(alias.name.startswith("megatron_patch") for alias in node.names), leaf

@@ -7,6 +7,7 @@ format is one file and no ``if meta["format"] == ...`` anywhere.
 
 from __future__ import annotations
 
+import functools
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from ..errors import CheckpointError
 from ..mapping import Sharding
 from ..mapping.sharding import TensorSource
+from ..registry import Registry
 
 
 class MegatronTensors(Protocol):
@@ -57,36 +59,35 @@ class CheckpointFormat(ABC):
         """Fill this rank's model stage (built for ``target``'s TP x PP); every parameter must be found."""
 
 
-_FORMATS: dict[str, CheckpointFormat] = {}
+def _load_builtin_formats() -> None:
+    from . import legacy, torch_dist  # noqa: F401  (each registers itself)
+
+
+_FORMATS: Registry[type[CheckpointFormat]] = Registry("checkpoint format", CheckpointError, "known",
+                                                      load=_load_builtin_formats)
 
 
 def register_format(name: str):
-    """Class decorator: register an instance of a ``CheckpointFormat`` subclass under ``name``."""
+    """Class decorator: register a ``CheckpointFormat`` subclass (stateless) under ``name``."""
 
     def register(cls: type[CheckpointFormat]) -> type[CheckpointFormat]:
-        if name in _FORMATS:
-            raise ValueError(f"checkpoint format '{name}' is registered twice")
+        _FORMATS.add(name, cls)
         cls.name = name
-        _FORMATS[name] = cls()
         return cls
 
     return register
 
 
-def _load_builtin_formats() -> None:
-    from . import legacy, torch_dist  # noqa: F401  (each registers itself)
-
-
 def format_names() -> list[str]:
-    _load_builtin_formats()
-    return sorted(_FORMATS)
+    return _FORMATS.names()
 
 
 def get_format(name: str, where: str | os.PathLike | None = None) -> CheckpointFormat:
     """The format registered as ``name``; the error names ``where`` (the file that asked for it) and the valid
     names."""
-    _load_builtin_formats()
-    if name not in _FORMATS:
-        prefix = f"{where}: " if where is not None else ""
-        raise CheckpointError(f"{prefix}unknown checkpoint format {name!r} (known: {', '.join(sorted(_FORMATS))})")
-    return _FORMATS[name]
+    return _instance(_FORMATS.get(name, prefix=f"{where}: " if where is not None else ""))
+
+
+@functools.cache
+def _instance(cls: type[CheckpointFormat]) -> CheckpointFormat:
+    return cls()  # one object per format: formats hold no state

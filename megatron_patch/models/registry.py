@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..registry import Registry
 from .arch import ModelArch
 
 
@@ -42,44 +43,37 @@ class ModelFamily:
         raise ConfigError(f"{self.name} has no size preset '{size}' (available: {', '.join(self.flavors)})")
 
 
-_FAMILIES: dict[str, ModelFamily] = {}
-
-
-def register_family(family: ModelFamily) -> ModelFamily:
-    if family.name in _FAMILIES:
-        raise ValueError(f"model family '{family.name}' is registered twice")
-    _FAMILIES[family.name] = family
-    return family
-
-
 def _load_builtin_families() -> None:
     from . import baichuan, bloom, llama, qwen  # noqa: F401  (each registers itself)
 
 
+_FAMILIES: Registry[ModelFamily] = Registry("model family", ConfigError, "supported", load=_load_builtin_families)
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    return _FAMILIES.add(family.name, family)
+
+
 def supported_families() -> list[str]:
-    _load_builtin_families()
-    return sorted(_FAMILIES)
+    return _FAMILIES.names()
 
 
 def get_family(name: str) -> ModelFamily:
-    _load_builtin_families()
-    if name not in _FAMILIES:
-        raise ConfigError(f"unknown model family '{name}' (supported: {', '.join(sorted(_FAMILIES))})")
-    return _FAMILIES[name]
+    return _FAMILIES.get(name)
 
 
 def detect_family(hf_config: dict) -> ModelFamily:
     """Pick the family from ``architectures`` (first) or ``model_type``; the error names what is supported."""
-    _load_builtin_families()
+    families = list(_FAMILIES.values())
     architectures = hf_config.get("architectures") or []
-    for family in _FAMILIES.values():
+    for family in families:
         if any(arch in family.architectures for arch in architectures):
             return family
     model_type = hf_config.get("model_type")
-    for family in _FAMILIES.values():
+    for family in families:
         if model_type in family.model_types:
             return family
-    known = sorted(a for f in _FAMILIES.values() for a in f.architectures)
+    known = sorted(a for f in families for a in f.architectures)
     raise UnsupportedModelError(
         f"unsupported architecture {architectures or model_type!r} (supported: {', '.join(known)})"
     )

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..registry import Registry
+
 Tensor = torch.Tensor
 
 # exp() of a log-ratio beyond this overflows fp32 or makes a ratio meaningless; verl and TRL clamp alike.
@@ -121,29 +123,20 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, group=N
 # --------------------------------------------------------------------------------------------------------------
 
 KLEstimator = Callable[[Tensor, Tensor], Tensor]
-_KL_ESTIMATORS: dict[str, KLEstimator] = {}
+_KL_ESTIMATORS: Registry[KLEstimator] = Registry("KL estimator")
 
 
 def register_kl_estimator(name: str) -> Callable[[KLEstimator], KLEstimator]:
     """Decorator: register ``fn(logprob, ref_logprob) -> per-token KL estimate`` under ``name``."""
-
-    def register(fn: KLEstimator) -> KLEstimator:
-        if name in _KL_ESTIMATORS:
-            raise ValueError(f"KL estimator '{name}' is registered twice")
-        _KL_ESTIMATORS[name] = fn
-        return fn
-
-    return register
+    return _KL_ESTIMATORS.register(name)
 
 
 def get_kl_estimator(name: str) -> KLEstimator:
-    if name not in _KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator '{name}' (valid: {', '.join(sorted(_KL_ESTIMATORS))})")
-    return _KL_ESTIMATORS[name]
+    return _KL_ESTIMATORS.get(name)
 
 
 def kl_estimator_names() -> list[str]:
-    return sorted(_KL_ESTIMATORS)
+    return _KL_ESTIMATORS.names()
 
 
 @register_kl_estimator("k1")
@@ -272,30 +265,21 @@ class AdvantageConfig:
 
 
 AdvantageEstimator = Callable[..., tuple[Tensor, Tensor]]
-_ADV_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+_ADV_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
 
 
 def register_adv_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
     """Decorator: register ``fn(token_level_rewards, response_mask, config, *, values=None, group_ids=None,
     dp_group=None) -> (advantages, returns)`` under ``name``."""
-
-    def register(fn: AdvantageEstimator) -> AdvantageEstimator:
-        if name in _ADV_ESTIMATORS:
-            raise ValueError(f"advantage estimator '{name}' is registered twice")
-        _ADV_ESTIMATORS[name] = fn
-        return fn
-
-    return register
+    return _ADV_ESTIMATORS.register(name)
 
 
 def get_adv_estimator(name: str) -> AdvantageEstimator:
-    if name not in _ADV_ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator '{name}' (valid: {', '.join(sorted(_ADV_ESTIMATORS))})")
-    return _ADV_ESTIMATORS[name]
+    return _ADV_ESTIMATORS.get(name)
 
 
 def adv_estimator_names() -> list[str]:
-    return sorted(_ADV_ESTIMATORS)
+    return _ADV_ESTIMATORS.names()
 
 
 @torch.no_grad()

@@ -12,29 +12,23 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import ConfigError
+from ..registry import Registry
 
 RewardFn = Callable[[list[int], list[int]], "float | list[float]"]
-_REWARDS: dict[str, Callable[..., RewardFn]] = {}
+_REWARDS: Registry[Callable[..., RewardFn]] = Registry("--reward-fn", ConfigError)
 
 
 def register_reward(name: str):
-    def register(factory):
-        if name in _REWARDS:
-            raise ValueError(f"reward '{name}' is registered twice")
-        _REWARDS[name] = factory
-        return factory
-
-    return register
+    """Decorator: register ``factory(tokenizer, max_new_tokens) -> score`` under ``name``."""
+    return _REWARDS.register(name)
 
 
 def reward_names() -> list[str]:
-    return sorted(_REWARDS)
+    return _REWARDS.names()
 
 
 def build_reward_fn(name: str, tokenizer, max_new_tokens: int) -> RewardFn:
-    if name not in _REWARDS:
-        raise ConfigError(f"unknown --reward-fn '{name}' (valid: {', '.join(reward_names())})")
-    return _REWARDS[name](tokenizer, max_new_tokens)
+    return _REWARDS.get(name)(tokenizer, max_new_tokens)
 
 
 def count_up_target(prompt: str, length: int) -> str:
