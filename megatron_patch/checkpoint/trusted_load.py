@@ -1,8 +1,8 @@
 """Refuse a torch_dist checkpoint that would run code when megatron-core loads it.
 
 megatron-core reads a torch_dist directory through ``torch.distributed.checkpoint``: the ``.metadata`` file is
-read with plain ``pickle.load`` and every byte item (``ShardedObject``s: ``_extra_state``, RNG states) with
-``torch.load(weights_only=False)``. Either runs arbitrary code from a crafted file. Neither library can be told to
+read with plain ``pickle.load`` and every byte item (``ShardedObject``s: ``_extra_state``, RNG states) with an
+unrestricted ``torch.load`` (its weights-only check switched off). Either runs arbitrary code from a crafted file. Neither library can be told to
 load safely, so this module inspects the same bytes *before* megatron-core sees them:
 
 - ``.metadata`` is unpickled by an unpickler that resolves only the checkpoint-metadata classes of

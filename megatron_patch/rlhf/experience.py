@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..runtime.device import local_device
+from ..runtime.device import HOST, local_device
 
 ROW_KEYS = ("tokens", "position_ids", "labels", "starts", "last_index", "response_mask")
 
@@ -32,20 +32,20 @@ def build_rollout_batch(prompts: list[list[int]], responses: list[list[int]], se
                         pad: int) -> dict[str, torch.Tensor]:
     """The tensors of a rollout (see the module docstring), built on the host and moved once to the device."""
     count = len(prompts)
-    tokens = torch.full((count, seq_length + 1), pad, dtype=torch.long)
-    response_mask = torch.zeros(count, max_new_tokens)
-    starts = torch.zeros(count, dtype=torch.long)
-    last_index = torch.zeros(count, dtype=torch.long)
+    tokens = torch.full((count, seq_length + 1), pad, dtype=torch.long, device=HOST)
+    response_mask = torch.zeros(count, max_new_tokens, device=HOST)
+    starts = torch.zeros(count, dtype=torch.long, device=HOST)
+    last_index = torch.zeros(count, dtype=torch.long, device=HOST)
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         row = prompt + response
-        tokens[i, :len(row)] = torch.tensor(row)
+        tokens[i, :len(row)] = torch.tensor(row, device=HOST)
         response_mask[i, :len(response)] = 1.0
         starts[i], last_index[i] = len(prompt) - 1, len(row) - 1
     device = local_device()
     return {
         "tokens": tokens[:, :-1].contiguous().to(device),
         "labels": tokens[:, 1:].contiguous().to(device),
-        "position_ids": torch.arange(seq_length).expand(count, -1).contiguous().to(device),
+        "position_ids": torch.arange(seq_length, device=device).expand(count, -1).contiguous(),
         "starts": starts.to(device),
         "last_index": last_index.to(device),
         "response_mask": response_mask.to(device),

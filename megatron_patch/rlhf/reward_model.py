@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..runtime.device import HOST
 
 REWARD_MARKER = "reward_model.json"
 HEAD_PREFIX = "output_layer."
@@ -35,8 +36,9 @@ class RewardOutputLayer(torch.nn.Module):
     def __init__(self, config, seed: int = 0):
         super().__init__()
         self.sequence_parallel = config.sequence_parallel
-        generator = torch.Generator().manual_seed(seed)
-        init = torch.randn(1, config.hidden_size, generator=generator) * config.init_method_std
+        # Built on the host like the rest of the model (use_cpu_initialization), then moved with it by place_model.
+        generator = torch.Generator(device=HOST).manual_seed(seed)
+        init = torch.randn(1, config.hidden_size, generator=generator, device=HOST) * config.init_method_std
         self.weight = torch.nn.Parameter(init.to(config.params_dtype))
 
     def forward(self, hidden_states, weight=None, runtime_gather_output=None):

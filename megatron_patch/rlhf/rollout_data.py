@@ -13,6 +13,7 @@ import torch
 
 from ..data.jsonl import in_file, json_object, numbered_lines, string_field
 from ..errors import BadLineError, DataError
+from ..runtime.device import HOST
 
 
 def _jsonl_values(path: str | Path, key: str, what: str) -> list[tuple[int, str]]:
@@ -71,8 +72,9 @@ class PromptDataset:
 class PtxDataset:
     """Pretraining text for the PTX loss: each ``"text"`` line tokenised with EOS, cut into rows of ``length``.
 
-    ``rows(position, count)`` returns ``(tokens, labels, loss_mask)``, each ``(count, length)``, cycling through
-    the rows in file order (the position is the number of rows consumed so far, restored on resume).
+    ``batch(position, count)`` returns ``tokens``, ``labels`` and ``loss_mask``, each ``(count, length)`` on the host
+    (the caller moves them with the micro-batch they join), cycling through the rows in file order (the position is
+    the number of rows consumed so far, restored on resume).
     """
 
     def __init__(self, path: str | Path, tokenizer, length: int):
@@ -86,11 +88,13 @@ class PtxDataset:
 
     def batch(self, position: int, count: int) -> dict[str, torch.Tensor]:
         n = self.length
-        tokens = torch.full((count, n), self.pad, dtype=torch.long)
-        labels = torch.full((count, n), self.pad, dtype=torch.long)
-        mask = torch.zeros(count, n)
+        tokens = torch.full((count, n), self.pad, dtype=torch.long, device=HOST)
+        labels = torch.full((count, n), self.pad, dtype=torch.long, device=HOST)
+        mask = torch.zeros(count, n, device=HOST)
         for i in range(count):
             row = self.rows[(position + i) % len(self.rows)]
             m = len(row) - 1
-            tokens[i, :m], labels[i, :m], mask[i, :m] = torch.tensor(row[:-1]), torch.tensor(row[1:]), 1.0
+            tokens[i, :m] = torch.tensor(row[:-1], device=HOST)
+            labels[i, :m] = torch.tensor(row[1:], device=HOST)
+            mask[i, :m] = 1.0
         return {"tokens": tokens, "labels": labels, "loss_mask": mask}

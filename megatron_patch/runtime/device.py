@@ -18,6 +18,10 @@ import torch
 from . import strict
 from .cpu import cuda_available
 
+# Where batches are assembled row by row from Python lists before one move with ``to_device`` (filling a tensor
+# on the GPU element by element would launch a kernel per row), and where models are built before ``place_model``.
+HOST = torch.device("cpu")
+
 
 def set_local_device() -> None:
     """Select ``cuda:LOCAL_RANK`` for this process (torchrun's LOCAL_RANK; 0 without it). No-op without CUDA."""
