@@ -19,7 +19,8 @@
 #   resume      the same command again: resumes at iteration 15 and finishes the 30
 #   generate    examples/llama/run_text_generation_megatron_llama.sh with ENV=dsw, greedy, bf16
 #   mcore2hf    model_convertor.sh MG2HF=true on the trained checkpoint; transformers loads the result
-#   benchmark   toolkits/benchmarks/train_throughput.py (on the GPU where it takes --device)
+#   benchmark   toolkits/benchmarks/train_throughput.py (on the GPU where it takes --device; operator tables of both
+#               sides in logs/profile/)
 #   pytest-gpu  python -m pytest tests/gpu
 #
 # Without an importable megatron-core the wheel (megatron_core-*.whl) is looked for in $MEGATRON_CORE_WHEEL_DIR,
@@ -164,9 +165,11 @@ step_verify() {
 step_data() {
   run "$PY" "$HELPERS" corpus "$WORK/corpus.jsonl"
   run mkdir -p "$(dirname "$DATA")"
-  run "$PY" -m megatron_patch.data.preprocess --input "$WORK/corpus.jsonl" --output-prefix "$DATA" --tokenizer "$HF" \
-    --workers 1
+  # Megatron-LM's naming: --output-prefix P writes P_text_document.bin/.idx
+  run "$PY" -m megatron_patch.data.preprocess --input "$WORK/corpus.jsonl" --output-prefix "${DATA%_text_document}" \
+    --tokenizer "$HF" --workers 1
   live || return 0
+  [ -f "$DATA.bin" ] && [ -f "$DATA.idx" ] || { echo "no indexed dataset at $DATA.bin/.idx"; return 1; }
   key "$(du -k "$DATA.bin" | cut -f1) KiB indexed"
 }
 
@@ -179,7 +182,9 @@ PRETRAIN_ARGS=(dsw none "$REPO" tiny 4 "$GBS" 1e-3 1e-4 "$SEQ" "$SEQ" 0 bf16 1 1
                "$MCORE" $((STEPS * GBS * SEQ)) $((3 * GBS * SEQ)) "$TRAIN")
 PRETRAIN=$REPO/examples/llama/run_pretrain_megatron_llama.sh
 
-last_loss() { grep -o 'lm loss [0-9.]*' "$1" | tail -n 1 | cut -d' ' -f3; }
+# Megatron-LM's iteration line: "... elapsed time per iteration (ms): 189.0 | ... | lm loss: 6.766904E+00 | ..."
+last_loss() { grep -o 'lm loss: [0-9.E+-]*' "$1" | tail -n 1 | cut -d' ' -f3; }
+last_ms() { grep -o 'per iteration (ms): [0-9.]*' "$1" | tail -n 1 | cut -d' ' -f4; }
 
 step_pretrain() {
   run env GPUS_PER_NODE=1 MP_EXTRA_ARGS="--exit-interval 15 --log-interval 5" bash "$PRETRAIN" "${PRETRAIN_ARGS[@]}"
@@ -187,7 +192,10 @@ step_pretrain() {
   local tracker
   tracker=$(cat "$TRAIN"/checkpoint/pretrain-*/latest_checkpointed_iteration.txt)
   [ "$tracker" = 15 ] || { echo "expected a checkpoint of iteration 15, found '$tracker'"; return 1; }
-  key "iteration 15 loss $(last_loss "$STEP_LOG"), $(grep -o 'tokens/s [0-9,]*' "$STEP_LOG" | tail -n 1)"
+  local loss
+  loss=$(last_loss "$STEP_LOG")
+  [ -n "$loss" ] || { echo "no 'lm loss' in the training log"; return 1; }
+  key "iteration 15 loss $loss, $(last_ms "$STEP_LOG") ms/iteration"
 }
 
 step_resume() {
@@ -196,6 +204,7 @@ step_resume() {
   grep -q 'resumed at iteration 15' "$STEP_LOG" || { echo "the second run did not resume at iteration 15"; return 1; }
   local first last
   first=$(last_loss "$LOGS/pretrain.log") last=$(last_loss "$STEP_LOG")
+  [ -n "$last" ] || { echo "no 'lm loss' in the resumed run's log"; return 1; }
   awk "BEGIN{exit !($last < $first)}" || { echo "loss did not fall after the resume: $first -> $last"; return 1; }
   key "resumed at 15, iteration $STEPS loss $last (from $first)"
 }
@@ -225,7 +234,8 @@ step_benchmark() {
   # Where the benchmark takes --device (added with the GPU work) both of its sides run on the GPU; an older one is
   # run with the GPU hidden, so that both sides share the CPU and the ratio means what it says.
   if "$PY" "$bench" --help | grep -q -- '--device'; then
-    run "$PY" "$bench" --skip-preprocessing --rounds 1 --warmup 3 --steps 10 --device cuda
+    # Operator tables of both sides (two profiled steps each) land next to the logs: where the time goes.
+    run "$PY" "$bench" --skip-preprocessing --rounds 1 --warmup 3 --steps 10 --device cuda --profile "$LOGS/profile"
     live || return 0
     key "cuda: $(grep -i 'ratio' "$STEP_LOG" | tail -n 1)"
   else

@@ -188,7 +188,31 @@ def build_optimizer(cfg: TrainConfig, model):
         initial_loss_scale=cfg.initial_loss_scale,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(opt_config, [model])
+    optimizer = get_megatron_optimizer(opt_config, [model])
+    use_fused_adam(optimizer)
+    return optimizer
+
+
+def use_fused_adam(optimizer) -> None:
+    """Run the Adam update of a megatron-core optimizer through torch's fused kernel, where torch has one.
+
+    Without Transformer Engine or apex (whose FusedAdam megatron-core prefers) megatron-core falls back to
+    ``torch.optim.AdamW`` with torch's default multi-tensor implementation: about seven passes over every main
+    weight per step, 23.6 ms of an 84 ms step at the 7B-layer shape on an H200, where the fused kernel makes one
+    pass (8.7 ms in the transformers loop beside it). Same update up to rounding; the optimizer state is unchanged.
+    """
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    supported = set(_get_fused_kernels_supported_devices())
+    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(megatron_optimizer, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if any(p.device.type not in supported or not p.is_floating_point() for p in params):
+            continue
+        for group in [*inner.param_groups, inner.defaults]:
+            group.update(foreach=False, fused=True)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer, train_iters: int):

@@ -122,6 +122,22 @@ def timed_steps(step, samples, warmup: int, device) -> dict[str, list[float]]:
     return {"step_s": wall, "cpu_s": cpu}
 
 
+def profile_steps(step, samples, device, out: Path) -> None:
+    """Two more steps under torch.profiler; the operators (own time on the device first) written to ``out``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for sample in samples:
+            step(sample)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=45, max_name_column_width=70))
+
+
 def peak_memory_bytes(device) -> int:
     import torch
 
@@ -155,8 +171,12 @@ def measure_hf(shape: Shape, args, device) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    times = timed_steps(step, batches(shape, args.warmup + args.steps, device), args.warmup, device)
-    return {**times, "peak_memory": peak_memory_bytes(device)}
+    samples = batches(shape, args.warmup + args.steps, device)
+    times = timed_steps(step, samples, args.warmup, device)
+    peak = peak_memory_bytes(device)
+    if args.profile:
+        profile_steps(step, samples[-2:], device, Path(args.profile) / "hf_ops.txt")
+    return {**times, "peak_memory": peak}
 
 
 def measure_toolkit(shape: Shape, args, device) -> dict:
@@ -201,8 +221,14 @@ def measure_toolkit(shape: Shape, args, device) -> dict:
     loss_mask = torch.ones(shape.micro_batch_size, shape.seq_length, device=device)
     samples = [{"tokens": s[:, :-1], "labels": s[:, 1:], "loss_mask": loss_mask, "position_ids": positions}
                for s in batches(shape, iters, device)]
-    times = timed_steps(lambda sample: train_step(trainer, iter([sample])), samples, args.warmup, device)
-    return {**times, "peak_memory": peak_memory_bytes(device)}
+    def step(sample):
+        train_step(trainer, iter([sample]))
+
+    times = timed_steps(step, samples, args.warmup, device)
+    peak = peak_memory_bytes(device)
+    if args.profile:
+        profile_steps(step, samples[-2:], device, Path(args.profile) / "toolkit_ops.txt")
+    return {**times, "peak_memory": peak}
 
 
 def measure_matmul(shape: Shape, args, device) -> dict:
@@ -232,6 +258,8 @@ def run_side(side: str, shape: Shape, args) -> dict:
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--rounds", str(args.rounds)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.profile:
+        cmd += ["--profile", args.profile]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.side_timeout)
     if proc.returncode != 0:
         raise SystemExit(f"the {side} side failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -341,6 +369,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None, help="default: 3 on cpu (a shared host is noisy), 1 on cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads of every side (CPU; default: torch's choice)")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="after the timed steps, profile two more per side; operator tables to DIR/<side>_ops.txt")
     parser.add_argument("--side-timeout", type=float, default=1800.0, help="seconds one side may run")
     parser.add_argument("--corpus-repeat", type=int, default=100)
     parser.add_argument("--skip-preprocessing", action="store_true")
