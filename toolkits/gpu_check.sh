@@ -19,6 +19,10 @@
 #   resume      the same command again: resumes at iteration 15 and finishes the 30
 #   generate    examples/llama/run_text_generation_megatron_llama.sh with ENV=dsw, greedy, bf16
 #   mcore2hf    model_convertor.sh MG2HF=true on the trained checkpoint; transformers loads the result
+#   reward-model  rlhf/run_reward_model_megatron_llama.sh, 10 bf16 steps on the toy preference pairs, validated
+#   dpo         rlhf/run_dpo_megatron_llama.sh, 10 bf16 steps on the same pairs, validated
+#   ppo         rlhf/run_ppo_megatron_llama.sh, 3 iterations, the reward model (and critic) from the reward-model step
+#   grpo        rlhf/run_grpo_megatron_llama.sh, 3 iterations, 4 samples per prompt, the count_up reward
 #   benchmark   toolkits/benchmarks/train_throughput.py (on the GPU where it takes --device; operator tables of both
 #               sides in logs/profile/)
 #   pytest-gpu  python -m pytest tests/gpu
@@ -88,7 +92,7 @@ step() {  # step NAME [NEEDS...]: run step_NAME (in a subshell, errexit on) and 
   for need in "$@"; do
     if [ "${STATUS[$need]:-}" != PASS ]; then
       STATUS[$name]=SKIP
-      printf '%-4s %-10s %4s  needs %s\n' SKIP "$name" - "$need"
+      printf '%-4s %-12s %4s  needs %s\n' SKIP "$name" - "$need"
       return 0
     fi
   done
@@ -107,7 +111,7 @@ step() {  # step NAME [NEEDS...]: run step_NAME (in a subshell, errexit on) and 
     detail="$(grep -v '^\s*$' "$STEP_LOG" | tail -n 1 | cut -c1-200) (log: $STEP_LOG)"
   fi
   STATUS[$name]=$([ "$status" = FAIL ] && echo FAIL || echo PASS)
-  printf '%-4s %-10s %4ds %s\n' "$status" "$name" $((SECONDS - start)) "$detail"
+  printf '%-4s %-12s %4ds %s\n' "$status" "$name" $((SECONDS - start)) "$detail"
 }
 
 # --- the steps -----------------------------------------------------------------------------------------------------
@@ -229,6 +233,53 @@ step_mcore2hf() {
   key "$(tail -n 1 "$STEP_LOG")"
 }
 
+# RLHF on the converted tiny model, a few bf16 iterations each through the positional scripts: the reward model (on
+# the toy preference pairs), DPO, PPO with that reward model (the critic starts from it), GRPO with a programmatic
+# reward.
+RLHF=$REPO/rlhf RM_OUT=$WORK/rm TOY=$WORK/toy RL=$WORK/rl
+
+step_reward_model() {
+  run "$PY" "$HELPERS" toy-preferences "$TOY"
+  run env GPUS_PER_NODE=1 MP_EXTRA_ARGS="--train-iters 10 --log-interval 5 --eval-interval 10" \
+    bash "$RLHF/run_reward_model_megatron_llama.sh" dsw none "$REPO" tiny 4 16 1e-3 1e-4 64 bf16 1 1 none false false \
+    false "$TOY/train.jsonl" "$TOY/valid.jsonl" "$MCORE" 1 "$RM_OUT"
+  live || return 0
+  key "$(grep -o 'validation at iteration .*' "$STEP_LOG" | tail -n 1)"
+}
+
+step_dpo() {
+  run "$PY" "$HELPERS" toy-preferences "$TOY"
+  run env GPUS_PER_NODE=1 MP_EXTRA_ARGS="--train-iters 10 --log-interval 5 --eval-interval 10" \
+    bash "$RLHF/run_dpo_megatron_llama.sh" dsw none "$REPO" tiny 4 16 1e-3 1e-4 0.1 64 bf16 1 1 none false false false \
+    "$TOY/train.jsonl" "$TOY/valid.jsonl" "$MCORE" 1 "$WORK/dpo"
+  live || return 0
+  key "$(grep -o 'validation at iteration .*' "$STEP_LOG" | tail -n 1)"
+}
+
+rl_summary() {  # "N iterations, reward first -> last" from an RL log
+  grep -o '| reward [-0-9.]*' "$1" | awk '{r[NR]=$3} END {if (NR == 0) exit 1; printf "%d iterations, reward %s -> %s", NR, r[1], r[NR]}'
+}
+
+step_ppo() {
+  local rm_run
+  rm_run=$(find "$RM_OUT/checkpoint" -maxdepth 1 -name 'rm-*' 2> /dev/null | head -n 1 || true)
+  run "$PY" "$HELPERS" rl-prompts "$RL"
+  run env GPUS_PER_NODE=1 MP_EXTRA_ARGS="--log-interval 1" bash "$RLHF/run_ppo_megatron_llama.sh" dsw none "$REPO" tiny \
+    4 8 1e-4 1e-5 1e-4 0.05 0.2 64 8 bf16 1 1 none false false false "$RL/prompts.jsonl" "${rm_run:-$RM_OUT}" "$MCORE" \
+    none 0 3 "$WORK/ppo"
+  live || return 0
+  key "$(rl_summary "$STEP_LOG") (reward model from the reward-model step)"
+}
+
+step_grpo() {
+  run "$PY" "$HELPERS" rl-prompts "$RL"
+  run env GPUS_PER_NODE=1 MP_EXTRA_ARGS="--log-interval 1" bash "$RLHF/run_grpo_megatron_llama.sh" dsw none "$REPO" \
+    tiny 4 4 1e-4 1e-5 0.05 0.2 4 64 8 bf16 1 1 none false false false "$RL/prompts.jsonl" fn:count_up "$MCORE" 3 \
+    "$WORK/grpo"
+  live || return 0
+  key "$(rl_summary "$STEP_LOG") (count_up)"
+}
+
 step_benchmark() {
   local bench=$REPO/toolkits/benchmarks/train_throughput.py
   # Where the benchmark takes --device (added with the GPU work) both of its sides run on the GPU; an older one is
@@ -266,6 +317,10 @@ step pretrain hf2mcore data
 step resume pretrain
 step generate resume
 step mcore2hf resume
+step reward-model hf2mcore
+step dpo hf2mcore
+step ppo reward-model
+step grpo hf2mcore
 step benchmark gpu
 step pytest-gpu gpu
 echo "total $((SECONDS - start))s; $([ "$FAILED" = 0 ] && echo 'no step failed' || echo 'FAILED')"

@@ -1,7 +1,7 @@
 """Small Python pieces of toolkits/gpu_check.sh, one subcommand each (so the script's steps stay one-liners).
 
     python toolkits/gpu_check_helpers.py gpu-info | tiny-hf DIR | corpus JSONL | prompts FILE | completions JSONL N |
-                                         load-hf DIR
+                                         toy-preferences DIR | rl-prompts DIR | load-hf DIR
 """
 
 from __future__ import annotations
@@ -51,6 +51,22 @@ def completions(path: str, expected: str) -> str:
     return f"{len(rows)} completions, {sum(len(row['completion']) for row in rows)} characters"
 
 
+def toy_preferences(out_dir: str) -> str:
+    from megatron_patch.rlhf.toy import write_toy_preferences
+
+    train, valid = write_toy_preferences(out_dir)
+    return f"preference pairs: {sum(1 for _ in open(train))} train, {sum(1 for _ in open(valid))} valid"
+
+
+def rl_prompts(out_dir: str) -> str:
+    from pathlib import Path
+
+    from megatron_patch.rlhf.demo import write_task
+
+    paths = write_task(Path(out_dir))
+    return f"{sum(1 for _ in open(paths['prompts']))} count-up prompts"
+
+
 def load_hf(path: str) -> str:
     from transformers import AutoModelForCausalLM
 
@@ -59,7 +75,7 @@ def load_hf(path: str) -> str:
 
 
 COMMANDS = {"gpu-info": gpu_info, "tiny-hf": tiny_hf, "corpus": corpus, "prompts": prompts,
-            "completions": completions, "load-hf": load_hf}
+            "completions": completions, "toy-preferences": toy_preferences, "rl-prompts": rl_prompts, "load-hf": load_hf}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
