@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "toolkits" / "gpu_check.sh"
 STEPS = ["install", "gpu", "tiny-hf", "hf2mcore", "verify", "data", "pretrain", "resume", "generate", "mcore2hf",
-         "benchmark", "pytest-gpu"]
+         "reward-model", "dpo", "ppo", "grpo", "benchmark", "pytest-gpu"]
 
 
 def run_check(*args, env=None) -> subprocess.CompletedProcess:
@@ -64,7 +64,12 @@ def test_dry_run_prints_one_line_per_step_with_the_positional_scripts(tmp_path):
         assert "run_pretrain_megatron_llama.sh dsw none" in lines[step] and " bf16 1 1 " in lines[step]
     assert "--exit-interval\\ 15" in lines["pretrain"] and "exit-interval" not in lines["resume"]
     assert "run_text_generation_megatron_llama.sh dsw none" in lines["generate"]
-    assert "train_throughput.py" in lines["benchmark"] and "tests/gpu" in lines["pytest-gpu"]
+    for step, script in (("reward-model", "reward_model"), ("dpo", "dpo"), ("ppo", "ppo"), ("grpo", "grpo")):
+        assert f"rlhf/run_{script}_megatron_llama.sh dsw none" in lines[step] and " bf16 1 1 " in lines[step]
+    assert "/rm/checkpoint" in lines["ppo"] or "/rm " in lines["ppo"]  # PPO scores with the trained reward model
+    assert "fn:count_up" in lines["grpo"]
+    assert "train_throughput.py" in lines["benchmark"] and "--profile" in lines["benchmark"]
+    assert "tests/gpu" in lines["pytest-gpu"]
 
 
 def test_installs_megatron_core_from_a_wheel_next_to_the_repo_without_network(tmp_path):
