@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
-from .serialization import prefault
+from ..mapping import Pieces
+from .serialization import prefault, write_all
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 SAFE_INDEX = "model.safetensors.index.json"
@@ -235,7 +236,8 @@ class ShardedSafetensorsWriter:
 
 
 class StreamingSafetensorsWriter:
-    """Writes sharded safetensors files (plus the index) while the tensors are produced, one at a time.
+    """Writes sharded safetensors files (plus the index) while the tensors are produced, one at a time; a tensor
+    may come as ``Pieces`` (the runs of TP shards it is made of), written with one gathered write per 1024 runs.
 
     ``safetensors.torch.save_file`` needs every tensor of a file in memory at once (up to 5 GB per shard); the
     converters know every tensor's name, dtype and shape before reading any data, so this writer takes that layout
@@ -277,10 +279,12 @@ class StreamingSafetensorsWriter:
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the library writes it
-        self._handle = open(self.dir / self._files[self._shard], "wb")
-        self._handle.write(len(encoded).to_bytes(8, "little") + encoded)
+        self._handle = open(self.dir / self._files[self._shard], "wb", buffering=0)  # write_all writes the fd
+        write_all(self._handle.fileno(), [memoryview(len(encoded).to_bytes(8, "little") + encoded)])
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor | Pieces) -> None:
+        """Append the next tensor of the layout: a tensor, or ``Pieces`` whose bytes are copied from where they lie
+        (e.g. memory-mapped TP shards) into the file with no intermediate tensor."""
         if self._next >= len(self._layout):
             raise ValueError(f"'{name}' is not in the announced layout (all {len(self._layout)} tensors were written)")
         expected = self._layout[self._next]
@@ -289,9 +293,9 @@ class StreamingSafetensorsWriter:
                              f"{tuple(tensor.shape)}")
         if self._shard < 0 or self._next not in self._shards[self._shard]:
             self._open_next_shard()
-        if tensor.numel():
-            # Raw bytes in memory order (safetensors is little-endian, as every platform torch supports here).
-            self._handle.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        pieces = tensor if isinstance(tensor, Pieces) else Pieces.of(tensor.detach().cpu())
+        # Raw bytes in memory order (safetensors is little-endian, as every platform torch supports here).
+        write_all(self._handle.fileno(), pieces.buffers())
         self._next += 1
 
     def close(self) -> None:

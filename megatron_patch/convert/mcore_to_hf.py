@@ -3,7 +3,6 @@ Megatron-Bridge's) -> HF directory."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -43,16 +42,19 @@ def mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: boo
     reader = ckpt.reader()
     dtype = ckpt.format.export_dtype(ckpt.dtype)
 
-    def get_full(entry, meta_only=False):
-        tensor = reader.meta(entry.global_name) if meta_only else reader.full(entry.global_name)
+    def get_meta(entry):
+        tensor = reader.meta(entry.global_name)
         return tensor if dtype is None else tensor.to(dtype)
+
+    def get_shards(entry):
+        shards = reader.shards(entry.global_name)
+        return shards if dtype is None else [shard.to(dtype) for shard in shards]
 
     # The HF names, dtypes and shapes, from running the export on meta tensors: validates every source tensor
     # (its stored dtype, before any cast) before any work and lets the writer stream (it writes each file's header
     # first).
     sharding.check_megatron_shapes(lambda entry: reader.meta(entry.global_name))
-    as_meta = functools.partial(get_full, meta_only=True)
-    layout = [(name, t.dtype, tuple(t.shape)) for name, t in sharding.megatron_to_hf(as_meta)]
+    layout = [(name, t.dtype, tuple(t.shape)) for name, t in sharding.megatron_to_hf(get_meta)]
 
     config = export_config(ckpt.meta)
     with atomic_output_dir(save, overwrite) as temp:
@@ -64,8 +66,9 @@ def mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: boo
         writer = StreamingSafetensorsWriter(temp, layout, max_shard_bytes)
         check_finite = NonFiniteGuard(f"checkpoint {ckpt.iter_dir}", allow_non_finite)
         with progress_bar(total=len(sharding.export_entries()), desc="mcore2hf", unit="tensor") as progress:
-            for name, tensor in sharding.megatron_to_hf(get_full, progress):
-                check_finite(name, tensor)
-                writer.add(name, tensor)
+            # Each HF tensor goes from the stored shards to the file as byte runs: no merged or HF tensor is built.
+            for name, pieces in sharding.megatron_to_hf_pieces(get_shards, progress):
+                check_finite(name, pieces)
+                writer.add(name, pieces)
         writer.close()
     return Path(save)

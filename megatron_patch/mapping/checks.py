@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from ..errors import CheckpointError
+from .pieces import Pieces
 
 ALLOW_NON_FINITE_FLAG = "--allow-non-finite"
 EXTRA_STATE = "_extra_state"  # Transformer Engine's FP8 state: the only name allowed to be extra or missing
@@ -39,11 +40,13 @@ class NonFiniteGuard:
     def __init__(self, what: str, allow: bool = False):
         self.what, self.allow, self.warned = what, allow, False
 
-    def __call__(self, name: str, tensor: torch.Tensor) -> None:
-        if is_finite(tensor):
+    def __call__(self, name: str, tensor: torch.Tensor | Pieces) -> None:
+        """Check ``tensor`` (for ``Pieces``: the shard regions it is made of, where they lie)."""
+        values = tensor.regions() if isinstance(tensor, Pieces) else [tensor.detach()]
+        if all(is_finite(value) for value in values):
             return
-        values = tensor.detach()
-        nans, infs = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+        nans = sum(int(torch.isnan(value).sum()) for value in values)
+        infs = sum(int(torch.isinf(value).sum()) for value in values)
         found = f"{self.what}: tensor '{name}' holds {nans} NaN and {infs} Inf values"
         if not self.allow:
             raise CheckpointError(f"{found} (pass {ALLOW_NON_FINITE_FLAG} to continue anyway)")
