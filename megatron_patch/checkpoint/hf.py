@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ _SAFETENSORS_DTYPES = {
 
 
 _DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+_WRITE_BATCH_BYTES = 1 << 20  # fits a core's L2 cache
 
 
 def _one_line(error: Exception) -> str:
@@ -282,9 +284,14 @@ class StreamingSafetensorsWriter:
         self._handle = open(self.dir / self._files[self._shard], "wb", buffering=0)  # write_all writes the fd
         write_all(self._handle.fileno(), [memoryview(len(encoded).to_bytes(8, "little") + encoded)])
 
-    def add(self, name: str, tensor: torch.Tensor | Pieces) -> None:
+    def add(self, name: str, tensor: torch.Tensor | Pieces,
+            inspect: Callable[[Pieces], None] | None = None) -> None:
         """Append the next tensor of the layout: a tensor, or ``Pieces`` whose bytes are copied from where they lie
-        (e.g. memory-mapped TP shards) into the file with no intermediate tensor."""
+        (e.g. memory-mapped TP shards) into the file with no intermediate tensor.
+
+        ``inspect`` (e.g. a finiteness check) sees each batch of about 1 MiB just before it is written, so the
+        write copies bytes the check has just brought into the CPU cache (a separate pass over a memory-mapped
+        checkpoint reads it from memory twice: measured 2.9 s of a 19 s export of 5 GB)."""
         if self._next >= len(self._layout):
             raise ValueError(f"'{name}' is not in the announced layout (all {len(self._layout)} tensors were written)")
         expected = self._layout[self._next]
@@ -294,8 +301,11 @@ class StreamingSafetensorsWriter:
         if self._shard < 0 or self._next not in self._shards[self._shard]:
             self._open_next_shard()
         pieces = tensor if isinstance(tensor, Pieces) else Pieces.of(tensor.detach().cpu())
-        # Raw bytes in memory order (safetensors is little-endian, as every platform torch supports here).
-        write_all(self._handle.fileno(), pieces.buffers())
+        for batch in pieces.batches(_WRITE_BATCH_BYTES):
+            if inspect is not None:
+                inspect(batch)
+            # Raw bytes in memory order (safetensors is little-endian, as every platform torch supports here).
+            write_all(self._handle.fileno(), batch.buffers())
         self._next += 1
 
     def close(self) -> None:

@@ -29,6 +29,11 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
+def all_finite(tensor: torch.Tensor | Pieces) -> bool:
+    """``is_finite`` of a tensor or of every region of ``Pieces``."""
+    return all(map(is_finite, tensor.regions() if isinstance(tensor, Pieces) else [tensor]))
+
+
 class NonFiniteGuard:
     """Refuses (default) or, with ``allow``, warns once about tensors holding NaN or Inf.
 
@@ -42,9 +47,9 @@ class NonFiniteGuard:
 
     def __call__(self, name: str, tensor: torch.Tensor | Pieces) -> None:
         """Check ``tensor`` (for ``Pieces``: the shard regions it is made of, where they lie)."""
-        values = tensor.regions() if isinstance(tensor, Pieces) else [tensor.detach()]
-        if all(is_finite(value) for value in values):
+        if all_finite(tensor):
             return
+        values = tensor.regions() if isinstance(tensor, Pieces) else [tensor.detach()]
         nans = sum(int(torch.isnan(value).sum()) for value in values)
         infs = sum(int(torch.isinf(value).sum()) for value in values)
         found = f"{self.what}: tensor '{name}' holds {nans} NaN and {infs} Inf values"

@@ -13,9 +13,10 @@ otherwise pieces are runs of whole rows (one per shard for ``linear_fc2``-like m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -42,6 +43,33 @@ class Pieces:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+    def run_bytes(self) -> int:
+        """The bytes the runs hold (``nbytes`` for a consistent ``Pieces``)."""
+        widths = [_row_bytes(source) for source in self.sources]
+        return sum((end - start) * widths[s] for s, start, end in self.runs)
+
+    def batches(self, max_bytes: int) -> Iterator[Pieces]:
+        """The tensor's bytes in order as flat (1-D) ``Pieces`` of about ``max_bytes`` each (at least one row):
+        a writer that checks the values of a batch and then writes it reads them from the CPU cache the second
+        time, not from memory."""
+        widths = [_row_bytes(source) for source in self.sources]
+        batch: list[tuple[int, int, int]] = []
+        size = 0
+        for s, start, end in self.runs:
+            width = widths[s]
+            while start < end:
+                if batch and size + width > max_bytes:
+                    yield self._flat(batch, size)
+                    batch, size = [], 0
+                take = min(end - start, max(1, (max_bytes - size) // max(width, 1)))
+                batch.append((s, start, start + take))
+                size, start = size + take * width, start + take
+        if batch:
+            yield self._flat(batch, size)
+
+    def _flat(self, runs: list[tuple[int, int, int]], nbytes: int) -> Pieces:
+        return Pieces(self.dtype, (nbytes // self.dtype.itemsize,), self.sources, tuple(runs))
 
     def buffers(self) -> list[memoryview]:
         """The bytes of the tensor, in order, as memoryviews of the sources (no copy)."""
@@ -112,20 +140,22 @@ def export_pieces(shards: list[torch.Tensor], merge: Callable[[list[torch.Tensor
         if out_ids.shape[1:] != merged_ids.shape[1:] or out_ids.shape[0] != value.shape[0]:
             raise ValueError(f"a layout step that does not move whole rows: ids {tuple(out_ids.shape)} for "
                              f"{tuple(value.shape)}")
-        pieces.append(Pieces(value.dtype, tuple(value.shape), tuple(shards), _runs(out_ids.reshape(-1), first_ids)))
-        if sum((end - start) * _row_bytes(shards[s]) for s, start, end in pieces[-1].runs) != pieces[-1].nbytes:
+        piece = Pieces(value.dtype, tuple(value.shape), tuple(shards), _runs(out_ids.reshape(-1), first_ids))
+        if piece.run_bytes() != piece.nbytes:
             raise ValueError(f"the pieces of a {tuple(value.shape)} tensor do not add up to its bytes")
+        pieces.append(piece)
     return pieces
 
 
 def _runs(ids: torch.Tensor, first_ids: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
-    """Consecutive ids -> (shard, first row, end row) runs."""
-    if ids.numel() == 0:
+    """Consecutive ids -> (shard, first row, end row) runs (numpy: a few calls per tensor, not per run)."""
+    ids, first = ids.numpy(), first_ids.numpy()
+    if ids.size == 0:
         return ()
-    breaks = torch.nonzero(ids[1:] != ids[:-1] + 1).reshape(-1) + 1
-    starts = torch.cat([torch.zeros(1, dtype=breaks.dtype), breaks])
-    ends = torch.cat([breaks, torch.tensor([ids.numel()])])
+    starts = np.flatnonzero(np.diff(ids) != 1) + 1
+    starts = np.concatenate(([0], starts))
+    lengths = np.diff(np.concatenate((starts, [ids.size])))
     start_ids = ids[starts]
-    shard = torch.searchsorted(first_ids, start_ids, right=True) - 1
-    row = start_ids - first_ids[shard]
-    return tuple((s, r, r + n) for s, r, n in zip(shard.tolist(), row.tolist(), (ends - starts).tolist()))
+    shard = np.searchsorted(first, start_ids, side="right") - 1
+    row = start_ids - first[shard]
+    return tuple(zip(shard.tolist(), row.tolist(), (row + lengths).tolist()))

@@ -67,3 +67,16 @@ def test_non_finite_values_in_any_piece_are_found():
     (pieces,) = export_pieces(shards, lambda s: merge_for_tp(s, Split.ROW), lambda full: [full])
     with pytest.raises(CheckpointError, match="holds 1 NaN and 1 Inf"):
         NonFiniteGuard("test")("w", pieces)
+
+
+@pytest.mark.parametrize("max_bytes", [1, 40, 100, 10**6])
+@pytest.mark.parametrize("kind", ["row", "qkv", "vocab", "replicated"])
+def test_batches_are_the_bytes_in_order_within_the_size(kind, max_bytes):
+    sharding, entry, shards = _stored_shards(kind, 2, torch.float32)
+    for _, pieces in sharding.megatron_to_hf_pieces(lambda e: shards):
+        batches = list(pieces.batches(max_bytes))
+        assert b"".join(b"".join(batch.buffers()) for batch in batches) == b"".join(pieces.buffers())
+        widths = [s[0].nbytes for s in pieces.sources]
+        for batch in batches:
+            assert batch.nbytes == batch.run_bytes() and batch.shape == (batch.nbytes // 4,)
+            assert batch.nbytes <= max_bytes or (len(batch.runs) == 1 and batch.nbytes == widths[batch.runs[0][0]])
