@@ -30,6 +30,10 @@ class MegatronTensors(Protocol):
     def meta(self, global_name: str) -> torch.Tensor:
         """A meta tensor with the shape and dtype ``full`` returns (no tensor data is read)."""
 
+    def shards(self, global_name: str) -> list[torch.Tensor]:
+        """The tensors ``full`` merges, as stored: the TP shards (views of memory-mapped files where the format
+        allows), or ``[full]`` for a format that stores the full tensor."""
+
 
 class CheckpointFormat(ABC):
     """One way of storing a megatron-core model in an iteration directory."""

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
-from .serialization import prefault
+from ..mapping import Pieces
+from .serialization import prefault, write_all
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 SAFE_INDEX = "model.safetensors.index.json"
@@ -46,6 +48,7 @@ _SAFETENSORS_DTYPES = {
 
 
 _DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+_WRITE_BATCH_BYTES = 1 << 20  # fits a core's L2 cache
 
 
 def _one_line(error: Exception) -> str:
@@ -235,7 +238,8 @@ class ShardedSafetensorsWriter:
 
 
 class StreamingSafetensorsWriter:
-    """Writes sharded safetensors files (plus the index) while the tensors are produced, one at a time.
+    """Writes sharded safetensors files (plus the index) while the tensors are produced, one at a time; a tensor
+    may come as ``Pieces`` (the runs of TP shards it is made of), written with one gathered write per 1024 runs.
 
     ``safetensors.torch.save_file`` needs every tensor of a file in memory at once (up to 5 GB per shard); the
     converters know every tensor's name, dtype and shape before reading any data, so this writer takes that layout
@@ -277,10 +281,17 @@ class StreamingSafetensorsWriter:
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the library writes it
-        self._handle = open(self.dir / self._files[self._shard], "wb")
-        self._handle.write(len(encoded).to_bytes(8, "little") + encoded)
+        self._handle = open(self.dir / self._files[self._shard], "wb", buffering=0)  # write_all writes the fd
+        write_all(self._handle.fileno(), [memoryview(len(encoded).to_bytes(8, "little") + encoded)])
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor | Pieces,
+            inspect: Callable[[Pieces], None] | None = None) -> None:
+        """Append the next tensor of the layout: a tensor, or ``Pieces`` whose bytes are copied from where they lie
+        (e.g. memory-mapped TP shards) into the file with no intermediate tensor.
+
+        ``inspect`` (e.g. a finiteness check) sees each batch of about 1 MiB just before it is written, so the
+        write copies bytes the check has just brought into the CPU cache (a separate pass over a memory-mapped
+        checkpoint reads it from memory twice: measured 2.9 s of a 19 s export of 5 GB)."""
         if self._next >= len(self._layout):
             raise ValueError(f"'{name}' is not in the announced layout (all {len(self._layout)} tensors were written)")
         expected = self._layout[self._next]
@@ -289,9 +300,12 @@ class StreamingSafetensorsWriter:
                              f"{tuple(tensor.shape)}")
         if self._shard < 0 or self._next not in self._shards[self._shard]:
             self._open_next_shard()
-        if tensor.numel():
+        pieces = tensor if isinstance(tensor, Pieces) else Pieces.of(tensor.detach().cpu())
+        for batch in pieces.batches(_WRITE_BATCH_BYTES):
+            if inspect is not None:
+                inspect(batch)
             # Raw bytes in memory order (safetensors is little-endian, as every platform torch supports here).
-            self._handle.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            write_all(self._handle.fileno(), batch.buffers())
         self._next += 1
 
     def close(self) -> None:

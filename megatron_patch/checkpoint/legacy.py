@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..mapping import Sharding, Split, megatron_shape, merge_for_tp, split_for_tp, te_name
+from ..mapping import Entry, Sharding, megatron_shape, merge_for_tp, split_for_tp, te_name
 from ..mapping.checks import check_exact_names
 from .formats import CheckpointFormat, register_format
 from .megatron import fill_model, load_legacy_rank, save_legacy_rank
@@ -54,28 +54,36 @@ class LegacyReader:
 
     def full(self, global_name: str) -> torch.Tensor:
         """The TP-merged tensor of a parameter, e.g. ``decoder.layers.5.mlp.linear_fc1.weight`` (global layer id)."""
-        shards, split = self._shards(global_name)
-        return merge_for_tp(shards, split)
+        return merge_for_tp(self.shards(global_name), self._where_saved(global_name)[1].row.split)
 
     def meta(self, global_name: str) -> torch.Tensor:
-        shards, split = self._shards(global_name)
+        shards = self._stored(global_name)
+        split = self._where_saved(global_name)[1].row.split
         return merge_for_tp([torch.empty(s.shape, dtype=s.dtype, device="meta") for s in shards], split)
 
-    def _shards(self, global_name: str) -> tuple[list[torch.Tensor], Split]:
+    def shards(self, global_name: str) -> list[torch.Tensor]:
+        """The TP shards of a parameter, in TP rank order: views of the memory-mapped rank files, their pages
+        mapped in one call each (``prefault``) since the caller reads them whole."""
+        return [prefault(shard) for shard in self._stored(global_name)]
+
+    def _where_saved(self, global_name: str) -> tuple[int, Entry]:
         tied = self.saved.arch.tie_word_embeddings
         if global_name not in self._where and global_name.startswith("output_layer.") and tied:
             # Tied weights saved on a single stage have no separate output layer: it is the word embedding.
             global_name = "embedding.word_embeddings." + global_name.removeprefix("output_layer.")
         if global_name not in self._where:
             raise CheckpointError(f"legacy checkpoint {self.dir} holds no '{global_name}'")
-        pp_rank, entry = self._where[global_name]
+        return self._where[global_name]
+
+    def _stored(self, global_name: str) -> list[torch.Tensor]:
+        pp_rank, entry = self._where_saved(global_name)
         name = self._stored_name(entry)
         shards = []
         for rank_sd in self._stages[pp_rank]:
             if name not in rank_sd:
                 raise CheckpointError(f"legacy checkpoint stage {pp_rank} has no tensor '{name}'")
-            shards.append(prefault(rank_sd[name]))
-        return shards, entry.row.split
+            shards.append(rank_sd[name])
+        return shards
 
 
 @register_format("legacy")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 from contextlib import contextmanager
 
@@ -67,3 +68,25 @@ def prefault(tensor: torch.Tensor) -> torch.Tensor:
     aligned = start - start % _PAGE
     madvise(aligned, end - aligned, _MADV_POPULATE_READ)
     return tensor
+
+
+_IOV_MAX = 1024  # POSIX's minimum, Linux's value: the most buffers one writev takes
+
+
+def write_all(fd: int, buffers: list[memoryview]) -> None:
+    """Write ``buffers`` one after another to ``fd``, gathering up to 1024 per system call.
+
+    A tensor exported from a row-split TP merge is thousands of row pieces lying in different shards; one ``write``
+    each costs a system call per few KiB, ``writev`` one per 1024 pieces. Short writes (a full disk, a signal) are
+    resumed where they stopped."""
+    buffers = [b.cast("B") if b.format != "B" or b.ndim != 1 else b for b in buffers if b.nbytes]
+    while buffers:
+        batch = buffers[:_IOV_MAX]
+        written = os.writev(fd, batch) if hasattr(os, "writev") else os.write(fd, batch[0])
+        done = 0
+        while done < len(batch) and written >= batch[done].nbytes:
+            written -= batch[done].nbytes
+            done += 1
+        buffers = buffers[done:]
+        if written:
+            buffers[0] = buffers[0][written:]

@@ -227,6 +227,10 @@ class TorchDistReader:
         shape = stored.size[1:] if layer is not None else stored.size
         return torch.empty(shape, dtype=stored.properties.dtype, device="meta")
 
+    def shards(self, global_name: str) -> list[torch.Tensor]:
+        """``[full(global_name)]``: a torch_dist checkpoint stores global tensors."""
+        return [self.full(global_name)]
+
     def full(self, global_name: str) -> torch.Tensor:
         key, layer, stored = self._where(global_name)
         if layer is None:

@@ -3,8 +3,9 @@ one sharding engine (``sharding``). Imports nothing of ours but ``errors``: mode
 converter build on it."""
 
 from . import layouts
+from .pieces import Pieces, export_pieces
 from .rows import QKV, Direct, FusedQKV, GatedMLP, PerHeadQKV, Row, Split, layer_names
 from .sharding import SPLITS, Entry, Sharding, megatron_shape, merge_for_tp, split_for_tp, te_name
 
-__all__ = ["QKV", "SPLITS", "Direct", "Entry", "FusedQKV", "GatedMLP", "PerHeadQKV", "Row", "Sharding", "Split",
-           "layer_names", "layouts", "megatron_shape", "merge_for_tp", "split_for_tp", "te_name"]
+__all__ = ["QKV", "SPLITS", "Direct", "Entry", "FusedQKV", "GatedMLP", "PerHeadQKV", "Pieces", "Row", "Sharding", "Split",
+           "export_pieces", "layer_names", "layouts", "megatron_shape", "merge_for_tp", "split_for_tp", "te_name"]

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from ..errors import CheckpointError
+from .pieces import Pieces
 
 ALLOW_NON_FINITE_FLAG = "--allow-non-finite"
 EXTRA_STATE = "_extra_state"  # Transformer Engine's FP8 state: the only name allowed to be extra or missing
@@ -28,6 +29,11 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
+def all_finite(tensor: torch.Tensor | Pieces) -> bool:
+    """``is_finite`` of a tensor or of every region of ``Pieces``."""
+    return all(map(is_finite, tensor.regions() if isinstance(tensor, Pieces) else [tensor]))
+
+
 class NonFiniteGuard:
     """Refuses (default) or, with ``allow``, warns once about tensors holding NaN or Inf.
 
@@ -39,11 +45,13 @@ class NonFiniteGuard:
     def __init__(self, what: str, allow: bool = False):
         self.what, self.allow, self.warned = what, allow, False
 
-    def __call__(self, name: str, tensor: torch.Tensor) -> None:
-        if is_finite(tensor):
+    def __call__(self, name: str, tensor: torch.Tensor | Pieces) -> None:
+        """Check ``tensor`` (for ``Pieces``: the shard regions it is made of, where they lie)."""
+        if all_finite(tensor):
             return
-        values = tensor.detach()
-        nans, infs = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+        values = tensor.regions() if isinstance(tensor, Pieces) else [tensor.detach()]
+        nans = sum(int(torch.isnan(value).sum()) for value in values)
+        infs = sum(int(torch.isinf(value).sum()) for value in values)
         found = f"{self.what}: tensor '{name}' holds {nans} NaN and {infs} Inf values"
         if not self.allow:
             raise CheckpointError(f"{found} (pass {ALLOW_NON_FINITE_FLAG} to continue anyway)")

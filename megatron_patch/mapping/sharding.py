@@ -8,6 +8,7 @@ spelling used by legacy checkpoints of TE models and by megatron-core's sharded 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -16,6 +17,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from . import layouts
+from .pieces import Pieces, export_pieces
 from .rows import Row, Split, layer_names
 
 # --- the split table ----------------------------------------------------------------------------------------------
@@ -277,12 +279,26 @@ class Sharding:
     def megatron_to_hf(self, get_full, progress=None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (HF name, tensor). ``get_full(entry)`` returns the full (TP-merged) megatron tensor of an entry."""
         for entry in self.export_entries():
-            full = get_full(entry)
-            if entry.row.split is Split.VOCAB:
-                full = layouts.unpad_vocab(full, self.vocab_size)
-            yield from zip(entry.hf_names, entry.row.megatron_to_hf(full, self.arch))
+            yield from zip(entry.hf_names, self._full_to_hf(entry, get_full(entry)))
             if progress is not None:
                 progress.update(1)
+
+    def megatron_to_hf_pieces(self, get_shards, progress=None) -> Iterator[tuple[str, Pieces]]:
+        """``megatron_to_hf`` for a writer that copies bytes: yield (HF name, ``Pieces``), each HF tensor as the
+        runs of shard rows it is made of, without merging the shards or building the HF tensors.
+        ``get_shards(entry)`` returns the stored TP shards of an entry (a full tensor is one shard)."""
+        for entry in self.export_entries():
+            shards = get_shards(entry)
+            merge = SPLITS[entry.row.split][1] if len(shards) > 1 else (lambda single: single[0])
+            pieces = export_pieces(shards, merge, functools.partial(self._full_to_hf, entry))
+            yield from zip(entry.hf_names, pieces)
+            if progress is not None:
+                progress.update(1)
+
+    def _full_to_hf(self, entry: Entry, full: torch.Tensor) -> list[torch.Tensor]:
+        if entry.row.split is Split.VOCAB:
+            full = layouts.unpad_vocab(full, self.vocab_size)
+        return entry.row.megatron_to_hf(full, self.arch)
 
     def check_megatron_shapes(self, get_full) -> None:
         """Check before any work that every exported parameter is floating point with the shape the architecture

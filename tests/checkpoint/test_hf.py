@@ -1,5 +1,6 @@
 """HF safetensors I/O: corrupt files refused with one line naming the file, FP8 and unsigned dtypes read,
-the streaming writer's files identical in content to the library's."""
+the streaming writer's files identical in content to the library's (byte for byte when given the library's order,
+also from ``Pieces`` of TP shards)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from megatron_patch.checkpoint.hf import CheckpointError, HFCheckpointReader, StreamingSafetensorsWriter
+from megatron_patch.checkpoint.serialization import write_all
 from megatron_patch.convert.__main__ import main
+from megatron_patch.mapping import Split, export_pieces, layouts, merge_for_tp, split_for_tp
 
 
 def _raw_safetensors(path: Path, header, data: bytes = b"") -> Path:
@@ -130,3 +133,55 @@ def test_streaming_writer_refuses_tensors_out_of_layout(tmp_path):
         writer.add("b", torch.zeros(4))
     with pytest.raises(ValueError, match="only 1 of 2"):
         writer.close()
+
+
+def _exported_pieces(dtype: torch.dtype):
+    """HF tensors as ``Pieces`` of TP=2 shards, one per merge kind, named in the library's file order (sorted)."""
+    generator = torch.Generator().manual_seed(0)
+    heads, groups, d, hidden = 4, 2, 3, 6
+
+    def shards(full, split):
+        return [s.clone() for s in split_for_tp(full.to(dtype), split, 2)]
+
+    qkv = shards(torch.randn((heads + 2 * groups) * d, hidden, generator=generator), Split.COLUMN)
+    split_qkv = lambda full: list(layouts.split_qkv(full, heads, groups))  # noqa: E731
+    cases = [(qkv, Split.COLUMN, split_qkv, ["a.q", "a.k", "a.v"]),
+             (shards(torch.randn(hidden, 8, generator=generator), Split.ROW), Split.ROW, lambda f: [f], ["b.proj"]),
+             (shards(torch.randn(8, hidden, generator=generator), Split.GATED), Split.GATED,
+              lambda f: list(torch.chunk(f, 2)), ["c.gate", "c.up"]),
+             (shards(torch.randn(hidden, generator=generator), Split.REPLICATED), Split.REPLICATED, lambda f: [f],
+              ["d.norm"])]
+    pieces = {}
+    for stored, split, to_hf, names in cases:
+        pieces.update(zip(names, export_pieces(stored, lambda s, split=split: merge_for_tp(s, split), to_hf)))
+    return dict(sorted(pieces.items()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streaming_writer_of_pieces_writes_the_library_bytes(tmp_path, dtype):
+    pieces = _exported_pieces(dtype)
+    tensors = {name: p.materialize() for name, p in pieces.items()}
+    save_file(tensors, str(tmp_path / "library.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "ours").mkdir()
+    writer = StreamingSafetensorsWriter(tmp_path / "ours", [(n, p.dtype, p.shape) for n, p in pieces.items()])
+    for name, piece in pieces.items():
+        writer.add(name, piece)
+    writer.close()
+    assert (tmp_path / "ours" / "model.safetensors").read_bytes() == (tmp_path / "library.safetensors").read_bytes()
+
+
+def test_write_all_resumes_short_writes_and_gathers_over_iov_max(tmp_path, monkeypatch):
+    import os
+
+    calls = []
+
+    def short_writev(fd, buffers):  # writes at most 1000 bytes per call, as a signal or a full pipe may
+        calls.append(len(buffers))
+        return os.write(fd, b"".join(bytes(b) for b in buffers)[:1000])
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    chunks = [bytes([i % 251]) * (1 + i % 7) for i in range(3000)]
+    with open(tmp_path / "out", "wb", buffering=0) as handle:
+        write_all(handle.fileno(), [memoryview(c) for c in chunks])
+    assert (tmp_path / "out").read_bytes() == b"".join(chunks)
+    assert len(calls) > 3 and max(calls) <= 1024

@@ -1,12 +1,15 @@
 """Conversion cost against the floor: plain safetensors read + re-write of the same tensors, in the same run.
 
     python toolkits/benchmarks/convert_benchmark.py [--workdir DIR] [--size-gb 5 | --layers 6] [--tp 2 --pp 2]
+        [--steps mcore2hf:legacy ...] [--repeat N]
 
 Writes a random llama checkpoint (hidden 2048, fp32 unless --dtype bfloat16; --size-gb picks the number of layers,
 default 6 layers = 1.6 GB), then times
   baseline   read every tensor with safetensors and write them all back (one process), around every step
   hf2mcore   the converter CLI at TP x PP, torch_dist and legacy
   mcore2hf   back to HF from each
+(``--steps`` times only some of them: an mcore2hf step whose hf2mcore is not selected still runs that hf2mcore, untimed;
+``--repeat N`` times each selected step N times, each against its own baselines, for medians on a noisy machine)
 and prints each time / baseline time (the mean of the baseline runs just before and after the step: the machine may
 be shared) and the peak memory of the whole process tree / checkpoint size, as PSS summed over processes (shared
 pages count once; includes the page cache of memory-mapped files) and as anonymous PSS (what the processes
@@ -36,6 +39,7 @@ from safetensors.torch import save_file
 # Measured by issue 9 on this machine class for the replaced converter (1.5 GB fp32 llama, TP2 PP2):
 # (time / baseline, peak PSS / checkpoint). Only hf2mcore to torch_dist was reported.
 BEFORE = {"hf2mcore torch_dist": ("8.6-8.9", "4.7")}
+STEPS = ("hf2mcore:torch_dist", "mcore2hf:torch_dist", "hf2mcore:legacy", "mcore2hf:legacy")
 
 
 def llama_config(layers: int, dtype: torch.dtype) -> dict:
@@ -167,6 +171,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
+                        help="the steps to time (default: all four)")
+    parser.add_argument("--repeat", type=int, default=1, help="time each selected step this many times")
     parser.add_argument("--reuse-checkpoint", action="store_true",
                         help="keep WORKDIR/hf from an earlier run with the same shape instead of writing it again")
     args = parser.parse_args()
@@ -201,15 +208,24 @@ def main() -> None:
     convert = [sys.executable, "-m", "megatron_patch.convert"]
     for fmt in ("torch_dist", "legacy"):
         mc = work / f"mcore_{fmt}"
-        steps = [(f"hf2mcore {fmt}", ["hf2mcore", "--load", str(hf), "--save", str(mc), "--tp", str(args.tp),
-                                      "--pp", str(args.pp), "--format", fmt]),
-                 (f"mcore2hf from {fmt}", ["mcore2hf", "--load", str(mc), "--save", str(work / f"back_{fmt}")])]
-        for name, cli in steps:
-            rows.append((name, *run_measured(convert + cli, settle_first=settled)))
-            baselines.append(baseline())
-            print(f"  {name}: {rows[-1][1]:.1f} s (baselines around it {baselines[-2][0]:.1f} s, "
-                  f"{baselines[-1][0]:.1f} s)", flush=True)
-        shutil.rmtree(work / f"back_{fmt}")  # keep the disk footprint at about three checkpoints
+        steps = [(f"hf2mcore:{fmt}", f"hf2mcore {fmt}", ["hf2mcore", "--load", str(hf), "--save", str(mc), "--tp",
+                                                         str(args.tp), "--pp", str(args.pp), "--format", fmt]),
+                 (f"mcore2hf:{fmt}", f"mcore2hf from {fmt}", ["mcore2hf", "--load", str(mc), "--save",
+                                                              str(work / f"back_{fmt}")])]
+        if not any(key in args.steps for key, _, _ in steps):
+            continue
+        for key, name, cli in steps:
+            if key not in args.steps:
+                if key.startswith("hf2mcore"):  # the input of the timed mcore2hf, untimed
+                    subprocess.run(convert + cli, check=True, stdout=subprocess.DEVNULL)
+                continue
+            for _ in range(args.repeat):
+                shutil.rmtree(mc if key.startswith("hf2mcore") else work / f"back_{fmt}", ignore_errors=True)
+                rows.append((name, *run_measured(convert + cli, settle_first=settled)))
+                baselines.append(baseline())
+                print(f"  {name}: {rows[-1][1]:.1f} s (baselines around it {baselines[-2][0]:.1f} s, "
+                      f"{baselines[-1][0]:.1f} s)", flush=True)
+        shutil.rmtree(work / f"back_{fmt}", ignore_errors=True)  # keep the disk footprint at about three checkpoints
         shutil.rmtree(mc)
     shutil.rmtree(work / "baseline")
 
