@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..runtime.device import local_device
+from ..runtime.device import HOST, local_device
 from ..training.arguments import TrainConfig, add_config_arguments, config_from_args
 from . import core_algos
 from .experience import build_rollout_batch, forward_only, gather_response, split_rows
@@ -120,13 +120,13 @@ def task_rewards(run: RLRun, samples, responses, microbatches) -> torch.Tensor:
         scores = forward_only(run.reward_model, microbatches, run.cfg.seq_length,
                               lambda mb, out: sequence_rewards(out, mb["last_index"])[:, None], 1)[:, 0]
         return core_algos.scores_to_token_rewards(scores, microbatches_mask(microbatches))
-    rows = torch.zeros(len(samples), width)
+    rows = torch.zeros(len(samples), width, device=HOST)  # filled from Python values, then moved once
     for i, (prompt, response) in enumerate(zip(samples, responses)):
         score = run.reward_fn(prompt, response)
         if isinstance(score, (int, float)):
             rows[i, len(response) - 1] = float(score)
         else:
-            per_token = torch.tensor(score[:len(response)], dtype=torch.float32)
+            per_token = torch.tensor(score[:len(response)], dtype=torch.float32, device=HOST)
             rows[i, :len(per_token)] = per_token
     return rows.to(local_device())
 
@@ -182,7 +182,7 @@ def make_experience(run: RLRun, samples, responses, group_ids) -> tuple[dict, di
     metrics["reward/std"] = (core_algos.masked_var(scores, everyone, group=dp_group).sqrt()
                              if scores.numel() * run.dp > 1 else scores.new_zeros(()))
     metrics["response/length"] = mask.sum(-1).mean()
-    metrics["actor/kl_coef"] = torch.tensor(run.kl_ctl.value)
+    metrics["actor/kl_coef"] = scores.new_tensor(run.kl_ctl.value)
     return batch, metrics
 
 
