@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from ..mapping import Pieces
-from .serialization import prefault, write_all
+from .bulk_file import BulkFile
+from .serialization import prefault
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 SAFE_INDEX = "model.safetensors.index.json"
@@ -281,8 +282,8 @@ class StreamingSafetensorsWriter:
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the library writes it
-        self._handle = open(self.dir / self._files[self._shard], "wb", buffering=0)  # write_all writes the fd
-        write_all(self._handle.fileno(), [memoryview(len(encoded).to_bytes(8, "little") + encoded)])
+        self._handle = BulkFile(self.dir / self._files[self._shard])
+        self._handle.write(len(encoded).to_bytes(8, "little") + encoded)
 
     def add(self, name: str, tensor: torch.Tensor | Pieces,
             inspect: Callable[[Pieces], None] | None = None) -> None:
@@ -305,7 +306,7 @@ class StreamingSafetensorsWriter:
             if inspect is not None:
                 inspect(batch)
             # Raw bytes in memory order (safetensors is little-endian, as every platform torch supports here).
-            write_all(self._handle.fileno(), batch.buffers())
+            self._handle.write_all(batch.buffers())
         self._next += 1
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .bulk_file import BulkFile
 from .serialization import without_crc32
 from .trusted_load import megatron_lm_args_globals
 
@@ -118,8 +119,8 @@ def save_legacy_rank(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int, state_
     rank_dir = iter_dir / legacy_rank_dir(tp_rank, pp_rank, pp)
     rank_dir.mkdir(parents=True, exist_ok=True)
     payload = {"model": state_dict, "checkpoint_version": 3.0, "iteration": 0 if iteration == "release" else iteration}
-    with without_crc32():
-        torch.save(payload, rank_dir / "model_optim_rng.pt")
+    with without_crc32(), BulkFile(rank_dir / "model_optim_rng.pt") as out:
+        torch.save(payload, out)
 
 
 def legacy_rank_file(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int) -> Path:

@@ -34,6 +34,7 @@ from ..errors import CheckpointError
 from ..mapping import Entry, Sharding
 from ..mapping.checks import check_exact_names
 from ..mapping.rows import GatedMLP
+from .bulk_file import BulkFile
 from .dcp_records import PROBE_ERRORS, tensor_record_data
 from .serialization import own_storage, prefault, without_crc32
 from .torch_dist import BACKEND_CONFIG, COMMON_FILE, CONFIG_FILE, DCP_METADATA, extra_state_keys, layout, sharded_key
@@ -77,14 +78,14 @@ def write_torch_dist(sharding: Sharding, reader, iter_dir: Path, dtype: torch.dt
     The files are what ``dcp.save`` with a single-file ``FileSystemWriter`` writes (one ``__0_0.distcp`` of
     ``torch.save`` records: the byte objects first, then the tensor chunks in plan order; a pickled DCP
     ``Metadata`` of the same classes), written here directly: one entry's tensors at a time, each straight from
-    the memory-mapped HF files, to an unbuffered file (a buffered one costs a second copy of every byte).
+    the memory-mapped HF files, to a ``BulkFile`` (past the page cache where the filesystem allows it).
     """
     single = sharding.retarget(1, 1)
     chunks = layout(sharding)
     state_dict_metadata, storage_data = {}, {}
     properties = TensorProperties(dtype=dtype)
 
-    with open(iter_dir / DCP_DATA_FILE, "wb", buffering=0) as out, without_crc32():
+    with BulkFile(iter_dir / DCP_DATA_FILE) as out, without_crc32():
         def record(index: MetadataIndex, item: torch.Tensor | memoryview) -> None:
             """Append one item (a tensor as a ``torch.save`` record, an object's bytes as they are) at a multiple of
             ``RECORD_ALIGNMENT`` bytes (readers find records by offset and length, so the gap is never read)."""
