@@ -16,6 +16,7 @@ import errno
 import fcntl
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from .serialization import write_all
 
@@ -35,14 +36,19 @@ class BulkFile:
     """A new file (truncated if it exists) written sequentially; a file object for ``torch.save`` and our
     writers (``write``, ``write_all``, ``tell``, ``flush``, ``close``, a context manager).
 
+    With ``O_DIRECT`` there are two staging buffers: while one thread writes a full one to the disk (the system
+    call releases the GIL), the caller goes on reading and copying its next bytes into the other.
+
     Args:
         path: the file to create.
-        stage_bytes: the staging buffer for ``O_DIRECT`` (a multiple of 4 KiB).
+        stage_bytes: the size of each staging buffer (a multiple of 4 KiB).
     """
 
     def __init__(self, path: str | os.PathLike, stage_bytes: int = STAGE_BYTES):
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        self._fd, self._stage, self._fill, self._position, self._direct = -1, None, 0, 0, False
+        self._fd, self._position, self._direct = -1, 0, False
+        self._stages: list[memoryview] = []
+        self._fill, self._writer, self._pending = 0, None, None
         if direct_io_wanted():
             try:
                 self._fd = os.open(path, flags | os.O_DIRECT, 0o666)
@@ -52,9 +58,9 @@ class BulkFile:
         if self._fd < 0:
             self._fd = os.open(path, flags, 0o666)
         else:
-            self._stage = mmap.mmap(-1, stage_bytes)  # anonymous maps are page-aligned
-            self._staged = memoryview(self._stage)
             self._direct = True
+            self._stages = [memoryview(mmap.mmap(-1, stage_bytes)) for _ in range(2)]  # anonymous maps: page-aligned
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk-file")
 
     @property
     def direct(self) -> bool:
@@ -63,23 +69,24 @@ class BulkFile:
 
     def write(self, data) -> int:
         view = _as_bytes(data)
-        if self._stage is None:
+        if not self._stages:
             write_all(self._fd, [view])
         else:
             taken = 0
             while taken < view.nbytes:
-                count = min(view.nbytes - taken, len(self._staged) - self._fill)
-                self._staged[self._fill:self._fill + count] = view[taken:taken + count]
+                stage = self._stages[0]
+                count = min(view.nbytes - taken, len(stage) - self._fill)
+                stage[self._fill:self._fill + count] = view[taken:taken + count]
                 self._fill += count
                 taken += count
-                if self._fill == len(self._staged):
-                    self._drain()
+                if self._fill == len(stage):
+                    self._hand_over()
         self._position += view.nbytes
         return view.nbytes
 
     def write_all(self, buffers) -> None:
         """Write ``buffers`` one after another (gathered into one system call per 1024 without ``O_DIRECT``)."""
-        if self._stage is None:
+        if not self._stages:
             buffers = [_as_bytes(b) for b in buffers]
             write_all(self._fd, buffers)
             self._position += sum(b.nbytes for b in buffers)
@@ -91,41 +98,66 @@ class BulkFile:
         return self._position
 
     def flush(self) -> None:
-        """Nothing to do: staged bytes are written when the buffer is full and at ``close``."""
+        """Nothing to do: staged bytes are written when a buffer is full and at ``close``."""
 
-    def _drain(self) -> None:
+    def _hand_over(self) -> None:
+        """Give the full staging buffer to the writer thread and continue in the other one once it is free."""
+        self._wait()
+        self._pending = self._writer.submit(self._write_stage, self._stages[0])
+        self._stages.reverse()
+        self._fill = 0
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # a write error surfaces here, in the caller's thread
+
+    def _write_stage(self, stage: memoryview) -> None:
         try:
-            write_all(self._fd, [self._staged[:self._fill]])
+            write_all(self._fd, [stage])
         except OSError as error:
             if error.errno != errno.EINVAL:
                 raise
             # The device wants a larger alignment than the buffer's, or a write came back short: go on buffered
             # from the same offset (Linux lets fcntl clear O_DIRECT on an open file).
             self._buffered()
-            write_all(self._fd, [self._staged[:self._fill]])
-        self._fill = 0
+            write_all(self._fd, [stage])
 
     def _buffered(self) -> None:
         self._direct = False
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
     def close(self) -> None:
+        """Write what is staged and close; raises the first write error."""
+        self._close(flush=True)
+
+    def _close(self, flush: bool) -> None:
         if self._fd < 0:
             return
         try:
-            if self._stage is not None and self._fill:
-                self._buffered()  # the tail is not a whole number of blocks
-                write_all(self._fd, [self._staged[:self._fill]])
+            if self._stages and flush:
+                self._wait()
+                if self._fill:
+                    self._buffered()  # the tail is not a whole number of blocks
+                    write_all(self._fd, [self._stages[0][:self._fill]])
         finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)  # after an error the pending write may still run: let it end
             os.close(self._fd)
             self._fd = -1
-            if self._stage is not None:
-                self._staged.release()
-                self._stage.close()
-                self._stage = None
+            for stage in self._stages:
+                mapped = stage.obj
+                stage.release()
+                try:
+                    mapped.close()
+                except BufferError:  # a view of it lives on in a traceback: unmapped when that goes
+                    pass
+            self._stages = []
 
     def __enter__(self) -> BulkFile:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        # After an error the file is incomplete anyway (and is removed with its output directory): close it
+        # without writing more, so the first error is the one reported.
+        self._close(flush=exc_type is None)

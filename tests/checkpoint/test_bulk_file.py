@@ -110,3 +110,18 @@ def test_device_refusing_the_alignment_goes_on_buffered(tmp_path, monkeypatch):
 def test_other_errors_are_not_hidden(tmp_path):
     with pytest.raises(FileNotFoundError):
         BulkFile(tmp_path / "missing" / "out.bin")
+
+
+def test_a_failed_write_in_the_writer_thread_reaches_the_caller(tmp_path, monkeypatch):
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+
+    def full_disk(fd, buffers):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bulk_file, "write_all", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        with BulkFile(tmp_path / "out.bin", stage_bytes=STAGE) as out:
+            if not out.direct:
+                pytest.skip(f"{tmp_path} does not take O_DIRECT")
+            out.write(bytes(STAGE * 3))

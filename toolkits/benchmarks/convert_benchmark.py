@@ -14,7 +14,9 @@ and prints each time / baseline time (the mean of the baseline runs just before 
 be shared) and the peak memory of the whole process tree / checkpoint size, as PSS summed over processes (shared
 pages count once; includes the page cache of memory-mapped files) and as anonymous PSS (what the processes
 allocated: interpreters, tensors). Every step starts from the same state (``settle``, untimed: no dirty pages, warm
-free memory), so none pays for the writeback or the memory of the one before. The "before" column holds the numbers
+free memory, its input in the page cache), so none pays for the writeback or the memory of the one before. The
+converters write past the page cache where the filesystem allows it (``checkpoint/bulk_file.py``);
+``MEGATRON_PATCH_DIRECT_IO=0`` in the environment times them with ordinary writes. The "before" column holds the numbers
 issue 9 measured for the per-rank torch_dist writer this one replaced (1.5 GB fp32, TP2 PP2); that writer is no longer
 selectable, so it is not re-run.
 """
@@ -117,15 +119,19 @@ def _pss(pid: int) -> tuple[int, int]:
     return fields.get("Pss", 0), fields.get("Pss_Anon", 0)
 
 
-def settle(scratch_dir: Path, nbytes: int) -> None:
-    """Bring the machine to the same state before every step (untimed): no dirty pages, warm free memory.
+def settle(scratch_dir: Path, nbytes: int, step_input: Path) -> None:
+    """Bring the machine to the same state before every step (untimed): no dirty pages, warm free memory, and the
+    step's input in the page cache.
 
     Without it a step's time depends on what ran before it: a step that writes gigabytes while the previous step's
     output still waits for writeback is throttled to the disk's speed (measured: the same baseline took 11 s after
     a sync, 27 s right after another baseline); and on a virtual machine whose free memory goes back to the host,
     the page cache for a step's output costs a host fault per page unless that memory was just used (measured: a
     baseline that had just deleted its own previous output wrote at 4.6 GB/s, a converter writing into memory freed
-    long before at 0.4-1.4 GB/s). So: write and delete a scratch file as large as the checkpoint, then sync."""
+    long before at 0.4-1.4 GB/s). So: write and delete a scratch file as large as the checkpoint, then sync.
+    Last, every file of ``step_input`` is read: the baseline reads the HF checkpoint from the page cache, and the
+    converters write past it (``O_DIRECT``), so without this an mcore2hf step would read its input from the disk
+    where the baseline reads memory (measured: 1.6-2.5x instead of 1.2-1.5x)."""
     scratch = scratch_dir / "settle.scratch"
     block = bytearray(64 << 20)
     with open(scratch, "wb") as handle:
@@ -133,6 +139,11 @@ def settle(scratch_dir: Path, nbytes: int) -> None:
             handle.write(block)
     scratch.unlink()
     os.sync()
+    for path in sorted(step_input.rglob("*")):
+        if path.is_file():
+            with open(path, "rb", buffering=0) as handle:
+                while handle.readinto(block):
+                    pass
 
 
 def run_measured(cmd: list[str], settle_first=None) -> tuple[float, int, int]:
@@ -191,8 +202,8 @@ def main() -> None:
     size = json.loads((hf / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     print(f"checkpoint: {size / 2**30:.2f} GiB ({layers} layers, {args.dtype}), TP={args.tp} PP={args.pp}", flush=True)
 
-    def settled():
-        settle(work, size)
+    def settled(step_input: Path = hf):
+        return lambda: settle(work, size, step_input)
 
     # The baseline runs as its own process, measured the same way as the converter, before and after the rest.
     def baseline():
@@ -200,7 +211,7 @@ def main() -> None:
         code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                 f"from convert_benchmark import baseline_read_write; from pathlib import Path; "
                 f"baseline_read_write(Path({str(hf)!r}), Path({str(work / 'baseline')!r}))")
-        return run_measured([sys.executable, "-c", code], settle_first=settled)
+        return run_measured([sys.executable, "-c", code], settle_first=settled())
 
     # The machine is shared: each step is compared with the mean of the baseline runs just before and after it.
     baselines = [baseline()]
@@ -221,7 +232,8 @@ def main() -> None:
                 continue
             for _ in range(args.repeat):
                 shutil.rmtree(mc if key.startswith("hf2mcore") else work / f"back_{fmt}", ignore_errors=True)
-                rows.append((name, *run_measured(convert + cli, settle_first=settled)))
+                step_input = hf if key.startswith("hf2mcore") else mc
+                rows.append((name, *run_measured(convert + cli, settle_first=settled(step_input))))
                 baselines.append(baseline())
                 print(f"  {name}: {rows[-1][1]:.1f} s (baselines around it {baselines[-2][0]:.1f} s, "
                       f"{baselines[-1][0]:.1f} s)", flush=True)
