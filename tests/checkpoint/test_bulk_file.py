@@ -4,8 +4,8 @@ one makes the bytes torch.save gives any file object; a filesystem or device tha
 from __future__ import annotations
 
 import errno
-import io
 import fcntl
+import io
 import os
 
 import pytest

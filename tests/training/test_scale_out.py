@@ -39,7 +39,8 @@ def _losses(output: str) -> dict[int, float]:
 
 
 def test_two_node_dlc_launch_equals_one_node(workspace, tmp_path):
-    one = _launch(_script_args(workspace, tmp_path / "one"), GPUS_PER_NODE="2")
+    # ENV=dsw listens on Megatron-LM's MASTER_PORT 6000 unless told otherwise: a free one, for parallel test runs
+    one = _launch(_script_args(workspace, tmp_path / "one"), GPUS_PER_NODE="2", MASTER_PORT=str(free_port()))
     one_out, _ = one.communicate(timeout=900)
     assert one.returncode == 0, one_out[-3000:]
     port = str(free_port())
