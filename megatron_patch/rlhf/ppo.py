@@ -69,7 +69,7 @@ class RLRun:
     vocab_size: int
     logger: object
     history: list = field(default_factory=list)  # (iteration, metrics)
-    first: dict | None = None  # the first iteration's tensors (tests compare them across TP/PP)
+    first: dict | None = None  # the first iteration's rollout and tensors (tests compare them across TP/PP/DP)
 
     @property
     def dp(self) -> int:
@@ -299,7 +299,7 @@ def iteration(run: RLRun) -> dict[str, float]:
     if run.first is None:
         run.first = {key: batch[key].tolist() for key in ("old_logprob", "ref_logprob", "advantages",
                                                           "response_mask")}
-        run.first["responses"] = responses
+        run.first.update(prompts=samples, responses=responses, group_ids=group_ids.tolist())
     metrics.update(train_on_experience(run, batch))
     t3 = time.perf_counter()
     metrics.update({"time/generation": t1 - t0, "time/experience": t2 - t1, "time/training": t3 - t2})

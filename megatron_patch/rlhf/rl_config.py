@@ -12,6 +12,7 @@ import argparse
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from ..errors import ConfigError
+from ..training.arguments import config_from_dict
 from .core_algos import LOSS_AGG_MODES
 
 ALGOS = ("ppo", "grpo")
@@ -92,11 +93,7 @@ class RLConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> RLConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown RL option(s): {', '.join(unknown)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "unknown RL option(s)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,12 +11,24 @@ import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import ConfigError
 
 RECOMPUTE = (None, "selective", "full")
 FP8_FORMATS = (None, "hybrid", "e4m3")
 PARALLEL_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size")  # what TP / PP are called here
+
+Config = TypeVar("Config")
+
+
+def config_from_dict(cls: type[Config], values: dict, unknown_keys: str) -> Config:
+    """``cls(**values)`` for a config dataclass, refusing keys that are not its fields with one ConfigError line,
+    ``"<unknown_keys>: a, b"`` (a misspelt setting must not reach the constructor as a TypeError traceback)."""
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ConfigError(f"{unknown_keys}: {', '.join(unknown)}")
+    return cls(**values)
 
 
 @dataclass
@@ -112,11 +124,7 @@ class TrainConfig:
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "unknown config keys")
 
     def to_dict(self) -> dict:
         return asdict(self)

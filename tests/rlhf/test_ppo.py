@@ -1,6 +1,6 @@
 """PPO and GRPO on megatron-core: the reward rises; TP=2 and PP=2 equal TP=1 over the first iteration; DP=2 equals
-one rank; a resumed run equals an uninterrupted one; bad input is refused with one line before any work. Every run
-checks device placement as a GPU would (runtime/strict.py)."""
+one rank, and GRPO's groups stay whole at DP=2; a resumed run equals an uninterrupted one; bad input is refused with
+one line before any work. Every run checks device placement as a GPU would (runtime/strict.py)."""
 
 from __future__ import annotations
 
@@ -89,6 +89,51 @@ def test_data_parallel_equals_one_rank(ws):
             for key in expected:
                 if not key.startswith("time/"):
                     assert got[key] == pytest.approx(expected[key], abs=1e-4), key
+
+
+def test_grpo_data_parallel_keeps_groups_whole(ws):
+    """GRPO at DP=2 with real sampling (temperature 1: a prompt's samples differ, so advantages are not all 0).
+    Checked from what each rank rolled out: a group is the n samples of one prompt, all on one rank, and the ranks'
+    prompts are disjoint; a group's advantages are its scores whitened within the group (recomputed here from the
+    sampled token ids); the batch metrics are those of the union of both ranks' scores; DDP leaves both ranks with
+    the same updated weights."""
+    n, prompts_per_rank, max_new_tokens = 4, 2, 6
+    cfg, rl = _configs(ws, "grpo", reward_fn="test_low_ids", n_samples_per_prompt=n, max_new_tokens=max_new_tokens)
+    ranks = run_on_local_ranks(workers.rl_weights_worker, 2, cfg, rl, env=STRICT, timeout=600)
+    rank_prompts, rank_scores = [], []
+    for rank in ranks:
+        first = rank["first"]
+        group_ids = np.array(first["group_ids"])
+        groups = {g: np.flatnonzero(group_ids == g) for g in np.unique(group_ids)}
+        prompt_of = {g: {tuple(first["prompts"][i]) for i in rows} for g, rows in groups.items()}
+        assert len(groups) == prompts_per_rank and all(len(rows) == n for rows in groups.values()), group_ids
+        assert all(len(prompts) == 1 for prompts in prompt_of.values()), "a group mixes prompts"
+        prompts = set().union(*prompt_of.values())
+        assert len(prompts) == prompts_per_rank, "two groups answer the same prompt"
+        rank_prompts.append(prompts)
+
+        # test_low_ids pays 1 / max_new_tokens per response token below id 128; GRPO's score is the row's sum.
+        mask = np.array(first["response_mask"])
+        assert [len(r) for r in first["responses"]] == mask.sum(-1).tolist()
+        scores = np.array([sum(t < 128 for t in r) / max_new_tokens for r in first["responses"]])
+        expected = np.zeros_like(scores)
+        for rows in groups.values():
+            expected[rows] = (scores[rows] - scores[rows].mean()) / (scores[rows].std(ddof=1) + 1e-6)
+        assert sum(scores[rows].std() > 0 for rows in groups.values()) >= 1, "no group with differing scores"
+        np.testing.assert_allclose(first["advantages"], expected[:, None] * mask, rtol=0, atol=1e-5)
+        rank_scores.append(scores)
+    assert not rank_prompts[0] & rank_prompts[1], "a prompt was rolled out on both ranks"
+
+    union = np.concatenate(rank_scores)
+    for rank in ranks:
+        (_, metrics), = rank["history"]
+        assert metrics["reward/mean"] == pytest.approx(union.mean(), abs=1e-6)
+        assert metrics["reward/std"] == pytest.approx(union.std(ddof=1), abs=1e-6)
+
+    before, after, other = ranks[0]["before"], ranks[0]["after"], ranks[1]["after"]
+    assert any(not np.array_equal(before[name], after[name]) for name in before), "the update changed nothing"
+    for name in after:
+        np.testing.assert_array_equal(after[name], other[name], err_msg=name)
 
 
 def test_resumed_equals_uninterrupted(ws, tmp_path):

@@ -78,6 +78,26 @@ def rl_worker(cfg: dict, rl: dict) -> dict:
     return run(cfg, rl, quiet=True)
 
 
+def rl_weights_worker(cfg: dict, rl: dict) -> dict:
+    """``rl_worker``'s result plus the actor's parameters (name -> host array) before and after training."""
+    from megatron_patch.rlhf.ppo import train
+    from megatron_patch.rlhf.ppo_setup import build_run
+    from megatron_patch.rlhf.rl_config import RLConfig
+    from megatron_patch.training.arguments import TrainConfig
+
+    run = build_run(TrainConfig.from_dict({"mode": "finetune", **cfg}), RLConfig.from_dict(rl), quiet=True)
+
+    def weights() -> dict:
+        return {name: p.detach().cpu().numpy().copy() for name, p in run.actor.model.module.named_parameters()}
+
+    before = weights()
+    try:
+        train(run)
+    finally:
+        run.logger.close()
+    return {"history": run.history, "first": run.first, "before": before, "after": weights()}
+
+
 def _register_test_rewards() -> None:
     """A dense reward a random tiny model earns often from the start (a quarter of the vocabulary), so a few
     iterations show it rising; registered at import so spawned and forked ranks both have it."""
