@@ -13,7 +13,6 @@ Checkpoint files are read later by other processes, so skipping the page cache c
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -124,6 +123,8 @@ class BulkFile:
             write_all(self._fd, [stage])
 
     def _buffered(self) -> None:
+        import fcntl  # POSIX only, and only reached where O_DIRECT exists (Linux)
+
         self._direct = False
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
