@@ -112,15 +112,16 @@ class BulkFile:
             pending.result()  # a write error surfaces here, in the caller's thread
 
     def _write_stage(self, stage: memoryview) -> None:
+        start = os.lseek(self._fd, 0, os.SEEK_CUR)
         try:
             write_all(self._fd, [stage])
         except OSError as error:
             if error.errno != errno.EINVAL:
                 raise
-            # The device wants a larger alignment than the buffer's, or a write came back short: go on buffered
-            # from the same offset (Linux lets fcntl clear O_DIRECT on an open file).
+            # The device wants a larger alignment than the buffer's, or a short write left the offset unaligned:
+            # go on buffered from where the file ends (Linux lets fcntl clear O_DIRECT on an open file).
             self._buffered()
-            write_all(self._fd, [stage])
+            write_all(self._fd, [stage[os.lseek(self._fd, 0, os.SEEK_CUR) - start:]])
 
     def _buffered(self) -> None:
         import fcntl  # POSIX only, and only reached where O_DIRECT exists (Linux)

@@ -125,3 +125,25 @@ def test_a_failed_write_in_the_writer_thread_reaches_the_caller(tmp_path, monkey
             if not out.direct:
                 pytest.skip(f"{tmp_path} does not take O_DIRECT")
             out.write(bytes(STAGE * 3))
+
+
+def test_a_short_direct_write_is_not_written_twice(tmp_path, monkeypatch):
+    """A direct write that stops part-way (the rest then refused as unaligned) goes on buffered from where the file
+    ends, not from the start of the buffer."""
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    real_write_all = bulk_file.write_all
+
+    def short_then_refused(fd, buffers):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            os.write(fd, buffers[0][:4096])  # one block lands
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_write_all(fd, buffers)
+
+    monkeypatch.setattr(bulk_file, "write_all", short_then_refused)
+    pieces = _pieces([STAGE * 2 + 5])
+    with BulkFile(tmp_path / "out.bin", stage_bytes=STAGE) as out:
+        if not out.direct:
+            pytest.skip(f"{tmp_path} does not take O_DIRECT")
+        out.write_all(pieces)
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(pieces)
