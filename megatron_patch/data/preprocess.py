@@ -9,7 +9,6 @@ import argparse
 import sys
 
 from ..errors import run_reporting_errors
-from .indexed import build_indexed_dataset
 from .tokenizers import tokenizer_kinds
 
 
@@ -23,8 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer-type", choices=tokenizer_kinds(), default=None,
                         help="tokenizer kind (detected from the path when omitted)")
     parser.add_argument("--json-key", "--json-keys", dest="json_key", default="text", help="the text field")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
-    parser.add_argument("--chunk-lines", type=int, default=64, help="lines per work item")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="tokenizer worker processes (one core each; 1 tokenizes in this process)")
+    parser.add_argument("--chunk-mb", type=float, default=1.0,
+                        help="MB of whole input lines per work item (default 1; bounded memory: 3 per worker in flight)")
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="count and skip malformed lines instead of stopping at the first one")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing <prefix>.bin/.idx pair")
@@ -34,12 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.chunk_mb > 0:  # also NaN
+        parser.error(f"--chunk-mb must be a positive number of MB (got {args.chunk_mb})")
     prefix = args.output_prefix if args.exact_prefix else f"{args.output_prefix}_{args.json_key}_document"
 
     def preprocess() -> None:
+        # Lazy on purpose: spawned tokenizer workers re-import this module as their __main__, and indexed.py brings
+        # torch and megatron-core (4 s a worker) that tokenizing never needs.
+        from .indexed import build_indexed_dataset
+
         summary = build_indexed_dataset(args.input, prefix, args.tokenizer, args.tokenizer_type, args.json_key,
-                                        args.workers, args.chunk_lines, args.skip_bad_lines,
+                                        args.workers, max(1, round(args.chunk_mb * 2**20)), args.skip_bad_lines,
                                         overwrite=args.overwrite)
         print(summary.line())
         print(f"data prefix for --data-path: {summary.output_prefix}")

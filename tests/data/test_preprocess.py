@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_patch.data.indexed import BadLineError, build_indexed_dataset
 from megatron_patch.data.tokenizers import load_tokenizer
@@ -42,7 +43,7 @@ def test_round_trip_with_eod(tmp_path, tokenizer_dir, workers):
     texts = [line for line in CORPUS.read_text().splitlines() if line.strip()][:150]
     src = write_jsonl(tmp_path / "in.jsonl", texts, key="content")
     summary = build_indexed_dataset(src, tmp_path / "out", tokenizer_dir, json_key="content", workers=workers,
-                                    chunk_lines=16, progress=False)
+                                    chunk_bytes=400, progress=False)
     tok = load_tokenizer(tokenizer_dir)
     expected = [tok.encode(t) + [tok.eod] for t in texts]
     assert read_documents(tmp_path / "out") == expected
@@ -172,7 +173,70 @@ def test_killed_worker_fails_instead_of_hanging(tmp_path, tokenizer_dir):
     killer.start()
     try:
         with pytest.raises(WorkerDiedError, match="worker died"):
-            build_indexed_dataset(src, tmp_path / "out", tokenizer_dir, workers=2, chunk_lines=1, progress=False)
+            build_indexed_dataset(src, tmp_path / "out", tokenizer_dir, workers=2, chunk_bytes=64, progress=False)
     finally:
         killer.join()
     assert not list(tmp_path.glob("out*"))
+
+
+def reference_dataset(path, prefix, tok):
+    """What the one-document-at-a-time pipeline wrote: megatron-core's builder, ``encode`` + EOD per document."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_patch.data.indexed import token_dtype
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=token_dtype(tok.vocab_size))
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (ValueError, KeyError, TypeError):
+            continue  # the bad lines the tool skips
+        if not isinstance(text, str):
+            continue
+        ids = tok.encode(text) if text else []
+        if ids:
+            builder.add_item(torch.tensor(ids + [tok.eod]))
+            builder.end_document()
+    builder.finalize(f"{prefix}.idx")
+
+
+def sentencepiece_dir(tmp_path):
+    import sentencepiece
+
+    sentencepiece.SentencePieceTrainer.train(input=str(CORPUS), model_prefix=str(tmp_path / "sp"), vocab_size=120,
+                                             eos_id=2, bos_id=1, unk_id=0, pad_id=3, minloglevel=2)
+    return str(tmp_path / "sp.model")
+
+
+@pytest.mark.parametrize("workers,kind", [(1, "hf"), (2, "hf"), (2, "sentencepiece")])
+def test_output_bytes_equal_the_per_document_reference(tmp_path, tokenizer_dir, workers, kind):
+    texts = [line for line in CORPUS.read_text().splitlines() if line.strip()][:120]
+    lines = [json.dumps({"text": t}) for t in texts]
+    lines[5:5] = ["", '{"text": ""}', "not json", '{"text": 7}', "   "]  # blank, empty document, bad lines
+    lines.insert(40, json.dumps({"text": " ".join(texts)}))  # one line longer than a chunk
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines))  # the last line has no newline
+    tok_path = tokenizer_dir if kind == "hf" else sentencepiece_dir(tmp_path)
+    summary = build_indexed_dataset(src, tmp_path / "ours", tok_path, workers=workers, chunk_bytes=300,
+                                    skip_bad_lines=True, progress=False)
+    reference_dataset(src, tmp_path / "ref", load_tokenizer(tok_path))
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"ref{suffix}").read_bytes(), suffix
+    assert summary.skipped_lines == 2 and summary.empty_documents == 1 and summary.documents == len(texts) + 1
+
+
+def test_chunks_cover_every_line_once(tmp_path):
+    from megatron_patch.data.encode_worker import read_chunks
+
+    lines = [b"x" * n for n in (0, 3, 700, 1, 0, 50)] + [b"tail"]
+    (tmp_path / "f").write_bytes(b"\n".join(lines))
+    for size in (1, 7, 64, 10_000):
+        chunks = list(read_chunks(tmp_path / "f", size))
+        assert b"".join(data for _, data in chunks) == (tmp_path / "f").read_bytes()
+        assert all(data.endswith(b"\n") for _, data in chunks[:-1])
+        starts = [1]
+        for _, data in chunks[:-1]:
+            starts.append(starts[-1] + data.count(b"\n"))
+        assert [first for first, _ in chunks] == starts

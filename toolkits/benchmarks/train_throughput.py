@@ -16,8 +16,9 @@ layer included, embedding lookup excluded) + 12 x layers x sequence x attention 
     python toolkits/benchmarks/train_throughput.py --device cpu             # small shape, fp32
     python toolkits/benchmarks/train_throughput.py --device cpu --shape small --layers 2 --skip-preprocessing
 
-Preprocessing: jsonl -> indexed dataset (tokenize + EOD + write) against the bare tokenizer encoding the same
-documents in one loop.
+Preprocessing (``--skip-training --corpus-mb 200``): the preprocessing CLI (jsonl -> indexed dataset: parse,
+tokenize, EOD, write) at 1, 2 and all cores' workers against one process of the bare tokenizer encoding the same
+documents in a loop; tokens/s, MB/s, the ratios to bare and to N x bare, and the peak RSS of the process tree.
 """
 
 from __future__ import annotations
@@ -334,26 +335,88 @@ def report_training(shape: Shape, args) -> None:
     print(summary)
 
 
-def preprocessing(args) -> tuple[float, dict[int, float]]:
-    from megatron_patch.data.indexed import build_indexed_dataset
+def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
+    """A jsonl corpus of about ``megabytes`` MB built offline: documents of 2-40 random lines of the shipped corpus
+    (a few hundred bytes to a few KB, like web text). Returns the number of documents."""
+    import random
+
+    from megatron_patch.models.tiny import CORPUS
+
+    rng = random.Random(seed)
+    sentences = [line for line in CORPUS.read_text().splitlines() if line.strip()]
+    target, written, documents = megabytes * 1e6, 0, 0
+    with open(path, "w") as handle:
+        while written < target:
+            line = json.dumps({"text": " ".join(rng.choices(sentences, k=rng.randint(2, 40)))}) + "\n"
+            handle.write(line)
+            written += len(line)
+            documents += 1
+    return documents
+
+
+def bare_tokens_per_second(tokenizer_dir: Path, corpus: Path, megabytes: float) -> float:
+    """One process, the tokenizer's ``encode`` on each document of the first ``megabytes`` MB (JSON already parsed)."""
     from megatron_patch.data.tokenizers import load_tokenizer
-    from megatron_patch.models.tiny import CORPUS, train_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    texts, size = [], 0
+    with open(corpus) as handle:
+        for line in handle:
+            texts.append(json.loads(line)["text"])
+            size += len(line)
+            if size >= megabytes * 1e6:
+                break
+    start = time.perf_counter()
+    tokens = sum(len(tok.encode(text)) + 1 for text in texts)
+    return tokens / (time.perf_counter() - start)
+
+
+def run_preprocess(corpus: Path, out: Path, tokenizer_dir: Path, workers: int) -> tuple[float, int, float]:
+    """(seconds, tokens, peak RSS of the whole process tree in MB) of the preprocessing CLI, as a user runs it."""
+    import psutil
+
+    command = [sys.executable, "-m", "megatron_patch.data.preprocess", "--input", str(corpus), "--output-prefix",
+               str(out), "--exact-prefix", "--tokenizer", str(tokenizer_dir), "--workers", str(workers), "--overwrite"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    parent, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            tree = [parent, *parent.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass  # a process ended between the listing and the reading
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    output = proc.stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"preprocessing with {workers} worker(s) failed (exit {proc.returncode})")
+    tokens = int(output.split(" documents, ")[1].split(" tokens")[0])
+    return seconds, tokens, peak / 1e6
+
+
+def report_preprocessing(args) -> None:
+    """Tokens/s and MB/s of the CLI at 1, 2, ... all cores' workers against one process of the bare tokenizer."""
+    import os
+
+    from megatron_patch.models.tiny import train_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="bench_pre_"))
-    train_tokenizer(work / "tok", vocab_size=512)
-    texts = [line for line in CORPUS.read_text().splitlines() if line.strip()] * args.corpus_repeat
-    (work / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    tok = load_tokenizer(work / "tok")
-    start = time.perf_counter()
-    tokens = sum(len(tok.encode(t)) + 1 for t in texts)
-    bare = tokens / (time.perf_counter() - start)
-    ours = {}
-    for workers in (1, 2):
-        summary = build_indexed_dataset(work / "docs.jsonl", work / f"out{workers}", work / "tok", workers=workers,
-                                        chunk_lines=256, progress=False)
-        assert summary.tokens == tokens
-        ours[workers] = summary.tokens_per_second
-    return bare, ours
+    train_tokenizer(work / "tok", vocab_size=args.vocab_for_preprocessing)
+    corpus = work / "docs.jsonl"
+    documents = write_corpus(corpus, args.corpus_mb)
+    size_mb = corpus.stat().st_size / 1e6
+    bare = bare_tokens_per_second(work / "tok", corpus, min(args.corpus_mb, args.bare_mb))
+    print(f"preprocessing: {size_mb:.0f} MB, {documents} documents; bare tokenizer (one process, encode per "
+          f"document, first {min(args.corpus_mb, args.bare_mb):g} MB): {bare:,.0f} tokens/s")
+    for workers in sorted({1, 2, os.cpu_count() or 1}):
+        seconds, tokens, peak_mb = run_preprocess(corpus, work / f"out{workers}", work / "tok", workers)
+        rate = tokens / seconds
+        print(f"preprocessing with {workers} worker(s): {rate:,.0f} tokens/s, {size_mb / seconds:.1f} MB/s "
+              f"({seconds:.1f} s incl. start-up) -> {rate / bare:.2f}x bare, {rate / (workers * bare):.2f}x "
+              f"{workers} x bare; peak RSS {peak_mb:.0f} MB")
+    outputs = [(work / f"out{w}.bin").read_bytes() for w in sorted({1, 2, os.cpu_count() or 1})]
+    print(f"outputs identical across worker counts: {all(o == outputs[0] for o in outputs)}")
 
 
 def main() -> int:
@@ -372,7 +435,10 @@ def main() -> int:
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="after the timed steps, profile two more per side; operator tables to DIR/<side>_ops.txt")
     parser.add_argument("--side-timeout", type=float, default=1800.0, help="seconds one side may run")
-    parser.add_argument("--corpus-repeat", type=int, default=100)
+    parser.add_argument("--corpus-mb", type=float, default=20.0,
+                        help="preprocessing: size of the jsonl corpus built offline (the README quotes 200)")
+    parser.add_argument("--bare-mb", type=float, default=20.0, help="preprocessing: MB the bare tokenizer encodes")
+    parser.add_argument("--vocab-for-preprocessing", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--skip-preprocessing", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--_side", choices=sorted(SIDES), default=None, help=argparse.SUPPRESS)
@@ -401,10 +467,7 @@ def main() -> int:
     if not args.skip_training:
         report_training(resolve_shape(args), args)
     if not args.skip_preprocessing:
-        bare, ours = preprocessing(args)
-        for workers, rate in ours.items():
-            print(f"preprocessing tokens/s with {workers} worker(s): {rate:,.0f} vs bare tokenizer {bare:,.0f} "
-                  f"-> ratio {rate / bare:.2f}")
+        report_preprocessing(args)
     return 0
 
 
