@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from ..errors import run_reporting_errors
+from ..checkpoint.paths import check_output_path, check_outputs
+from ..errors import ConfigError, run_reporting_errors
 from .indexed import build_indexed_dataset
 from .tokenizers import tokenizer_kinds
 
@@ -33,11 +35,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUTPUT_SUFFIXES = (".bin", ".idx", ".tmp.bin", ".tmp.idx")  # the dataset and the temporary files it is built in
+
+
+def check_output_prefix(input_path: str, output_prefix: str, prefix: str) -> None:
+    """The output files ``<prefix>.bin/.idx`` (and their temporaries) name a file, and none of them is the input
+    (``--output-prefix corpus --exact-prefix`` with ``--input corpus.bin`` would tokenize into the file being read)."""
+    check_output_path(output_prefix, "--output-prefix")
+    if Path(prefix).name in ("", ".", ".."):
+        raise ConfigError(f"--output-prefix {output_prefix!r} names a directory; add a file name prefix "
+                          "(e.g. out/corpus)")
+    for suffix in OUTPUT_SUFFIXES:
+        check_outputs({"--output-prefix": prefix + suffix}, {"--input": input_path})
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     prefix = args.output_prefix if args.exact_prefix else f"{args.output_prefix}_{args.json_key}_document"
 
     def preprocess() -> None:
+        check_output_prefix(args.input, args.output_prefix, prefix)
         summary = build_indexed_dataset(args.input, prefix, args.tokenizer, args.tokenizer_type, args.json_key,
                                         args.workers, args.chunk_lines, args.skip_bad_lines,
                                         overwrite=args.overwrite)

@@ -53,9 +53,11 @@ def reward_model_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwri
     from ..checkpoint.atomic import atomic_output_dir, check_output_dir
     from ..checkpoint.hf import ShardedSafetensorsWriter, copy_assets
     from ..checkpoint.megatron import ASSETS
+    from ..checkpoint.paths import check_outputs
     from ..data.tokenizers import load_tokenizer
     from ..models.checkpoint import Checkpoint
 
+    check_outputs({"--save": save}, {"--load": load})  # before anything is read: --save "" is the current directory
     ckpt = Checkpoint.open(load)
     iter_dir = ckpt.iter_dir
     if not is_reward_checkpoint(iter_dir):

@@ -13,6 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TypeVar
 
+from ..checkpoint.paths import check_output_path
 from ..errors import ConfigError
 
 RECOMPUTE = (None, "selective", "full")
@@ -205,6 +206,9 @@ class TrainConfig:
             fail(f"--save-interval must be >= 1 (got {self.save_interval})")
         if self.save_interval and not self.save:
             fail("--save-interval needs --save")
+        for name in ("save", "tensorboard_dir", "data_cache_path"):  # "" would write into the current directory
+            if getattr(self, name) is not None:
+                check_output_path(getattr(self, name), f"--{name.replace('_', '-')}")
         return self
 
     def write(self, directory: str | Path) -> Path:
