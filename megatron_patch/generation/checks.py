@@ -61,7 +61,18 @@ def preflight(args: Namespace) -> None:
 
     check_request(args)
     read_prompts(args.text_generate_input_file, args.prompt_key)
-    check_checkpoint(args, read_meta(find_iteration_dir(args.load)))
+    iter_dir = find_iteration_dir(args.load)
+    check_checkpoint(args, read_meta(iter_dir))
+    check_assets(iter_dir)
+
+
+def check_assets(iter_dir: Path) -> None:
+    """The tokenizer files (``hf_assets/``) lie inside the checkpoint: a link out of it is refused, not read."""
+    from ..checkpoint.hf import asset_files
+    from ..checkpoint.megatron import ASSETS
+
+    if (iter_dir / ASSETS).is_dir():
+        asset_files(iter_dir / ASSETS, iter_dir)
 
 
 def check_checkpoint(args: Namespace, meta: dict) -> None:
