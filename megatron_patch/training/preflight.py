@@ -52,10 +52,6 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
         check_torch_dist_checkpoint(load_dir)  # what the ranks refuse before megatron-core unpickles anything
         if resume and has_train_state(load_dir):
             check_torch_dist_checkpoint(load_dir / TRAIN_STATE)
-    positions = source.arch.max_position_embeddings
-    if positions and cfg.seq_length > positions:  # generation refuses the same; RoPE/positions beyond are untrained
-        raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the {positions} positions the model was built for "
-                          "(max_position_embeddings)")
     tokenizer = cfg.tokenizer_model or source.assets_dir
     if tokenizer is None:
         raise ConfigError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")

@@ -39,6 +39,20 @@ class ModelSource:
 def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
     """From the checkpoint's metadata when loading one, else from ``--model-name`` / ``--model-size``.
 
+    Checks the flags against the model on the way (family, size preset, extra vocabulary, TP x PP, --seq-length),
+    each error naming the training flag to change. The ranks and ``train check`` both run it.
+    """
+    source = _model_source(cfg, load_dir)
+    positions = source.arch.max_position_embeddings
+    if positions and cfg.seq_length > positions:  # generation refuses the same; RoPE/positions beyond are untrained
+        raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the {positions} positions the model was built for "
+                          "(max_position_embeddings)")
+    return source
+
+
+def _model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
+    """From the checkpoint's metadata when loading one, else from ``--model-name`` / ``--model-size``.
+
     Checks the flags against the model on the way (family, size preset, extra vocabulary, TP x PP), each error
     naming the training flag to change.
     """
