@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     quiet_third_party(args.verbose or None)
     from .errors import run_reporting_errors
     from .runtime import destroy_distributed
+    from .runtime.distributed import collective_timeouts_reported
     from .training.arguments import config_from_args
 
     if args.mode == "check":
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             for note in environment_notes(cfg.transformer_impl):
                 print(f"note: {note}", flush=True)
-        run(cfg)
+        with collective_timeouts_reported(cfg.distributed_timeout_minutes):  # a frozen rank: one line, not a hang
+            run(cfg)
 
     return run_reporting_errors(train, cleanup=destroy_distributed)
 

@@ -10,8 +10,13 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .paths import check_not_cwd
+
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
+    """An output directory that may be replaced: absent, empty or ``overwrite``; never the directory the command
+    runs in or one holding it (``Path("")`` is that directory: an empty ``--save`` once replaced it)."""
+    check_not_cwd(path)
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise FileExistsError(f"output directory {path} exists and is not empty (pass --overwrite to replace it)")

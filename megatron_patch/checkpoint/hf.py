@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError
 from ..mapping import Pieces
 from .bulk_file import BulkFile
+from .paths import check_inside
 from .serialization import prefault
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
@@ -321,10 +322,16 @@ class StreamingSafetensorsWriter:
             (self.dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def asset_files(src_dir: str | os.PathLike) -> list[Path]:
-    """The non-weight files of a HF directory (config, generation config, tokenizer files); raises CheckpointError
-    for a link that leads outside the directory (never copy a file from elsewhere). Cheap: call it before work."""
+def asset_files(src_dir: str | os.PathLike, root: str | os.PathLike | None = None) -> list[Path]:
+    """The non-weight files of a HF directory (config, generation config, tokenizer files). Cheap: call it before work.
+
+    Raises CheckpointError for a link that leads outside ``root`` (default: ``src_dir`` itself): never copy a file
+    from elsewhere. A checkpoint's ``hf_assets/`` passes its iteration directory as ``root``, so ``hf_assets`` being
+    itself a link to a folder outside the checkpoint (holding ``~/.ssh/id_rsa``, say) is refused too.
+    """
     src = Path(src_dir)
+    base = Path(root) if root is not None else src
+    check_inside(src, base, f"{src}")  # the directory itself, when it is a link
     assets = []
     for path in sorted(src.iterdir()):
         if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in (SAFE_INDEX, BIN_INDEX):
@@ -334,12 +341,13 @@ def asset_files(src_dir: str | os.PathLike) -> list[Path]:
     return assets
 
 
-def copy_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
-    """Copy every non-weight file of a HF directory (see ``asset_files``) into ``dst_dir``."""
+def copy_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
+                root: str | os.PathLike | None = None) -> list[str]:
+    """Copy every non-weight file of a HF directory (see ``asset_files``, which checks ``root``) into ``dst_dir``."""
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
     copied = []
-    for path in asset_files(src_dir):
+    for path in asset_files(src_dir, root):
         shutil.copy2(path, dst / path.name)
         copied.append(path.name)
     return copied

@@ -79,6 +79,13 @@ def find_iteration_dir(path: str | os.PathLike) -> Path:
     return iter_dir
 
 
+def assets_root(iter_dir: str | os.PathLike, assets_dir: str | os.PathLike) -> Path:
+    """Where the files of ``assets_dir`` must lie (see ``hf.asset_files``): inside the iteration directory for its
+    own ``hf_assets/`` (a link out of the checkpoint is refused), inside ``assets_dir`` itself for a directory the
+    user named (``--hf-config``, ``--tokenizer-model``)."""
+    return Path(iter_dir) if Path(assets_dir) == Path(iter_dir) / ASSETS else Path(assets_dir)
+
+
 def read_meta(iter_dir: str | os.PathLike) -> dict:
     """``megatron_patch.json`` of an iteration directory, checked: valid JSON, every field present with its type.
     The format name is checked by ``formats.get_format`` (the registry knows the valid names)."""
@@ -101,7 +108,15 @@ def read_meta(iter_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: 'dtype' {meta['dtype']!r} is not a torch dtype")
     if meta.get("transformer_impl", "local") not in TRANSFORMER_IMPLS:
         raise CheckpointError(f"{path}: 'transformer_impl' must be one of {', '.join(TRANSFORMER_IMPLS)}")
+    iteration = meta.get("iteration", "release")
+    if iteration != "release" and not _is_count(iteration):
+        raise CheckpointError(f"{path}: 'iteration' must be 'release' or an iteration number >= 0 "
+                              f"(got {iteration!r:.60})")
     return meta
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def write_meta(iter_dir: str | os.PathLike, meta: dict) -> None:

@@ -77,7 +77,26 @@ def read_dcp_metadata(path: str | os.PathLike):
         raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {error}") from None
     if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "storage_data", None), dict):
         raise CheckpointError(f"{path} is not torch.distributed.checkpoint metadata")
+    _check_storage_data(path, metadata)
     return metadata
+
+
+def _check_storage_data(path: Path, metadata) -> None:
+    """Every item (tensor and byte items alike) names a data file inside the checkpoint directory, at a
+    non-negative offset and length: a ``relative_path`` of ``../../elsewhere/x.distcp`` is refused, not read."""
+    files = set()
+    for index, info in metadata.storage_data.items():
+        relative, offset, length = (getattr(info, name, None) for name in ("relative_path", "offset", "length"))
+        numbers_ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length))
+        if not isinstance(relative, str) or not relative or not numbers_ok:
+            raise CheckpointError(f"{path}: item '{getattr(index, 'fqn', index)}' names no valid data file, offset "
+                                  f"and length ({relative!r:.60}, {offset!r:.20}, {length!r:.20})")
+        files.add(relative)
+    for relative in files:
+        where = path.parent / relative
+        if Path(relative).is_absolute() or ".." in Path(relative).parts or where.resolve().parent != path.parent.resolve():
+            raise CheckpointError(f"{path} names data file {relative!r} outside {path.parent}; refusing to read it "
+                                  "(a crafted checkpoint?)")
 
 
 def _numpy_rng_globals() -> list:

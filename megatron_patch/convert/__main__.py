@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> int | None:
     if args.command in ("hf2mcore", "mcore2hf"):
-        from ..checkpoint.paths import check_disjoint
+        from ..checkpoint.paths import check_outputs
 
-        check_disjoint(args.load, args.save, "--load", "--save")
+        check_outputs({"--save": args.save}, {"--load": args.load, "--hf-config": getattr(args, "hf_config", None)})
     if args.command == "hf2mcore":
         from .hf_to_mcore import hf_to_mcore
 
@@ -94,7 +94,10 @@ def run(args) -> int | None:
                           allow_non_finite=args.allow_non_finite)
         print(f"saved HF model to {out}")
     elif args.command == "demo":
+        from ..checkpoint.paths import check_output_path
         from .demo import print_table, run_conversion_demo
+
+        check_output_path(args.workdir, "--workdir")
 
         rows = run_conversion_demo(args.workdir, args.tp, args.pp, args.fmt)
         print_table(rows)

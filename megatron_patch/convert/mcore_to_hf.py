@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.atomic import atomic_output_dir, check_output_dir
-from ..checkpoint.hf import StreamingSafetensorsWriter, copy_assets
+from ..checkpoint.hf import StreamingSafetensorsWriter, asset_files, copy_assets
+from ..checkpoint.megatron import assets_root
 from ..mapping.checks import NonFiniteGuard, all_finite
 from ..models.checkpoint import Checkpoint
 from ..runtime.progress import progress as progress_bar
@@ -53,6 +54,9 @@ merged or HF tensor is built, see ``mapping.pieces``). ``model_name`` / ``hf_con
     ``megatron_patch.json`` (see ``models.foreign``). A NaN or Inf in an exported tensor stops the export (found as
     the tensor is written) unless ``allow_non_finite``, which warns once instead."""
     ckpt = Checkpoint.open(load, model_name=model_name, hf_config_dir=hf_config_dir)
+    assets = None if ckpt.assets_dir is None else assets_root(ckpt.iter_dir, ckpt.assets_dir)
+    if assets is not None:
+        asset_files(ckpt.assets_dir, assets)  # a link leading out of the checkpoint is refused now, not after work
     sharding = ckpt.sharding()
     check_output_dir(save, overwrite)
     reader = ckpt.reader()
@@ -75,7 +79,7 @@ merged or HF tensor is built, see ``mapping.pieces``). ``model_name`` / ``hf_con
     config = export_config(ckpt.meta)
     with atomic_output_dir(save, overwrite) as temp:
         if ckpt.assets_dir is not None:
-            copy_assets(ckpt.assets_dir, temp)
+            copy_assets(ckpt.assets_dir, temp, assets)
         (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if not (temp / "generation_config.json").is_file():
             (temp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")

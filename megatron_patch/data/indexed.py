@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint.paths import check_output_path, check_outputs
 from ..errors import BadLineError, ConfigError, DataError, WorkerDiedError
 from ..runtime.progress import progress as progress_bar
 from .encode_worker import EncodeSettings, encode_chunk, init_worker, parse_line, read_chunks
@@ -77,6 +78,20 @@ def _ordered_results(pool: ProcessPoolExecutor, chunks, in_flight: int):
         raise WorkerDiedError(f"a tokenizer worker died (killed or out of memory?) while on the lines from "
                               f"{first_line}; nothing was written, run again (with fewer --workers if memory "
                               "is short)") from None
+
+
+OUTPUT_SUFFIXES = (".bin", ".idx", ".tmp.bin", ".tmp.idx")  # the dataset and the temporary files it is built in
+
+
+def check_output_prefix(input_path: str, output_prefix: str, prefix: str) -> None:
+    """The output files ``<prefix>.bin/.idx`` (and their temporaries) name a file, and none of them is the input
+    (``--output-prefix corpus --exact-prefix`` with ``--input corpus.bin`` would tokenize into the file being read)."""
+    check_output_path(output_prefix, "--output-prefix")
+    if Path(prefix).name in ("", ".", ".."):
+        raise ConfigError(f"--output-prefix {output_prefix!r} names a directory; add a file name prefix "
+                          "(e.g. out/corpus)")
+    for suffix in OUTPUT_SUFFIXES:
+        check_outputs({"--output-prefix": prefix + suffix}, {"--input": input_path})
 
 
 def token_dtype(vocab_size: int):

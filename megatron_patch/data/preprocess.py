@@ -42,10 +42,11 @@ def main(argv=None) -> int:
     prefix = args.output_prefix if args.exact_prefix else f"{args.output_prefix}_{args.json_key}_document"
 
     def preprocess() -> None:
-        # Lazy on purpose: spawned tokenizer workers re-import this module as their __main__, and indexed.py brings
-        # torch and megatron-core (4 s a worker) that tokenizing never needs.
-        from .indexed import build_indexed_dataset
+        # Lazy on purpose: spawned tokenizer workers re-import this module as their __main__, and what indexed.py
+        # imports (the checkpoint package: torch) costs each of them seconds that tokenizing never needs.
+        from .indexed import build_indexed_dataset, check_output_prefix
 
+        check_output_prefix(args.input, args.output_prefix, prefix)
         summary = build_indexed_dataset(args.input, prefix, args.tokenizer, args.tokenizer_type, args.json_key,
                                         args.workers, max(1, round(args.chunk_mb * 2**20)), args.skip_bad_lines,
                                         overwrite=args.overwrite)

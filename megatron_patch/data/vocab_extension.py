@@ -341,16 +341,18 @@ def extend_vocabulary(corpus: list[str | os.PathLike], load: str | os.PathLike, 
     """
     from ..checkpoint.atomic import check_output_dir
     from ..checkpoint.megatron import META, TRACKER, find_iteration_dir, read_meta
-    from ..checkpoint.paths import check_disjoint
+    from ..checkpoint.paths import check_outputs
 
     check_training_request(corpus, vocab_size, model_type)
+    check_outputs({"--save": save}, {"--load": load})
+    for path in corpus:  # a corpus file inside --save would be deleted with it
+        check_outputs({"--save": save}, {"--corpus": path})
     load, save = Path(load), Path(save)
     if not load.exists():
         raise FileNotFoundError(f"--load {load} does not exist")
     megatron = (load / TRACKER).is_file() or (load / META).is_file()
     if not megatron and not (load / "config.json").is_file():
         raise CheckpointError(f"--load {load} is neither a HF directory (config.json) nor a Megatron checkpoint")
-    check_disjoint(load, save, "--load", "--save")
     check_output_dir(save, overwrite)
     if not megatron:
         _check_hf_weights(load)

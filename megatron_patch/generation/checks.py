@@ -17,7 +17,7 @@ PARALLEL_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-siz
 
 def check_request(args: Namespace) -> None:
     """Everything that can be checked from the flags and the file system alone (no checkpoint read)."""
-    from ..checkpoint.paths import check_disjoint
+    from ..checkpoint.paths import check_output_path, check_outputs
     from .sampling import SamplingParams
 
     for flag in ("tp", "pp", "micro_batch_size", "seq_length", "out_seq_length"):
@@ -45,13 +45,13 @@ def check_request(args: Namespace) -> None:
     source = Path(args.text_generate_input_file)
     if not source.is_file():
         raise FileNotFoundError(f"--text-generate-input-file {source} does not exist")
-    target = Path(args.text_generate_output_file)
+    target = check_output_path(args.text_generate_output_file, "--text-generate-output-file")
     if not target.absolute().parent.is_dir():
         raise FileNotFoundError(f"the directory of --text-generate-output-file {target} does not exist")
     if target.is_dir():
         raise ConfigError(f"--text-generate-output-file {target} is a directory")
-    check_disjoint(source, target, "--text-generate-input-file", "--text-generate-output-file")
-    check_disjoint(args.load, target, "--load", "--text-generate-output-file")
+    check_outputs({"--text-generate-output-file": target},
+                  {"--text-generate-input-file": source, "--load": args.load})
 
 
 def preflight(args: Namespace) -> None:
@@ -61,7 +61,18 @@ def preflight(args: Namespace) -> None:
 
     check_request(args)
     read_prompts(args.text_generate_input_file, args.prompt_key)
-    check_checkpoint(args, read_meta(find_iteration_dir(args.load)))
+    iter_dir = find_iteration_dir(args.load)
+    check_checkpoint(args, read_meta(iter_dir))
+    check_assets(iter_dir)
+
+
+def check_assets(iter_dir: Path) -> None:
+    """The tokenizer files (``hf_assets/``) lie inside the checkpoint: a link out of it is refused, not read."""
+    from ..checkpoint.hf import asset_files
+    from ..checkpoint.megatron import ASSETS
+
+    if (iter_dir / ASSETS).is_dir():
+        asset_files(iter_dir / ASSETS, iter_dir)
 
 
 def check_checkpoint(args: Namespace, meta: dict) -> None:

@@ -18,7 +18,7 @@ def generate_file(args: Namespace) -> int:
     from ..checkpoint.megatron import find_iteration_dir, read_meta
     from ..runtime import init_distributed
     from ..runtime.progress import progress
-    from .checks import check_checkpoint, check_request
+    from .checks import check_assets, check_checkpoint, check_request
     from .engine import GenerationEngine
     from .loader import load_model
     from .prompts import PromptCodec, read_prompts, write_jsonl_atomic
@@ -29,6 +29,7 @@ def generate_file(args: Namespace) -> int:
     iter_dir = find_iteration_dir(args.load)
     meta = read_meta(iter_dir)
     check_checkpoint(args, meta)
+    check_assets(iter_dir)
     codec = PromptCodec(iter_dir / "hf_assets")
     encoded = [codec.encode(p) for p in prompts]
     limit = args.input_len or args.seq_length - args.out_seq_length

@@ -51,11 +51,13 @@ def _load_full_state(iter_dir: Path, meta: dict, spec) -> dict[str, torch.Tensor
 
 def reward_model_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: bool = False) -> Path:
     from ..checkpoint.atomic import atomic_output_dir, check_output_dir
-    from ..checkpoint.hf import ShardedSafetensorsWriter, copy_assets
+    from ..checkpoint.hf import ShardedSafetensorsWriter, asset_files, copy_assets
     from ..checkpoint.megatron import ASSETS
+    from ..checkpoint.paths import check_outputs
     from ..data.tokenizers import load_tokenizer
     from ..models.checkpoint import Checkpoint
 
+    check_outputs({"--save": save}, {"--load": load})  # before anything is read: --save "" is the current directory
     ckpt = Checkpoint.open(load)
     iter_dir = ckpt.iter_dir
     if not is_reward_checkpoint(iter_dir):
@@ -66,6 +68,7 @@ def reward_model_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwri
     assets = iter_dir / ASSETS
     if not assets.is_dir():
         raise CheckpointError(f"{iter_dir} has no {ASSETS}/ (tokenizer) to take the pad id from")
+    asset_files(assets, iter_dir)  # a link out of the checkpoint is refused before anything is read through it
     tokenizer = load_tokenizer(assets)
     if tokenizer.pad == tokenizer.eod:
         raise DataError("the tokenizer's pad id equals its EOS id: transformers would read the score before the "
@@ -75,7 +78,7 @@ def reward_model_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwri
     # Export the backbone as a tied LM would be exported: the sharding then has no LM-head row to look for.
     backbone = ckpt.spec.with_arch(tie_word_embeddings=True).sharding(1, 1)
     with atomic_output_dir(save, overwrite) as temp:
-        copy_assets(assets, temp)
+        copy_assets(assets, temp, iter_dir)  # a link out of the checkpoint is refused
         (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         writer = ShardedSafetensorsWriter(temp)
         for name, tensor in backbone.megatron_to_hf(lambda entry: state[entry.global_name]):

@@ -6,12 +6,14 @@ import datetime
 import os
 import random
 import socket
+import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from ..errors import ConfigError, WorkerError
 from .cpu import disable_cpu_path, enable_cpu_path
 from .device import set_local_device
 from .versions import check_megatron_version
@@ -90,3 +92,50 @@ def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     disable_cpu_path()
+
+
+_TIMED_OUT_KEY = "megatron_patch/collective_timed_out/"
+
+
+def _silent_ranks(grace_s: float) -> list[int] | None:
+    """The ranks that did not report a timed-out collective within ``grace_s`` seconds (each rank that hits the
+    timeout reports it through the rendezvous store); None when the store itself does not answer (it lives in rank
+    0, or in torchrun's agent)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=max(grace_s, 1.0)))
+        store.set(f"{_TIMED_OUT_KEY}{dist.get_rank()}", "1")
+        world = dist.get_world_size()
+        deadline = time.monotonic() + grace_s
+        while True:
+            silent = [r for r in range(world) if not store.check([f"{_TIMED_OUT_KEY}{r}"])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001  the store is unreachable: say so instead of naming a rank
+        return None
+
+
+@contextmanager
+def collective_timeouts_reported(timeout_minutes: float, grace_s: float | None = None):
+    """Turn a collective that timed out (a rank frozen, stopped or hung: gloo raises after ``timeout_minutes``) into
+    one line naming the ranks that went silent, instead of a backend traceback. With NCCL the watchdog aborts the
+    process at the timeout instead; the launcher reports that rank's end.
+
+    Args:
+        timeout_minutes: the process-group timeout (``--distributed-timeout-minutes``), for the message.
+        grace_s: how long to wait for the other ranks to report their own timeout (default: a tenth of the timeout,
+            5 .. 60 s): a rank that does not report is the silent one.
+    """
+    try:
+        yield
+    except RuntimeError as error:  # DistBackendError and gloo's timeouts are RuntimeErrors
+        if isinstance(error, WorkerError) or not dist.is_initialized() or "timed out" not in str(error).lower():
+            raise
+        grace = grace_s if grace_s is not None else min(60.0, max(5.0, timeout_minutes * 6.0))
+        silent = _silent_ranks(grace)
+        who = ("the rendezvous store did not answer either (rank 0 or the launcher is gone)" if silent is None
+               else f"rank(s) {', '.join(map(str, silent))} stopped responding" if silent
+               else "every rank timed out (a collective mismatch, or one very slow step)")
+        raise WorkerError(f"rank {dist.get_rank()}: a collective did not complete within "
+                          f"--distributed-timeout-minutes {timeout_minutes:g}: {who}; ending the run") from None

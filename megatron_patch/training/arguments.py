@@ -13,6 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TypeVar
 
+from ..checkpoint.paths import check_output_path
 from ..errors import ConfigError
 
 RECOMPUTE = (None, "selective", "full")
@@ -120,6 +121,8 @@ class TrainConfig:
     tensorboard_dir: str | None = field(default=None, metadata={"help": "TensorBoard event directory"})
     seed: int = field(default=1234, metadata={"help": "random seed"})
     exit_interval: int | None = field(default=None, metadata={"help": "stop after this iteration (for tests)"})
+    distributed_timeout_minutes: float = field(default=10.0, metadata={
+        "help": "end the run when a collective waits longer than this (a frozen or lost rank; default: 10)"})
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
@@ -203,8 +206,13 @@ class TrainConfig:
             fail("without --load, pass --tokenizer-model (the launch scripts: TOKENIZER_MODEL=<dir or .model>)")
         if self.save_interval is not None and self.save_interval < 1:
             fail(f"--save-interval must be >= 1 (got {self.save_interval})")
+        if self.distributed_timeout_minutes <= 0:
+            fail(f"--distributed-timeout-minutes must be > 0 (got {self.distributed_timeout_minutes})")
         if self.save_interval and not self.save:
             fail("--save-interval needs --save")
+        for name in ("save", "tensorboard_dir", "data_cache_path"):  # "" would write into the current directory
+            if getattr(self, name) is not None:
+                check_output_path(getattr(self, name), f"--{name.replace('_', '-')}")
         return self
 
     def write(self, directory: str | Path) -> Path:

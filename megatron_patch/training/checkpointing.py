@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.hf import copy_assets
-from ..checkpoint.megatron import ASSETS, TRACKER, iteration_dir_name
+from ..checkpoint.megatron import ASSETS, TRACKER, assets_root, iteration_dir_name
 from ..checkpoint.trusted_load import check_torch_dist_checkpoint
 from ..models.checkpoint import Checkpoint, write_checkpoint_meta
 
@@ -93,6 +93,13 @@ def _train_state_dict(model, optimizer, scheduler, state: TrainerState, is_loadi
     }
 
 
+def source_assets_root(source) -> Path:
+    """Where the files of ``source.assets_dir`` must lie: inside the --load checkpoint for its ``hf_assets/``."""
+    if source.checkpoint is None:
+        return Path(source.assets_dir)
+    return assets_root(source.checkpoint.iter_dir, source.assets_dir)
+
+
 def _write_tracker(save: Path, iteration: int) -> None:
     tmp = save / f".{TRACKER}.tmp"
     tmp.write_text(str(iteration))
@@ -129,8 +136,8 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
         write_checkpoint_meta(tmp, source.spec, fmt="torch_dist", tp=cfg.tensor_model_parallel_size,
                               pp=cfg.pipeline_model_parallel_size, transformer_impl=cfg.transformer_impl, dtype=dtype,
                               iteration=iteration)
-        if source.assets_dir is not None:
-            copy_assets(source.assets_dir, tmp / ASSETS)
+        if source.assets_dir is not None:  # checked at the start too (training.setup): a link out is refused
+            copy_assets(source.assets_dir, tmp / ASSETS, source_assets_root(source))
         cfg.write(tmp)
         if after_model_save is not None:
             after_model_save(tmp)

@@ -199,7 +199,8 @@ def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
     source = resolve_model_source(cfg, load_dir)
     tokenizer = load_model_tokenizer(cfg, source)
 
-    init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed)
+    init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed,
+                     timeout_minutes=cfg.distributed_timeout_minutes)
     config = build_transformer_config(cfg, source)
     model = build_ddp_model(cfg, source, config)
     optimizer = build_optimizer(cfg, model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint.trusted_load import check_torch_dist_checkpoint
 from ..errors import ConfigError
 from .arguments import TrainConfig
 
@@ -39,17 +40,18 @@ def check_data(cfg: TrainConfig) -> None:
 
 def preflight(cfg: TrainConfig, world_size: int) -> None:
     """Raise the first user error a launch of ``world_size`` ranks would hit early; return when there is none."""
+    from .checkpointing import TRAIN_STATE, has_train_state
     from .loop import _load_dirs
     from .setup import check_precision_support, resolve_model_source
 
     cfg.validate(world_size)
     check_precision_support(cfg)
-    load_dir, _ = _load_dirs(cfg)
+    load_dir, resume = _load_dirs(cfg)
     source = resolve_model_source(cfg, load_dir)  # family, size preset, vocabulary, TP x PP
-    positions = source.arch.max_position_embeddings
-    if positions and cfg.seq_length > positions:  # generation refuses the same; RoPE/positions beyond are untrained
-        raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the {positions} positions the model was built for "
-                          "(max_position_embeddings)")
+    if source.checkpoint is not None and source.checkpoint.meta["format"] == "torch_dist":
+        check_torch_dist_checkpoint(load_dir)  # what the ranks refuse before megatron-core unpickles anything
+        if resume and has_train_state(load_dir):
+            check_torch_dist_checkpoint(load_dir / TRAIN_STATE)
     tokenizer = cfg.tokenizer_model or source.assets_dir
     if tokenizer is None:
         raise ConfigError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")

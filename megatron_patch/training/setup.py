@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.hf import asset_files
+from ..checkpoint.megatron import assets_root
 from ..errors import ConfigError, MachineSupportError
 from ..models.checkpoint import Checkpoint
 from ..models.presets import check_size_preset
@@ -37,6 +39,20 @@ class ModelSource:
 def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
     """From the checkpoint's metadata when loading one, else from ``--model-name`` / ``--model-size``.
 
+    Checks the flags against the model on the way (family, size preset, extra vocabulary, TP x PP, --seq-length),
+    each error naming the training flag to change. The ranks and ``train check`` both run it.
+    """
+    source = _model_source(cfg, load_dir)
+    positions = source.arch.max_position_embeddings
+    if positions and cfg.seq_length > positions:  # generation refuses the same; RoPE/positions beyond are untrained
+        raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the {positions} positions the model was built for "
+                          "(max_position_embeddings)")
+    return source
+
+
+def _model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
+    """From the checkpoint's metadata when loading one, else from ``--model-name`` / ``--model-size``.
+
     Checks the flags against the model on the way (family, size preset, extra vocabulary, TP x PP), each error
     naming the training flag to change.
     """
@@ -55,6 +71,8 @@ def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource
             check_size_preset(spec.family, cfg.model_size, spec.hf_config)
         spec.arch.check_parallel(tp, pp, PARALLEL_FLAGS)
         spec.sharding(tp, pp)
+        if ckpt.assets_dir is not None:  # copied into every checkpoint saved: a link out of --load is refused now
+            asset_files(ckpt.assets_dir, assets_root(ckpt.iter_dir, ckpt.assets_dir))
         return ModelSource(spec, ckpt, ckpt.assets_dir)
     spec = ModelSpec.from_flavor(cfg.model_name, cfg.model_size, tp=tp, extra_vocab_size=cfg.extra_vocab_size,
                                  make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
