@@ -130,19 +130,38 @@ class HFCheckpointReader:
         self._open_all()
 
     def _open_all(self) -> None:
+        index_name = None
         if (self.dir / SAFE_INDEX).is_file():
-            files = self._from_index(SAFE_INDEX)
+            index_name = SAFE_INDEX
         elif (self.dir / "model.safetensors").is_file():
             files = [self.dir / "model.safetensors"]
         elif (self.dir / BIN_INDEX).is_file():
-            files = self._from_index(BIN_INDEX)
+            index_name = BIN_INDEX
         elif (self.dir / "pytorch_model.bin").is_file():
             files = [self.dir / "pytorch_model.bin"]
         else:
             raise CheckpointError(f"{self.dir} has no model.safetensors, safetensors index or pytorch_model.bin")
+        if index_name is not None:
+            files = self._from_index(index_name)
         for path in files:
             for name in self._open(path).keys():
+                if name in self._where:
+                    raise CheckpointError(f"tensor '{name}' is stored twice in {self.dir} ({self._where[name].name} "
+                                          f"and {path.name})")
                 self._where[name] = path
+        if index_name is not None:
+            self._check_index(index_name)
+
+    def _check_index(self, index_name: str) -> None:
+        """The index lists exactly the tensors the shards hold, each in the shard that holds it (transformers loads
+        through the index: a tensor it does not list is silently left at its initial value there)."""
+        listed = {name: self.dir / file for name, file in self._weight_map.items()}
+        unlisted = sorted(set(self._where) - set(listed))
+        absent = sorted(name for name, path in listed.items() if self._where.get(name) != path)
+        if unlisted or absent:
+            what = (f"does not list {len(unlisted)} stored tensor(s), e.g. '{unlisted[0]}'" if unlisted
+                    else f"places '{absent[0]}' in {listed[absent[0]].name}, which does not hold it")
+            raise CheckpointError(f"{self.dir / index_name} {what}; the index and the shards disagree")
 
     def _from_index(self, index_name: str) -> list[Path]:
         path = self.dir / index_name
@@ -157,6 +176,7 @@ class HFCheckpointReader:
             # Lexical check only: hub caches keep shards as symlinks into a blob store, which is fine.
             if Path(name).is_absolute() or ".." in Path(name).parts:
                 raise CheckpointError(f"{index_name} names shard {name!r} outside {self.dir}")
+        self._weight_map = weight_map
         files = sorted({self.dir / f for f in weight_map.values()})
         for path in files:
             if not path.is_file():

@@ -104,8 +104,10 @@ def read_meta(iter_dir: str | os.PathLike) -> dict:
     for key, kind in META_FIELDS.items():
         if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
             raise CheckpointError(f"{path}: '{key}' must be a JSON {kind.__name__} (got {meta[key]!r:.60})")
-    if not isinstance(getattr(torch, meta["dtype"], None), torch.dtype):
-        raise CheckpointError(f"{path}: 'dtype' {meta['dtype']!r} is not a torch dtype")
+    dtype = getattr(torch, meta["dtype"], None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{path}: 'dtype' {meta['dtype']!r} is not a floating-point torch dtype")
+    _check_meta_ranges(path, meta)
     if meta.get("transformer_impl", "local") not in TRANSFORMER_IMPLS:
         raise CheckpointError(f"{path}: 'transformer_impl' must be one of {', '.join(TRANSFORMER_IMPLS)}")
     iteration = meta.get("iteration", "release")
@@ -113,6 +115,23 @@ def read_meta(iter_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: 'iteration' must be 'release' or an iteration number >= 0 "
                               f"(got {iteration!r:.60})")
     return meta
+
+
+def _check_meta_ranges(path: Path, meta: dict) -> None:
+    """The numbers of ``megatron_patch.json`` within their ranges and consistent with each other and with its HF
+    config (a negative vocabulary or ``divisible_by: 0`` was used as is; the HF config's sizes are the family's to
+    check, and the stored tensors' shapes are checked against them before anything is built)."""
+    for key, least in (("tensor_model_parallel_size", 1), ("pipeline_model_parallel_size", 1), ("vocab_size", 1),
+                       ("extra_vocab_size", 0), ("make_vocab_size_divisible_by", 1)):
+        if meta[key] < least:
+            raise CheckpointError(f"{path}: '{key}' must be >= {least} (got {meta[key]})")
+    if meta["padded_vocab_size"] < meta["vocab_size"]:
+        raise CheckpointError(f"{path}: 'padded_vocab_size' {meta['padded_vocab_size']} is smaller than "
+                              f"'vocab_size' {meta['vocab_size']}")
+    hf_vocab = meta["hf_config"].get("vocab_size")
+    if _is_count(hf_vocab) and hf_vocab + meta["extra_vocab_size"] != meta["vocab_size"]:
+        raise CheckpointError(f"{path}: 'vocab_size' {meta['vocab_size']} is not the HF config's {hf_vocab} plus "
+                              f"'extra_vocab_size' {meta['extra_vocab_size']}")
 
 
 def _is_count(value) -> bool:

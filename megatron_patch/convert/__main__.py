@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -74,7 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_numbers(args) -> None:
+    """Numeric flags whose bad values otherwise pass (a NaN tolerance accepts every difference) or crash."""
+    from ..errors import ConfigError
+
+    if args.command == "verify" and not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise ConfigError(f"--tolerance must be a finite number >= 0 (got {args.tolerance})")
+    if args.command == "mcore2hf" and not (math.isfinite(args.max_shard_size_gb) and args.max_shard_size_gb * 2**30 >= 1):
+        raise ConfigError(f"--max-shard-size-gb must be a finite number > 0 (got {args.max_shard_size_gb})")
+
+
 def run(args) -> int | None:
+    check_numbers(args)
     if args.command in ("hf2mcore", "mcore2hf"):
         from ..checkpoint.paths import check_outputs
 

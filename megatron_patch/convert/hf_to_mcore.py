@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from ..models.checkpoint import write_checkpoint_meta
 from ..models.spec import ModelSpec
 from ..runtime.progress import progress as progress_bar
 from .plan import ConversionPlan
+
+MAX_EXTRA_VOCAB = 1 << 22  # 4M new rows: 16x the largest vocabularies in use; beyond is a typo, not a tokenizer
 
 
 def make_plan(hf_config: dict, tp: int, pp: int, family_name: str | None = None, extra_vocab_size: int = 0,
@@ -34,7 +37,15 @@ def make_plan(hf_config: dict, tp: int, pp: int, family_name: str | None = None,
 def checkpoint_dtype(reader: HFCheckpointReader, plan: ConversionPlan) -> torch.dtype:
     """The dtype the weights are stored in (that of the word embedding), kept through the conversion."""
     first = plan.sharding.stage_entries(0)[0]
-    return reader.dtype(first.hf_names[0])
+    dtype = reader.dtype(first.hf_names[0])
+    other = [(name, reader.dtype(name)) for name in reader.names()
+             if reader.dtype(name).is_floating_point and reader.dtype(name) != dtype]
+    if other:  # e.g. one fp16 tensor in an fp32 model: it is cast like the rest, so say so
+        kinds = ", ".join(sorted({str(kind).removeprefix("torch.") for _, kind in other}))
+        print(f"warning: {reader.dir} mixes dtypes: {len(other)} tensor(s) are {kinds} (e.g. '{other[0][0]}'), the "
+              f"rest {str(dtype).removeprefix('torch.')}; every weight is converted to "
+              f"{str(dtype).removeprefix('torch.')}, the word embedding's dtype", file=sys.stderr)
+    return dtype
 
 
 def hf_to_mcore(
@@ -58,8 +69,12 @@ def hf_to_mcore(
         raise ConfigError(f"--format must be one of {', '.join(format_names())} (got {fmt})")
     if transformer_impl not in TRANSFORMER_IMPLS:
         raise ConfigError(f"--transformer-impl must be local or transformer_engine (got {transformer_impl})")
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"--tp and --pp must be >= 1 (got {tp}, {pp})")
     if extra_vocab_size < 0:
         raise ConfigError(f"--extra-vocab-size must be >= 0 (got {extra_vocab_size})")
+    if extra_vocab_size > MAX_EXTRA_VOCAB:
+        raise ConfigError(f"--extra-vocab-size must be <= {MAX_EXTRA_VOCAB} (got {extra_vocab_size})")
     if make_vocab_size_divisible_by < 1:
         raise ConfigError(f"--make-vocab-size-divisible-by must be >= 1 (got {make_vocab_size_divisible_by})")
     storage = get_format(fmt)

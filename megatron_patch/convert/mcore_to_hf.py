@@ -13,6 +13,7 @@ import torch
 from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.hf import StreamingSafetensorsWriter, asset_files, copy_assets
 from ..checkpoint.megatron import assets_root
+from ..errors import CheckpointError
 from ..mapping.checks import NonFiniteGuard, all_finite
 from ..models.checkpoint import Checkpoint
 from ..runtime.progress import progress as progress_bar
@@ -73,7 +74,14 @@ merged or HF tensor is built, see ``mapping.pieces``). ``model_name`` / ``hf_con
     # The HF names, dtypes and shapes, from running the export on meta tensors: validates every source tensor
     # (its stored dtype, before any cast) before any work and lets the writer stream (it writes each file's header
     # first).
-    sharding.check_megatron_shapes(lambda entry: reader.meta(entry.global_name))
+    def stored(entry):
+        tensor = reader.meta(entry.global_name)
+        if dtype is not None and tensor.dtype != dtype:  # a cast would rewrite the weights (int8: all zeros)
+            raise CheckpointError(f"checkpoint {ckpt.iter_dir}: '{entry.global_name}' is stored as {tensor.dtype}, "
+                                  f"but megatron_patch.json says {dtype}")
+        return tensor
+
+    sharding.check_megatron_shapes(stored)
     layout = [(name, t.dtype, tuple(t.shape)) for name, t in sharding.megatron_to_hf(get_meta)]
 
     config = export_config(ckpt.meta)

@@ -64,6 +64,15 @@ def preflight(args: Namespace) -> None:
     iter_dir = find_iteration_dir(args.load)
     check_checkpoint(args, read_meta(iter_dir))
     check_assets(iter_dir)
+    check_stored_tensors(iter_dir)
+
+
+def check_stored_tensors(iter_dir: Path) -> None:
+    """The stored tensors' names and shapes match ``megatron_patch.json`` (read from the files' headers) before a
+    model of the recorded sizes is built: a crafted size would otherwise allocate it first."""
+    from ..models.checkpoint import Checkpoint
+
+    Checkpoint.open(iter_dir).reader()
 
 
 def check_assets(iter_dir: Path) -> None:

@@ -18,7 +18,7 @@ def generate_file(args: Namespace) -> int:
     from ..checkpoint.megatron import find_iteration_dir, read_meta
     from ..runtime import init_distributed
     from ..runtime.progress import progress
-    from .checks import check_assets, check_checkpoint, check_request
+    from .checks import check_assets, check_checkpoint, check_request, check_stored_tensors
     from .engine import GenerationEngine
     from .loader import load_model
     from .prompts import PromptCodec, read_prompts, write_jsonl_atomic
@@ -30,6 +30,7 @@ def generate_file(args: Namespace) -> int:
     meta = read_meta(iter_dir)
     check_checkpoint(args, meta)
     check_assets(iter_dir)
+    check_stored_tensors(iter_dir)
     codec = PromptCodec(iter_dir / "hf_assets")
     encoded = [codec.encode(p) for p in prompts]
     limit = args.input_len or args.seq_length - args.out_seq_length

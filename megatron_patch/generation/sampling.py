@@ -8,6 +8,7 @@ multiplied when negative), so greedy decoding with a penalty matches ``transform
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,10 @@ class SamplingParams:
     seed: int = 1234
 
     def __post_init__(self):
+        for flag, value in (("--temperature", self.temperature), ("--repetition-penalty", self.repetition_penalty),
+                            ("--top-p", self.top_p)):
+            if not math.isfinite(value):  # NaN passes every comparison below; sampling would then emit garbage
+                raise ConfigError(f"{flag} must be a finite number (got {value})")
         if self.top_k < 0:
             raise ConfigError(f"--top-k must be >= 0 (got {self.top_k})")
         if not 0.0 <= self.top_p <= 1.0:

@@ -28,6 +28,7 @@ from ..checkpoint.hf import copy_assets
 from ..checkpoint.megatron import ASSETS, TRACKER, assets_root, iteration_dir_name
 from ..checkpoint.trusted_load import check_torch_dist_checkpoint
 from ..models.checkpoint import Checkpoint, write_checkpoint_meta
+from ..runtime.helpers import checkpoint_writer_queue_dies_with_parent
 
 TRAIN_STATE = "train_state"
 
@@ -115,6 +116,7 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
     """
     from megatron.core import dist_checkpointing
 
+    checkpoint_writer_queue_dies_with_parent()  # a killed rank leaves no writer helper behind
     save = Path(save)
     name = iteration_dir_name(iteration)
     final, tmp = save / name, save / f".{name}.tmp"

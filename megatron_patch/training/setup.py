@@ -71,6 +71,7 @@ def _model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
             check_size_preset(spec.family, cfg.model_size, spec.hf_config)
         spec.arch.check_parallel(tp, pp, PARALLEL_FLAGS)
         spec.sharding(tp, pp)
+        ckpt.reader()  # the stored tensors match the metadata before a model of its sizes is built (cheap: headers)
         if ckpt.assets_dir is not None:  # copied into every checkpoint saved: a link out of --load is refused now
             asset_files(ckpt.assets_dir, assets_root(ckpt.iter_dir, ckpt.assets_dir))
         return ModelSource(spec, ckpt, ckpt.assets_dir)

@@ -68,7 +68,7 @@ def _edit_meta(root, **changes):
     ({"format": "zarr"}, "unknown checkpoint format 'zarr'"),
     ({"padded_vocab_size": None, "family": None}, "lacks family, padded_vocab_size"),
     ({"tensor_model_parallel_size": "2"}, "'tensor_model_parallel_size' must be a JSON int"),
-    ({"dtype": "float33"}, "'dtype' 'float33' is not a torch dtype"),
+    ({"dtype": "float33"}, "'dtype' 'float33' is not a floating-point torch dtype"),
     ({"family": "gpt5"}, "unknown model family 'gpt5'"),
 ])
 def test_bad_metadata_is_refused_naming_the_file(copy, changes, message):

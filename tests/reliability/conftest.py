@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
+
+import pytest
 
 OUTCOMES = ("tried", "refused cleanly", "tracebacks", "hangs", "partial outputs", "code run")
 TALLY: Counter = Counter()
@@ -12,3 +15,33 @@ def pytest_terminal_summary(terminalreporter):
     if TALLY["tried"]:
         counts = " / ".join(f"{name} {TALLY[name]}" for name in OUTCOMES)
         terminalreporter.write_line(f"reliability cases: {counts}")
+
+
+@pytest.fixture(scope="session")
+def converted(make_hf, tmp_path_factory):
+    """A tiny HF llama converted to torch_dist, shared read-only by the cases (copy it before damaging it)."""
+    from megatron_patch.convert.__main__ import main as convert_main
+
+    out = tmp_path_factory.mktemp("converted") / "ckpt"
+    assert convert_main(["hf2mcore", "--load", make_hf("reliability-shared"), "--save", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def ckpt(converted, tmp_path):
+    """A private copy of ``converted``, and a folder of the user's beside it holding a secret."""
+    copy = tmp_path / "ckpt"
+    shutil.copytree(converted, copy)
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "id_rsa").write_text("PRIVATE KEY")
+    return copy
+
+
+def refused(code: int, capsys, expected: str) -> str:
+    """Tally one CLI case; return its stderr after checking: exit 1, no traceback, ``expected`` in the line."""
+    TALLY["tried"] += 1
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Traceback" not in err and expected in err, err
+    TALLY["refused cleanly"] += 1
+    return err

@@ -13,17 +13,7 @@ import pytest
 from megatron_patch.convert.__main__ import main as convert_main
 from megatron_patch.errors import ConfigError
 
-from .conftest import TALLY
-
-
-def refused(code: int, capsys, expected: str) -> str:
-    """Tally one case; return the error line after checking it is one line holding ``expected``."""
-    TALLY["tried"] += 1
-    err = capsys.readouterr().err
-    assert code == 1, err
-    assert "Traceback" not in err and expected in err, err
-    TALLY["refused cleanly"] += 1
-    return err
+from .conftest import TALLY, refused
 
 
 @pytest.fixture
@@ -36,13 +26,6 @@ def user_dir(tmp_path, monkeypatch):
     return work
 
 
-@pytest.fixture(scope="module")
-def megatron_ckpt(make_hf, tmp_path_factory):
-    out = tmp_path_factory.mktemp("paths") / "ckpt"
-    assert convert_main(["hf2mcore", "--load", make_hf("paths"), "--save", str(out)]) == 0
-    return out
-
-
 @pytest.mark.parametrize("save", ["", " ", ".", ".."])
 def test_hf2mcore_never_replaces_the_directory_it_runs_in(make_hf, user_dir, capsys, save):
     code = convert_main(["hf2mcore", "--load", make_hf("paths"), "--save", save, "--overwrite"])
@@ -51,15 +34,15 @@ def test_hf2mcore_never_replaces_the_directory_it_runs_in(make_hf, user_dir, cap
 
 
 @pytest.mark.parametrize("save", ["", "."])
-def test_mcore2hf_never_replaces_the_directory_it_runs_in(megatron_ckpt, user_dir, capsys, save):
-    code = convert_main(["mcore2hf", "--load", str(megatron_ckpt), "--save", save, "--overwrite"])
+def test_mcore2hf_never_replaces_the_directory_it_runs_in(converted, user_dir, capsys, save):
+    code = convert_main(["mcore2hf", "--load", str(converted), "--save", save, "--overwrite"])
     refused(code, capsys, "--save is empty" if not save else "is the current directory")
     assert sorted(p.name for p in user_dir.iterdir()) == ["notes.txt"]
 
 
-def test_mcore2hf_save_inside_hf_config(megatron_ckpt, make_hf, tmp_path, capsys):
+def test_mcore2hf_save_inside_hf_config(converted, make_hf, tmp_path, capsys):
     """The --hf-config directory is an input too (a foreign checkpoint's config and tokenizer)."""
-    code = convert_main(["mcore2hf", "--load", str(megatron_ckpt), "--hf-config", make_hf("paths"),
+    code = convert_main(["mcore2hf", "--load", str(converted), "--hf-config", make_hf("paths"),
                          "--save", str(Path(make_hf("paths")) / "out")])
     refused(code, capsys, "lies inside --hf-config")
 
@@ -70,20 +53,20 @@ def test_demo_refuses_an_empty_workdir(user_dir, capsys):
 
 
 @pytest.mark.parametrize("relation", ["same", "load-inside-save"])
-def test_rlhf_export_never_rewrites_its_input(megatron_ckpt, tmp_path, capsys, relation):
+def test_rlhf_export_never_rewrites_its_input(converted, tmp_path, capsys, relation):
     from megatron_patch.rlhf.export import main as export_main
 
-    before = sorted(p.relative_to(megatron_ckpt) for p in megatron_ckpt.rglob("*"))
-    save = megatron_ckpt if relation == "same" else megatron_ckpt.parent
-    code = export_main(["--load", str(megatron_ckpt), "--save", str(save), "--overwrite"])
+    before = sorted(p.relative_to(converted) for p in converted.rglob("*"))
+    save = converted if relation == "same" else converted.parent
+    code = export_main(["--load", str(converted), "--save", str(save), "--overwrite"])
     refused(code, capsys, "--save")
-    assert sorted(p.relative_to(megatron_ckpt) for p in megatron_ckpt.rglob("*")) == before
+    assert sorted(p.relative_to(converted) for p in converted.rglob("*")) == before
 
 
-def test_rlhf_export_refuses_an_empty_save(megatron_ckpt, user_dir, capsys):
+def test_rlhf_export_refuses_an_empty_save(converted, user_dir, capsys):
     from megatron_patch.rlhf.export import main as export_main
 
-    refused(export_main(["--load", str(megatron_ckpt), "--save", "", "--overwrite"]), capsys, "--save is empty")
+    refused(export_main(["--load", str(converted), "--save", "", "--overwrite"]), capsys, "--save is empty")
 
 
 @pytest.fixture(scope="module")

@@ -17,37 +17,13 @@ from megatron_patch.checkpoint.trusted_load import check_torch_dist_checkpoint
 from megatron_patch.convert.__main__ import main as convert_main
 from megatron_patch.errors import CheckpointError
 
-from .conftest import TALLY
-
-
-@pytest.fixture(scope="module")
-def converted(make_hf, tmp_path_factory):
-    out = tmp_path_factory.mktemp("outside") / "ckpt"
-    assert convert_main(["hf2mcore", "--load", make_hf("outside"), "--save", str(out)]) == 0
-    return out
-
-
-@pytest.fixture
-def ckpt(converted, tmp_path):
-    """A private copy of the converted checkpoint, and a folder of the user's beside it holding a secret."""
-    copy = tmp_path / "ckpt"
-    shutil.copytree(converted, copy)
-    (tmp_path / "secrets").mkdir()
-    (tmp_path / "secrets" / "id_rsa").write_text("PRIVATE KEY")
-    return copy
+from .conftest import TALLY, refused
 
 
 def link_assets_outside(ckpt: Path) -> None:
     assets = ckpt / "release" / "hf_assets"
     shutil.rmtree(assets)
     os.symlink(ckpt.parent / "secrets", assets)
-
-
-def refused(code: int, capsys, expected: str) -> None:
-    TALLY["tried"] += 1
-    err = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in err and expected in err, err
-    TALLY["refused cleanly"] += 1
 
 
 def test_mcore2hf_does_not_follow_hf_assets_out_of_the_checkpoint(ckpt, tmp_path, capsys):
