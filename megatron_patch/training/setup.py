@@ -51,8 +51,12 @@ def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource
                 f"--extra-vocab-size {cfg.extra_vocab_size} differs from the checkpoint's {spec.extra_vocab_size}: "
                 "new token rows are added at conversion (hf2mcore --extra-vocab-size)"
             )
-        if cfg.model_size:  # the preset must describe the checkpoint (the launch scripts always pass one)
-            check_size_preset(spec.family, cfg.model_size, spec.hf_config)
+        if cfg.model_size and cfg.model_size != "auto":  # a preset must describe the checkpoint
+            try:
+                check_size_preset(spec.family, cfg.model_size, spec.hf_config)
+            except ConfigError as error:
+                raise ConfigError(f"{error}; or omit --model-size (MODEL_SIZE=auto in the launch scripts): the "
+                                  "shape is read from the checkpoint") from None
         spec.arch.check_parallel(tp, pp, PARALLEL_FLAGS)
         spec.sharding(tp, pp)
         return ModelSource(spec, ckpt, ckpt.assets_dir)
