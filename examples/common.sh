@@ -270,7 +270,7 @@ mp_exec() {  # mp_exec <mode> <run name>: pre-flight checks, then launch (or pri
   mkdir -p "$OUTPUT_BASEPATH/log"
   echo "log: $log (appended)"
   mp_log_header "$log" "${cmd[@]}"
-  { "${check[@]}" && "${cmd[@]}"; } 2>&1 | tee -a "$log"
+  { "${check[@]}" && "${cmd[@]}"; } 2>&1 | tee -ai "$log"
   return "${PIPESTATUS[0]}"
 }
 
@@ -298,7 +298,7 @@ mp_pretrain() {  # mp_pretrain <family> "$@"
   # reads SEQ_LEN-token samples from the indexed dataset.
   MP_FLAGS+=(--global-batch-size "$GLOBAL_BATCH_SIZE" --train-iters "$train_iters" --lr-warmup-iters "$warmup_iters"
              --lr-decay-style linear --save-interval "$SAVE_INTERVAL" --data-path "${data[@]}" --split 98,2,0
-             --eval-interval 100 --eval-iters 10)
+             --eval-interval 100 --eval-iters 10 --data-cache-path "$OUTPUT_BASEPATH/data_cache")
   mp_exec pretrain "pretrain-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-gbs$GLOBAL_BATCH_SIZE-seq$SEQ_LEN-lr$LR-$PR-tp$TP-pp$PP"
 }
 

@@ -16,7 +16,7 @@ import traceback
 import psutil
 import torch.multiprocessing as mp
 
-from ..errors import WorkerError, user_errors
+from ..errors import INTERRUPTED_EXIT_CODE, WorkerError, user_errors
 from .distributed import free_port
 from .noise import quiet_third_party
 
@@ -50,6 +50,8 @@ def _child(rank, world_size, port, env, fn, args, results, parent_pid):
         message = str(error) if isinstance(error, user_errors()) else traceback.format_exc()
         results.put((rank, False, message))
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the parent says it once
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     finally:
         from .distributed import destroy_distributed
 

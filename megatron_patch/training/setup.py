@@ -240,4 +240,41 @@ def build_scheduler(cfg: TrainConfig, optimizer, train_iters: int):
         end_wd=cfg.weight_decay,
         wd_incr_steps=max(train_iters, 1) * gbs,
         wd_incr_style="constant",
+        # Without either flag, a resumed schedule was checked equal to the checkpoint's (check_resumed_schedule).
+        use_checkpoint_opt_param_scheduler=not cfg.override_opt_param_scheduler,
+        override_opt_param_scheduler=cfg.override_opt_param_scheduler,
     )
+
+
+# What a resumed run's LR schedule is compared on (megatron-core's scheduler state, counted in samples), and the
+# flags that set each value.
+SCHEDULE_FIELDS = {
+    "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+    "lr_decay_steps": "--train-iters / --lr-decay-iters", "lr_decay_style": "--lr-decay-style",
+    "wd_incr_steps": "--train-iters", "start_wd": "--weight-decay",
+}
+
+
+def schedule_changes(saved: dict, new: dict, global_batch_size: int) -> list[str]:
+    """The scheduler values that differ between a checkpoint's and this run's state dicts, as '<flag>: <new> (the
+    checkpoint has <saved>)'; step counts are shown in iterations of ``global_batch_size`` samples."""
+    changes = []
+    for key, flag in SCHEDULE_FIELDS.items():
+        if key not in saved or key not in new or saved[key] == new[key]:
+            continue
+        old_value, new_value = saved[key], new[key]
+        if key.endswith("_steps"):
+            old_value, new_value = f"{old_value // global_batch_size} iterations", f"{new_value // global_batch_size}"
+        changes.append(f"{flag} {new_value} (the checkpoint has {old_value})")
+    return changes
+
+
+def check_resumed_schedule(cfg: TrainConfig, saved: dict, scheduler) -> None:
+    """Megatron-LM's rule: a resumed run keeps its LR schedule unless told which one wins."""
+    if cfg.override_opt_param_scheduler or cfg.use_checkpoint_opt_param_scheduler:
+        return
+    changes = schedule_changes(saved, scheduler.state_dict(), cfg.global_batch_size)
+    if changes:
+        raise ConfigError(f"the resumed checkpoint's LR schedule differs: {'; '.join(changes)}. Pass "
+                          "--override-opt_param-scheduler to use the new values or --use-checkpoint-opt_param-scheduler "
+                          "to keep the checkpoint's")
