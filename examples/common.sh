@@ -174,6 +174,12 @@ mp_gpu_count() {  # the number of local GPUs; 0 without nvidia-smi or when it fa
   nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true
 }
 
+mp_gpus_exist() {  # mp_gpus_exist <env>: GPUS_PER_NODE on a machine without GPUs would train on the CPU, quietly
+  if [ -n "${GPUS_PER_NODE:-}" ] && [ "${MP_DRY_RUN:-0}" != 1 ] && [ "$(mp_gpu_count)" -eq 0 ]; then
+    mp_fail "ENV=$1 with GPUS_PER_NODE=$GPUS_PER_NODE, but this machine has no GPU (nvidia-smi finds none): use ENV=cpu"
+  fi
+}
+
 mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
   # torchrun's launcher, through megatron_patch.torchrun: same flags, but a rank's error is printed once as one
   # line (no ChildFailedError dump) and torchrun's banners stay hidden unless MP_VERBOSE=1.
@@ -187,6 +193,7 @@ mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
     dsw)
       nproc=${GPUS_PER_NODE:-$(mp_gpu_count)}
       [[ "$nproc" =~ ^[0-9]+$ ]] && [ "$nproc" -ge 1 ] || mp_fail "ENV=dsw found no GPU (set GPUS_PER_NODE or use ENV=cpu)"
+      mp_gpus_exist dsw
       MP_LAUNCH=("${torchrun[@]}" --nproc-per-node "$nproc" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-6000}")
       MP_WORLD_SIZE=$nproc ;;
     dlc)
@@ -196,6 +203,7 @@ mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
       done
       nproc=${GPUS_PER_NODE:-$(mp_gpu_count)}
       [[ "$nproc" =~ ^[0-9]+$ ]] && [ "$nproc" -ge 1 ] || mp_fail "ENV=dlc found no GPU (set GPUS_PER_NODE)"
+      mp_gpus_exist dlc
       # The scheduler's WORLD_SIZE / RANK count nodes; torchrun turns them into per-process ranks.
       MP_LAUNCH=("${torchrun[@]}" --nnodes "$WORLD_SIZE" --node-rank "$RANK" --nproc-per-node "$nproc"
                  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
@@ -250,6 +258,22 @@ mp_log_header() {  # mp_log_header <log file> <command...>: one header line per 
   { echo; echo "===== $(date '+%Y-%m-%d %H:%M:%S') launch on $(hostname 2> /dev/null || echo '?'): $(printf '%q ' "$@")"; } >> "$log"
 }
 
+# The positional argument behind each flag, for the pre-flight's errors ("[the script's SP=true, TP=1]").
+MP_FLAG_ARGUMENTS=(--model-size=MODEL_SIZE --micro-batch-size=BATCH_SIZE --global-batch-size=GLOBAL_BATCH_SIZE --lr=LR
+  --min-lr=MIN_LR --seq-length=SEQ_LEN --max-padding-length=PAD_LEN --extra-vocab-size=EXTRA_VOCAB_SIZE
+  --tensor-model-parallel-size=TP --pipeline-model-parallel-size=PP --use-distributed-optimizer=DO --use-flash-attn=FL
+  --sequence-parallel=SP --fp8-format=PR --bf16=PR --fp16=PR --transformer-impl=TE --load=PRETRAIN_CHECKPOINT_PATH
+  --data-path=DATASET_PATH --train-data-path=TRAIN_DATASET_PATH --valid-data-path=VALID_DATASET_PATH
+  --train-iters=TRAIN_TOKENS --lr-warmup-iters=WARMUP_TOKENS --epochs=EPOCH --save-interval=SAVE_INTERVAL)
+
+mp_script_args_table() {  # lines "<flag>=<ARGUMENT>=<value>" for the arguments this launch has
+  local entry flag name
+  for entry in "${MP_FLAG_ARGUMENTS[@]}"; do
+    flag=${entry%%=*}; name=${entry#*=}
+    if [ -n "${!name:-}" ]; then printf '%s=%s=%s\n' "$flag" "$name" "${!name}"; fi
+  done
+}
+
 mp_exec() {  # mp_exec <mode> <run name>: pre-flight checks, then launch (or print with MP_DRY_RUN=1)
   local mode=$1 name=$2
   local save="$OUTPUT_BASEPATH/checkpoint/$name"
@@ -260,8 +284,8 @@ mp_exec() {  # mp_exec <mode> <run name>: pre-flight checks, then launch (or pri
   local cmd=("${MP_LAUNCH[@]}" -m megatron_patch.train "$mode" "${MP_FLAGS[@]}" "${extra[@]}")
   # What can be checked in one process (flags, checkpoint metadata, data schema, FP8/TE support) is, before
   # torchrun starts a rank.
-  local check=("${PYTHON:-python}" -m megatron_patch.train check "$mode" --world-size "$MP_WORLD_SIZE"
-               "${MP_FLAGS[@]}" "${extra[@]}")
+  local check=(env "MEGATRON_PATCH_SCRIPT_ARGS=$(mp_script_args_table)" "${PYTHON:-python}" -m megatron_patch.train
+               check "$mode" --world-size "$MP_WORLD_SIZE" "${MP_FLAGS[@]}" "${extra[@]}")
   if [ "${MP_DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${cmd[@]}"; echo
     return 0

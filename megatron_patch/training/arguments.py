@@ -53,7 +53,7 @@ class TrainConfig:
     sequence_parallel: bool = field(default=False, metadata={
         "help": "shard activations along the sequence across TP ranks (needs TP > 1 and Transformer Engine)"})
     use_distributed_optimizer: bool = field(default=False, metadata={
-        "help": "shard optimizer state across data-parallel ranks (GPUs only)"})
+        "help": "shard optimizer state across data-parallel ranks"})
     # --- batch and schedule ---
     micro_batch_size: int = field(default=1, metadata={"help": "samples per forward pass on one rank"})
     global_batch_size: int = field(default=8, metadata={

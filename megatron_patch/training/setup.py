@@ -84,19 +84,29 @@ def load_model_tokenizer(cfg: TrainConfig, source: ModelSource):
 
 
 def check_precision_support(cfg: TrainConfig) -> None:
-    """Stop before any work when the machine cannot run what was asked, naming what is missing."""
-    from ..models.builder import check_transformer_impl
+    """Stop before any work when the machine cannot run what was asked, naming what is missing and the way out
+    (the flag to drop, and the launch scripts' argument that sets it)."""
+    from ..models.builder import have_transformer_engine
 
     if cfg.transformer_impl == "transformer_engine" or cfg.fp8_format or cfg.use_flash_attn:
-        what = "FP8" if cfg.fp8_format else "flash attention" if cfg.use_flash_attn else "Transformer Engine"
-        try:
-            check_transformer_impl("transformer_engine")
-        except MachineSupportError as error:
-            raise MachineSupportError(f"{what} requested but {error}") from None
+        missing = [what for what, ok in (("a CUDA GPU", cuda_available()),
+                                          ("Transformer Engine (pip install 'megatron-patch[gpu]')",
+                                           have_transformer_engine())) if not ok]
+        if missing:
+            if cfg.fp8_format:
+                what, way_out = "FP8", "train in bf16 instead: --bf16 without --fp8-format (PR=bf16 in the launch scripts)"
+            elif cfg.use_flash_attn:
+                what, way_out = "flash attention", "drop --use-flash-attn (FL=false in the launch scripts)"
+            elif cfg.sequence_parallel:
+                what, way_out = "sequence parallelism", "drop --sequence-parallel (SP=false in the launch scripts)"
+            else:
+                what, way_out = "Transformer Engine layers", "use --transformer-impl local (TE=false in the launch scripts)"
+            raise MachineSupportError(f"{what} needs {' and '.join(missing)}, which this machine lacks: {way_out}")
         if cfg.fp8_format:
             major, minor = torch.cuda.get_device_capability()
             if (major, minor) < (8, 9):
-                raise MachineSupportError(f"FP8 needs a Hopper (sm_90) or Ada (sm_89) GPU; this GPU is sm_{major}{minor}")
+                raise MachineSupportError(f"FP8 needs a Hopper (sm_90) or Ada (sm_89) GPU; this GPU is sm_{major}{minor}: "
+                                          "train in bf16 instead (PR=bf16 in the launch scripts)")
 
 
 def model_config_overrides(cfg: TrainConfig) -> dict:

@@ -108,7 +108,9 @@ def test_rules_between_arguments_are_checked_once_in_python(tmp_path):
                             text=True, env=env, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]  # tee'd into the log
-    assert errors == ["error: --sequence-parallel needs --tensor-model-parallel-size > 1"], result.stdout
+    # The flags, and the script's arguments the user typed behind them.
+    assert errors == ["error: --sequence-parallel needs --tensor-model-parallel-size > 1 [the script's TP=1, SP=true]"
+                      ], result.stdout
 
 
 def test_wrong_count(tmp_path):
@@ -154,3 +156,14 @@ def test_gpu_env_without_gpus_says_so(tmp_path, env_name, nvidia_smi):
                             text=True, env=env, timeout=60)
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert f"error: ENV={env_name} found no GPU" in result.stderr
+
+
+def test_gpus_per_node_without_gpus_is_refused(tmp_path):
+    """ENV=dsw with GPUS_PER_NODE=2 on a machine without GPUs: refused, instead of training on the CPU quietly."""
+    env = {k: v for k, v in os.environ.items() if k != "MP_DRY_RUN"}
+    env.update(PATH=_path_without_nvidia_smi(tmp_path, None), GPUS_PER_NODE="2")
+    script = ROOT / "examples" / "llama" / "run_pretrain_megatron_llama.sh"
+    result = subprocess.run(["bash", str(script), *pretrain_args(tmp_path, ENV="dsw")], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "error: ENV=dsw with GPUS_PER_NODE=2, but this machine has no GPU" in result.stderr
