@@ -28,11 +28,12 @@ COMMON_FILE = "common.pt"  # torch_dist: the non-tensor part of the state dict
 
 
 def megatron_lm_args(spec, *, tp: int, pp: int, dtype: torch.dtype, transformer_impl: str, iteration: int,
-                     run: dict | None = None) -> argparse.Namespace:
+                     run: dict | None = None, tokenizer_dir: str | None = None) -> argparse.Namespace:
     """Megatron-LM's ``args`` for a model ``spec`` (models.spec.ModelSpec) saved at TP x PP in ``dtype``.
 
     ``run``: a training run's own settings (TrainConfig fields: batch sizes, LR, consumed samples ...), recorded
-    under the same names Megatron-LM gives them; absent for a conversion.
+    under the same names Megatron-LM gives them; absent for a conversion. ``tokenizer_dir``: where the checkpoint's
+    ``hf_assets/`` will be once the checkpoint is in place (Megatron-LM records an absolute tokenizer path too).
     """
     arch = spec.arch
     rope = arch.position_embedding == "rope"
@@ -42,7 +43,9 @@ def megatron_lm_args(spec, *, tp: int, pp: int, dtype: torch.dtype, transformer_
         num_attention_heads=arch.num_attention_heads, kv_channels=arch.head_dim,
         group_query_attention=arch.num_query_groups != arch.num_attention_heads,
         num_query_groups=arch.num_query_groups, max_position_embeddings=arch.max_position_embeddings,
-        position_embedding_type="rope" if rope else "none", add_position_embedding=False,
+        # add_position_embedding: Megatron-LM's default, which check_checkpoint_args compares with the run's flags
+        # (only learned_absolute embeddings read it; Megatron-LM's own llama converter leaves it at True)
+        position_embedding_type="rope" if rope else "none", add_position_embedding=True,
         use_rotary_position_embeddings=rope, rotary_base=int(arch.rope_theta) if rope else 10000,
         rotary_percent=1.0, rotary_interleaved=False, apply_rope_fusion=False,
         use_rope_scaling=bool(arch.rope_scaling), rope_scaling_factor=float((arch.rope_scaling or {}).get("factor", 8.0)),
@@ -55,7 +58,8 @@ def megatron_lm_args(spec, *, tp: int, pp: int, dtype: torch.dtype, transformer_
         is_hybrid_model=False, heterogeneous_layers_config_path=None, hidden_dropout=0.0, attention_dropout=0.0,
         # vocabulary and tokenizer (the tokenizer files are the checkpoint's hf_assets/)
         padded_vocab_size=spec.padded_vocab_size, make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by,
-        vocab_size=spec.vocab_size, tokenizer_type="HuggingFaceTokenizer", tokenizer_model=None, vocab_extra_ids=0,
+        vocab_size=spec.vocab_size, tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer_dir,
+        vocab_file=None, merge_file=None, vocab_extra_ids=0,
         # parallelism, precision, format
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=None,
         context_parallel_size=1, expert_model_parallel_size=1, sequence_parallel=False,
@@ -64,8 +68,10 @@ def megatron_lm_args(spec, *, tp: int, pp: int, dtype: torch.dtype, transformer_
         transformer_impl=transformer_impl, ckpt_format="torch_dist", use_dist_ckpt=True,
         no_persist_layer_norm=True, overlap_p2p_comm=False, bias_swiglu_fusion=False, bias_gelu_fusion=False,
         cp_comm_type=["p2p"], config_logger_dir="", seq_length=arch.max_position_embeddings,
-        # a run's progress (Megatron-LM resumes its sample counters from these)
+        # a run's progress (Megatron-LM resumes its sample counters from these); the optimizer and RNG states of a
+        # training save live in train_state/, not where Megatron-LM looks: it skips them, as for a run saved so
         iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0, skipped_train_samples=0,
+        no_save_optim=True, no_save_rng=True,
     )
     for name in ("micro_batch_size", "global_batch_size", "seq_length", "train_iters", "lr", "min_lr",
                  "lr_decay_style", "lr_warmup_iters", "lr_decay_iters", "weight_decay", "clip_grad", "seed",
@@ -76,11 +82,11 @@ def megatron_lm_args(spec, *, tp: int, pp: int, dtype: torch.dtype, transformer_
 
 
 def megatron_lm_common(spec, *, tp: int, pp: int, dtype: torch.dtype, transformer_impl: str,
-                       iteration: int | str, run: dict | None = None) -> dict:
+                       iteration: int | str, run: dict | None = None, tokenizer_dir: str | None = None) -> dict:
     """``{"args", "checkpoint_version", "iteration"}`` as Megatron-LM saves them (``release`` counts as 0)."""
     step = 0 if iteration == "release" else int(iteration)
     return {"args": megatron_lm_args(spec, tp=tp, pp=pp, dtype=dtype, transformer_impl=transformer_impl,
-                                     iteration=step, run=run),
+                                     iteration=step, run=run, tokenizer_dir=tokenizer_dir),
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": step}
 
 
@@ -105,12 +111,13 @@ def load_model_state(sharded_state_dict: dict, iter_dir: str | os.PathLike) -> d
 
 
 def write_megatron_lm_common(iter_dir: str | os.PathLike, spec, *, tp: int, pp: int, dtype: torch.dtype,
-                             transformer_impl: str, iteration: int | str, run: dict | None = None) -> None:
+                             transformer_impl: str, iteration: int | str, run: dict | None = None,
+                             tokenizer_dir: str | None = None) -> None:
     """Add ``megatron_lm_common`` to a torch_dist checkpoint's ``common.pt`` (kept: what megatron-core put there)."""
     path = Path(iter_dir) / COMMON_FILE
     common = torch.load(path, weights_only=True) if path.is_file() else {}
     common.update(megatron_lm_common(spec, tp=tp, pp=pp, dtype=dtype, transformer_impl=transformer_impl,
-                                     iteration=iteration, run=run))
+                                     iteration=iteration, run=run, tokenizer_dir=tokenizer_dir))
     tmp = path.with_name(f".{COMMON_FILE}.tmp")
     torch.save(common, tmp)
     os.replace(tmp, path)

@@ -129,7 +129,8 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
         write_checkpoint_meta(tmp, source.spec, fmt="torch_dist", tp=cfg.tensor_model_parallel_size,
                               pp=cfg.pipeline_model_parallel_size, transformer_impl=cfg.transformer_impl, dtype=dtype,
                               iteration=iteration,
-                              run={**cfg.to_dict(), "consumed_train_samples": state.consumed_train_samples})
+                              run={**cfg.to_dict(), "consumed_train_samples": state.consumed_train_samples},
+                              tokenizer_dir=(final / ASSETS).resolve() if source.assets_dir is not None else None)
         if source.assets_dir is not None:
             copy_assets(source.assets_dir, tmp / ASSETS)
         cfg.write(tmp)

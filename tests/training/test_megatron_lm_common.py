@@ -46,6 +46,8 @@ def test_conversion_records_megatron_lm_args(converted):
             args.kv_channels) == (arch.num_layers, arch.hidden_size, arch.num_attention_heads, arch.num_query_groups,
                                   arch.ffn_hidden_size, arch.head_dim)
     assert args.group_query_attention and args.swiglu and args.tensor_model_parallel_size == 2
+    assert args.no_save_optim and args.no_save_rng  # Megatron-LM --load then reads weights only
+    assert Path(args.tokenizer_model) == iter_dir.resolve() / "hf_assets" and Path(args.tokenizer_model).is_dir()
     # The Megatron-LM reader sees the same model as our own metadata says.
     meta, where = describe_foreign(iter_dir, "llama", hf)
     ours = Checkpoint.open(iter_dir).meta

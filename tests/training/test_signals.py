@@ -15,7 +15,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+from megatron_patch.checkpoint.trusted_load import megatron_lm_args_globals
 from megatron_patch.errors import ConfigError
 from megatron_patch.runtime import free_port
 from megatron_patch.training.arguments import TrainConfig
@@ -65,6 +67,12 @@ def test_sigterm_saves_and_exits_0_then_ctrl_c_says_where_to_resume(workspace, t
     assert 2 <= saved < 1000
     assert stopped[0] == (f"stopped by SIGTERM after iteration {saved}: saved {save}/iter_{saved:07d}; run the same "
                           f"command again (or --load {save}) to resume at iteration {saved}")
+
+    # What Megatron-LM's --load reads from the saved iteration: its args, checkpoint_version and iteration.
+    with torch.serialization.safe_globals(megatron_lm_args_globals()):
+        common = torch.load(save / f"iter_{saved:07d}" / "common.pt", weights_only=True)
+    assert common["iteration"] == saved and common["checkpoint_version"] == 3.0
+    assert common["args"].consumed_train_samples == 2 * saved and common["args"].train_iters == 1000
 
     # The same command resumes there; Ctrl-C (SIGINT to every process of the job) stops it with one line.
     proc, lines = launch(workspace, save), []
