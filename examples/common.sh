@@ -6,8 +6,10 @@
 # global batch divisible by micro batch x data-parallel size, MIN_LR <= LR, ...) live once, in Python: the
 # pre-flight `python -m megatron_patch.train check` runs them before any rank starts, naming the flag to change.
 #
-# Two pretraining layouts are accepted, told apart by the argument count: the 24 arguments below, and
-# Pai-Megatron-Patch's newer 25 with TE (true: Transformer Engine layers) right after SP.
+# Every layout Pai-Megatron-Patch shipped for these scripts is accepted (see MP_PRETRAIN_LAYOUTS and
+# MP_FINETUNE_LAYOUTS): the layouts of one argument count are told apart by what the arguments are (where PR, AC and
+# the true/false switches sit, which argument is the megatron-patch checkout), and the script prints which layout it
+# read. MODEL_SIZE=auto takes the model's shape from PRETRAIN_CHECKPOINT_PATH (any shape, not only a preset's).
 #
 # Environment knobs: GPUS_PER_NODE (dsw/dlc; default: every visible GPU), TOKENIZER_MODEL (needed when training
 # from scratch, i.e. PRETRAIN_CHECKPOINT_PATH=none), MP_DRY_RUN=1 (print the command instead of running it),
@@ -15,19 +17,40 @@
 # warnings and torchrun's own messages too), PYTHON (the interpreter; default python).
 # Logs are appended to OUTPUT_BASEPATH/log/<run>.log, one header line per launch.
 
-MP_PRETRAIN_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN
-  PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS
-  WARMUP_TOKENS OUTPUT_BASEPATH)
-MP_PRETRAIN_TE_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN
-  PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP TE SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS
-  WARMUP_TOKENS OUTPUT_BASEPATH)
-MP_FINETUNE_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN
-  EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP TRAIN_DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH EPOCH
-  OUTPUT_BASEPATH)
+# One layout per entry: "<name>|<what it is>|<arguments>". The first of each list is the one `usage:` shows first.
+MP_PRETRAIN_LAYOUTS=(
+  "pai-2023-10|Pai-Megatron-Patch's pretraining layout since 2023-10-18 (no MEGATRON_PATH, TE at 18)|ENV
+    MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC
+    DO FL SP TE SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS WARMUP_TOKENS OUTPUT_BASEPATH"
+  "pai-2023-09|Pai-Megatron-Patch's pretraining layout of 2023-09 (MEGATRON_PATH, no TE)|ENV MEGATRON_PATH
+    MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO
+    FL SP SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS WARMUP_TOKENS OUTPUT_BASEPATH"
+  "pai-2023-09-te|Pai-Megatron-Patch's pretraining layout with MEGATRON_PATH and TE at 19 (baichuan 2023-09, llama2
+    and qwen 2023-10-10..16)|ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR
+    SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP TE SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH
+    TRAIN_TOKENS WARMUP_TOKENS OUTPUT_BASEPATH"
+  "pai-2023-09-bloom|Pai-Megatron-Patch's bloom pretraining layout of 2023-09 (MEGATRON_PATH, no PAD_LEN, no TE)|ENV
+    MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN EXTRA_VOCAB_SIZE PR TP PP
+    AC DO FL SP SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS WARMUP_TOKENS OUTPUT_BASEPATH"
+)
+MP_FINETUNE_LAYOUTS=(
+  "pai-2023-10|Pai-Megatron-Patch's finetuning layout since 2023-10-18 (no MEGATRON_PATH, TE at 17)|ENV
+    MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP TE
+    TRAIN_DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH EPOCH OUTPUT_BASEPATH"
+  "pai-2023-09|Pai-Megatron-Patch's finetuning layout of 2023-09 (MEGATRON_PATH, no TE)|ENV MEGATRON_PATH
+    MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP
+    TRAIN_DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH EPOCH OUTPUT_BASEPATH"
+  "pai-2023-10-12|Pai-Megatron-Patch's finetuning layout with MEGATRON_PATH and TE at 18 (llama2 and qwen
+    2023-10-12..16)|ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN
+    EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP TE TRAIN_DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH EPOCH
+    OUTPUT_BASEPATH"
+)
+MP_OTHER_LAYOUTS=()  # the argument lists `usage:` prints after the one read
 
 mp_fail() {  # print the usage and the error naming the bad argument; exit 2
   echo "usage: $MP_SCRIPT ${MP_NAMES[*]}" >&2
-  if [ -n "${MP_OTHER_LAYOUT:-}" ]; then echo "   or: $MP_SCRIPT $MP_OTHER_LAYOUT" >&2; fi
+  local other
+  for other in "${MP_OTHER_LAYOUTS[@]}"; do echo "   or: $MP_SCRIPT $other" >&2; done
   echo "error: $*" >&2
   exit 2
 }
@@ -48,15 +71,10 @@ mp_bool() { mp_choice "$1" true false; }
 mp_parse() {  # mp_parse <script> <expected names...> -- "$@": assigns each name, or prints usage naming the problem
   MP_SCRIPT=$1; shift
   MP_NAMES=()
-  TE=""  # only the 25-argument pretraining layout sets it (never taken from the environment)
+  TE=""  # only a layout with TE sets it (never taken from the environment)
   while [ "$1" != "--" ]; do MP_NAMES+=("$1"); shift; done
   shift
   if [ $# -ne ${#MP_NAMES[@]} ]; then
-    if [ -n "${MP_OTHER_LAYOUT:-}" ]; then
-      local other
-      read -r -a other <<< "$MP_OTHER_LAYOUT"
-      mp_fail "expected ${#MP_NAMES[@]} or ${#other[@]} arguments, got $#"
-    fi
     mp_fail "expected ${#MP_NAMES[@]} arguments, got $#"
   fi
   local name
@@ -66,11 +84,78 @@ mp_parse() {  # mp_parse <script> <expected names...> -- "$@": assigns each name
   done
 }
 
+mp_looks_like() {  # mp_looks_like <name> <value>: whether value has the shape of that argument (no message)
+  local v=$2
+  case "$1" in
+    ENV) [[ "$v" =~ ^(dsw|dlc|cpu)$ ]] ;;
+    MEGATRON_PATCH_PATH) [ -d "$v/megatron_patch" ] ;;
+    MEGATRON_PATH) [ "$v" = none ] || { [ -d "$v" ] && [ ! -d "$v/megatron_patch" ]; } ;;
+    MODEL_SIZE) [[ "$v" =~ ^[A-Za-z0-9._-]+$ && "$v" =~ [A-Za-z] ]] && [ ! -d "$v" ] ;;
+    PR) [[ "$v" =~ ^(fp32|fp16|bf16|fp8)$ ]] ;;
+    AC) [[ "$v" =~ ^(none|sel|full)$ ]] ;;
+    DO|FL|SP|TE) [[ "$v" =~ ^(true|false)$ ]] ;;
+    LR|MIN_LR|TOP_P|TEMPERATURE|REPETITION_PENALTY) [[ "$v" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] ;;
+    BATCH_SIZE|GLOBAL_BATCH_SIZE|SEQ_LEN|PAD_LEN|EXTRA_VOCAB_SIZE|TP|PP|SAVE_INTERVAL|TRAIN_TOKENS|WARMUP_TOKENS|EPOCH|BS|TOP_K|INPUT_SEQ_LEN|\
+    OUTPUT_SEQ_LEN)
+      [[ "$v" =~ ^[0-9]+$ ]] ;;
+    *) return 0 ;;  # paths and data: anything may be a path
+  esac
+}
+
+mp_parse_layouts() {  # mp_parse_layouts <script> <layouts array name> -- "$@": picks the layout, assigns its names
+  MP_SCRIPT=$1
+  local -n mp_layouts=$2
+  shift 3
+  local entry words flat best="" best_score=-1 score i value names=() counts=() all=()
+  for entry in "${mp_layouts[@]}"; do
+    read -r -d '' -a words <<< "$entry" || true
+    flat="${words[*]}"
+    read -r -a names <<< "${flat##*|}"
+    all+=("${names[*]}")
+    counts+=("${#names[@]}")
+    [ ${#names[@]} -eq $# ] || continue
+    # Same count: the layout whose positions hold the most arguments of the right shape (PR, AC, the switches,
+    # the checkout, the integers sit at different positions in each).
+    score=0; i=0
+    for value in "$@"; do
+      if mp_looks_like "${names[$i]}" "$value"; then score=$((score + 1)); fi
+      i=$((i + 1))
+    done
+    if [ "$score" -gt "$best_score" ]; then best=$flat; best_score=$score; fi
+  done
+  if [ -z "$best" ]; then
+    read -r -a MP_NAMES <<< "${all[0]}"
+    MP_OTHER_LAYOUTS=("${all[@]:1}")
+    local expected
+    expected=$(printf '%s\n' "${counts[@]}" | sort -nu | paste -sd/ -)
+    mp_fail "expected $expected arguments (the layouts above), got $#"
+  fi
+  MP_LAYOUT=${best%%|*}
+  local rest=${best#*|}
+  MP_LAYOUT_TEXT=${rest%%|*}
+  read -r -a MP_NAMES <<< "${best##*|}"
+  MP_OTHER_LAYOUTS=()
+  for entry in "${all[@]}"; do [ "$entry" = "${MP_NAMES[*]}" ] || MP_OTHER_LAYOUTS+=("$entry"); done
+  echo "layout: $MP_LAYOUT_TEXT, $# arguments" >&2
+  # What a layout leaves out: MEGATRON_PATH none (the installed megatron-core), PAD_LEN = SEQ_LEN, TE decided by
+  # PR / FL / SP (never taken from the environment).
+  MEGATRON_PATH=none; PAD_LEN=""; TE=""
+  local name
+  for name in "${MP_NAMES[@]}"; do
+    printf -v "$name" '%s' "$1"
+    shift
+  done
+  if [ -z "$PAD_LEN" ]; then PAD_LEN=$SEQ_LEN; fi
+}
+
 mp_validate_common() {
   mp_choice ENV dsw dlc cpu
   [ "$MEGATRON_PATH" = none ] || [ -d "$MEGATRON_PATH" ] || mp_fail "MEGATRON_PATH must be none or a directory (got '$MEGATRON_PATH')"
   [ -d "$MEGATRON_PATCH_PATH/megatron_patch" ] || mp_fail "MEGATRON_PATCH_PATH must be the megatron-patch checkout (got '$MEGATRON_PATCH_PATH')"
-  [[ "$MODEL_SIZE" =~ ^[A-Za-z0-9._-]+$ ]] || mp_fail "MODEL_SIZE must be a preset name such as 7B or tiny (got '$MODEL_SIZE')"
+  [[ "$MODEL_SIZE" =~ ^[A-Za-z0-9._-]+$ ]] || mp_fail "MODEL_SIZE must be a preset name such as 7B or tiny, or auto (got '$MODEL_SIZE')"
+  if [ "$MODEL_SIZE" = auto ] && [ "$PRETRAIN_CHECKPOINT_PATH" = none ]; then
+    mp_fail "MODEL_SIZE=auto reads the model's shape from PRETRAIN_CHECKPOINT_PATH (got none): name a size preset to train from scratch"
+  fi
   mp_int BATCH_SIZE; mp_float LR; mp_float MIN_LR; mp_int SEQ_LEN; mp_int PAD_LEN; mp_int EXTRA_VOCAB_SIZE 0
   mp_choice PR fp32 fp16 bf16 fp8
   mp_int TP; mp_int PP
@@ -89,6 +174,12 @@ mp_gpu_count() {  # the number of local GPUs; 0 without nvidia-smi or when it fa
   nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true
 }
 
+mp_gpus_exist() {  # mp_gpus_exist <env>: GPUS_PER_NODE on a machine without GPUs would train on the CPU, quietly
+  if [ -n "${GPUS_PER_NODE:-}" ] && [ "${MP_DRY_RUN:-0}" != 1 ] && [ "$(mp_gpu_count)" -eq 0 ]; then
+    mp_fail "ENV=$1 with GPUS_PER_NODE=$GPUS_PER_NODE, but this machine has no GPU (nvidia-smi finds none): use ENV=cpu"
+  fi
+}
+
 mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
   # torchrun's launcher, through megatron_patch.torchrun: same flags, but a rank's error is printed once as one
   # line (no ChildFailedError dump) and torchrun's banners stay hidden unless MP_VERBOSE=1.
@@ -102,6 +193,7 @@ mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
     dsw)
       nproc=${GPUS_PER_NODE:-$(mp_gpu_count)}
       [[ "$nproc" =~ ^[0-9]+$ ]] && [ "$nproc" -ge 1 ] || mp_fail "ENV=dsw found no GPU (set GPUS_PER_NODE or use ENV=cpu)"
+      mp_gpus_exist dsw
       MP_LAUNCH=("${torchrun[@]}" --nproc-per-node "$nproc" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-6000}")
       MP_WORLD_SIZE=$nproc ;;
     dlc)
@@ -111,6 +203,7 @@ mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
       done
       nproc=${GPUS_PER_NODE:-$(mp_gpu_count)}
       [[ "$nproc" =~ ^[0-9]+$ ]] && [ "$nproc" -ge 1 ] || mp_fail "ENV=dlc found no GPU (set GPUS_PER_NODE)"
+      mp_gpus_exist dlc
       # The scheduler's WORLD_SIZE / RANK count nodes; torchrun turns them into per-process ranks.
       MP_LAUNCH=("${torchrun[@]}" --nnodes "$WORLD_SIZE" --node-rank "$RANK" --nproc-per-node "$nproc"
                  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
@@ -121,10 +214,12 @@ mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
 }
 
 mp_common_flags() {  # sets MP_FLAGS (array) from the validated common arguments
-  MP_FLAGS=(--model-name "$MP_FAMILY" --model-size "$MODEL_SIZE"
-            --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-            --micro-batch-size "$BATCH_SIZE" --lr "$LR" --min-lr "$MIN_LR" --seq-length "$SEQ_LEN"
-            --extra-vocab-size "$EXTRA_VOCAB_SIZE")
+  MP_FLAGS=(--model-name "$MP_FAMILY")
+  # MODEL_SIZE=auto: the checkpoint's shape, whatever it is; a preset name is checked against the checkpoint.
+  if [ "$MODEL_SIZE" != auto ]; then MP_FLAGS+=(--model-size "$MODEL_SIZE"); fi
+  MP_FLAGS+=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+             --micro-batch-size "$BATCH_SIZE" --lr "$LR" --min-lr "$MIN_LR" --seq-length "$SEQ_LEN"
+             --extra-vocab-size "$EXTRA_VOCAB_SIZE")
   case "$PR" in
     fp16) MP_FLAGS+=(--fp16) ;;
     bf16) MP_FLAGS+=(--bf16) ;;
@@ -137,10 +232,14 @@ mp_common_flags() {  # sets MP_FLAGS (array) from the validated common arguments
   [ "$DO" = true ] && MP_FLAGS+=(--use-distributed-optimizer)
   [ "$FL" = true ] && MP_FLAGS+=(--use-flash-attn)
   [ "$SP" = true ] && MP_FLAGS+=(--sequence-parallel)
-  # FP8, flash attention and sequence parallelism all run through Transformer Engine's layers; with the 25-argument
-  # layout TE says it explicitly (TE=false with one of them is refused in Python, naming --transformer-impl).
-  if [ "${TE:-}" = true ] || { [ -z "${TE:-}" ] && { [ "$PR" = fp8 ] || [ "$FL" = true ] || [ "$SP" = true ]; }; }; then
+  # FP8, flash attention and sequence parallelism all run through Transformer Engine's layers here, so they use them
+  # whatever TE says (Pai-Megatron-Patch's scripts too add them for PR=fp8; their FL=true used the flash-attn package
+  # with TE=false, which megatron-core reaches only through TE). TE=true asks for TE layers without any of them.
+  local needs_te=""
+  if [ "$PR" = fp8 ]; then needs_te="PR=fp8"; elif [ "$FL" = true ]; then needs_te="FL=true"; elif [ "$SP" = true ]; then needs_te="SP=true"; fi
+  if [ "${TE:-}" = true ] || [ -n "$needs_te" ]; then
     MP_FLAGS+=(--transformer-impl transformer_engine)
+    if [ "${TE:-}" = false ]; then echo "note: $needs_te runs on Transformer Engine layers here, although TE=false" >&2; fi
   fi
   if [ "$PRETRAIN_CHECKPOINT_PATH" != none ]; then MP_FLAGS+=(--load "$PRETRAIN_CHECKPOINT_PATH"); fi
   if [ -n "${TOKENIZER_MODEL:-}" ]; then MP_FLAGS+=(--tokenizer-model "$TOKENIZER_MODEL"); fi
@@ -159,6 +258,22 @@ mp_log_header() {  # mp_log_header <log file> <command...>: one header line per 
   { echo; echo "===== $(date '+%Y-%m-%d %H:%M:%S') launch on $(hostname 2> /dev/null || echo '?'): $(printf '%q ' "$@")"; } >> "$log"
 }
 
+# The positional argument behind each flag, for the pre-flight's errors ("[the script's SP=true, TP=1]").
+MP_FLAG_ARGUMENTS=(--model-size=MODEL_SIZE --micro-batch-size=BATCH_SIZE --global-batch-size=GLOBAL_BATCH_SIZE --lr=LR
+  --min-lr=MIN_LR --seq-length=SEQ_LEN --max-padding-length=PAD_LEN --extra-vocab-size=EXTRA_VOCAB_SIZE
+  --tensor-model-parallel-size=TP --pipeline-model-parallel-size=PP --use-distributed-optimizer=DO --use-flash-attn=FL
+  --sequence-parallel=SP --fp8-format=PR --bf16=PR --fp16=PR --transformer-impl=TE --load=PRETRAIN_CHECKPOINT_PATH
+  --data-path=DATASET_PATH --train-data-path=TRAIN_DATASET_PATH --valid-data-path=VALID_DATASET_PATH
+  --train-iters=TRAIN_TOKENS --lr-warmup-iters=WARMUP_TOKENS --epochs=EPOCH --save-interval=SAVE_INTERVAL)
+
+mp_script_args_table() {  # lines "<flag>=<ARGUMENT>=<value>" for the arguments this launch has
+  local entry flag name
+  for entry in "${MP_FLAG_ARGUMENTS[@]}"; do
+    flag=${entry%%=*}; name=${entry#*=}
+    if [ -n "${!name:-}" ]; then printf '%s=%s=%s\n' "$flag" "$name" "${!name}"; fi
+  done
+}
+
 mp_exec() {  # mp_exec <mode> <run name>: pre-flight checks, then launch (or print with MP_DRY_RUN=1)
   local mode=$1 name=$2
   local save="$OUTPUT_BASEPATH/checkpoint/$name"
@@ -169,8 +284,8 @@ mp_exec() {  # mp_exec <mode> <run name>: pre-flight checks, then launch (or pri
   local cmd=("${MP_LAUNCH[@]}" -m megatron_patch.train "$mode" "${MP_FLAGS[@]}" "${extra[@]}")
   # What can be checked in one process (flags, checkpoint metadata, data schema, FP8/TE support) is, before
   # torchrun starts a rank.
-  local check=("${PYTHON:-python}" -m megatron_patch.train check "$mode" --world-size "$MP_WORLD_SIZE"
-               "${MP_FLAGS[@]}" "${extra[@]}")
+  local check=(env "MEGATRON_PATCH_SCRIPT_ARGS=$(mp_script_args_table)" "${PYTHON:-python}" -m megatron_patch.train
+               check "$mode" --world-size "$MP_WORLD_SIZE" "${MP_FLAGS[@]}" "${extra[@]}")
   if [ "${MP_DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${cmd[@]}"; echo
     return 0
@@ -179,16 +294,13 @@ mp_exec() {  # mp_exec <mode> <run name>: pre-flight checks, then launch (or pri
   mkdir -p "$OUTPUT_BASEPATH/log"
   echo "log: $log (appended)"
   mp_log_header "$log" "${cmd[@]}"
-  { "${check[@]}" && "${cmd[@]}"; } 2>&1 | tee -a "$log"
+  { "${check[@]}" && "${cmd[@]}"; } 2>&1 | tee -ai "$log"
   return "${PIPESTATUS[0]}"
 }
 
 mp_pretrain() {  # mp_pretrain <family> "$@"
   MP_FAMILY=$1; shift
-  local names=("${MP_PRETRAIN_ARGS[@]}")
-  MP_OTHER_LAYOUT="${MP_PRETRAIN_TE_ARGS[*]}"
-  if [ $# -eq ${#MP_PRETRAIN_TE_ARGS[@]} ]; then names=("${MP_PRETRAIN_TE_ARGS[@]}"); MP_OTHER_LAYOUT="${MP_PRETRAIN_ARGS[*]}"; fi
-  mp_parse "run_pretrain_megatron_$MP_FAMILY.sh" "${names[@]}" -- "$@"
+  mp_parse_layouts "run_pretrain_megatron_$MP_FAMILY.sh" MP_PRETRAIN_LAYOUTS -- "$@"
   mp_validate_common
   mp_int GLOBAL_BATCH_SIZE; mp_int SAVE_INTERVAL; mp_int TRAIN_TOKENS; mp_int WARMUP_TOKENS 0
   [ -n "$DATASET_PATH" ] || mp_fail "DATASET_PATH must name at least one indexed dataset prefix"
@@ -205,14 +317,18 @@ mp_pretrain() {  # mp_pretrain <family> "$@"
   mp_common_flags
   # shellcheck disable=SC2206
   local data=($DATASET_PATH)
+  # Pai-Megatron-Patch's pretraining schedule and evaluation: linear decay over all iterations, 98% train / 2%
+  # validation, 10 validation iterations every 100 (and at the end). PAD_LEN is checked but not used: pretraining
+  # reads SEQ_LEN-token samples from the indexed dataset.
   MP_FLAGS+=(--global-batch-size "$GLOBAL_BATCH_SIZE" --train-iters "$train_iters" --lr-warmup-iters "$warmup_iters"
-             --lr-decay-style cosine --save-interval "$SAVE_INTERVAL" --data-path "${data[@]}" --split 99,1,0)
+             --lr-decay-style linear --save-interval "$SAVE_INTERVAL" --data-path "${data[@]}" --split 98,2,0
+             --eval-interval 100 --eval-iters 10 --data-cache-path "$OUTPUT_BASEPATH/data_cache")
   mp_exec pretrain "pretrain-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-gbs$GLOBAL_BATCH_SIZE-seq$SEQ_LEN-lr$LR-$PR-tp$TP-pp$PP"
 }
 
 mp_finetune() {  # mp_finetune <family> "$@"
   MP_FAMILY=$1; shift
-  mp_parse "run_finetune_megatron_$MP_FAMILY.sh" "${MP_FINETUNE_ARGS[@]}" -- "$@"
+  mp_parse_layouts "run_finetune_megatron_$MP_FAMILY.sh" MP_FINETUNE_LAYOUTS -- "$@"
   mp_validate_common
   [ -f "$TRAIN_DATASET_PATH" ] || mp_fail "TRAIN_DATASET_PATH '$TRAIN_DATASET_PATH' is not a file"
   [ "$VALID_DATASET_PATH" = none ] || [ -f "$VALID_DATASET_PATH" ] || mp_fail "VALID_DATASET_PATH '$VALID_DATASET_PATH' is not a file (or none)"

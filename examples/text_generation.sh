@@ -4,13 +4,14 @@
 #   run_text_generation_megatron_<family>.sh ENV MEGATRON_PATH MEGATRON_PATCH_PATH CHECKPOINT_PATH MODEL_SIZE TP BS
 #       SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TOP_K INPUT_SEQ_LEN OUTPUT_SEQ_LEN INPUT_FILE OUTPUT_FILE TOP_P
 #       TEMPERATURE REPETITION_PENALTY
-#   or, as Pai-Megatron-Patch's newer scripts, without MEGATRON_PATH (18 arguments; the count tells them apart)
+#   or, as Pai-Megatron-Patch's scripts since 2023-10-18, without MEGATRON_PATH (18 arguments)
 #
 #   ENV                 cpu (TP processes, gloo), dsw (one node: GPUS_PER_NODE or every GPU) or dlc (cluster)
 #   MEGATRON_PATH       a Megatron-LM checkout to put on PYTHONPATH, or none for the installed megatron-core
 #   MEGATRON_PATCH_PATH this checkout
 #   CHECKPOINT_PATH     a converted or trained Megatron checkpoint (torch_dist or legacy, saved at any TP x PP)
-#   MODEL_SIZE          the family's size preset the checkpoint has (e.g. 7B, tiny); checked against it
+#   MODEL_SIZE          the family's size preset the checkpoint has (e.g. 7B, tiny; checked against it), or
+#                       auto: whatever shape the checkpoint has
 #   TP                  tensor-parallel size (the script runs PP=1; python -m megatron_patch.generate also takes
 #                       --pipeline-model-parallel-size); more processes than TP = data parallel over the prompts
 #   BS                  prompts generated together
@@ -30,23 +31,23 @@
 # Environment knobs: MP_DRY_RUN=1 prints the command instead of running it; MP_EXTRA_ARGS appends flags
 # (e.g. "--seed 7 --prompt-key text"); GPUS_PER_NODE as in common.sh.
 
-MP_GENERATE_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH CHECKPOINT_PATH MODEL_SIZE TP BS SEQ_LEN PAD_LEN
-  EXTRA_VOCAB_SIZE PR TOP_K INPUT_SEQ_LEN OUTPUT_SEQ_LEN INPUT_FILE OUTPUT_FILE TOP_P TEMPERATURE REPETITION_PENALTY)
-MP_GENERATE_NO_MEGATRON_ARGS=("${MP_GENERATE_ARGS[0]}" "${MP_GENERATE_ARGS[@]:2}")
+MP_GENERATE_LAYOUTS=(
+  "pai-2023-09|Pai-Megatron-Patch's generation layout of 2023-09 (MEGATRON_PATH)|ENV MEGATRON_PATH MEGATRON_PATCH_PATH
+    CHECKPOINT_PATH MODEL_SIZE TP BS SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TOP_K INPUT_SEQ_LEN OUTPUT_SEQ_LEN INPUT_FILE
+    OUTPUT_FILE TOP_P TEMPERATURE REPETITION_PENALTY"
+  "pai-2023-10|Pai-Megatron-Patch's generation layout since 2023-10-18 (no MEGATRON_PATH)|ENV MEGATRON_PATCH_PATH
+    CHECKPOINT_PATH MODEL_SIZE TP BS SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TOP_K INPUT_SEQ_LEN OUTPUT_SEQ_LEN INPUT_FILE
+    OUTPUT_FILE TOP_P TEMPERATURE REPETITION_PENALTY"
+)
 
 mp_text_generation() {  # mp_text_generation <family> "$@"
   MP_FAMILY=$1; shift
-  local names=("${MP_GENERATE_ARGS[@]}")
-  MP_OTHER_LAYOUT="${MP_GENERATE_NO_MEGATRON_ARGS[*]}"
-  if [ $# -eq ${#MP_GENERATE_NO_MEGATRON_ARGS[@]} ]; then
-    names=("${MP_GENERATE_NO_MEGATRON_ARGS[@]}"); MP_OTHER_LAYOUT="${MP_GENERATE_ARGS[*]}"; MEGATRON_PATH=none
-  fi
-  mp_parse "run_text_generation_megatron_$MP_FAMILY.sh" "${names[@]}" -- "$@"
+  mp_parse_layouts "run_text_generation_megatron_$MP_FAMILY.sh" MP_GENERATE_LAYOUTS -- "$@"
   mp_choice ENV dsw dlc cpu
   [ "$MEGATRON_PATH" = none ] || [ -d "$MEGATRON_PATH" ] || mp_fail "MEGATRON_PATH must be none or a directory (got '$MEGATRON_PATH')"
   [ -d "$MEGATRON_PATCH_PATH/megatron_patch" ] || mp_fail "MEGATRON_PATCH_PATH must be the megatron-patch checkout (got '$MEGATRON_PATCH_PATH')"
   [ -e "$CHECKPOINT_PATH" ] || mp_fail "CHECKPOINT_PATH '$CHECKPOINT_PATH' does not exist"
-  [[ "$MODEL_SIZE" =~ ^[A-Za-z0-9._-]+$ ]] || mp_fail "MODEL_SIZE must be a preset name such as 7B or tiny (got '$MODEL_SIZE')"
+  [[ "$MODEL_SIZE" =~ ^[A-Za-z0-9._-]+$ ]] || mp_fail "MODEL_SIZE must be a preset name such as 7B or tiny, or auto (got '$MODEL_SIZE')"
   mp_int TP; mp_int BS; mp_int SEQ_LEN; mp_int PAD_LEN; mp_int EXTRA_VOCAB_SIZE 0
   mp_choice PR fp32 bf16 fp16
   mp_int TOP_K 0; mp_float TOP_P; mp_float TEMPERATURE; mp_float REPETITION_PENALTY
@@ -58,8 +59,9 @@ mp_text_generation() {  # mp_text_generation <family> "$@"
   PP=1
   if [ "$ENV" = dsw ] && [ -z "${GPUS_PER_NODE:-}" ]; then GPUS_PER_NODE=$TP; fi  # one model copy by default
   mp_launcher
-  MP_FLAGS=(--model-name "$MP_FAMILY" --model-size "$MODEL_SIZE" --load "$CHECKPOINT_PATH"
-            --tensor-model-parallel-size "$TP" --micro-batch-size "$BS" --seq-length "$SEQ_LEN"
+  MP_FLAGS=(--model-name "$MP_FAMILY" --load "$CHECKPOINT_PATH")
+  if [ "$MODEL_SIZE" != auto ]; then MP_FLAGS+=(--model-size "$MODEL_SIZE"); fi  # auto: the checkpoint's shape
+  MP_FLAGS+=(--tensor-model-parallel-size "$TP" --micro-batch-size "$BS" --seq-length "$SEQ_LEN"
             --max-padding-length "$PAD_LEN" --extra-vocab-size "$EXTRA_VOCAB_SIZE" --precision "$PR"
             --top-k "$TOP_K" --top-p "$TOP_P" --temperature "$TEMPERATURE" --repetition-penalty "$REPETITION_PENALTY"
             --input-len "$INPUT_SEQ_LEN" --out-seq-length "$OUTPUT_SEQ_LEN"

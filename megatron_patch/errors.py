@@ -86,6 +86,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 # --- the reporter ---------------------------------------------------------------------------------------------------
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
 LAUNCHER_ENV = "MEGATRON_PATCH_LAUNCHER"  # "1" in ranks started by megatron_patch.torchrun
 USER_ERROR_KEY = "megatron_patch_user_error"  # marks our lines in torchrun's error files
 
@@ -102,6 +103,9 @@ def run_reporting_errors(action: Callable[[], int | None], cleanup: Callable[[],
     except user_errors() as error:
         report_user_error(str(error))
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
     finally:
         if cleanup is not None:
             cleanup()

@@ -8,7 +8,10 @@ The launch scripts start their ranks through this module instead of ``torchrun``
   ``ChildFailedError`` traceback dump;
 - a rank that crashes has printed its own traceback; the launcher adds one line naming the rank and exit code;
 - torchrun's banners (``OMP_NUM_THREADS``, closing-signal warnings, the failure summary) are hidden unless
-  ``MEGATRON_PATCH_VERBOSE=1``; OMP_NUM_THREADS defaults to 1 as under torchrun.
+  ``MEGATRON_PATCH_VERBOSE=1``; OMP_NUM_THREADS defaults to 1 as under torchrun;
+- SIGTERM (a scheduler's notice before preemption) is passed on to the ranks, which finish their iteration, save
+  and exit 0 (training/signals.py), instead of torchrun's shutdown, which stops them and kills them after 30 s;
+  Ctrl-C stops the ranks (each prints nothing but rank 0's one line) and exits 130 without torchrun's traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import logging
 import os
 import signal
 import sys
+
+import psutil
 
 from .errors import LAUNCHER_ENV, USER_ERROR_KEY
 from .runtime.noise import is_verbose, quiet_third_party
@@ -37,6 +42,8 @@ def first_failure_line(failures: dict) -> tuple[str, int]:
         same_everywhere = len({text for _, _, text in reported}) == 1
         return line if same_everywhere else f"{line} (rank {rank})", 1
     rank, failure = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    if failure.exitcode == 128 + signal.SIGINT:
+        return "", failure.exitcode  # stopped by Ctrl-C: rank 0 has printed its one line
     if failure.exitcode < 0:
         name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else "?"
         hint = " (out of host memory?)" if -failure.exitcode == signal.SIGKILL else ""
@@ -44,7 +51,17 @@ def first_failure_line(failures: dict) -> tuple[str, int]:
     return f"error: rank {rank} exited with code {failure.exitcode} (its output is above)", failure.exitcode or 1
 
 
+def _pass_on_to_ranks(signum, frame) -> None:
+    """The launcher's SIGTERM handler: the ranks (its children) receive the signal and decide when to stop."""
+    for child in psutil.Process().children():
+        try:
+            child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -54,15 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[LAUNCHER_ENV] = "1"
     # torchrun sets 1 for several ranks per node too, but announces it in a banner on every launch.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if not verbose:  # its failure summary is replaced by our line
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if not verbose:  # its failure summary is replaced by our line; its loggers each have their own level
+        for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGINT,SIGHUP,SIGQUIT")  # torchrun's --signals-to-handle
     args = parse_args(argv)
+    if "SIGTERM" not in args.signals_to_handle.split(","):
+        signal.signal(signal.SIGTERM, _pass_on_to_ranks)
     try:
         run(args)
     except ChildFailedError as error:
         line, code = first_failure_line(error.failures)
-        print(line, file=sys.stderr, flush=True)
+        if line:
+            print(line, file=sys.stderr, flush=True)
         return code
+    except SignalException as error:  # Ctrl-C: torchrun has stopped the ranks; rank 0 said where things stand
+        return 128 + int(error.sigval)
     except KeyboardInterrupt:
         return 130
     return 0

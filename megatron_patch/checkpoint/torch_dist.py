@@ -22,7 +22,8 @@ this layout with it for every family at TP x PP in {1,2}^2):
 - each linear module of a layer: an ``_extra_state`` object ``decoder.layers.<module>._extra_state/shard_<l>_<L>``
   holding ``[None]`` (what megatron-core's own linear layers return; it requests these keys at load);
 - tied embeddings: no ``output_layer.weight`` key (megatron-core loads the output layer from the embedding);
-- beside the DCP files: ``metadata.json`` (backend names and versions) and ``common.pt`` (non-tensor state: none).
+- beside the DCP files: ``metadata.json`` (backend names and versions) and ``common.pt`` (non-tensor state:
+  Megatron-LM's ``args``, ``checkpoint_version`` and ``iteration``, written by ``megatron_lm_args``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from ..errors import CheckpointError
 from ..mapping import Entry, Sharding, Split, megatron_shape, te_name
 from .formats import CheckpointFormat, register_format
+from .megatron_lm_args import load_model_state
 from .trusted_load import check_torch_dist_checkpoint
 
 LAYERS = "decoder.layers."
@@ -128,13 +130,12 @@ class TorchDistFormat(CheckpointFormat):
         return saved_dtype  # as a model built with the checkpoint's dtype would load it
 
     def load_into_model(self, model, iter_dir, saved, target, tp_rank, pp_rank, transformer_impl):
-        from megatron.core import dist_checkpointing
 
         from .torch_dist_io import TorchDistReader
 
         check_torch_dist_checkpoint(iter_dir)  # megatron-core unpickles without restriction: vet the bytes first
         TorchDistReader(iter_dir).check_matches(saved)
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(iter_dir))
+        state = load_model_state(model.sharded_state_dict(), iter_dir)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as error:

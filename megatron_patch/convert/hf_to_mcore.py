@@ -95,6 +95,6 @@ def hf_to_mcore(
                           progress=progress)
         copy_assets(hf_dir, iter_dir / ASSETS)
         write_checkpoint_meta(iter_dir, plan.spec, fmt=fmt, tp=tp, pp=pp, transformer_impl=transformer_impl,
-                              dtype=dtype)
+                              dtype=dtype, tokenizer_dir=Path(out_dir).resolve() / "release" / ASSETS)
         (temp / TRACKER).write_text("release")
     return Path(out_dir)

@@ -14,6 +14,7 @@ import torch
 
 from ..checkpoint.formats import CheckpointFormat, MegatronTensors, get_format
 from ..checkpoint.megatron import ASSETS, META, find_iteration_dir, read_meta, write_meta
+from ..checkpoint.megatron_lm_args import write_megatron_lm_common
 from ..errors import CheckpointError
 from ..mapping import Sharding
 from ..mapping.checks import NonFiniteGuard
@@ -106,9 +107,16 @@ class Checkpoint:
 
 
 def write_checkpoint_meta(iter_dir: str | os.PathLike, spec: ModelSpec, *, fmt: str, tp: int, pp: int,
-                          transformer_impl: str, dtype: torch.dtype, iteration: int | str = "release") -> None:
-    """Write ``megatron_patch.json``: what ``Checkpoint.open`` reads back."""
+                          transformer_impl: str, dtype: torch.dtype, iteration: int | str = "release",
+                          run: dict | None = None, tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Write ``megatron_patch.json``: what ``Checkpoint.open`` reads back; for torch_dist also what Megatron-LM and
+    Megatron-Bridge read (``args``, ``checkpoint_version``, ``iteration`` in common.pt; ``run``: a training run's
+    settings; ``tokenizer_dir``: the final place of the checkpoint's hf_assets/)."""
     get_format(fmt)
+    if fmt == "torch_dist":
+        write_megatron_lm_common(iter_dir, spec, tp=tp, pp=pp, dtype=dtype, transformer_impl=transformer_impl,
+                                 iteration=iteration, run=run,
+                                 tokenizer_dir=None if tokenizer_dir is None else str(tokenizer_dir))
     write_meta(iter_dir, {
         "format": fmt,
         "iteration": iteration,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.megatron_lm_args import load_model_state
 from ..errors import CheckpointError
 from ..runtime.device import HOST
 
@@ -77,7 +78,6 @@ def load_reward_model_weights(model, iter_dir: str | Path) -> bool:
     freshly initialised head: the only keys allowed to be missing are the head's (an explicit allow-list, not
     a load that ignores mismatches).
     """
-    from megatron.core import dist_checkpointing
 
     from ..checkpoint.megatron import read_meta
     from ..checkpoint.trusted_load import check_torch_dist_checkpoint
@@ -92,7 +92,7 @@ def load_reward_model_weights(model, iter_dir: str | Path) -> bool:
     if not with_head:
         sharded = {key: value for key, value in sharded.items() if not key.startswith(HEAD_PREFIX)}
     check_torch_dist_checkpoint(iter_dir)  # megatron-core unpickles without restriction: vet the bytes first
-    state = dist_checkpointing.load(sharded, str(iter_dir))
+    state = load_model_state(sharded, iter_dir)
     if not with_head:  # the allow-list: the fresh head keeps its own initial values
         state.update({key: value for key, value in model.state_dict().items() if key.startswith(HEAD_PREFIX)})
     try:

@@ -16,7 +16,7 @@ import traceback
 import psutil
 import torch.multiprocessing as mp
 
-from ..errors import WorkerError, user_errors
+from ..errors import INTERRUPTED_EXIT_CODE, WorkerError, user_errors
 from .distributed import free_port
 from .noise import quiet_third_party
 
@@ -50,6 +50,8 @@ def _child(rank, world_size, port, env, fn, args, results, parent_pid):
         message = str(error) if isinstance(error, user_errors()) else traceback.format_exc()
         results.put((rank, False, message))
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the parent says it once
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     finally:
         from .distributed import destroy_distributed
 
@@ -75,12 +77,33 @@ def _stop_tree(proc) -> None:
     psutil.wait_procs(descendants, timeout=10)
 
 
+def _cpu_seconds(procs) -> float:
+    """CPU time the ranks and everything they started have used so far (what a working rank adds to, and a rank
+    blocked in a collective whose peer hangs does not)."""
+    total = 0.0
+    for proc in procs:
+        try:
+            process = psutil.Process(proc.pid)
+            for each in [process, *process.children(recursive=True)]:
+                times = each.cpu_times()
+                total += times.user + times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+            continue
+    return total
+
+
+PROGRESS_CPU_SECONDS = 0.1  # CPU time the ranks must add to count as progress (a hung rank adds ~0)
+
+
 def run_on_local_ranks(fn, world_size: int, *args, timeout: float = 900.0, env: dict | None = None) -> list:
     """Call ``fn(*args)`` in ``world_size`` spawned processes with torchrun's environment; return their results.
 
     ``fn`` must be importable (module level) and return something picklable. Raises ``WorkerError`` with the
     first failing rank's message. Children start with ``spawn`` (a fresh interpreter); a test suite that has
     already imported megatron-core may set MEGATRON_PATCH_START_METHOD=fork to skip re-importing it per rank.
+
+    ``timeout`` is a watchdog on progress, not on the total time: the ranks are stopped when they have used no CPU
+    time for ``timeout`` seconds (hung), however long a slow machine takes to finish.
     """
     ctx = mp.get_context(os.environ.get("MEGATRON_PATCH_START_METHOD", "spawn"))
     results = ctx.Queue()
@@ -93,14 +116,16 @@ def run_on_local_ranks(fn, world_size: int, *args, timeout: float = 900.0, env: 
     for proc in procs:
         proc.start()
     outcomes: dict[int, tuple[bool, object]] = {}
-    deadline = time.monotonic() + timeout
+    last_progress, cpu_mark = time.monotonic(), 0.0
     try:
         while len(outcomes) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WorkerError(f"local ranks did not finish within {timeout:.0f}s")
+            cpu = _cpu_seconds(procs)
+            if cpu - cpu_mark >= PROGRESS_CPU_SECONDS:
+                last_progress, cpu_mark = time.monotonic(), cpu
+            if time.monotonic() - last_progress > timeout:
+                raise WorkerError(f"local ranks made no progress for {timeout:.0f}s (no CPU time used: hung?)")
             try:
-                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+                rank, ok, value = results.get(timeout=1.0)
             except queue.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead and len(outcomes) < world_size and results.empty():

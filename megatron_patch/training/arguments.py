@@ -54,7 +54,7 @@ class TrainConfig:
     sequence_parallel: bool = field(default=False, metadata={
         "help": "shard activations along the sequence across TP ranks (needs TP > 1 and Transformer Engine)"})
     use_distributed_optimizer: bool = field(default=False, metadata={
-        "help": "shard optimizer state across data-parallel ranks (GPUs only)"})
+        "help": "shard optimizer state across data-parallel ranks"})
     # --- batch and schedule ---
     micro_batch_size: int = field(default=1, metadata={"help": "samples per forward pass on one rank"})
     global_batch_size: int = field(default=8, metadata={
@@ -94,7 +94,8 @@ class TrainConfig:
     split: str = field(default="99,1,0", metadata={"help": "train,valid,test weights of --data-path",
                                                    "mode": "pretrain"})
     data_cache_path: str | None = field(default=None, metadata={
-        "help": "where GPTDataset caches its sample indices (default: <--save>/data_cache)", "mode": "pretrain"})
+        "help": "where GPTDataset caches its sample indices (default: data_cache/ beside the --save directory)",
+        "mode": "pretrain"})
     train_data_path: str | None = field(default=None, metadata={
         "help": 'SFT jsonl, one sample per line: {"instruction": ..., "input": ... (optional), "output": ...} or '
                 '{"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}', "mode": "finetune"})
@@ -114,6 +115,13 @@ class TrainConfig:
     no_load_optim: bool = field(default=False, metadata={"help": "resume without the optimizer state"})
     no_load_rng: bool = field(default=False, metadata={"help": "resume without the RNG state"})
     finetune: bool = field(default=False, metadata={"help": "load weights only and restart at iteration 0"})
+    override_opt_param_scheduler: bool = field(default=False, metadata={
+        "help": "resuming: take the LR schedule from these flags, not from the checkpoint",
+        "aliases": ("--override-opt_param-scheduler",)})
+    use_checkpoint_opt_param_scheduler: bool = field(default=False, metadata={
+        "help": "resuming: keep the checkpoint's LR schedule whatever these flags say (without either, a resumed "
+                "run whose schedule differs from its checkpoint's is refused, as in Megatron-LM)",
+        "aliases": ("--use-checkpoint-opt_param-scheduler",)})
     # --- logging, eval ---
     log_interval: int = field(default=1, metadata={"help": "print a log line every N steps"})
     eval_interval: int | None = field(default=None, metadata={"help": "validate every N steps (default: off)"})
@@ -213,6 +221,8 @@ class TrainConfig:
         for name in ("save", "tensorboard_dir", "data_cache_path"):  # "" would write into the current directory
             if getattr(self, name) is not None:
                 check_output_path(getattr(self, name), f"--{name.replace('_', '-')}")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            fail("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive")
         return self
 
     def write(self, directory: str | Path) -> Path:
@@ -242,18 +252,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, mode: str = "pretrain"
     for f in fields(TrainConfig):
         if f.name == "mode" or f.metadata.get("mode", mode) != mode:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]  # + Megatron-LM's own spelling
         typ = _base_type(str(f.type))
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not MISSING else None
         if typ is bool:
-            parser.add_argument(flag, action="store_true", default=default, help=help_text)
+            parser.add_argument(*flags, action="store_true", default=default, help=help_text)
         elif typ is list:
-            parser.add_argument(flag, nargs="+", default=default, help=help_text)
+            parser.add_argument(*flags, nargs="+", default=default, help=help_text)
         else:
             if default is not None and "default" not in help_text:  # one default per flag, said once
                 help_text = f"{help_text} (default: {default})"
-            parser.add_argument(flag, type=typ, default=default, help=help_text)
+            parser.add_argument(*flags, type=typ, default=default, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:

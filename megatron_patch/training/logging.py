@@ -50,6 +50,9 @@ def validation_log_lines(iteration: int, loss: float) -> list[str]:
     return ["-" * (len(text) + 1), text, "-" * (len(text) + 1)]
 
 
+PROGRESS_SECONDS = 30.0  # the longest silence between two log lines while training
+
+
 class MetricsLogger:
     """Per-interval log lines (global rank 0) and per-step TensorBoard scalars, as Megatron-LM names them."""
 
@@ -86,7 +89,8 @@ class MetricsLogger:
 
     def log_step(self, iteration: int, loss: float, lr: float, grad_norm: float | None, skipped: bool,
                  loss_scale: float | None = None, consumed_samples: int | None = None) -> None:
-        """Record one optimizer step; print Megatron-LM's line every ``log_interval`` steps.
+        """Record one optimizer step; print Megatron-LM's line every ``log_interval`` steps, and sooner when the
+        last line is ``PROGRESS_SECONDS`` old.
 
         Args:
             loss_scale: the fp16 loss scale; None for bf16 / fp32, logged as 1.0 as Megatron-LM does.
@@ -109,9 +113,11 @@ class MetricsLogger:
             self._scalar("loss-scale", scale, iteration)
             if grad_norm is not None:
                 self._scalar("grad-norm", grad_norm, iteration)
-        if iteration % self.interval:
-            return
         now = time.perf_counter()
+        # Every log_interval steps, and at least every PROGRESS_SECONDS on a slow machine (a long window would
+        # otherwise be minutes of silence).
+        if iteration % self.interval and now - self._window_start < PROGRESS_SECONDS:
+            return
         seconds_per_iteration = (now - self._window_start) / self._window_iters
         if self.writer is not None:
             self.writer.add_scalar("iteration-time", seconds_per_iteration, iteration)

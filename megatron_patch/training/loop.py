@@ -16,10 +16,18 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.megatron import TRACKER, find_iteration_dir
+from ..checkpoint.trusted_load import check_torch_dist_checkpoint
 from ..errors import ConfigError
 from ..runtime.device import local_device, to_device
 from .arguments import TrainConfig
-from .checkpointing import TrainerState, has_train_state, load_train_state, load_weights, save_checkpoint
+from .checkpointing import (
+    TRAIN_STATE,
+    TrainerState,
+    has_train_state,
+    load_train_state,
+    load_weights,
+    save_checkpoint,
+)
 from .logging import MetricsLogger
 from .setup import (
     attach_schedule_hooks,
@@ -28,9 +36,11 @@ from .setup import (
     build_scheduler,
     build_transformer_config,
     check_precision_support,
+    check_resumed_schedule,
     load_model_tokenizer,
     resolve_model_source,
 )
+from .signals import StopSignals, report_interrupted, terminated_line
 
 
 @dataclass
@@ -47,6 +57,8 @@ class Trainer:
     seq_length: int
     logger: MetricsLogger
     history: list = field(default_factory=list)  # (iteration, loss) of every step
+    signals: StopSignals | None = None  # SIGTERM / Ctrl-C, while run() trains
+    last_saved: tuple[int, str] | None = None  # (iteration, --save) of this run's newest checkpoint
 
     @property
     def num_microbatches(self) -> int:
@@ -142,6 +154,11 @@ def train(t: Trainer) -> list[tuple[int, float]]:
     from ..data.loader import MicroBatchIterator
 
     cfg = t.cfg
+    if t.state.iteration >= t.train_iters:
+        t.logger.print(f"nothing to train: the checkpoint is at iteration {t.state.iteration} and --train-iters is "
+                       f"{t.train_iters} (this run is finished; to train further pass a larger --train-iters with "
+                       "--override-opt_param-scheduler)")
+        return t.history
     iterator = MicroBatchIterator(t.train_data, cfg.micro_batch_size, parallel_state.get_data_parallel_world_size(),
                                   parallel_state.get_data_parallel_rank(), t.state.consumed_train_samples)
     stop = t.train_iters if cfg.exit_interval is None else min(t.train_iters, cfg.exit_interval)
@@ -159,6 +176,11 @@ def train(t: Trainer) -> list[tuple[int, float]]:
             t.logger.log_eval(t.state.iteration, evaluate(t))
         if cfg.save and cfg.save_interval and t.state.iteration % cfg.save_interval == 0:
             checkpoint(t)
+        if t.signals is not None and t.signals.terminate_requested():  # every rank, at the same point
+            saved = t.last_saved is not None and t.last_saved[0] == t.state.iteration
+            path = (checkpoint(t) if not saved else find_iteration_dir(cfg.save)) if cfg.save else None
+            t.logger.print(terminated_line(t.state.iteration, cfg.save, path))
+            return t.history
     finished = t.state.iteration >= t.train_iters
     if finished and t.valid_data is not None and not (cfg.eval_interval and t.state.iteration % cfg.eval_interval == 0):
         t.logger.log_eval(t.state.iteration, evaluate(t))  # the validation loss of the final weights
@@ -169,6 +191,7 @@ def train(t: Trainer) -> list[tuple[int, float]]:
 
 def checkpoint(t: Trainer) -> Path:
     path = save_checkpoint(t.cfg.save, t.state.iteration, t.model, t.optimizer, t.scheduler, t.state, t.source, t.cfg)
+    t.last_saved = (t.state.iteration, str(t.cfg.save))
     t.logger.print(f"saved checkpoint of iteration {t.state.iteration} to {path}")
     return path
 
@@ -211,6 +234,8 @@ def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
     state = TrainerState()
     if load_dir is not None:
         load_weights(model, load_dir)
+        if resume and not cfg.no_load_optim:
+            check_resumed_schedule(cfg, saved_scheduler_state(load_dir), scheduler)
         if resume:
             state = load_train_state(load_dir, model, optimizer, scheduler, not cfg.no_load_optim, not cfg.no_load_rng)
         # Weights changed under the optimizer: refresh its fp32 main copies (bf16/fp16 runs).
@@ -223,8 +248,20 @@ def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
         logger.print(f"{what} from {load_dir}")
     if cfg.save and dist.get_rank() == 0:
         cfg.write(cfg.save)
-    return Trainer(cfg, model, optimizer, scheduler, source, state, train_data, valid_data, train_iters,
-                   seq_length, logger)
+    trainer = Trainer(cfg, model, optimizer, scheduler, source, state, train_data, valid_data, train_iters,
+                      seq_length, logger)
+    if resume and cfg.save and Path(load_dir).parent == Path(cfg.save):
+        trainer.last_saved = (state.iteration, str(cfg.save))
+    return trainer
+
+
+def saved_scheduler_state(iter_dir: Path) -> dict:
+    """The LR scheduler's state in a training checkpoint (its common.pt: no tensors read)."""
+    from megatron.core import dist_checkpointing
+
+    state_dir = Path(iter_dir) / TRAIN_STATE
+    check_torch_dist_checkpoint(state_dir)  # megatron-core unpickles without restriction
+    return dist_checkpointing.load_common_state_dict(str(state_dir)).get("opt_param_scheduler", {})
 
 
 def _build_data(cfg: TrainConfig, tokenizer):
@@ -242,9 +279,18 @@ def _build_data(cfg: TrainConfig, tokenizer):
     from ..data.gpt import build_gpt_datasets
 
     train_samples = cfg.train_iters * cfg.global_batch_size
-    eval_runs = (cfg.train_iters // cfg.eval_interval + 1) if cfg.eval_interval else 0
+    # Validation data reserved by --split is evaluated every --eval-interval and after the last iteration (as
+    # Megatron-LM does), also without --eval-interval.
+    weights = cfg.split.replace("/", ",").split(",")
+    try:
+        reserves_validation = len(weights) > 1 and float(weights[1]) > 0
+    except ValueError:
+        raise ConfigError(f"--split must be train,valid,test weights such as 98,2,0 (got {cfg.split})") from None
+    eval_runs = ((cfg.train_iters // cfg.eval_interval if cfg.eval_interval else 0) + 1) if reserves_validation else 0
     valid_samples = eval_runs * cfg.eval_iters * cfg.global_batch_size
-    cache = cfg.data_cache_path or (str(Path(cfg.save) / "data_cache") if cfg.save else None)
+    # Beside the checkpoint directory, never inside it (it is not part of a checkpoint); GPTDataset keys its files
+    # by a hash of the dataset's settings, so runs may share it.
+    cache = cfg.data_cache_path or (str(Path(cfg.save).resolve().parent / "data_cache") if cfg.save else None)
     train_data, valid_data, _ = build_gpt_datasets(
         cfg.data_path, cfg.split, cfg.seq_length, cfg.seed, tokenizer.eod, tokenizer.vocab_size,
         (train_samples, valid_samples, 0), cache)
@@ -254,11 +300,25 @@ def _build_data(cfg: TrainConfig, tokenizer):
 
 
 def run(cfg: TrainConfig | dict, quiet: bool = False) -> list[tuple[int, float]]:
-    """Build and train; returns [(iteration, loss)] for the steps this process ran."""
+    """Build and train; returns [(iteration, loss)] for the steps this process ran.
+
+    SIGTERM stops after the current iteration with a checkpoint (exit 0); Ctrl-C stops at once with one line and
+    SystemExit(130) (training/signals.py).
+    """
     if isinstance(cfg, dict):
         cfg = TrainConfig.from_dict(cfg)
-    trainer = build_trainer(cfg, quiet=quiet)
-    try:
-        return train(trainer)
-    finally:
-        trainer.logger.close()
+    trainer = None
+    with StopSignals() as signals:
+        try:
+            trainer = build_trainer(cfg, quiet=quiet)
+            trainer.signals = signals
+            return train(trainer)
+        except BaseException:
+            if not signals.interrupted:
+                raise
+            # Whatever Ctrl-C interrupted (a collective whose peer already stopped included): one line, no traceback.
+            report_interrupted(None if trainer is None else trainer.state.iteration,
+                               None if trainer is None else trainer.last_saved)
+        finally:
+            if trainer is not None:
+                trainer.logger.close()

@@ -67,8 +67,12 @@ def _model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
                 f"--extra-vocab-size {cfg.extra_vocab_size} differs from the checkpoint's {spec.extra_vocab_size}: "
                 "new token rows are added at conversion (hf2mcore --extra-vocab-size)"
             )
-        if cfg.model_size:  # the preset must describe the checkpoint (the launch scripts always pass one)
-            check_size_preset(spec.family, cfg.model_size, spec.hf_config)
+        if cfg.model_size and cfg.model_size != "auto":  # a preset must describe the checkpoint
+            try:
+                check_size_preset(spec.family, cfg.model_size, spec.hf_config)
+            except ConfigError as error:
+                raise ConfigError(f"{error}; or omit --model-size (MODEL_SIZE=auto in the launch scripts): the "
+                                  "shape is read from the checkpoint") from None
         spec.arch.check_parallel(tp, pp, PARALLEL_FLAGS)
         spec.sharding(tp, pp)
         ckpt.reader()  # the stored tensors match the metadata before a model of its sizes is built (cheap: headers)
@@ -99,19 +103,29 @@ def load_model_tokenizer(cfg: TrainConfig, source: ModelSource):
 
 
 def check_precision_support(cfg: TrainConfig) -> None:
-    """Stop before any work when the machine cannot run what was asked, naming what is missing."""
-    from ..models.builder import check_transformer_impl
+    """Stop before any work when the machine cannot run what was asked, naming what is missing and the way out
+    (the flag to drop, and the launch scripts' argument that sets it)."""
+    from ..models.builder import have_transformer_engine
 
     if cfg.transformer_impl == "transformer_engine" or cfg.fp8_format or cfg.use_flash_attn:
-        what = "FP8" if cfg.fp8_format else "flash attention" if cfg.use_flash_attn else "Transformer Engine"
-        try:
-            check_transformer_impl("transformer_engine")
-        except MachineSupportError as error:
-            raise MachineSupportError(f"{what} requested but {error}") from None
+        missing = [what for what, ok in (("a CUDA GPU", cuda_available()),
+                                          ("Transformer Engine (pip install 'megatron-patch[gpu]')",
+                                           have_transformer_engine())) if not ok]
+        if missing:
+            if cfg.fp8_format:
+                what, way_out = "FP8", "train in bf16 instead: --bf16 without --fp8-format (PR=bf16 in the launch scripts)"
+            elif cfg.use_flash_attn:
+                what, way_out = "flash attention", "drop --use-flash-attn (FL=false in the launch scripts)"
+            elif cfg.sequence_parallel:
+                what, way_out = "sequence parallelism", "drop --sequence-parallel (SP=false in the launch scripts)"
+            else:
+                what, way_out = "Transformer Engine layers", "use --transformer-impl local (TE=false in the launch scripts)"
+            raise MachineSupportError(f"{what} needs {' and '.join(missing)}, which this machine lacks: {way_out}")
         if cfg.fp8_format:
             major, minor = torch.cuda.get_device_capability()
             if (major, minor) < (8, 9):
-                raise MachineSupportError(f"FP8 needs a Hopper (sm_90) or Ada (sm_89) GPU; this GPU is sm_{major}{minor}")
+                raise MachineSupportError(f"FP8 needs a Hopper (sm_90) or Ada (sm_89) GPU; this GPU is sm_{major}{minor}: "
+                                          "train in bf16 instead (PR=bf16 in the launch scripts)")
 
 
 def model_config_overrides(cfg: TrainConfig) -> dict:
@@ -255,4 +269,41 @@ def build_scheduler(cfg: TrainConfig, optimizer, train_iters: int):
         end_wd=cfg.weight_decay,
         wd_incr_steps=max(train_iters, 1) * gbs,
         wd_incr_style="constant",
+        # Without either flag, a resumed schedule was checked equal to the checkpoint's (check_resumed_schedule).
+        use_checkpoint_opt_param_scheduler=not cfg.override_opt_param_scheduler,
+        override_opt_param_scheduler=cfg.override_opt_param_scheduler,
     )
+
+
+# What a resumed run's LR schedule is compared on (megatron-core's scheduler state, counted in samples), and the
+# flags that set each value.
+SCHEDULE_FIELDS = {
+    "max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+    "lr_decay_steps": "--train-iters / --lr-decay-iters", "lr_decay_style": "--lr-decay-style",
+    "wd_incr_steps": "--train-iters", "start_wd": "--weight-decay",
+}
+
+
+def schedule_changes(saved: dict, new: dict, global_batch_size: int) -> list[str]:
+    """The scheduler values that differ between a checkpoint's and this run's state dicts, as '<flag>: <new> (the
+    checkpoint has <saved>)'; step counts are shown in iterations of ``global_batch_size`` samples."""
+    changes = []
+    for key, flag in SCHEDULE_FIELDS.items():
+        if key not in saved or key not in new or saved[key] == new[key]:
+            continue
+        old_value, new_value = saved[key], new[key]
+        if key.endswith("_steps"):
+            old_value, new_value = f"{old_value // global_batch_size} iterations", f"{new_value // global_batch_size}"
+        changes.append(f"{flag} {new_value} (the checkpoint has {old_value})")
+    return changes
+
+
+def check_resumed_schedule(cfg: TrainConfig, saved: dict, scheduler) -> None:
+    """Megatron-LM's rule: a resumed run keeps its LR schedule unless told which one wins."""
+    if cfg.override_opt_param_scheduler or cfg.use_checkpoint_opt_param_scheduler:
+        return
+    changes = schedule_changes(saved, scheduler.state_dict(), cfg.global_batch_size)
+    if changes:
+        raise ConfigError(f"the resumed checkpoint's LR schedule differs: {'; '.join(changes)}. Pass "
+                          "--override-opt_param-scheduler to use the new values or --use-checkpoint-opt_param-scheduler "
+                          "to keep the checkpoint's")

@@ -58,3 +58,16 @@ def test_line_and_tensorboard_tags(tmp_path, capsys):
     assert [e.step for e in events.Scalars("lm loss vs samples")] == [108 + 8 * i for i in range(6)]
     assert [e.value for e in events.Scalars("batch-size")] == [8.0] * 6
     assert math.isclose(events.Scalars("lm loss validation")[0].value, 2.0)
+
+
+def test_a_line_at_least_every_30_seconds(capsys, monkeypatch):
+    """--log-interval 100 at 16 s per iteration would be 27 minutes of silence: a line comes once 30 s have passed."""
+    from megatron_patch.training import logging as training_logging
+
+    clock = iter(float(t) for t in range(0, 10_000, 16))  # one call per step after the constructor's
+    monkeypatch.setattr(training_logging.time, "perf_counter", lambda: next(clock))
+    logger = training_logging.MetricsLogger(100, None, 512, train_iters=100, global_batch_size=8)
+    for iteration in range(1, 7):
+        logger.log_step(iteration, 2.0, 1e-4, 1.0, False)
+    printed = [line for line in capsys.readouterr().out.splitlines() if "iteration" in line]
+    assert [re.search(r"iteration\s+(\d+)/", line).group(1) for line in printed] == ["2", "4", "6"]

@@ -84,7 +84,8 @@ def test_bad_argument_named(tmp_path, change, message):
 
 
 def test_pai_megatron_patch_25_argument_layout(tmp_path):
-    """Pai-Megatron-Patch's newer pretraining layout: TE right after SP (25 arguments)."""
+    """Pai-Megatron-Patch's pretraining layout of baichuan (2023-09) and llama2/qwen (one week of 2023-10): TE right
+    after SP, MEGATRON_PATH kept (25 arguments)."""
     args = pretrain_args(tmp_path, SP="false")
     with_te = args[:18] + ["true"] + args[18:]
     result = run_script("llama", "pretrain", with_te)
@@ -94,8 +95,8 @@ def test_pai_megatron_patch_25_argument_layout(tmp_path):
     assert result.returncode == 0 and "--transformer-impl" not in result.stdout, result.stdout
     result = run_script("llama", "pretrain", args[:18] + ["maybe"] + args[18:])
     assert result.returncode == 2 and "TE must be one of: true false" in result.stderr
-    result = run_script("llama", "pretrain", args[:-1])
-    assert result.returncode == 2 and "expected 24 or 25 arguments, got 23" in result.stderr
+    result = run_script("llama", "pretrain", args[:-2])
+    assert result.returncode == 2 and "expected 23/24/25 arguments (the layouts above), got 22" in result.stderr
     assert "   or: run_pretrain_megatron_llama.sh ENV MEGATRON_PATH" in result.stderr
 
 
@@ -107,12 +108,14 @@ def test_rules_between_arguments_are_checked_once_in_python(tmp_path):
                             text=True, env=env, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]  # tee'd into the log
-    assert errors == ["error: --sequence-parallel needs --tensor-model-parallel-size > 1"], result.stdout
+    # The flags, and the script's arguments the user typed behind them.
+    assert errors == ["error: --sequence-parallel needs --tensor-model-parallel-size > 1 [the script's TP=1, SP=true]"
+                      ], result.stdout
 
 
 def test_wrong_count(tmp_path):
     result = run_script("qwen", "finetune", finetune_args(tmp_path)[:-1])
-    assert result.returncode == 2 and "expected 22 arguments, got 21" in result.stderr
+    assert result.returncode == 2 and "expected 22/23 arguments (the layouts above), got 21" in result.stderr
 
 
 def test_dlc_needs_scheduler_env(tmp_path):
@@ -153,3 +156,14 @@ def test_gpu_env_without_gpus_says_so(tmp_path, env_name, nvidia_smi):
                             text=True, env=env, timeout=60)
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert f"error: ENV={env_name} found no GPU" in result.stderr
+
+
+def test_gpus_per_node_without_gpus_is_refused(tmp_path):
+    """ENV=dsw with GPUS_PER_NODE=2 on a machine without GPUs: refused, instead of training on the CPU quietly."""
+    env = {k: v for k, v in os.environ.items() if k != "MP_DRY_RUN"}
+    env.update(PATH=_path_without_nvidia_smi(tmp_path, None), GPUS_PER_NODE="2")
+    script = ROOT / "examples" / "llama" / "run_pretrain_megatron_llama.sh"
+    result = subprocess.run(["bash", str(script), *pretrain_args(tmp_path, ENV="dsw")], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "error: ENV=dsw with GPUS_PER_NODE=2, but this machine has no GPU" in result.stderr
