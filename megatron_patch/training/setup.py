@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, MachineSupportError
+from ..layers.lora import layer_shapes
 from ..models.checkpoint import Checkpoint
 from ..models.presets import check_size_preset
 from ..models.spec import ModelSpec
@@ -55,13 +56,22 @@ def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource
             check_size_preset(spec.family, cfg.model_size, spec.hf_config)
         spec.arch.check_parallel(tp, pp, PARALLEL_FLAGS)
         spec.sharding(tp, pp)
+        check_lora_shapes(cfg, spec)
         return ModelSource(spec, ckpt, ckpt.assets_dir)
     spec = ModelSpec.from_flavor(cfg.model_name, cfg.model_size, tp=tp, extra_vocab_size=cfg.extra_vocab_size,
                                  make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
     spec.arch.check_parallel(tp, pp, PARALLEL_FLAGS)
     spec.sharding(tp, pp)
+    check_lora_shapes(cfg, spec)
     assets = Path(cfg.tokenizer_model) if cfg.tokenizer_model and Path(cfg.tokenizer_model).is_dir() else None
     return ModelSource(spec, None, assets)
+
+
+def check_lora_shapes(cfg: TrainConfig, spec: ModelSpec) -> None:
+    """--lora-rank no larger than any targeted layer of the model (before anything is built)."""
+    lora = cfg.lora_config()
+    if lora is not None:
+        lora.check_shapes(layer_shapes(spec.arch))
 
 
 def load_model_tokenizer(cfg: TrainConfig, source: ModelSource):
@@ -100,6 +110,7 @@ def model_config_overrides(cfg: TrainConfig) -> dict:
     over = dict(
         sequence_parallel=cfg.sequence_parallel,
         recompute_granularity=cfg.recompute_granularity,
+        calculate_per_token_loss=cfg.calculate_per_token_loss,
     )
     if cfg.recompute_granularity == "full":
         over.update(recompute_method=cfg.recompute_method, recompute_num_layers=cfg.recompute_num_layers)
@@ -134,7 +145,8 @@ def build_ddp_model(cfg: TrainConfig, source: ModelSource, config):
     from ..models.builder import build_model
 
     module = build_model(source.arch, source.spec.padded_vocab_size, config=config,
-                         transformer_impl=cfg.transformer_impl)
+                         transformer_impl=cfg.transformer_impl, vocab_size=source.spec.vocab_size,
+                         lora=cfg.lora_config(), lora_seed=cfg.seed)
     return wrap_in_ddp(cfg, place_model(module), config)
 
 
