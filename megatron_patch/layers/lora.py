@@ -148,12 +148,16 @@ class LoRAAdapter(torch.nn.Module):
         return (self.weight_b.float() @ self.weight_a.float()) * self.scale
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        from megatron.core import parallel_state
         from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
         axis = {"weight_b": 0} if self.column_parallel else {"weight_a": 1}
+        dp_cp_group = (metadata or {}).get("dp_cp_group") or parallel_state.get_data_parallel_group(
+            with_context_parallel=True)
         state = make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, axis,
-                                                    sharded_offsets, dp_cp_group=(metadata or {}).get("dp_cp_group"))
+                                                    sharded_offsets, tp_group=parallel_state.get_tensor_model_parallel_group(),
+                                                    dp_cp_group=dp_cp_group)
         if self.gated_rows:
             key = f"{prefix}weight_b"
             state[key] = apply_swiglu_sharded_factory(state[key], sharded_offsets)
