@@ -105,7 +105,10 @@ def hf_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     input_ids = torch.cat([tokens, labels[:, -1:]], dim=1)
     hf_labels = torch.full_like(input_ids, -100)
     hf_labels[:, 1:] = torch.where(mask, labels, torch.full_like(labels, -100))
-    if not torch.equal(tokens[:, 1:][mask[:, :-1]], labels[:, :-1][mask[:, :-1]]):
+    # Before a row's last loss position every label must be the next input (what transformers' shift assumes);
+    # after it (padding) the inputs cannot reach a counted loss through causal attention.
+    later_loss = mask.flip(1).cummax(1).values.flip(1)[:, 1:]  # [i]: is any position > i counted?
+    if not torch.equal(tokens[:, 1:][later_loss], labels[:, :-1][later_loss]):
         raise SystemExit("the batch's labels are not its tokens shifted by one (packed data?): use unpacked data")
     return input_ids, hf_labels
 
@@ -138,6 +141,58 @@ def load_hf_model(hf_dir: str):
 
     return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True,
                                                 attn_implementation="eager")
+
+
+def transformers_view(hf_dir: str, work: Path) -> tuple[str, object]:
+    """(a directory transformers loads without remote code, a function mapping its state dict back to ``hf_dir``'s
+    names). Most families load as they are. Baichuan-7B (RoPE, no NormHead) has no transformers class: it is
+    llama with q, k, v fused into ``W_pack``, so the loop trains ``LlamaForCausalLM`` on the split weights (the
+    13B's ALiBi and Baichuan2's NormHead have no transformers equivalent and are refused)."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_patch.checkpoint.hf import copy_assets, read_config
+    from megatron_patch.models.spec import ModelSpec
+
+    config = read_config(hf_dir)
+    if config.get("model_type") != "baichuan":
+        return hf_dir, lambda state: state
+    arch = ModelSpec.from_hf_config(config, tp=1).arch
+    if arch.position_embedding != "rope" or arch.norm_head:
+        raise SystemExit("Baichuan-13B (ALiBi) and Baichuan2 (NormHead) have no transformers class to compare with")
+    view = work / "llama_view"
+    view.mkdir(parents=True, exist_ok=True)
+    copy_assets(hf_dir, view)
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": config["hidden_size"],
+             "intermediate_size": config["intermediate_size"], "num_hidden_layers": config["num_hidden_layers"],
+             "num_attention_heads": config["num_attention_heads"],
+             "num_key_value_heads": config["num_attention_heads"], "vocab_size": config["vocab_size"],
+             "rms_norm_eps": config["rms_norm_eps"], "max_position_embeddings": config["max_position_embeddings"],
+             "rope_theta": arch.rope_theta, "tie_word_embeddings": False, "hidden_act": "silu",
+             **{k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}}
+    (view / "config.json").write_text(json.dumps(llama, indent=2) + "\n")
+    tensors = {}
+    for shard in sorted(Path(hf_dir).glob("*.safetensors")):
+        for name, tensor in load_file(shard).items():
+            if name.endswith("self_attn.W_pack.weight"):
+                stem = name.removesuffix("W_pack.weight")
+                for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                    tensors[f"{stem}{part}.weight"] = piece.contiguous()
+            else:
+                tensors[name] = tensor
+    save_file(tensors, str(view / "model.safetensors"), metadata={"format": "pt"})
+
+    def back(state: dict) -> dict:
+        out = {}
+        for name, tensor in state.items():
+            if name.endswith("self_attn.q_proj.weight"):
+                stem = name.removesuffix("q_proj.weight")
+                parts = [state[f"{stem}{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")]
+                out[f"{stem}W_pack.weight"] = torch.cat(parts, dim=0)
+            elif not name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+                out[name] = tensor
+        return out
+
+    return str(view), back
 
 
 def run_transformers(args, steps: list[list[dict]], hf_dir: str):
@@ -175,10 +230,9 @@ def run_transformers(args, steps: list[list[dict]], hf_dir: str):
 # --- comparison ----------------------------------------------------------------------------------------------------
 
 
-def weight_difference(ours_hf: Path, model) -> tuple[float, str]:
+def weight_difference(ours_hf: Path, theirs: dict) -> tuple[float, str]:
     from safetensors.torch import load_file
 
-    theirs = model.state_dict()
     worst, where = 0.0, ""
     for shard in sorted(ours_hf.glob("*.safetensors")):
         for name, tensor in load_file(shard).items():
@@ -221,7 +275,8 @@ def align(args) -> float:
     mode_data = prepare_data(args, work, hf_dir)
     ours = run_ours(args, mode_data, work, work / "mcore")
     steps = training_batches(args, work, mode_data, hf_dir)
-    theirs, model = run_transformers(args, steps, hf_dir)
+    view, names_back = transformers_view(hf_dir, work)
+    theirs, model = run_transformers(args, steps, view)
 
     print(f"{'step':>5} | {'megatron-patch':>14} | {'transformers':>14} | {'abs diff':>9} | {'rel diff':>9}")
     worst_abs = worst_rel = 0.0
@@ -232,7 +287,7 @@ def align(args) -> float:
         worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, rel)
         print(f"{step:5d} | {a:14.7f} | {b:14.7f} | {diff:9.2e} | {rel:9.2e}")
     mcore_to_hf(work / "ours", work / "ours_hf", overwrite=True)
-    weight_diff, where = weight_difference(work / "ours_hf", model)
+    weight_diff, where = weight_difference(work / "ours_hf", names_back(model.state_dict()))
     print(f"final weights (ours converted back vs transformers' loop): max abs difference {weight_diff:.3e} ({where})")
     print(f"max abs loss difference {worst_abs:.3e}")
     print(f"max relative loss difference {worst_rel:.3e} over {args.steps} steps")
@@ -255,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--min-lr", type=float, default=1e-4)
     parser.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
-    parser.add_argument("--lr-warmup-iters", type=int, default=5)
+    parser.add_argument("--lr-warmup-iters", type=int, default=None, help="default: a tenth of --steps")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--adam-beta1", type=float, default=0.9)
     parser.add_argument("--adam-beta2", type=float, default=0.95)
@@ -271,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.lr_warmup_iters is None:
+        args.lr_warmup_iters = args.steps // 10
     if args.lr_decay_style == "linear" and args.min_lr:
         raise SystemExit("--lr-decay-style linear: transformers' linear schedule decays to 0; pass --min-lr 0")
     torch.set_num_threads(max(1, torch.get_num_threads()))
