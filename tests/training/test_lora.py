@@ -93,3 +93,17 @@ def test_merged_and_peft_exports_match_the_adapted_model(tp2_run, tmp_path):
         peft_logits = adapted(torch.tensor([TOKENS])).logits.numpy()
     assert np.abs(ours[..., :vocab] - peft_logits).max() <= 1e-4
     shutil.rmtree(base)
+
+
+@pytest.mark.slow
+def test_pp2_tp2_and_distributed_optimizer_equal_tp1(tp2_run, workspace, tmp_path):
+    tp1 = dict(tp2_run["tp1"])
+    runs = {
+        "tp2pp2": run_on_local_ranks(train_worker, 4, _cfg(workspace, tmp_path / "a", tensor_model_parallel_size=2,
+                                                           pipeline_model_parallel_size=2), timeout=900)[0],
+        "dp2 distributed optimizer": run_on_local_ranks(
+            train_worker, 2, _cfg(workspace, tmp_path / "b", use_distributed_optimizer=True), timeout=900)[0],
+    }
+    for name, history in runs.items():
+        for step, loss in history:
+            assert abs(loss - tp1[step]) <= 1e-5, (name, step, loss, tp1)
