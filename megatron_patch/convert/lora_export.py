@@ -27,7 +27,7 @@ from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.hf import ShardedSafetensorsWriter, copy_assets
 from ..checkpoint.torch_dist_io import TorchDistReader
 from ..errors import CheckpointError
-from ..layers.lora import read_lora_meta
+from ..layers.lora_config import read_lora_meta
 from ..mapping.checks import all_finite
 from ..models.checkpoint import Checkpoint
 

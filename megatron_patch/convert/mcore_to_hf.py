@@ -13,7 +13,7 @@ import torch
 from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.hf import StreamingSafetensorsWriter, copy_assets
 from ..errors import ConfigError
-from ..layers.lora import read_lora_meta
+from ..layers.lora_config import read_lora_meta
 from ..mapping.checks import NonFiniteGuard, all_finite
 from ..models.checkpoint import Checkpoint
 from ..runtime.progress import progress as progress_bar

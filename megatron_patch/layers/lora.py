@@ -26,86 +26,23 @@ applies its norm inside the module, where an adapter cannot see the normalised i
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import zlib
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    get_cuda_rng_tracker,
+    reduce_from_tensor_model_parallel_region,
+)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from ..errors import CheckpointError, ConfigError
-
-TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")
-LORA_KEY = ".lora."  # in every adapter parameter's (and checkpoint key's) name
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """``--lora-rank`` r, ``--lora-alpha`` (scale alpha / r), ``--lora-dropout`` (on the adapter's input) and
-    ``--lora-target-modules`` (a subset of TARGET_MODULES)."""
-
-    rank: int
-    alpha: float
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = TARGET_MODULES
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def validate(self) -> LoRAConfig:
-        if self.rank < 1:
-            raise ConfigError(f"--lora-rank must be >= 1 (got {self.rank})")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"--lora-alpha must be a positive number (got {self.alpha})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"--lora-dropout must be in [0, 1) (got {self.dropout})")
-        unknown = [m for m in self.target_modules if m not in TARGET_MODULES]
-        if unknown or not self.target_modules:
-            raise ConfigError(f"--lora-target-modules: unknown {', '.join(unknown) or '(none given)'}; "
-                              f"choose from {', '.join(TARGET_MODULES)}")
-        if len(set(self.target_modules)) != len(self.target_modules):
-            raise ConfigError(f"--lora-target-modules lists a module twice: {' '.join(self.target_modules)}")
-        return self
-
-    def check_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
-        """Refuse a rank larger than a targeted layer: ``shapes`` maps each target to its full (out, in)."""
-        for name in self.target_modules:
-            out_features, in_features = shapes[name]
-            if self.rank > min(out_features, in_features):
-                raise ConfigError(f"--lora-rank {self.rank} is larger than {name} ({out_features} x {in_features}): "
-                                  f"use at most {min(out_features, in_features)}")
-
-    def to_dict(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": list(self.target_modules)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LoRAConfig:
-        return cls(int(data["rank"]), float(data["alpha"]), float(data.get("dropout", 0.0)),
-                   tuple(data["target_modules"])).validate()
-
-
-def layer_shapes(arch) -> dict[str, tuple[int, int]]:
-    """Full (out, in) of each target linear of a decoder layer of ``arch`` (a ModelArch)."""
-    q = arch.num_attention_heads * arch.head_dim
-    kv = 2 * arch.num_query_groups * arch.head_dim
-    fc1 = arch.ffn_hidden_size * (2 if arch.gated_linear_unit else 1)
-    return {"linear_qkv": (q + kv, arch.hidden_size), "linear_proj": (arch.hidden_size, q),
-            "linear_fc1": (fc1, arch.hidden_size), "linear_fc2": (arch.hidden_size, arch.ffn_hidden_size)}
-
-
-def full_adapter_init(name: str, rank: int, in_features: int, out_features: int, seed: int,
-                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of the full layer: A as PEFT initialises it (kaiming-uniform, a = sqrt(5)), B zero; A depends only
-    on (seed, ``name``), the parameter's global name."""
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-    bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on a (rank, in) weight
-    weight_a = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
-    return weight_a.to(dtype), torch.zeros(out_features, rank, dtype=dtype)
+from ..errors import ConfigError
+from .lora_config import COLUMN_PARALLEL, LoRAConfig, full_adapter_init
 
 
 class LoRAAdapter(torch.nn.Module):
@@ -117,8 +54,6 @@ class LoRAAdapter(torch.nn.Module):
         stores fc1's weight (global [gate; up]) so a checkpoint reshards across TP sizes."""
         super().__init__()
         self.gated_rows = gated_rows
-        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-
         self.weight_a = torch.nn.Parameter(weight_a)
         self.weight_b = torch.nn.Parameter(weight_b)
         self.scale, self.dropout, self.column_parallel = scale, dropout, column_parallel
@@ -127,12 +62,6 @@ class LoRAAdapter(torch.nn.Module):
         set_tensor_model_parallel_attributes(sharded, True, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from megatron.core.tensor_parallel import (
-            copy_to_tensor_model_parallel_region,
-            get_cuda_rng_tracker,
-            reduce_from_tensor_model_parallel_region,
-        )
-
         if self.dropout and self.training:
             if self.column_parallel:  # x is the same on every TP rank: so is its dropout mask (default generator)
                 x = F.dropout(x, self.dropout, True)
@@ -148,10 +77,6 @@ class LoRAAdapter(torch.nn.Module):
         return (self.weight_b.float() @ self.weight_a.float()) * self.scale
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        from megatron.core import parallel_state
-        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
         axis = {"weight_b": 0} if self.column_parallel else {"weight_a": 1}
         dp_cp_group = (metadata or {}).get("dp_cp_group") or parallel_state.get_data_parallel_group(
             with_context_parallel=True)
@@ -220,9 +145,6 @@ def target_linears(model):
 def add_lora(model, lora: LoRAConfig, seed: int = 0) -> int:
     """Freeze every parameter of ``model`` (a GPTModel stage) and add adapters to the targeted linears; returns the
     number of adapter parameters on this rank. Call before wrapping in DDP and building the optimizer."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -287,28 +209,3 @@ def adapters_disabled(model):
     finally:
         for adapter in adapters:
             adapter.enabled = True
-
-
-# --- the adapter checkpoint's pointer to its base ------------------------------------------------------------------
-
-LORA_META = "lora.json"  # in an adapter checkpoint's iteration directory: the LoRA settings and the frozen base
-
-
-def write_lora_meta(iter_dir, lora: LoRAConfig, base_dir) -> None:
-    """Record in ``iter_dir`` that it holds only adapters, trained with ``lora`` on the base at ``base_dir``."""
-    path = Path(iter_dir) / LORA_META
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"lora": lora.to_dict(), "base": str(Path(base_dir).resolve())}, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def read_lora_meta(iter_dir) -> dict | None:
-    """{"lora": LoRAConfig, "base": Path} of an adapter checkpoint, or None for a checkpoint of full weights."""
-    path = Path(iter_dir) / LORA_META
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        return {"lora": LoRAConfig.from_dict(data["lora"]), "base": Path(data["base"])}
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{path} is not a LoRA record: {error}") from None

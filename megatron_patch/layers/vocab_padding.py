@@ -16,6 +16,7 @@ from __future__ import annotations
 import types
 
 import torch
+from megatron.core import parallel_state
 
 
 def padded_column_mask(local_columns: int, tp_rank: int, vocab_size: int, device=None) -> torch.Tensor | None:
@@ -29,8 +30,6 @@ def padded_column_mask(local_columns: int, tp_rank: int, vocab_size: int, device
 def mask_vocab_padding_in_loss(model, vocab_size: int):
     """Make ``model`` (a megatron-core GPTModel stage holding the output layer) compute its language-model loss
     with the columns at or beyond ``vocab_size`` masked out. A no-op when the vocabulary has no padding."""
-    from megatron.core import parallel_state
-
     plain = model.compute_language_model_loss
 
     def compute_language_model_loss(self, labels, logits):

@@ -8,9 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, MachineSupportError
-from ..layers.lora import add_lora
 from ..layers.rope import rope_inv_freq, set_rope_inv_freq
-from ..layers.vocab_padding import mask_vocab_padding_in_loss
 from ..runtime.cpu import cuda_available
 from .arch import ModelArch
 
@@ -164,6 +162,9 @@ def build_model(
     ``lora``: a LoRAConfig; the stage is frozen and gets adapters (``layers/lora.py``), seeded by ``lora_seed``."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
+
+    from ..layers.lora import add_lora  # these import megatron-core, which this module imports only when building
+    from ..layers.vocab_padding import mask_vocab_padding_in_loss
 
     if config is None:
         config = transformer_config(

@@ -234,7 +234,7 @@ class TrainConfig:
             return None
         if self.lora_rank < 0:
             raise ConfigError(f"--lora-rank must be >= 0 (got {self.lora_rank})")
-        from ..layers.lora import TARGET_MODULES, LoRAConfig  # lazy: layers import torch, the CLI parses without it
+        from ..layers.lora_config import TARGET_MODULES, LoRAConfig  # lazy: it imports torch, the CLI parses without
 
         targets = tuple(self.lora_target_modules or TARGET_MODULES)
         return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, targets).validate()

@@ -28,7 +28,8 @@ from ..checkpoint.hf import copy_assets
 from ..checkpoint.megatron import ASSETS, TRACKER, iteration_dir_name
 from ..checkpoint.trusted_load import check_torch_dist_checkpoint
 from ..errors import CheckpointError, ConfigError
-from ..layers.lora import LORA_KEY, has_lora, lora_adapters, read_lora_meta, without_adapters, write_lora_meta
+from ..layers.lora import has_lora, lora_adapters, without_adapters
+from ..layers.lora_config import LORA_KEY, read_lora_meta, write_lora_meta
 from ..models.checkpoint import Checkpoint, write_checkpoint_meta
 
 TRAIN_STATE = "train_state"

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, MachineSupportError
-from ..layers.lora import layer_shapes
+from ..layers.lora_config import layer_shapes
 from ..models.checkpoint import Checkpoint
 from ..models.presets import check_size_preset
 from ..models.spec import ModelSpec

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_patch.errors import ConfigError
-from megatron_patch.layers.lora import TARGET_MODULES, LoRAConfig, full_adapter_init, layer_shapes
+from megatron_patch.layers.lora_config import TARGET_MODULES, LoRAConfig, full_adapter_init, layer_shapes
 from megatron_patch.layers.vocab_padding import padded_column_mask
 from megatron_patch.models import get_family
 from megatron_patch.models.spec import ModelSpec

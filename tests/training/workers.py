@@ -105,7 +105,7 @@ def lora_logits_worker(ckpt: str, tokens: list[int], lora: dict):
 
     import torch
 
-    from megatron_patch.layers.lora import LoRAConfig
+    from megatron_patch.layers.lora_config import LoRAConfig
     from megatron_patch.models.builder import build_model
     from megatron_patch.models.checkpoint import Checkpoint
     from megatron_patch.models.inference import forward_logits
