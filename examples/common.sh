@@ -24,6 +24,9 @@ MP_PRETRAIN_TE_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE
 MP_FINETUNE_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN
   EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP TRAIN_DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH EPOCH
   OUTPUT_BASEPATH)
+# Finetuning also takes a 23rd argument, PEFT: none | lora | lora:RANK | lora:RANK:ALPHA (default rank 8, alpha
+# 2 x rank; adapters on qkv, proj, fc1, fc2; MP_EXTRA_ARGS may add --lora-dropout / --lora-target-modules).
+MP_FINETUNE_PEFT_ARGS=("${MP_FINETUNE_ARGS[@]}" PEFT)
 
 mp_fail() {  # print the usage and the error naming the bad argument; exit 2
   echo "usage: $MP_SCRIPT ${MP_NAMES[*]}" >&2
@@ -212,7 +215,11 @@ mp_pretrain() {  # mp_pretrain <family> "$@"
 
 mp_finetune() {  # mp_finetune <family> "$@"
   MP_FAMILY=$1; shift
-  mp_parse "run_finetune_megatron_$MP_FAMILY.sh" "${MP_FINETUNE_ARGS[@]}" -- "$@"
+  local names=("${MP_FINETUNE_ARGS[@]}")
+  MP_OTHER_LAYOUT="${MP_FINETUNE_PEFT_ARGS[*]}"
+  if [ $# -eq ${#MP_FINETUNE_PEFT_ARGS[@]} ]; then names=("${MP_FINETUNE_PEFT_ARGS[@]}"); MP_OTHER_LAYOUT="${MP_FINETUNE_ARGS[*]}"; fi
+  PEFT=none  # the 22-argument layout trains every parameter (never taken from the environment)
+  mp_parse "run_finetune_megatron_$MP_FAMILY.sh" "${names[@]}" -- "$@"
   mp_validate_common
   [ -f "$TRAIN_DATASET_PATH" ] || mp_fail "TRAIN_DATASET_PATH '$TRAIN_DATASET_PATH' is not a file"
   [ "$VALID_DATASET_PATH" = none ] || [ -f "$VALID_DATASET_PATH" ] || mp_fail "VALID_DATASET_PATH '$VALID_DATASET_PATH' is not a file (or none)"
@@ -222,5 +229,13 @@ mp_finetune() {  # mp_finetune <family> "$@"
   MP_FLAGS+=(--global-batch-size $((BATCH_SIZE * MP_DP)) --epochs "$EPOCH" --max-padding-length "$PAD_LEN"
              --train-data-path "$TRAIN_DATASET_PATH" --lr-decay-style cosine)
   if [ "$VALID_DATASET_PATH" != none ]; then MP_FLAGS+=(--valid-data-path "$VALID_DATASET_PATH"); fi
-  mp_exec finetune "finetune-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-seq$SEQ_LEN-lr$LR-$PR-tp$TP-pp$PP"
+  local peft_tag=""
+  if [ "$PEFT" != none ]; then
+    [[ "$PEFT" =~ ^lora(:([0-9]+)(:([0-9]*\.?[0-9]+))?)?$ ]] || mp_fail "PEFT must be none, lora, lora:RANK or lora:RANK:ALPHA (got '$PEFT')"
+    LORA_RANK=${BASH_REMATCH[2]:-8}; mp_int LORA_RANK
+    LORA_ALPHA=${BASH_REMATCH[4]:-$((2 * LORA_RANK))}
+    MP_FLAGS+=(--lora-rank "$LORA_RANK" --lora-alpha "$LORA_ALPHA")
+    peft_tag="-lora$LORA_RANK"
+  fi
+  mp_exec finetune "finetune-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-seq$SEQ_LEN-lr$LR-$PR-tp$TP-pp$PP$peft_tag"
 }

@@ -112,7 +112,7 @@ def test_rules_between_arguments_are_checked_once_in_python(tmp_path):
 
 def test_wrong_count(tmp_path):
     result = run_script("qwen", "finetune", finetune_args(tmp_path)[:-1])
-    assert result.returncode == 2 and "expected 22 arguments, got 21" in result.stderr
+    assert result.returncode == 2 and "expected 22 or 23 arguments, got 21" in result.stderr
 
 
 def test_dlc_needs_scheduler_env(tmp_path):
@@ -153,3 +153,14 @@ def test_gpu_env_without_gpus_says_so(tmp_path, env_name, nvidia_smi):
                             text=True, env=env, timeout=60)
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert f"error: ENV={env_name} found no GPU" in result.stderr
+
+
+def test_finetune_peft_argument(tmp_path):
+    result = run_script("qwen", "finetune", finetune_args(tmp_path) + ["lora:16:32"])
+    assert result.returncode == 0, result.stderr
+    assert "--lora-rank 16 --lora-alpha 32" in result.stdout, result.stdout
+    result = run_script("qwen", "finetune", finetune_args(tmp_path) + ["lora"])
+    assert "--lora-rank 8 --lora-alpha 16" in result.stdout, result.stdout
+    assert "--lora-rank" not in run_script("qwen", "finetune", finetune_args(tmp_path) + ["none"]).stdout
+    bad = run_script("qwen", "finetune", finetune_args(tmp_path) + ["qlora"])
+    assert bad.returncode == 2 and "PEFT must be none, lora, lora:RANK or lora:RANK:ALPHA (got 'qlora')" in bad.stderr
