@@ -46,6 +46,9 @@ MP_FINETUNE_LAYOUTS=(
     OUTPUT_BASEPATH"
 )
 MP_OTHER_LAYOUTS=()  # the argument lists `usage:` prints after the one read
+# Finetuning also takes an optional last argument after any layout, PEFT: none | lora | lora:RANK | lora:RANK:ALPHA
+# (default rank 8, alpha 2 x rank; adapters on qkv, proj, fc1, fc2; MP_EXTRA_ARGS may add --lora-dropout /
+# --lora-target-modules).
 
 mp_fail() {  # print the usage and the error naming the bad argument; exit 2
   echo "usage: $MP_SCRIPT ${MP_NAMES[*]}" >&2
@@ -328,6 +331,8 @@ mp_pretrain() {  # mp_pretrain <family> "$@"
 
 mp_finetune() {  # mp_finetune <family> "$@"
   MP_FAMILY=$1; shift
+  PEFT=none  # without the optional last argument every parameter trains (never taken from the environment)
+  if [ $# -gt 0 ] && [[ "${!#}" =~ ^(none|lora(:.*)?)$ ]]; then PEFT=${!#}; set -- "${@:1:$(($# - 1))}"; fi
   mp_parse_layouts "run_finetune_megatron_$MP_FAMILY.sh" MP_FINETUNE_LAYOUTS -- "$@"
   mp_validate_common
   [ -f "$TRAIN_DATASET_PATH" ] || mp_fail "TRAIN_DATASET_PATH '$TRAIN_DATASET_PATH' is not a file"
@@ -338,5 +343,13 @@ mp_finetune() {  # mp_finetune <family> "$@"
   MP_FLAGS+=(--global-batch-size $((BATCH_SIZE * MP_DP)) --epochs "$EPOCH" --max-padding-length "$PAD_LEN"
              --train-data-path "$TRAIN_DATASET_PATH" --lr-decay-style cosine)
   if [ "$VALID_DATASET_PATH" != none ]; then MP_FLAGS+=(--valid-data-path "$VALID_DATASET_PATH"); fi
-  mp_exec finetune "finetune-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-seq$SEQ_LEN-lr$LR-$PR-tp$TP-pp$PP"
+  local peft_tag=""
+  if [ "$PEFT" != none ]; then
+    [[ "$PEFT" =~ ^lora(:([0-9]+)(:([0-9]*\.?[0-9]+))?)?$ ]] || mp_fail "PEFT must be none, lora, lora:RANK or lora:RANK:ALPHA (got '$PEFT')"
+    LORA_RANK=${BASH_REMATCH[2]:-8}; mp_int LORA_RANK
+    LORA_ALPHA=${BASH_REMATCH[4]:-$((2 * LORA_RANK))}
+    MP_FLAGS+=(--lora-rank "$LORA_RANK" --lora-alpha "$LORA_ALPHA")
+    peft_tag="-lora$LORA_RANK"
+  fi
+  mp_exec finetune "finetune-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-seq$SEQ_LEN-lr$LR-$PR-tp$TP-pp$PP$peft_tag"
 }

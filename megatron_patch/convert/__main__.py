@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.add_argument("--overwrite", action="store_true", help="replace a non-empty --save directory")
     m2h.add_argument("--allow-non-finite", action="store_true",
                      help="export weights holding NaN/Inf (warn once) instead of refusing them")
+    lora = m2h.add_mutually_exclusive_group()
+    lora.add_argument("--merge-lora", action="store_true",
+                      help="a LoRA adapter checkpoint: write its base with the adapters merged in (an HF model)")
+    lora.add_argument("--lora-only", action="store_true",
+                      help="a LoRA adapter checkpoint: write the adapters alone as a PEFT adapter directory")
     m2h.add_argument("--model-name", "--family", dest="family", default=None,
                      help="model family of a checkpoint without megatron_patch.json (Megatron-LM, Megatron-Bridge); "
                           "detected from --hf-config's config.json when omitted")
@@ -103,8 +108,9 @@ def run(args) -> int | None:
 
         out = mcore_to_hf(args.load, args.save, args.overwrite, int(args.max_shard_size_gb * 2**30),
                           model_name=args.family, hf_config_dir=args.hf_config,
-                          allow_non_finite=args.allow_non_finite)
-        print(f"saved HF model to {out}")
+                          allow_non_finite=args.allow_non_finite, merge_lora=args.merge_lora,
+                          lora_only=args.lora_only)
+        print(f"saved {'PEFT adapter' if args.lora_only else 'HF model'} to {out}")
     elif args.command == "demo":
         from ..checkpoint.paths import check_output_path
         from .demo import print_table, run_conversion_demo

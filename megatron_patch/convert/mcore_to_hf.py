@@ -13,10 +13,12 @@ import torch
 from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.hf import StreamingSafetensorsWriter, asset_files, copy_assets
 from ..checkpoint.megatron import assets_root
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from ..layers.lora_config import read_lora_meta
 from ..mapping.checks import NonFiniteGuard, all_finite
 from ..models.checkpoint import Checkpoint
 from ..runtime.progress import progress as progress_bar
+from .lora_export import export_merged, export_peft_adapter
 
 
 def export_config(meta: dict) -> dict:
@@ -47,14 +49,27 @@ def _one_torch_thread():
 
 def mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: bool = False,
                 max_shard_bytes: int = 5 * 2**30, model_name: str | None = None,
-                hf_config_dir: str | os.PathLike | None = None, allow_non_finite: bool = False) -> Path:
+                hf_config_dir: str | os.PathLike | None = None, allow_non_finite: bool = False,
+                merge_lora: bool = False, lora_only: bool = False) -> Path:
     """Convert in one process, one parameter at a time: memory holds one parameter (and, for legacy input, the
     pages of the current pipeline stage's files), never the model. Every tensor's presence and shape is checked
     before the first byte is written; each HF tensor goes from the stored shards to the file as byte runs (no
 merged or HF tensor is built, see ``mapping.pieces``). ``model_name`` / ``hf_config_dir`` serve checkpoints without
     ``megatron_patch.json`` (see ``models.foreign``). A NaN or Inf in an exported tensor stops the export (found as
-    the tensor is written) unless ``allow_non_finite``, which warns once instead."""
+    the tensor is written) unless ``allow_non_finite``, which warns once instead.
+
+    A LoRA adapter checkpoint (training with ``--lora-rank``) needs ``merge_lora`` (base + adapters as one HF model)
+    or ``lora_only`` (a PEFT adapter directory); see ``convert/lora_export.py``."""
+    if merge_lora and lora_only:
+        raise ConfigError("--merge-lora and --lora-only are exclusive")
+    if merge_lora:
+        return export_merged(load, save, overwrite, max_shard_bytes)
+    if lora_only:
+        return export_peft_adapter(load, save, overwrite)
     ckpt = Checkpoint.open(load, model_name=model_name, hf_config_dir=hf_config_dir)
+    if read_lora_meta(ckpt.iter_dir) is not None:
+        raise ConfigError(f"{ckpt.iter_dir} holds LoRA adapters only: export with --merge-lora (merged HF weights) or "
+                          "--lora-only (a PEFT adapter directory)")
     assets = None if ckpt.assets_dir is None else assets_root(ckpt.iter_dir, ckpt.assets_dir)
     if assets is not None:
         asset_files(ckpt.assets_dir, assets)  # a link leading out of the checkpoint is refused now, not after work

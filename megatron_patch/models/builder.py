@@ -152,11 +152,19 @@ def build_model(
     post_process: bool | None = None,
     parallel_output: bool = True,
     fused_local: bool = True,
+    vocab_size: int | None = None,
+    lora=None,
+    lora_seed: int = 0,
 ):
     """One pipeline stage of ``arch`` as a megatron-core GPTModel on the current TP/PP ranks
-    (``fused_local``: see ``layer_spec``)."""
+    (``fused_local``: see ``layer_spec``). ``vocab_size``: the real token rows; when given and smaller than
+    ``padded_vocab_size`` the language-model loss leaves the padding rows out (``layers/vocab_padding.py``).
+    ``lora``: a LoRAConfig; the stage is frozen and gets adapters (``layers/lora.py``), seeded by ``lora_seed``."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
+
+    from ..layers.lora import add_lora  # these import megatron-core, which this module imports only when building
+    from ..layers.vocab_padding import mask_vocab_padding_in_loss
 
     if config is None:
         config = transformer_config(
@@ -181,9 +189,13 @@ def build_model(
         rotary_base=arch.rope_theta,
     )
     add_model_patches(model, arch, config)
+    if post_process and vocab_size is not None and vocab_size < padded_vocab_size:
+        mask_vocab_padding_in_loss(model, vocab_size)
     if arch.position_embedding == "rope":
         set_rope_inv_freq(model, rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling))
     _parameters_in_params_dtype(model, config.params_dtype)
+    if lora is not None:
+        add_lora(model, lora, lora_seed)
     return model
 
 

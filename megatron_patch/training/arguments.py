@@ -73,6 +73,9 @@ class TrainConfig:
     adam_beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})
     adam_eps: float = field(default=1e-8, metadata={"help": "Adam epsilon"})
     clip_grad: float = field(default=1.0, metadata={"help": "gradient clipping by global norm (0 = off)"})
+    calculate_per_token_loss: bool = field(default=False, metadata={
+        "help": "gradient of the token mean over the whole global batch (transformers' Trainer) instead of "
+                "Megatron-LM's mean of each micro-batch's token mean"})
     # --- precision ---
     bf16: bool = field(default=False, metadata={"help": "bf16 weights and compute, fp32 main weights"})
     fp16: bool = field(default=False, metadata={"help": "fp16 weights and compute with loss scaling"})
@@ -105,6 +108,13 @@ class TrainConfig:
         "help": "pad (or truncate) each sample to this length (default: --seq-length)", "mode": "finetune"})
     sft_packing: bool = field(default=False, metadata={"help": "pack several samples per sequence",
                                                        "mode": "finetune"})
+    # --- LoRA (layers/lora.py) ---
+    lora_rank: int = field(default=0, metadata={
+        "help": "train low-rank adapters of this rank on the frozen model (0 = train every parameter)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale numerator: adapters add alpha/rank x B A"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA adapters' input"})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "linears that get adapters: linear_qkv linear_proj linear_fc1 linear_fc2 (default: all four)"})
     # --- checkpoints ---
     load: str | None = field(default=None, metadata={
         "help": "checkpoint to start from: an hf2mcore output or a training checkpoint"})
@@ -212,6 +222,17 @@ class TrainConfig:
             fail("pass --load (a converted checkpoint) or --model-name and --model-size")
         if self.load is None and self.tokenizer_model is None:
             fail("without --load, pass --tokenizer-model (the launch scripts: TOKENIZER_MODEL=<dir or .model>)")
+        if self.lora_rank:
+            self.lora_config()
+            if self.load is None:
+                fail("--lora-rank needs --load (the checkpoint whose frozen weights the adapters train on)")
+            if self.fp8_format:
+                fail("--lora-rank does not support --fp8-format (the adapters run on the local spec, without FP8)")
+            if self.transformer_impl != "local":
+                fail("--lora-rank needs --transformer-impl local (Transformer Engine's fused LayerNorm-linear hides "
+                     "the normalised input an adapter reads)")
+        elif self.lora_target_modules:
+            fail("--lora-target-modules needs --lora-rank")
         if self.save_interval is not None and self.save_interval < 1:
             fail(f"--save-interval must be >= 1 (got {self.save_interval})")
         if self.distributed_timeout_minutes <= 0:
@@ -224,6 +245,17 @@ class TrainConfig:
         if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
             fail("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive")
         return self
+
+    def lora_config(self):
+        """The LoRAConfig of --lora-*, validated; None without --lora-rank."""
+        if not self.lora_rank:
+            return None
+        if self.lora_rank < 0:
+            raise ConfigError(f"--lora-rank must be >= 0 (got {self.lora_rank})")
+        from ..layers.lora_config import TARGET_MODULES, LoRAConfig  # lazy: it imports torch, the CLI parses without
+
+        targets = tuple(self.lora_target_modules or TARGET_MODULES)
+        return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, targets).validate()
 
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / "train_config.json"

@@ -27,6 +27,9 @@ import torch.distributed as dist
 from ..checkpoint.hf import copy_assets
 from ..checkpoint.megatron import ASSETS, TRACKER, assets_root, iteration_dir_name
 from ..checkpoint.trusted_load import check_torch_dist_checkpoint
+from ..errors import CheckpointError, ConfigError
+from ..layers.lora import has_lora, lora_adapters, without_adapters
+from ..layers.lora_config import LORA_KEY, read_lora_meta, write_lora_meta
 from ..models.checkpoint import Checkpoint, write_checkpoint_meta
 from ..runtime.helpers import checkpoint_writer_queue_dies_with_parent
 
@@ -127,7 +130,7 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(model.module.sharded_state_dict(), str(tmp))
+    dist_checkpointing.save(model_state_to_save(model.module), str(tmp))
     if rank == 0:
         (tmp / TRAIN_STATE).mkdir()
     dist.barrier()
@@ -143,6 +146,8 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
         if source.assets_dir is not None:  # checked at the start too (training.setup): a link out is refused
             copy_assets(source.assets_dir, tmp / ASSETS, source_assets_root(source))
         cfg.write(tmp)
+        if has_lora(model.module):
+            write_lora_meta(tmp, cfg.lora_config(), lora_base(source.checkpoint.iter_dir))
         if after_model_save is not None:
             after_model_save(tmp)
         if final.exists():
@@ -158,15 +163,74 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
     return final
 
 
+def model_state_to_save(module) -> dict:
+    """The model part of a training checkpoint: every weight, or with LoRA only the adapters (the frozen base is
+    the --load checkpoint, which ``lora.json`` points to)."""
+    state = module.sharded_state_dict()
+    if has_lora(module):
+        state = {key: value for key, value in state.items() if LORA_KEY in key}
+    return state
+
+
+def lora_base(iter_dir: Path) -> Path:
+    """The full-weight checkpoint an adapter run trains on: ``iter_dir`` itself, or the base an adapter checkpoint
+    points to."""
+    meta = read_lora_meta(iter_dir)
+    return Path(iter_dir) if meta is None else meta["base"]
+
+
 def has_train_state(iter_dir: Path) -> bool:
     return (Path(iter_dir) / TRAIN_STATE).is_dir()
 
 
 def load_weights(model, iter_dir: Path) -> dict:
-    """Weights only (a converted checkpoint, or --finetune); strict: every parameter must be in the checkpoint."""
-    ckpt = Checkpoint.open(iter_dir)
-    ckpt.load_into(model.module)
+    """Weights only (a converted checkpoint, or --finetune); strict: every parameter must be in the checkpoint.
+
+    With LoRA: the base weights from the full checkpoint (``iter_dir`` or the base an adapter checkpoint points to),
+    then, from an adapter checkpoint, every adapter; a fresh adapter run keeps its initial adapters.
+    """
+    module = model.module
+    lora_meta = read_lora_meta(iter_dir)
+    if lora_meta is not None and not has_lora(module):
+        raise ConfigError(f"{iter_dir} holds LoRA adapters (rank {lora_meta['lora'].rank}) on {lora_meta['base']}: "
+                          "train it with the same --lora-* flags, or export it with mcore2hf --merge-lora")
+    base = lora_base(iter_dir)
+    if lora_meta is not None and not base.is_dir():
+        raise CheckpointError(f"the base checkpoint {base} of the LoRA adapters in {iter_dir} is missing")
+    ckpt = Checkpoint.open(base)
+    with without_adapters(module):
+        ckpt.load_into(module)
+    if lora_meta is not None:
+        _load_adapters(module, iter_dir, lora_meta["lora"])
     return ckpt.meta
+
+
+def _load_adapters(module, iter_dir: Path, saved_lora) -> None:
+    """Every adapter of ``module`` from an adapter checkpoint (strict both ways)."""
+    from megatron.core import dist_checkpointing
+
+    ranks = {adapter.weight_a.shape[0] for _, adapter in lora_adapters(module)}
+    targets = {name.rsplit(".", 2)[-2] for name, _ in lora_adapters(module)}
+    if ranks != {saved_lora.rank}:
+        raise ConfigError(f"--lora-rank {min(ranks)} differs from the rank {saved_lora.rank} of the adapters in "
+                          f"{iter_dir}")
+    if targets != set(saved_lora.target_modules):
+        raise ConfigError(f"--lora-target-modules {' '.join(sorted(targets))} differs from the adapters in {iter_dir} "
+                          f"({' '.join(saved_lora.target_modules)})")
+    check_torch_dist_checkpoint(Path(iter_dir))
+    template = model_state_to_save(module)
+    try:
+        loaded = dist_checkpointing.load(template, str(iter_dir))
+    except Exception as error:  # megatron-core raises several types for a missing key
+        raise CheckpointError(f"the LoRA adapters in {iter_dir} do not match --lora-target-modules: "
+                              f"{' '.join(str(error).split())[:300]}") from None
+    params = {name: param for name, param in module.named_parameters() if LORA_KEY in f".{name}"}
+    if set(loaded) != set(params):
+        raise CheckpointError(f"the LoRA adapters in {iter_dir} do not match the model's: "
+                              f"{sorted(set(loaded) ^ set(params))[:4]}")
+    with torch.no_grad():
+        for name, tensor in loaded.items():
+            params[name].copy_(tensor)
 
 
 def _materialise_distributed_optimizer_state(optimizer) -> None:

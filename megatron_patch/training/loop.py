@@ -71,11 +71,17 @@ class Trainer:
 
 
 def masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Mean loss over the micro-batch's unmasked tokens; also (sum, count) for an exact token-weighted report."""
+    """(loss sum, token count, {"lm loss": (sum, count)}) over the micro-batch's unmasked tokens.
+
+    megatron-core's schedule divides the sum by the count and by the number of micro-batches (Megatron-LM's
+    default: the gradient of the mean of micro-batch means), or, with ``--calculate-per-token-loss``, leaves the
+    sum and divides every gradient by the global batch's token count once they are reduced (the token mean over
+    the whole global batch). The (sum, count) pair gives the logged token-weighted loss either way.
+    """
     mask = loss_mask.reshape(-1).float()
     total = (per_token_loss.float().reshape(-1) * mask).sum()
     count = mask.sum()
-    return total / count.clamp(min=1.0), {"lm loss": torch.stack([total.detach(), count])}
+    return total, count.detach().int(), {"lm loss": torch.stack([total.detach(), count])}
 
 
 def forward_step(data_iterator, model):
@@ -229,7 +235,7 @@ def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
     optimizer = build_optimizer(cfg, model)
     attach_schedule_hooks(config, model, optimizer)
 
-    train_data, valid_data, seq_length, train_iters = _build_data(cfg, tokenizer)
+    train_data, valid_data, seq_length, train_iters = build_data(cfg, tokenizer)
     scheduler = build_scheduler(cfg, optimizer, train_iters)
     state = TrainerState()
     if load_dir is not None:
@@ -264,7 +270,7 @@ def saved_scheduler_state(iter_dir: Path) -> dict:
     return dist_checkpointing.load_common_state_dict(str(state_dir)).get("opt_param_scheduler", {})
 
 
-def _build_data(cfg: TrainConfig, tokenizer):
+def build_data(cfg: TrainConfig, tokenizer):
     """(train dataset, valid dataset or None, sequence length of a sample, train iterations)."""
     if cfg.mode == "finetune":
         from ..data.sft import SFTDataset

@@ -11,6 +11,7 @@ import torch
 from ..checkpoint.hf import asset_files
 from ..checkpoint.megatron import assets_root
 from ..errors import ConfigError, MachineSupportError
+from ..layers.lora_config import layer_shapes
 from ..models.checkpoint import Checkpoint
 from ..models.presets import check_size_preset
 from ..models.spec import ModelSpec
@@ -75,6 +76,7 @@ def _model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
                                   "shape is read from the checkpoint") from None
         spec.arch.check_parallel(tp, pp, PARALLEL_FLAGS)
         spec.sharding(tp, pp)
+        check_lora_shapes(cfg, spec)
         ckpt.reader()  # the stored tensors match the metadata before a model of its sizes is built (cheap: headers)
         if ckpt.assets_dir is not None:  # copied into every checkpoint saved: a link out of --load is refused now
             asset_files(ckpt.assets_dir, assets_root(ckpt.iter_dir, ckpt.assets_dir))
@@ -83,8 +85,16 @@ def _model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
                                  make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
     spec.arch.check_parallel(tp, pp, PARALLEL_FLAGS)
     spec.sharding(tp, pp)
+    check_lora_shapes(cfg, spec)
     assets = Path(cfg.tokenizer_model) if cfg.tokenizer_model and Path(cfg.tokenizer_model).is_dir() else None
     return ModelSource(spec, None, assets)
+
+
+def check_lora_shapes(cfg: TrainConfig, spec: ModelSpec) -> None:
+    """--lora-rank no larger than any targeted layer of the model (before anything is built)."""
+    lora = cfg.lora_config()
+    if lora is not None:
+        lora.check_shapes(layer_shapes(spec.arch))
 
 
 def load_model_tokenizer(cfg: TrainConfig, source: ModelSource):
@@ -133,6 +143,7 @@ def model_config_overrides(cfg: TrainConfig) -> dict:
     over = dict(
         sequence_parallel=cfg.sequence_parallel,
         recompute_granularity=cfg.recompute_granularity,
+        calculate_per_token_loss=cfg.calculate_per_token_loss,
     )
     if cfg.recompute_granularity == "full":
         over.update(recompute_method=cfg.recompute_method, recompute_num_layers=cfg.recompute_num_layers)
@@ -167,7 +178,8 @@ def build_ddp_model(cfg: TrainConfig, source: ModelSource, config):
     from ..models.builder import build_model
 
     module = build_model(source.arch, source.spec.padded_vocab_size, config=config,
-                         transformer_impl=cfg.transformer_impl)
+                         transformer_impl=cfg.transformer_impl, vocab_size=source.spec.vocab_size,
+                         lora=cfg.lora_config(), lora_seed=cfg.seed)
     return wrap_in_ddp(cfg, place_model(module), config)
 
 

@@ -167,3 +167,15 @@ def test_gpus_per_node_without_gpus_is_refused(tmp_path):
                             text=True, env=env, timeout=60)
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert "error: ENV=dsw with GPUS_PER_NODE=2, but this machine has no GPU" in result.stderr
+
+
+def test_finetune_peft_argument(tmp_path):
+    result = run_script("qwen", "finetune", finetune_args(tmp_path) + ["lora:16:32"])
+    assert result.returncode == 0, result.stderr
+    assert "--lora-rank 16 --lora-alpha 32" in result.stdout, result.stdout
+    result = run_script("qwen", "finetune", finetune_args(tmp_path) + ["lora"])
+    assert "--lora-rank 8 --lora-alpha 16" in result.stdout, result.stdout
+    assert "--lora-rank" not in run_script("qwen", "finetune", finetune_args(tmp_path) + ["none"]).stdout
+    bad = run_script("qwen", "finetune", finetune_args(tmp_path) + ["lora:x"])
+    assert bad.returncode == 2 and "PEFT must be none, lora, lora:RANK or lora:RANK:ALPHA (got 'lora:x')" in bad.stderr
+

@@ -97,3 +97,39 @@ def planted_train_worker(cfg: dict, planted: str) -> list[tuple[int, float]]:
     else:
         raise ValueError(f"unknown planted mistake {planted}")
     return loop.run(cfg, quiet=True)
+
+
+def lora_logits_worker(ckpt: str, tokens: list[int], lora: dict):
+    """Logits of a LoRA adapter checkpoint (TP1 PP1): its base with its adapters, built and loaded as training does."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_patch.layers.lora_config import LoRAConfig
+    from megatron_patch.models.builder import build_model
+    from megatron_patch.models.checkpoint import Checkpoint
+    from megatron_patch.models.inference import forward_logits
+    from megatron_patch.runtime import init_distributed
+    from megatron_patch.training.checkpointing import load_weights
+
+    spec = Checkpoint.open(ckpt).spec
+    init_distributed(1, 1)
+    model = build_model(spec.arch, spec.padded_vocab_size, parallel_output=False, lora=LoRAConfig.from_dict(lora))
+    load_weights(SimpleNamespace(module=model), Checkpoint.open(ckpt).iter_dir)
+    model.eval()
+    return forward_logits(model, torch.tensor([tokens])).numpy()
+
+
+def lora_trainable_worker(cfg: dict):
+    """(trainable parameters of the model, parameters the optimizer steps, peak RSS bytes) after training ``cfg``."""
+    import resource
+
+    from megatron_patch.training.arguments import TrainConfig
+    from megatron_patch.training.loop import build_trainer, train
+
+    trainer = build_trainer(TrainConfig.from_dict(cfg), quiet=True)
+    train(trainer)
+    trainer.logger.close()
+    trainable = sum(p.numel() for p in trainer.model.module.parameters() if p.requires_grad)
+    stepped = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
+    return trainable, stepped, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
