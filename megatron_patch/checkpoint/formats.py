@@ -59,8 +59,9 @@ class CheckpointFormat(ABC):
 
     @abstractmethod
     def load_into_model(self, model: torch.nn.Module, iter_dir: Path, saved: Sharding, target: Sharding,
-                        tp_rank: int, pp_rank: int, transformer_impl: str) -> None:
-        """Fill this rank's model stage (built for ``target``'s TP x PP); every parameter must be found."""
+                        tp_rank: int, pp_rank: int, transformer_impl: str, ep_rank: int = 0) -> None:
+        """Fill this rank's model stage (built for ``target``'s TP x PP x EP; a MoE model's routed experts are those
+        of expert-parallel rank ``ep_rank``); every parameter must be found."""
 
 
 def _load_builtin_formats() -> None:

@@ -1,5 +1,7 @@
-"""The ``legacy`` format: one ``mp_rank_TT[_PPP]/model_optim_rng.pt`` per TP x PP rank, each holding that rank's
-shards under its state-dict names (Transformer Engine spelling for TE models), as Megatron-LM writes them."""
+"""The ``legacy`` format: one ``mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`` per TP x PP (x EP) rank, each holding
+that rank's shards under its state-dict names (Transformer Engine spelling for TE models), as Megatron-LM writes
+them. With expert parallelism every EP rank's file holds the non-expert weights and its own routed experts,
+numbered from 0 (``local_experts.0`` is global expert ``ep_rank * num_experts / EP``)."""
 
 from __future__ import annotations
 
@@ -20,25 +22,33 @@ class LegacyReader:
 
     def __init__(self, iter_dir: Path, saved: Sharding, transformer_impl: str):
         self.dir, self.saved, self.te = Path(iter_dir), saved, transformer_impl == "transformer_engine"
-        self._stages: dict[int, list[dict]] = {}
+        self._stages: dict[tuple[int, int], list[dict]] = {}  # (pp rank, ep rank) -> the TP ranks' state dicts
         for pp_rank in range(saved.pp):  # open everything first: a missing shard fails before any work
-            self._stages[pp_rank] = [load_legacy_rank(iter_dir, t, pp_rank, saved.pp) for t in range(saved.tp)]
+            for ep_rank in range(saved.ep):
+                self._stages[pp_rank, ep_rank] = [
+                    load_legacy_rank(iter_dir, t, pp_rank, saved.pp, ep_rank if saved.ep > 1 else None)
+                    for t in range(saved.tp)]
 
-        # Where each parameter was saved, by its global name: a load at another PP numbers layers differently.
-        self._where = {e.global_name: (stage, e) for stage in range(saved.pp) for e in saved.stage_entries(stage)}
-        for pp_rank in range(saved.pp):
-            self._check_stage(pp_rank)
+        # Where each parameter was saved, by its global name: a load at another PP (EP) numbers layers (experts)
+        # differently. A weight every EP rank holds is read from EP rank 0's files.
+        self._where = {}
+        for stage in range(saved.pp):
+            for ep_rank in reversed(range(saved.ep)):
+                self._where.update({e.global_name: ((stage, ep_rank), e) for e in saved.stage_entries(stage, ep_rank)})
+        for stage in self._stages:
+            self._check_stage(stage)
 
     def _stored_name(self, entry) -> str:
         return te_name(entry.local_name) if self.te else entry.local_name
 
-    def _check_stage(self, pp_rank: int) -> None:
+    def _check_stage(self, stage: tuple[int, int]) -> None:
         """Every rank file of a stage holds exactly the tensors the recorded configuration places there, each
         floating point with its TP shard's shape: a file that disagrees with ``megatron_patch.json`` would
         otherwise export a broken model."""
-        entries = self.saved.stage_entries(pp_rank)
-        for tp_rank, rank_sd in enumerate(self._stages[pp_rank]):
-            where = f"legacy checkpoint {self.dir} (TP rank {tp_rank}, PP rank {pp_rank})"
+        pp_rank, ep_rank = stage
+        entries = self.saved.stage_entries(pp_rank, ep_rank)
+        for tp_rank, rank_sd in enumerate(self._stages[stage]):
+            where = f"legacy checkpoint {self.dir} (TP rank {tp_rank}, PP rank {pp_rank}, EP rank {ep_rank})"
             check_exact_names(rank_sd, [self._stored_name(e) for e in entries], where)
             for entry in entries:
                 name, tensor = self._stored_name(entry), rank_sd[self._stored_name(entry)]
@@ -66,7 +76,7 @@ class LegacyReader:
         mapped in one call each (``prefault``) since the caller reads them whole."""
         return [prefault(shard) for shard in self._stored(global_name)]
 
-    def _where_saved(self, global_name: str) -> tuple[int, Entry]:
+    def _where_saved(self, global_name: str) -> tuple[tuple[int, int], Entry]:
         tied = self.saved.arch.tie_word_embeddings
         if global_name not in self._where and global_name.startswith("output_layer.") and tied:
             # Tied weights saved on a single stage have no separate output layer: it is the word embedding.
@@ -76,12 +86,12 @@ class LegacyReader:
         return self._where[global_name]
 
     def _stored(self, global_name: str) -> list[torch.Tensor]:
-        pp_rank, entry = self._where_saved(global_name)
+        stage, entry = self._where_saved(global_name)
         name = self._stored_name(entry)
         shards = []
-        for rank_sd in self._stages[pp_rank]:
+        for rank_sd in self._stages[stage]:
             if name not in rank_sd:
-                raise CheckpointError(f"legacy checkpoint stage {pp_rank} has no tensor '{name}'")
+                raise CheckpointError(f"legacy checkpoint stage {stage[0]} (EP rank {stage[1]}) has no tensor '{name}'")
             shards.append(rank_sd[name])
         return shards
 
@@ -95,18 +105,21 @@ class LegacyFormat(CheckpointFormat):
         Tensors keep the HF checkpoint's dtype (``dtype`` is that dtype)."""
         rename = te_name if transformer_impl == "transformer_engine" else (lambda name: name)
         for pp_rank in range(sharding.pp):
-            for tp_rank in range(sharding.tp):
-                state_dict = {}
-                for entry in sharding.stage_entries(pp_rank):
-                    shard = sharding.rank_view(entry, [source.get(name) for name in entry.hf_names], tp_rank)
-                    state_dict[rename(entry.local_name)] = own_storage(sharding.checked(entry, shard))
-                    if progress is not None:
-                        progress.update(1)
-                save_legacy_rank(iter_dir, tp_rank, pp_rank, sharding.pp, state_dict)
-                del state_dict
+            for ep_rank in range(sharding.ep):
+                for tp_rank in range(sharding.tp):
+                    state_dict = {}
+                    for entry in sharding.stage_entries(pp_rank, ep_rank):
+                        shard = sharding.rank_view(entry, [source.get(name) for name in entry.hf_names], tp_rank)
+                        state_dict[rename(entry.local_name)] = own_storage(sharding.checked(entry, shard))
+                        if progress is not None:
+                            progress.update(1)
+                    save_legacy_rank(iter_dir, tp_rank, pp_rank, sharding.pp, state_dict,
+                                     ep_rank=ep_rank if sharding.ep > 1 else None)
+                    del state_dict
 
     def write_steps(self, sharding):
-        return sharding.tp * sum(len(sharding.stage_entries(s)) for s in range(sharding.pp))
+        return sharding.tp * sum(len(sharding.stage_entries(s, e)) for s in range(sharding.pp)
+                                 for e in range(sharding.ep))
 
     def open_reader(self, iter_dir, saved, transformer_impl):
         return LegacyReader(iter_dir, saved, transformer_impl)
@@ -114,11 +127,11 @@ class LegacyFormat(CheckpointFormat):
     def export_dtype(self, saved_dtype):
         return None  # legacy files keep each tensor's own dtype
 
-    def load_into_model(self, model, iter_dir, saved, target, tp_rank, pp_rank, transformer_impl):
+    def load_into_model(self, model, iter_dir, saved, target, tp_rank, pp_rank, transformer_impl, ep_rank=0):
         reader = LegacyReader(iter_dir, saved, transformer_impl)
 
         def tensors():
-            for entry in target.stage_entries(pp_rank):
+            for entry in target.stage_entries(pp_rank, ep_rank):
                 full = reader.full(entry.global_name)
                 yield entry.local_name, split_for_tp(full, entry.row.split, target.tp)[tp_rank]
 

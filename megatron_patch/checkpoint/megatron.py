@@ -145,26 +145,30 @@ def write_meta(iter_dir: str | os.PathLike, meta: dict) -> None:
 # --- legacy mp_rank_* files ---------------------------------------------------------------------------------------
 
 
-def legacy_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def legacy_rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int | None = None) -> str:
+    """Megatron-LM's names: ``mp_rank_TT``, ``mp_rank_TT_PPP`` with PP > 1, then ``_EEE`` with EP > 1 (``ep_rank``
+    given only then)."""
+    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep_rank is None else f"{name}_{ep_rank:03d}"
 
 
-def save_legacy_rank(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int, state_dict: dict, iteration=0) -> None:
-    rank_dir = iter_dir / legacy_rank_dir(tp_rank, pp_rank, pp)
+def save_legacy_rank(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int, state_dict: dict, iteration=0,
+                     ep_rank: int | None = None) -> None:
+    rank_dir = iter_dir / legacy_rank_dir(tp_rank, pp_rank, pp, ep_rank)
     rank_dir.mkdir(parents=True, exist_ok=True)
     payload = {"model": state_dict, "checkpoint_version": 3.0, "iteration": 0 if iteration == "release" else iteration}
     with without_crc32(), BulkFile(rank_dir / "model_optim_rng.pt") as out:
         torch.save(payload, out)
 
 
-def legacy_rank_file(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int) -> Path:
-    return Path(iter_dir) / legacy_rank_dir(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
+def legacy_rank_file(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int, ep_rank: int | None = None) -> Path:
+    return Path(iter_dir) / legacy_rank_dir(tp_rank, pp_rank, pp, ep_rank) / "model_optim_rng.pt"
 
 
-def load_legacy_rank(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int) -> dict:
+def load_legacy_rank(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int, ep_rank: int | None = None) -> dict:
     """The ``model`` state dict of one rank file, memory-mapped (``weights_only=True``: tensors and plain data, plus
     the ``args`` Megatron-LM stores beside the model: ``trusted_load.megatron_lm_args_globals``)."""
-    path = legacy_rank_file(iter_dir, tp_rank, pp_rank, pp)
+    path = legacy_rank_file(iter_dir, tp_rank, pp_rank, pp, ep_rank)
     if not path.is_file():
         raise CheckpointError(f"legacy checkpoint shard {path} is missing")
     payload = load_legacy_payload(path, allowed_globals=_args_globals_if_named(path))

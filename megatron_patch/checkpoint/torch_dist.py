@@ -33,41 +33,75 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError
-from ..mapping import Entry, Sharding, Split, megatron_shape, te_name
+from ..mapping import EXPERT, Entry, Sharding, Split, is_expert_row, megatron_shape, te_name
 from .formats import CheckpointFormat, register_format
 from .megatron_lm_args import load_model_state
 from .trusted_load import check_torch_dist_checkpoint
 
 LAYERS = "decoder.layers."
+EXPERTS = ".mlp.experts.local_experts."
 BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                   "common_backend": "torch", "common_backend_version": 1}
 CONFIG_FILE, COMMON_FILE, DCP_METADATA = "metadata.json", "common.pt", ".metadata"
 
 
-def sharded_key(global_name: str) -> tuple[str, int | None]:
-    """``decoder.layers.5.input_layernorm.weight`` -> (``decoder.layers.self_attention.linear_qkv.layer_norm_weight``,
-    5); a name outside the decoder layers is its own key (layer None)."""
+def stacks_layers(arch) -> bool:
+    """Whether megatron-core stacks the decoder layers under one key: not for a model mixing MoE and dense layers
+    (its ``moe_layer_freq`` is a list, which makes the layers non-homogeneous: one key per layer)."""
+    return getattr(arch, "moe_layers", None) is None
+
+
+def sharded_key(global_name: str, stacked: bool = True) -> tuple[str, tuple[int, ...]]:
+    """A parameter's key in megatron-core's sharded state dict and its index along the key's leading axes.
+
+    ``decoder.layers.5.input_layernorm.weight`` -> (``decoder.layers.self_attention.linear_qkv.layer_norm_weight``,
+    (5,)); not ``stacked``: (``decoder.layers.5.self_attention.linear_qkv.layer_norm_weight``, ()). A routed
+    expert's weight also loses its expert number to a leading axis (megatron-core's SequentialMLP):
+    ``decoder.layers.5.mlp.experts.local_experts.3.linear_fc2.weight`` -> (``decoder.layers.mlp.experts.experts.
+    linear_fc2.weight``, (5, 3)). A name outside the decoder layers is its own key (no index)."""
     if not global_name.startswith(LAYERS):
-        return global_name, None
+        return global_name, ()
     layer, _, rest = global_name[len(LAYERS):].partition(".")
-    return LAYERS + te_name("." + rest)[1:], int(layer)
+    rest = te_name("." + rest)[1:]
+    index = (int(layer),) if stacked else ()
+    prefix = LAYERS if stacked else f"{LAYERS}{layer}."
+    if ("." + rest).startswith(EXPERTS):
+        expert, _, tail = rest[len(EXPERTS) - 1:].partition(".")
+        return f"{prefix}mlp.experts.experts.{tail}", (*index, int(expert))
+    return prefix + rest, index
 
 
-def _extra_state_modules(sharding: Sharding) -> list[str]:
-    """The layer modules that are megatron-core linear layers (``self_attention.linear_qkv``, ...), in row order."""
+def _extra_state_modules(sharding: Sharding) -> list[tuple[str, str]]:
+    """(module, row kind) of the layer modules that are megatron-core linear layers (``self_attention.linear_qkv``,
+    ``mlp.experts.local_experts.<e>.linear_fc1``, ...), in row order."""
     modules = []
     for row in sharding.rows:
         if row.megatron.startswith(LAYERS + "*."):
             module = row.megatron[len(LAYERS) + 2:].rpartition(".")[0]
-            if module.rpartition(".")[2].startswith("linear_") and module not in modules:
-                modules.append(module)
+            if module.rpartition(".")[2].startswith("linear_") and all(m != module for m, _ in modules):
+                modules.append((module, row))
     return modules
 
 
 def extra_state_keys(sharding: Sharding) -> list[str]:
-    layers = sharding.arch.num_layers
-    return [f"{LAYERS}{module}._extra_state/shard_{layer}_{layers}"
-            for layer in range(layers) for module in _extra_state_modules(sharding)]
+    """The ``_extra_state`` object keys (``<key>/shard_<offsets>_<shape>``, dotted per axis) of every linear module
+    of every layer, expert by expert for routed experts."""
+    layers, experts = sharding.arch.num_layers, sharding.num_experts
+    stacked = stacks_layers(sharding.arch)
+    single = sharding.retarget(1, 1, 1)
+    keys = []
+    for layer in range(layers):
+        for module, row in _extra_state_modules(sharding):
+            if not single.row_on_layer(row, layer):
+                continue
+            key, index = sharded_key(f"{LAYERS}{layer}.{module.replace(EXPERT, '0')}._extra_state", stacked)
+            shape = ((layers,) if stacked else ()) + ((experts,) if is_expert_row(row) else ())
+            for expert in (range(experts) if is_expert_row(row) else [None]):
+                offsets = index if expert is None else (*index[:-1], expert)
+                if not shape:  # a per-layer key of a module that is not an expert: one object of shape (1,)
+                    offsets, shape = (0,), (1,)
+                keys.append(f"{key}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}")
+    return keys
 
 
 @dataclass(frozen=True)
@@ -84,23 +118,22 @@ class Chunk:
 
 
 def layout(sharding: Sharding) -> list[Chunk]:
-    """Every tensor chunk a TP=1 PP=1 megatron-core save of ``sharding``'s model holds, grouped by entry."""
-    single = sharding.retarget(1, 1)  # keeps the vocabulary padding of the requested TP (the stored global shapes)
-    layers = sharding.arch.num_layers
+    """Every tensor chunk a TP=1 PP=1 EP=1 megatron-core save of ``sharding``'s model holds, grouped by entry."""
+    single = sharding.retarget(1, 1, 1)  # keeps the vocabulary padding of the requested TP (the stored global shapes)
+    layers, experts = sharding.arch.num_layers, sharding.num_experts
+    stacked = stacks_layers(sharding.arch)
     chunks = []
     for entry in single.stage_entries(0):
-        key, layer = sharded_key(entry.global_name)
+        key, index = sharded_key(entry.global_name, stacked)
+        lead = ((layers,) if stacked and entry.layer is not None else ()) + \
+            ((experts,) if entry.expert is not None else ())
         shape = megatron_shape(entry.global_name, sharding.arch, single.padded_vocab_size)
         parts = 2 if entry.row.split is Split.GATED else 1
         part_shape = (shape[0] // parts, *shape[1:])
         for part in range(parts):
             offsets = (part * part_shape[0],) + (0,) * (len(shape) - 1)
-            if layer is None:
-                chunks.append(Chunk(entry, key, torch.Size(shape), torch.Size(offsets), torch.Size(part_shape),
-                                    part, parts))
-            else:
-                chunks.append(Chunk(entry, key, torch.Size((layers, *shape)), torch.Size((layer, *offsets)),
-                                    torch.Size((1, *part_shape)), part, parts))
+            chunks.append(Chunk(entry, key, torch.Size((*lead, *shape)), torch.Size((*index, *offsets)),
+                                torch.Size((*(1,) * len(lead), *part_shape)), part, parts))
     return chunks
 
 
@@ -117,7 +150,7 @@ class TorchDistFormat(CheckpointFormat):
         write_torch_dist(sharding, source, iter_dir, dtype, progress)
 
     def write_steps(self, sharding):
-        return len(sharding.retarget(1, 1).stage_entries(0))
+        return len(sharding.retarget(1, 1, 1).stage_entries(0))
 
     def open_reader(self, iter_dir, saved, transformer_impl):
         from .torch_dist_io import TorchDistReader
@@ -129,8 +162,7 @@ class TorchDistFormat(CheckpointFormat):
     def export_dtype(self, saved_dtype):
         return saved_dtype  # as a model built with the checkpoint's dtype would load it
 
-    def load_into_model(self, model, iter_dir, saved, target, tp_rank, pp_rank, transformer_impl):
-
+    def load_into_model(self, model, iter_dir, saved, target, tp_rank, pp_rank, transformer_impl, ep_rank=0):
         from .torch_dist_io import TorchDistReader
 
         check_torch_dist_checkpoint(iter_dir)  # megatron-core unpickles without restriction: vet the bytes first

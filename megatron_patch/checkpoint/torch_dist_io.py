@@ -3,11 +3,13 @@ process, one parameter at a time, without megatron-core."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import os
 import pickle
+import re
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -52,6 +54,7 @@ def _one_process():
 # --- writing --------------------------------------------------------------------------------------------------
 
 
+_PER_LAYER_KEY = re.compile(r"decoder\.layers\.\d+\.")  # a key of one layer (not stacked over layers)
 DCP_DATA_FILE = "__0_0.distcp"  # what DCP's FileSystemWriter names rank 0's single file
 # torch.save aligns a record's tensor bytes to 64 within the record; records starting at multiples of 64 put every
 # tensor at an aligned file offset, so a reader can map it instead of copying it (``TorchDistReader._mapped``).
@@ -80,7 +83,7 @@ def write_torch_dist(sharding: Sharding, reader, iter_dir: Path, dtype: torch.dt
     ``Metadata`` of the same classes), written here directly: one entry's tensors at a time, each straight from
     the memory-mapped HF files, to a ``BulkFile`` (past the page cache where the filesystem allows it).
     """
-    single = sharding.retarget(1, 1)
+    single = sharding.retarget(1, 1, 1)
     chunks = layout(sharding)
     state_dict_metadata, storage_data = {}, {}
     properties = TensorProperties(dtype=dtype)
@@ -212,38 +215,44 @@ class TorchDistReader:
                 raise CheckpointError(f"torch_dist checkpoint {self.dir}: '{key}' has shape {stored[key]}; its "
                                       f"recorded configuration implies {shape}")
 
-    def _where(self, global_name: str) -> tuple[str, int | None, TensorStorageMetadata]:
-        key, layer = sharded_key(global_name)
+    @functools.cached_property
+    def _stacked(self) -> bool:
+        """Whether the decoder layers are stacked under one key per parameter (see ``torch_dist.stacks_layers``)."""
+        return not any(_PER_LAYER_KEY.match(key) for key in self.metadata.state_dict_metadata)
+
+    def _where(self, global_name: str) -> tuple[str, tuple[int, ...], TensorStorageMetadata]:
+        key, index = sharded_key(global_name, self._stacked)
         stored = self.metadata.state_dict_metadata.get(key)
         if not isinstance(stored, TensorStorageMetadata):
             raise CheckpointError(f"torch_dist checkpoint {self.dir} holds no tensor '{key}' (for {global_name})")
-        if layer is not None and (len(stored.size) < 1 or layer >= stored.size[0]):
+        if len(stored.size) < len(index) or any(i >= n for i, n in zip(index, stored.size)):
             raise CheckpointError(f"torch_dist checkpoint {self.dir}: '{key}' of shape {tuple(stored.size)} has no "
-                                  f"layer {layer}")
-        return key, layer, stored
+                                  f"entry {index} (layer, expert)")
+        return key, index, stored
 
     def meta(self, global_name: str) -> torch.Tensor:
         """A meta tensor with the shape and dtype ``full`` returns (nothing is read)."""
-        _, layer, stored = self._where(global_name)
-        shape = stored.size[1:] if layer is not None else stored.size
-        return torch.empty(shape, dtype=stored.properties.dtype, device="meta")
+        _, index, stored = self._where(global_name)
+        return torch.empty(stored.size[len(index):], dtype=stored.properties.dtype, device="meta")
 
     def shards(self, global_name: str) -> list[torch.Tensor]:
         """``[full(global_name)]``: a torch_dist checkpoint stores global tensors."""
         return [self.full(global_name)]
 
     def full(self, global_name: str) -> torch.Tensor:
-        key, layer, stored = self._where(global_name)
-        if layer is None:
-            dest, offsets = torch.empty(stored.size, dtype=stored.properties.dtype), (0,) * len(stored.size)
-        else:
-            dest = torch.empty((1, *stored.size[1:]), dtype=stored.properties.dtype)
-            offsets = (layer,) + (0,) * (len(stored.size) - 1)
+        key, index, stored = self._where(global_name)
+        lead = len(index)
+        dest = torch.empty((*(1,) * lead, *stored.size[lead:]), dtype=stored.properties.dtype)
+        offsets = (*index, *(0,) * (len(stored.size) - lead))
+
+        def strip(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.reshape(stored.size[lead:]) if lead else tensor
+
         mapped = self._mapped(key, stored, offsets, dest.shape)
         if mapped is not None:
-            return mapped[0] if layer is not None else mapped
+            return strip(mapped)
         if self._read_records(key, stored, offsets, dest):
-            return dest[0] if layer is not None else dest
+            return strip(dest)
         try:
             with _one_process():
                 dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(key, offsets, dest), no_dist=True)
@@ -253,7 +262,7 @@ class TorchDistReader:
             # exception types; DCP wraps them in CheckpointException, a BaseException
             raise CheckpointError(f"cannot read '{key}' from torch_dist checkpoint {self.dir} (missing or truncated "
                                   f"file?): {' '.join(str(error).split())[:300]}") from None
-        return dest[0] if layer is not None else dest
+        return strip(dest)
 
     def _mapped(self, key: str, stored: TensorStorageMetadata, offsets: tuple[int, ...],
                 sizes: torch.Size) -> torch.Tensor | None:

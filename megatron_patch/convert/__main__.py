@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tensor-parallel size to shard for (default: 1)")
     h2m.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1,
                      help="pipeline-parallel size to shard for (default: 1)")
+    h2m.add_argument("--ep", "--expert-model-parallel-size", dest="ep", type=int, default=1,
+                     help="expert-parallel size of a mixture-of-experts model (legacy: one file per TP x PP x EP "
+                          "rank; torch_dist stores experts by global index, loadable at any EP; default: 1)")
     h2m.add_argument("--format", dest="fmt", choices=FORMAT_CHOICES, default="torch_dist",
                      help="torch_dist (megatron-core dist_checkpointing, reshardable; default) or legacy mp_rank_* files")
     h2m.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local",
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--mcore", required=True, help="Megatron checkpoint directory")
     ver.add_argument("--tp", type=int, default=None, help="TP to run at (default: as saved)")
     ver.add_argument("--pp", type=int, default=None, help="PP to run at (default: as saved)")
+    ver.add_argument("--ep", type=int, default=None,
+                     help="expert-parallel size to run a MoE checkpoint at (TP x PP x EP ranks; default: as saved)")
     ver.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (fp32; default: 1e-4)")
     ver.add_argument("--trust-remote-code", action="store_true",
                      help="let transformers run the modeling code shipped with the HF directory (Baichuan, Qwen v1)")
@@ -101,8 +106,9 @@ def run(args) -> int | None:
 
         out = hf_to_mcore(args.load, args.save, args.tp, args.pp, args.fmt, args.transformer_impl, args.family,
                           args.extra_vocab_size, args.make_vocab_size_divisible_by, args.overwrite,
-                          allow_non_finite=args.allow_non_finite)
-        print(f"saved Megatron checkpoint ({args.fmt}, TP={args.tp}, PP={args.pp}) to {out}")
+                          allow_non_finite=args.allow_non_finite, ep=args.ep)
+        ep = f", EP={args.ep}" if args.ep != 1 else ""
+        print(f"saved Megatron checkpoint ({args.fmt}, TP={args.tp}, PP={args.pp}{ep}) to {out}")
     elif args.command == "mcore2hf":
         from .mcore_to_hf import mcore_to_hf
 
@@ -123,7 +129,7 @@ def run(args) -> int | None:
     else:
         from .verify import verify
 
-        report = verify(args.hf, args.mcore, args.tp, args.pp, args.tolerance, args.trust_remote_code)
+        report = verify(args.hf, args.mcore, args.tp, args.pp, args.tolerance, args.trust_remote_code, ep=args.ep)
         print(report.line())
         return 0 if report.ok else 1
     return None

@@ -23,7 +23,7 @@ MAX_EXTRA_VOCAB = 1 << 22  # 4M new rows: 16x the largest vocabularies in use; b
 
 
 def make_plan(hf_config: dict, tp: int, pp: int, family_name: str | None = None, extra_vocab_size: int = 0,
-              make_vocab_size_divisible_by: int = 128) -> ConversionPlan:
+              make_vocab_size_divisible_by: int = 128, ep: int = 1) -> ConversionPlan:
     try:
         spec = ModelSpec.from_hf_config(hf_config, tp=tp, family=family_name, extra_vocab_size=extra_vocab_size,
                                         make_vocab_size_divisible_by=make_vocab_size_divisible_by)
@@ -31,7 +31,7 @@ def make_plan(hf_config: dict, tp: int, pp: int, family_name: str | None = None,
         raise CheckpointError(f"config.json has no field {error} that the model needs") from None
     except TypeError as error:  # a field of the wrong type (a string where a number belongs)
         raise CheckpointError(f"config.json has a field of the wrong type: {error}") from None
-    return ConversionPlan(spec, tp, pp)
+    return ConversionPlan(spec, tp, pp, ep=ep)
 
 
 def checkpoint_dtype(reader: HFCheckpointReader, plan: ConversionPlan) -> torch.dtype:
@@ -60,8 +60,10 @@ def hf_to_mcore(
     make_vocab_size_divisible_by: int = 128,
     overwrite: bool = False,
     allow_non_finite: bool = False,
+    ep: int = 1,
 ) -> Path:
-    """Convert; everything is validated before the first byte is written, and the output appears atomically.
+    """Convert (``ep``: expert-parallel ranks of a MoE model; torch_dist stores experts by global index whatever it
+    is, legacy writes one file per TP x PP x EP rank); everything is validated before the first byte is written, and the output appears atomically.
 
     Each megatron tensor is checked for NaN/Inf as it is built (one reduction over a fresh tensor, no extra pass
     over the checkpoint): the first one stops the conversion, or with ``allow_non_finite`` is reported once."""
@@ -80,7 +82,10 @@ def hf_to_mcore(
     storage = get_format(fmt)
     hf_config = read_config(hf_dir)
     asset_files(hf_dir)  # a link leading outside the model directory is refused now, not after the weights
-    plan = make_plan(hf_config, tp, pp, family, extra_vocab_size, make_vocab_size_divisible_by)
+    plan = make_plan(hf_config, tp, pp, family, extra_vocab_size, make_vocab_size_divisible_by, ep)
+    if plan.arch.is_moe and transformer_impl != "local":
+        raise ConfigError("mixture-of-experts checkpoints convert for --transformer-impl local only (megatron-core's "
+                          "TE spec names a MoE layer's pre-MLP norm differently)")
     check_output_dir(out_dir, overwrite)
     reader = plan.open_hf(hf_dir)
     plan.validate_hf(reader)
@@ -95,6 +100,6 @@ def hf_to_mcore(
                           progress=progress)
         copy_assets(hf_dir, iter_dir / ASSETS)
         write_checkpoint_meta(iter_dir, plan.spec, fmt=fmt, tp=tp, pp=pp, transformer_impl=transformer_impl,
-                              dtype=dtype, tokenizer_dir=Path(out_dir).resolve() / "release" / ASSETS)
+                              dtype=dtype, tokenizer_dir=Path(out_dir).resolve() / "release" / ASSETS, ep=ep)
         (temp / TRACKER).write_text("release")
     return Path(out_dir)

@@ -49,15 +49,17 @@ class PrefixTolerantReader:
 
 @dataclass(frozen=True)
 class ConversionPlan:
-    """``spec`` on ``tp`` x ``pp`` ranks; ``sharding`` (built and validated on construction) places its weights."""
+    """``spec`` on ``tp`` x ``pp`` (x ``ep`` for a MoE model) ranks; ``sharding`` (built and validated on
+    construction) places its weights."""
 
     spec: ModelSpec
     tp: int
     pp: int
     sharding: Sharding = field(init=False)
+    ep: int = 1
 
     def __post_init__(self):
-        object.__setattr__(self, "sharding", self.spec.sharding(self.tp, self.pp))
+        object.__setattr__(self, "sharding", self.spec.sharding(self.tp, self.pp, self.ep))
 
     @property
     def family(self):
@@ -80,7 +82,7 @@ class ConversionPlan:
         prefix = self.family.optional_hf_prefix
         used: set[str] = set()
         for stage in range(self.pp):
-            for entry in self.sharding.stage_entries(stage):
+            for entry in self.sharding.stage_entries(stage):  # every expert (global ids)
                 names = entry.hf_names
                 for name in names:
                     if name not in reader:

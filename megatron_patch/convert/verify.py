@@ -63,24 +63,25 @@ def hf_logits(hf_dir, tokens: torch.Tensor, trust_remote_code: bool = False) -> 
         return model(tokens).logits.float()
 
 
-def megatron_logits(iter_dirs: list, tokens: torch.Tensor, tp: int, pp: int) -> list[torch.Tensor]:
-    """Run each checkpoint at TP x PP (one set of local ranks, fp32); return the logits over the real vocabulary."""
+def megatron_logits(iter_dirs: list, tokens: torch.Tensor, tp: int, pp: int, ep: int = 1) -> list[torch.Tensor]:
+    """Run each checkpoint at TP x PP (x EP: TP x PP x EP ranks, EP carved out of data parallelism; one set of
+    local ranks, fp32); return the logits over the real vocabulary."""
     from ..runtime import run_on_local_ranks
 
     iter_dirs = [str(d) for d in iter_dirs]
-    results = run_on_local_ranks(_megatron_logits_rank, tp * pp, iter_dirs, tokens, tp, pp,
+    results = run_on_local_ranks(_megatron_logits_rank, tp * pp * ep, iter_dirs, tokens, tp, pp, ep,
                                  env={"CUDA_VISIBLE_DEVICES": ""})
     logits = next(r for r in results if r is not None)
     return [out[..., : Checkpoint.open(d).spec.vocab_size] for d, out in zip(iter_dirs, logits)]
 
 
-def _megatron_logits_rank(iter_dirs, tokens, tp, pp):
+def _megatron_logits_rank(iter_dirs, tokens, tp, pp, ep=1):
     from megatron.core import parallel_state
 
     from ..models.builder import build_model
     from ..models.inference import forward_logits
     from ..runtime import init_distributed, local_device, place_model
-    init_distributed(tp, pp)
+    init_distributed(tp, pp, expert_model_parallel_size=ep)
     tokens = tokens.to(local_device())
     outputs = []
     for iter_dir in iter_dirs:
@@ -89,7 +90,8 @@ def _megatron_logits_rank(iter_dirs, tokens, tp, pp):
         ckpt.load_into(model)
         model.eval()
         outputs.append(forward_logits(model, tokens))
-    if outputs[0] is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+    if (outputs[0] is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0):
         return [out.float().cpu() for out in outputs]  # back to the host: compared there with the HF logits
     return None
 
@@ -101,7 +103,7 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float) 
 
 
 def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, tp: int | None = None, pp: int | None = None,
-           tolerance: float = 1e-4, trust_remote_code: bool = False) -> ParityReport:
+           tolerance: float = 1e-4, trust_remote_code: bool = False, ep: int | None = None) -> ParityReport:
     """Everything checkable is checked before a rank is spawned or transformers is called (which, given a path that
     is not a directory, would look the name up on the Hugging Face hub)."""
     from pathlib import Path
@@ -109,17 +111,17 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, tp: int | No
 
     if not (Path(hf_dir) / "config.json").is_file():
         raise CheckpointError(f"--hf {hf_dir} is not a HF model directory (no config.json there)")
-    for flag, value in (("--tp", tp), ("--pp", pp)):
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--ep", ep)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
     ckpt = Checkpoint.open(mcore_dir)
-    tp, pp = tp or ckpt.tp, pp or ckpt.pp
-    ckpt.sharding(tp, pp)  # TP must divide the heads and groups, PP the layers: one line now, not from a rank
+    tp, pp, ep = tp or ckpt.tp, pp or ckpt.pp, ep or ckpt.ep
+    ckpt.sharding(tp, pp, ep)  # TP must divide the heads and groups, PP the layers, EP the experts: one line now
     tokens = fixed_tokens(hf_dir, ckpt.spec.arch.vocab_size, trust_remote_code=trust_remote_code)
     with progress(total=2, desc="verify: logits", unit="model") as bar:  # HF, then Megatron at TP x PP
         reference = hf_logits(hf_dir, tokens, trust_remote_code)
         bar.update(1)
-        candidate = megatron_logits([ckpt.iter_dir], tokens, tp, pp)[0]
+        candidate = megatron_logits([ckpt.iter_dir], tokens, tp, pp, ep)[0]
         bar.update(1)
     extra = ckpt.spec.extra_vocab_size
     if extra and candidate.shape[-1] == reference.shape[-1] + extra:

@@ -187,6 +187,31 @@ class PerHeadQKV(Row):
         return [layouts.megatron_to_per_head_qkv(tensor, arch.num_attention_heads)]
 
 
-def layer_names(pattern: str, layer: int | None) -> str:
-    """``pattern`` with its ``*`` replaced by ``layer`` (unchanged for a row outside the decoder layers)."""
-    return pattern if layer is None else pattern.replace("*", str(layer), 1)
+# The expert index in the names of a routed expert's rows (``...local_experts.<e>.linear_fc1.weight`` <-
+# ``...experts.<e>.gate_proj.weight``): the sharding engine repeats such a row for every expert of the layer.
+EXPERT = "<e>"
+
+
+def layer_names(pattern: str, layer: int | None, expert: int | None = None) -> str:
+    """``pattern`` with its ``*`` replaced by ``layer`` (unchanged for a row outside the decoder layers) and its
+    ``<e>`` by ``expert``."""
+    name = pattern if layer is None else pattern.replace("*", str(layer), 1)
+    return name if expert is None else name.replace(EXPERT, str(expert))
+
+
+def is_expert_row(row: Row) -> bool:
+    """A routed expert's weight: one parameter per expert, placed on expert-parallel ranks."""
+    return EXPERT in row.megatron
+
+
+# Which decoder layers a row belongs to in a mixture-of-experts model, by its megatron name: the router, the routed
+# and the shared experts live in MoE layers only, the dense MLP (``mlp.linear_fc1`` ...) in dense layers only.
+MOE_MODULES = (".mlp.router.", ".mlp.experts.", ".mlp.shared_experts.")
+DENSE_MLP = ".mlp.linear_fc"
+
+
+def row_kind(row: Row) -> str:
+    """``moe`` (a MoE layer's MLP), ``dense`` (a dense layer's MLP) or ``any`` (attention, norms, outside layers)."""
+    if any(module in row.megatron for module in MOE_MODULES):
+        return "moe"
+    return "dense" if DENSE_MLP in row.megatron else "any"

@@ -18,7 +18,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from . import layouts
 from .pieces import Pieces, export_pieces
-from .rows import Row, Split, layer_names
+from .rows import Row, Split, is_expert_row, layer_names, row_kind
 
 # --- the split table ----------------------------------------------------------------------------------------------
 
@@ -79,16 +79,36 @@ class ArchShape(Protocol):
     vocab_size: int
     gated_linear_unit: bool
     tie_word_embeddings: bool
+    # Mixture of experts (``models.ModelArch``; 0 experts for a dense model).
+    num_experts: int
+    moe_ffn_hidden_size: int
+    moe_shared_expert_intermediate_size: int
 
     def check_parallel(self, tp: int, pp: int) -> None: ...
+
+    def check_expert_parallel(self, ep: int) -> None: ...
+
+    def is_moe_layer(self, layer: int) -> bool: ...
+
+
+def _ffn_width(name: str, arch: ArchShape) -> int:
+    """The FFN width of the MLP a parameter belongs to: a routed expert's, the shared expert's or the dense one."""
+    if ".mlp.experts." in name:
+        return arch.moe_ffn_hidden_size
+    if ".mlp.shared_experts." in name:
+        return arch.moe_shared_expert_intermediate_size
+    return arch.ffn_hidden_size
 
 
 def megatron_shape(name: str, arch: ArchShape, vocab_rows: int) -> tuple[int, ...]:
     """The full (unsharded, TP=1) shape of a megatron-core GPT parameter given the architecture."""
     h, d = arch.hidden_size, arch.head_dim
     qkv = (arch.num_attention_heads + 2 * arch.num_query_groups) * d
-    fc1 = arch.ffn_hidden_size * (2 if arch.gated_linear_unit else 1)
+    ffn = _ffn_width(name, arch)
+    fc1 = ffn * (2 if arch.gated_linear_unit else 1)
     suffixes = [
+        ("mlp.router.weight", (getattr(arch, "num_experts", 0), h)),
+        ("shared_experts.gate_weight", (1, h)),
         ("word_embeddings.weight", (vocab_rows, h)),
         ("output_layer.weight", (vocab_rows, h)),
         ("linear_qkv.weight", (qkv, h)),
@@ -96,7 +116,7 @@ def megatron_shape(name: str, arch: ArchShape, vocab_rows: int) -> tuple[int, ..
         ("linear_proj.weight", (h, arch.num_attention_heads * d)),
         ("linear_fc1.weight", (fc1, h)),
         ("linear_fc1.bias", (fc1,)),
-        ("linear_fc2.weight", (h, arch.ffn_hidden_size)),
+        ("linear_fc2.weight", (h, ffn)),
         ("q_layernorm.weight", (d,)),
         ("k_layernorm.weight", (d,)),
         ("q_layernorm.bias", (d,)),
@@ -124,19 +144,20 @@ def _owned(tensor: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Entry:
-    """One megatron parameter on one pipeline stage."""
+    """One megatron parameter on one pipeline stage (and, for a routed expert's weight, one expert-parallel rank)."""
 
     row: Row
     layer: int | None  # global layer id for decoder rows
-    local_name: str  # name in the stage's state_dict (stage-local layer id)
+    local_name: str  # name in the stage's state_dict (stage-local layer id, rank-local expert id)
+    expert: int | None = None  # global expert id for expert rows
 
     @property
     def global_name(self) -> str:
-        return layer_names(self.row.megatron, self.layer)
+        return layer_names(self.row.megatron, self.layer, self.expert)
 
     @property
     def hf_names(self) -> list[str]:
-        return [layer_names(name, self.layer) for name in self.row.hf_names]
+        return [layer_names(name, self.layer, self.expert) for name in self.row.hf_names]
 
 
 class TensorSource(Protocol):
@@ -163,10 +184,13 @@ class Sharding:
     # Called as check(description, tensor) on every megatron tensor ``hf_to_megatron`` / ``full_megatron_tensor``
     # produce, while it is fresh (e.g. ``checks.NonFiniteGuard``); see ``with_tensor_check``.
     tensor_check: Callable[[str, torch.Tensor], None] | None = dataclasses.field(default=None, compare=False)
+    ep: int = 1  # expert-parallel ranks: each holds num_experts / ep whole routed experts of every MoE layer
 
     def __post_init__(self):
         object.__setattr__(self, "rows", tuple(self.rows))
         self.arch.check_parallel(self.tp, self.pp)
+        if self.ep != 1 or self.num_experts:
+            self.arch.check_expert_parallel(self.ep)
         if self.extra_vocab_size < 0:
             raise ConfigError(f"extra vocabulary size must be >= 0 (got {self.extra_vocab_size})")
         if self.padded_vocab_size < self.vocab_size:
@@ -189,9 +213,13 @@ class Sharding:
             self.tensor_check(f"{entry.global_name} (from {', '.join(entry.hf_names)})", tensor)
         return tensor
 
-    def retarget(self, tp: int, pp: int) -> Sharding:
-        """The same model (rows, vocabulary as padded) on another TP x PP."""
-        return dataclasses.replace(self, tp=tp, pp=pp)
+    @property
+    def num_experts(self) -> int:
+        return getattr(self.arch, "num_experts", 0)
+
+    def retarget(self, tp: int, pp: int, ep: int | None = None) -> Sharding:
+        """The same model (rows, vocabulary as padded) on another TP x PP (x EP; default: this one's)."""
+        return dataclasses.replace(self, tp=tp, pp=pp, ep=self.ep if ep is None else ep)
 
     # --- placement -------------------------------------------------------------------------------------------
 
@@ -205,12 +233,36 @@ class Sharding:
             return last and (not self.arch.tie_word_embeddings or not first)
         return last
 
-    def stage_entries(self, pp_rank: int) -> list[Entry]:
+    def row_on_layer(self, row: Row, layer: int) -> bool:
+        """A MoE model's router / experts are in its MoE layers, its dense MLP in the others (``rows.row_kind``)."""
+        kind = row_kind(row)
+        if kind == "any" or not self.num_experts:
+            return kind != "moe"
+        return (kind == "moe") == self.arch.is_moe_layer(layer)
+
+    def experts_on(self, ep_rank: int | None) -> range:
+        """The global ids of the routed experts expert-parallel rank ``ep_rank`` holds (all of them for None)."""
+        if ep_rank is None:
+            return range(self.num_experts)
+        local = self.num_experts // self.ep
+        return range(ep_rank * local, (ep_rank + 1) * local)
+
+    def stage_entries(self, pp_rank: int, ep_rank: int | None = None) -> list[Entry]:
+        """The parameters of pipeline stage ``pp_rank``: with ``ep_rank`` those of that expert-parallel rank (its
+        routed experts numbered from 0, as its state_dict numbers them), else every expert under its global id."""
         layers = layouts.pp_layer_range(self.arch.num_layers, self.pp, pp_rank)
+        experts = self.experts_on(ep_rank)
         entries = []
         for row in self.rows:
             if row.is_layer_row:
-                entries += [Entry(row, g, layer_names(row.megatron, g - layers.start)) for g in layers]
+                for g in layers:
+                    if not self.row_on_layer(row, g):
+                        continue
+                    if is_expert_row(row):
+                        entries += [Entry(row, g, layer_names(row.megatron, g - layers.start, e - experts.start), e)
+                                    for e in experts]
+                    else:
+                        entries.append(Entry(row, g, layer_names(row.megatron, g - layers.start)))
             elif self._row_on_stage(row, pp_rank):
                 entries.append(Entry(row, None, row.megatron))
         return entries

@@ -38,6 +38,16 @@ class ModelArch:
     init_std: float = 0.02
     dtype: str = "float32"  # the dtype the HF checkpoint declares
     extras: dict = field(default_factory=dict)  # family-specific facts the builder does not read (e.g. HF layout)
+    # Mixture of experts (0 experts: a dense model). Routing: softmax over the experts' logits, the top k kept;
+    # ``moe_router_pre_softmax`` false renormalises the k kept probabilities (HF ``norm_topk_prob`` / Mixtral),
+    # true keeps them as they are (HF ``norm_topk_prob=false``).
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0  # each routed expert's FFN width
+    moe_router_topk: int = 0
+    moe_router_pre_softmax: bool = False
+    moe_shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    moe_shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(x . gate_weight)
+    moe_layers: tuple[int, ...] | None = None  # 1 = MoE layer, 0 = dense MLP, per layer; None: every layer is MoE
 
     def __post_init__(self):
         if self.position_embedding not in POSITION_EMBEDDINGS:
@@ -50,6 +60,24 @@ class ModelArch:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_query_groups}"
             )
+
+        if self.num_experts:
+            if not 1 <= self.moe_router_topk <= self.num_experts:
+                raise UnsupportedModelError(f"top-k {self.moe_router_topk} (num_experts_per_tok) must be between 1 "
+                                            f"and the number of experts ({self.num_experts})")
+            if self.moe_layers is not None and len(self.moe_layers) != self.num_layers:
+                raise UnsupportedModelError(f"the MoE layer pattern has {len(self.moe_layers)} entries for "
+                                            f"{self.num_layers} layers")
+        elif self.moe_router_topk or self.moe_shared_expert_intermediate_size or self.moe_layers:
+            raise UnsupportedModelError("MoE settings on a model without experts")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether global decoder layer ``layer`` routes its tokens to experts (else it has a dense MLP)."""
+        return self.is_moe and (self.moe_layers is None or bool(self.moe_layers[layer]))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,10 +103,25 @@ class ModelArch:
                               "(num_key_value_heads)")
         if self.ffn_hidden_size % tp:
             raise ConfigError(f"{tp_flag} {tp} does not divide the FFN width {self.ffn_hidden_size}")
+        if self.is_moe and self.moe_ffn_hidden_size % tp:
+            raise ConfigError(f"{tp_flag} {tp} does not divide the experts' FFN width {self.moe_ffn_hidden_size}")
+        if self.moe_shared_expert_intermediate_size % tp:
+            raise ConfigError(f"{tp_flag} {tp} does not divide the shared expert's FFN width "
+                              f"{self.moe_shared_expert_intermediate_size}")
         if pp > self.num_layers:
             raise ConfigError(f"{pp_flag} {pp} is larger than the number of layers ({self.num_layers})")
         if self.num_layers % pp:
             raise ConfigError(f"{pp_flag} {pp} does not divide the {self.num_layers} layers evenly")
+
+    def check_expert_parallel(self, ep: int, flag: str = "--ep") -> None:
+        """Raise a one-line error naming ``flag`` if this model cannot place its experts on ``ep`` ranks."""
+        if ep < 1:
+            raise ConfigError(f"{flag} must be >= 1 (got {ep})")
+        if ep > 1 and not self.is_moe:
+            raise ConfigError(f"{flag} {ep} needs a mixture-of-experts model; this one has no experts")
+        if self.is_moe and self.num_experts % ep:
+            raise ConfigError(f"{flag} {ep} does not divide the {self.num_experts} experts")
+
 
 def parse_rope(hf_config: dict) -> tuple[float, dict | None]:
     """(theta, scaling) from a config written by transformers 4.x (``rope_theta``, ``rope_scaling``)

@@ -76,8 +76,30 @@ def transformer_config(
         # Initialise the full weight on the CPU, then split: the same init at every TP size (and no GPU needed).
         use_cpu_initialization=True,
     )
+    if arch.is_moe:
+        fields.update(moe_fields(arch))
     fields.update(overrides)
     return TransformerConfig(**fields)
+
+
+def moe_fields(arch: ModelArch) -> dict:
+    """The TransformerConfig fields that make ``arch``'s MoE layers: megatron-core's router, its SequentialMLP
+    experts (one MLP per expert, the layout the converter writes) and its shared expert; routing as ``moe.py``
+    describes. Training flags (dispatcher, aux loss, EP size) override these."""
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_topk=arch.moe_router_topk,
+        moe_router_pre_softmax=arch.moe_router_pre_softmax,
+        moe_router_score_function="softmax",
+        moe_shared_expert_intermediate_size=arch.moe_shared_expert_intermediate_size or None,
+        moe_shared_expert_gate=arch.moe_shared_expert_gate,
+        # An int 1 (every layer) keeps megatron-core's checkpoint keys stacked over layers; a list makes them
+        # per layer (``checkpoint/torch_dist.py`` writes either).
+        moe_layer_freq=list(arch.moe_layers) if arch.moe_layers is not None else 1,
+        moe_grouped_gemm=False,
+        moe_aux_loss_coeff=0.0,
+    )
 
 
 def _gelu(x):
@@ -85,10 +107,11 @@ def _gelu(x):
     return F.gelu(x, approximate="tanh")
 
 
-def layer_spec(arch: ModelArch, transformer_impl: str = "local", *, fused_local: bool = True):
+def layer_spec(arch: ModelArch, transformer_impl: str = "local", *, fused_local: bool = True, moe: bool = False):
     """The GPTModel layer spec of ``arch``: megatron-core's local or Transformer-Engine spec plus this toolkit's
     core attention where needed (ALiBi; on the local spec SDPA attention, ``layers/sdpa.py``) and, on the local
-    spec, the SwiGLU MLP (``layers/swiglu.py``).
+    spec, the SwiGLU MLP (``layers/swiglu.py``). ``moe``: the spec of a MoE layer (megatron-core's MoELayer with
+    SequentialMLP experts) instead of a dense one.
 
     ``fused_local=False`` keeps megatron-core's own unfused local modules (``DotProductAttention``, ``MLP``): the
     reference the fast path is tested against. The TE spec is unaffected (its attention and MLP are TE's own).
@@ -99,6 +122,11 @@ def layer_spec(arch: ModelArch, transformer_impl: str = "local", *, fused_local:
     )
 
     check_transformer_impl(transformer_impl)
+    if moe and transformer_impl == "transformer_engine":
+        # megatron-core's TE spec keeps a MoE layer's pre-MLP norm as its own module, under another checkpoint key
+        # than the local spec's: the converter writes the local spec's layout only.
+        raise ConfigError("mixture-of-experts models build with --transformer-impl local only")
+    experts = dict(num_experts=arch.num_experts, moe_grouped_gemm=False) if moe else {}
     alibi = arch.position_embedding == "alibi"
     if transformer_impl == "transformer_engine":
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
@@ -108,7 +136,7 @@ def layer_spec(arch: ModelArch, transformer_impl: str = "local", *, fused_local:
 
             core_attention = alibi_core_attention(transformer_impl)
     else:
-        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization=arch.normalization)
+        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization=arch.normalization, **experts)
         if not fused_local:
             from ..layers.alibi import alibi_core_attention
 
@@ -121,12 +149,31 @@ def layer_spec(arch: ModelArch, transformer_impl: str = "local", *, fused_local:
     spec = copy.deepcopy(spec)  # specs are plain dataclasses: never alter one megatron-core may hand out again
     if core_attention is not None:
         spec.submodules.self_attention.submodules.core_attention = core_attention
-    if transformer_impl == "local" and fused_local and arch.gated_linear_unit:
+    if transformer_impl == "local" and fused_local and arch.gated_linear_unit and not moe:
         from ..layers.swiglu import SwiGLUMLP
 
         # The unfused gated MLP keeps 4 ffn-wide activations per layer and copies `up` each step; SwiGLUMLP keeps 2.
         spec.submodules.mlp = SwiGLUMLP  # the class itself: see SwiGLUMLP's docstring
     return spec
+
+
+def decoder_spec(arch: ModelArch, config, transformer_impl: str = "local", *, fused_local: bool = True):
+    """What GPTModel builds its decoder from: one layer spec for a dense model or one whose every layer is a MoE
+    layer; for a model mixing MoE and dense layers, the spec of each layer of this pipeline stage."""
+    if not arch.is_moe or arch.moe_layers is None:
+        return layer_spec(arch, transformer_impl, fused_local=fused_local, moe=arch.is_moe)
+    from megatron.core.transformer.transformer_block import (
+        LayerNormImpl,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    specs = {moe: layer_spec(arch, transformer_impl, fused_local=fused_local, moe=moe) for moe in (False, True)}
+    first = get_transformer_layer_offset(config)
+    layers = range(first, first + get_num_layers_to_build(config))
+    return TransformerBlockSubmodules(layer_specs=[specs[arch.is_moe_layer(g)] for g in layers],
+                                      layer_norm=LayerNormImpl)
 
 
 def add_model_patches(model, arch: ModelArch, config) -> None:
@@ -171,6 +218,9 @@ def build_model(
             arch,
             tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
             pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+            **({"expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+                "expert_tensor_parallel_size": parallel_state.get_expert_tensor_parallel_world_size()}
+               if arch.is_moe else {}),
         )
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
@@ -178,7 +228,7 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, transformer_impl, fused_local=fused_local),
+        transformer_layer_spec=decoder_spec(arch, config, transformer_impl, fused_local=fused_local),
         vocab_size=padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

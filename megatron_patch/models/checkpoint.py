@@ -76,6 +76,11 @@ class Checkpoint:
         return self.meta["pipeline_model_parallel_size"]
 
     @property
+    def ep(self) -> int:
+        """The expert-parallel size it was saved at (1 for a dense model or a file without the field)."""
+        return self.meta.get("expert_model_parallel_size", 1)
+
+    @property
     def transformer_impl(self) -> str:
         return self.meta.get("transformer_impl", "local")
 
@@ -83,9 +88,9 @@ class Checkpoint:
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.meta["dtype"])
 
-    def sharding(self, tp: int | None = None, pp: int | None = None) -> Sharding:
-        """The model's rows at TP x PP (default: as saved)."""
-        return self.spec.sharding(tp or self.tp, pp or self.pp)
+    def sharding(self, tp: int | None = None, pp: int | None = None, ep: int | None = None) -> Sharding:
+        """The model's rows at TP x PP x EP (default: as saved)."""
+        return self.spec.sharding(tp or self.tp, pp or self.pp, ep or self.ep)
 
     def reader(self) -> MegatronTensors:
         """Full megatron tensors, one parameter at a time (files validated first)."""
@@ -98,9 +103,14 @@ class Checkpoint:
         from megatron.core import parallel_state as ps
 
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-        self.format.load_into_model(model, self.iter_dir, self.sharding(), self.sharding(tp, pp),
+        ep = ps.get_expert_model_parallel_world_size() if self.spec.arch.is_moe else 1
+        if ep > 1 and ps.get_expert_tensor_parallel_world_size() != tp:
+            raise CheckpointError("loading a MoE checkpoint needs --expert-tensor-parallel-size equal to the "
+                                  f"tensor-parallel size {tp}")
+        self.format.load_into_model(model, self.iter_dir, self.sharding(), self.sharding(tp, pp, ep),
                                     ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                                    self.transformer_impl)
+                                    self.transformer_impl,
+                                    ep_rank=ps.get_expert_model_parallel_rank() if ep > 1 else 0)
         check_finite = NonFiniteGuard(f"checkpoint {self.iter_dir}", allow_non_finite)
         for name, parameter in model.named_parameters():
             check_finite(name, parameter)
@@ -108,7 +118,8 @@ class Checkpoint:
 
 def write_checkpoint_meta(iter_dir: str | os.PathLike, spec: ModelSpec, *, fmt: str, tp: int, pp: int,
                           transformer_impl: str, dtype: torch.dtype, iteration: int | str = "release",
-                          run: dict | None = None, tokenizer_dir: str | os.PathLike | None = None) -> None:
+                          run: dict | None = None, tokenizer_dir: str | os.PathLike | None = None,
+                          ep: int = 1) -> None:
     """Write ``megatron_patch.json``: what ``Checkpoint.open`` reads back; for torch_dist also what Megatron-LM and
     Megatron-Bridge read (``args``, ``checkpoint_version``, ``iteration`` in common.pt; ``run``: a training run's
     settings; ``tokenizer_dir``: the final place of the checkpoint's hf_assets/)."""
@@ -122,6 +133,7 @@ def write_checkpoint_meta(iter_dir: str | os.PathLike, spec: ModelSpec, *, fmt: 
         "iteration": iteration,
         "tensor_model_parallel_size": tp,
         "pipeline_model_parallel_size": pp,
+        **({"expert_model_parallel_size": ep} if spec.arch.is_moe else {}),
         "transformer_impl": transformer_impl,
         "dtype": str(dtype).removeprefix("torch."),
         **spec.meta_fields(),

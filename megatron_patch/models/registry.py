@@ -44,7 +44,7 @@ class ModelFamily:
 
 
 def _load_builtin_families() -> None:
-    from . import baichuan, bloom, llama, qwen  # noqa: F401  (each registers itself)
+    from . import baichuan, bloom, llama, mixtral, qwen, qwen_moe  # noqa: F401  (each registers itself)
 
 
 _FAMILIES: Registry[ModelFamily] = Registry("model family", ConfigError, "supported", load=_load_builtin_families)

@@ -92,7 +92,8 @@ class ModelSpec:
         """The same model with some architecture fields replaced (e.g. the reward model's tied backbone)."""
         return dataclasses.replace(self, arch=dataclasses.replace(self.arch, **changes))
 
-    def sharding(self, tp: int, pp: int) -> Sharding:
-        """This model's weight rows placed on TP x PP ranks (raises a one-line error if it cannot be split so)."""
+    def sharding(self, tp: int, pp: int, ep: int = 1) -> Sharding:
+        """This model's weight rows placed on TP x PP (x EP) ranks (raises a one-line error if it cannot be split
+        so)."""
         return Sharding(rows=tuple(self.family.weight_mapping(self.arch)), arch=self.arch, tp=tp, pp=pp,
-                        padded_vocab_size=self.padded_vocab_size, extra_vocab_size=self.extra_vocab_size)
+                        padded_vocab_size=self.padded_vocab_size, extra_vocab_size=self.extra_vocab_size, ep=ep)

@@ -163,11 +163,35 @@ def _for_megatron_core(original, stand_in):
     return call
 
 
+class _HostStream:
+    """What megatron-core's alltoall MoE token dispatcher asks of a CUDA side stream (``wait_stream``,
+    ``record_event`` and the event's ``synchronize``); on the CPU every operation is already in order. One object
+    stands for every stream, so the dispatcher sees its side stream as the current one and records nothing."""
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+
+_HOST_STREAM = _HostStream()
+
 # Megatron calls these unconditionally; without CUDA they raise. Ordinal 0 is mapped to the CPU by the mode.
 _CUDA_STAND_INS = {
     "current_device": lambda: 0,
     "synchronize": lambda *args, **kwargs: None,
     "device_count": lambda: 0,
+    # The alltoall token dispatcher (MoE expert parallelism) copies its split sizes to the host on a side stream.
+    "Stream": lambda *args, **kwargs: _HOST_STREAM,
+    "current_stream": lambda *args, **kwargs: _HOST_STREAM,
+    "stream": lambda *args, **kwargs: contextlib.nullcontext(),
 }
 
 
@@ -193,6 +217,15 @@ def _install_into_megatron_core() -> None:
         cls = getattr(mcore_random, cls_name, None)
         if cls is not None and hasattr(cls, method):
             _run_under_mode(cls, method)
+    # The same for expert parallelism's all-to-all: its backward is another all-to-all that allocates its output
+    # on torch.cuda.current_device().
+    from megatron.core.tensor_parallel import mappings
+
+    if hasattr(mappings, "_AllToAll"):
+        _run_under_mode(mappings._AllToAll, "backward")
+    from .moe_fixes import host_split_sizes_for_alltoall
+
+    host_split_sizes_for_alltoall()
     _INSTALLED = True
 
 

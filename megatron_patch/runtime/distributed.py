@@ -16,6 +16,7 @@ import torch.distributed as dist
 from ..errors import ConfigError, WorkerError
 from .cpu import disable_cpu_path, enable_cpu_path
 from .device import set_local_device
+from .moe_fixes import fix_moe_router_without_te
 from .versions import check_megatron_version
 
 
@@ -30,15 +31,19 @@ def init_distributed(
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: float = 10.0,
+    expert_model_parallel_size: int = 1,
 ) -> None:
     """Initialise torch.distributed (if needed), megatron-core's parallel state and the RNG streams.
 
+    Expert parallelism is carved out of data parallelism (megatron-core's rule, each expert's weights split over
+    the TP ranks): ``expert_model_parallel_size`` x TP must divide the ranks of one pipeline stage.
     Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT as torchrun sets them; without them runs as a single
     process. Uses NCCL when CUDA is available, else gloo plus the CPU path (``runtime.cpu``).
     """
     check_megatron_version()
     from megatron.core import parallel_state
 
+    fix_moe_router_without_te()
     on_cpu = enable_cpu_path()
     set_local_device()  # before NCCL starts: it binds each rank to the current device
     if not dist.is_initialized():
@@ -59,11 +64,19 @@ def init_distributed(
             f"world size {world} is not divisible by tensor x pipeline parallel size "
             f"{tensor_model_parallel_size}x{pipeline_model_parallel_size}"
         )
+    stage_ranks = world // pipeline_model_parallel_size
+    if stage_ranks % (expert_model_parallel_size * tensor_model_parallel_size):
+        raise ConfigError(
+            f"--expert-model-parallel-size {expert_model_parallel_size} x tensor parallel size "
+            f"{tensor_model_parallel_size} does not divide the {stage_ranks} ranks of a pipeline stage "
+            f"(world size {world} / PP {pipeline_model_parallel_size})"
+        )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
     )
     set_seed(seed)
 

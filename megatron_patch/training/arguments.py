@@ -19,6 +19,10 @@ from ..errors import ConfigError
 RECOMPUTE = (None, "selective", "full")
 FP8_FORMATS = (None, "hybrid", "e4m3")
 PARALLEL_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size")  # what TP / PP are called here
+EP_FLAG = "--expert-model-parallel-size"
+MOE_DISPATCHERS = ("allgather", "alltoall")
+MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "none")
+MOE_ROUTER_DTYPES = (None, "fp32", "fp64")
 
 Config = TypeVar("Config")
 
@@ -53,8 +57,21 @@ class TrainConfig:
     pipeline_model_parallel_size: int = field(default=1, metadata={"help": "pipeline-parallel size (<= layers)"})
     sequence_parallel: bool = field(default=False, metadata={
         "help": "shard activations along the sequence across TP ranks (needs TP > 1 and Transformer Engine)"})
+    expert_model_parallel_size: int = field(default=1, metadata={
+        "help": "expert-parallel size of a mixture-of-experts model: each rank holds num_experts / EP routed experts "
+                "(carved out of data parallelism: EP must divide world size / (TP x PP))"})
     use_distributed_optimizer: bool = field(default=False, metadata={
         "help": "shard optimizer state across data-parallel ranks"})
+    # --- mixture of experts (routing itself comes from the model: experts, top-k, normalisation) ---
+    moe_token_dispatcher_type: str = field(default="alltoall", metadata={
+        "help": "how tokens reach their experts' ranks: alltoall | allgather"})
+    moe_router_load_balancing_type: str = field(default="aux_loss", metadata={
+        "help": "load-balancing loss: aux_loss (per micro-batch) | seq_aux_loss (per sequence) | none"})
+    moe_aux_loss_coeff: float = field(default=0.0, metadata={
+        "help": "weight of the load-balancing loss (HF's router_aux_loss_coef; 0 = logged off)"})
+    moe_z_loss_coeff: float | None = field(default=None, metadata={"help": "weight of the router z-loss (off)"})
+    moe_router_dtype: str | None = field(default=None, metadata={
+        "help": "router logits and routing in fp32 | fp64 (default: the model's dtype)"})
     # --- batch and schedule ---
     micro_batch_size: int = field(default=1, metadata={"help": "samples per forward pass on one rank"})
     global_batch_size: int = field(default=8, metadata={
@@ -170,6 +187,22 @@ class TrainConfig:
             fail(f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
                  f"--pipeline-model-parallel-size = {tp}x{pp}")
         dp = world_size // (tp * pp)
+        ep = self.expert_model_parallel_size
+        if ep < 1:
+            fail(f"{EP_FLAG} must be >= 1 (got {ep})")
+        if dp % ep:
+            fail(f"{EP_FLAG} {ep} does not divide the data-parallel size {dp} (world size {world_size} / TP x PP "
+                 f"{tp}x{pp}): expert parallelism is carved out of data parallelism")
+        if self.moe_token_dispatcher_type not in MOE_DISPATCHERS:
+            fail(f"--moe-token-dispatcher-type must be one of {', '.join(MOE_DISPATCHERS)} "
+                 f"(got {self.moe_token_dispatcher_type})")
+        if self.moe_router_load_balancing_type not in MOE_LOAD_BALANCING:
+            fail(f"--moe-router-load-balancing-type must be one of {', '.join(MOE_LOAD_BALANCING)} "
+                 f"(got {self.moe_router_load_balancing_type})")
+        if self.moe_router_dtype not in MOE_ROUTER_DTYPES:
+            fail(f"--moe-router-dtype must be fp32 or fp64 (got {self.moe_router_dtype})")
+        if self.moe_aux_loss_coeff < 0 or (self.moe_z_loss_coeff is not None and self.moe_z_loss_coeff < 0):
+            fail("--moe-aux-loss-coeff and --moe-z-loss-coeff must be >= 0")
         if self.global_batch_size % (self.micro_batch_size * dp):
             fail(f"--global-batch-size {self.global_batch_size} is not divisible by --micro-batch-size "
                  f"{self.micro_batch_size} x data-parallel size {dp}")

@@ -25,8 +25,10 @@ LOSS_KEY = "lm loss"
 
 def training_log_line(iteration: int, train_iters: int, consumed_samples: int, ms_per_iteration: float,
                       learning_rate: float, global_batch_size: int, loss: float | None, loss_scale: float,
-                      grad_norm: float | None, skipped: int, nan: int, when: datetime | None = None) -> str:
-    """Megatron-LM's training log line (its format strings, field for field)."""
+                      grad_norm: float | None, skipped: int, nan: int, when: datetime | None = None,
+                      extra_losses: dict[str, float] | None = None) -> str:
+    """Megatron-LM's training log line (its format strings, field for field); ``extra_losses`` (a MoE model's
+    ``load_balancing_loss`` ...) follow the lm loss as Megatron-LM prints its other loss-dict entries."""
     line = f" [{(when or datetime.now()).strftime('%Y-%m-%d %H:%M:%S')}]"
     line += f" iteration {iteration:8d}/{train_iters:8d} |"
     line += f" consumed samples: {consumed_samples:12d} |"
@@ -35,6 +37,8 @@ def training_log_line(iteration: int, train_iters: int, consumed_samples: int, m
     line += f" global batch size: {global_batch_size:5d} |"
     if loss is not None:  # Megatron-LM leaves the loss out when every step of the interval was skipped
         line += f" {LOSS_KEY}: {loss:.6E} |"
+    for name, value in (extra_losses or {}).items():
+        line += f" {name}: {value:.6E} |"
     line += f" loss scale: {loss_scale:.1f} |"
     if grad_norm is not None:
         line += f" grad norm: {grad_norm:.3f} |"
@@ -88,13 +92,16 @@ class MetricsLogger:
         self.writer.add_scalar(f"{tag} vs samples", value, self.consumed_samples)
 
     def log_step(self, iteration: int, loss: float, lr: float, grad_norm: float | None, skipped: bool,
-                 loss_scale: float | None = None, consumed_samples: int | None = None) -> None:
+                 loss_scale: float | None = None, consumed_samples: int | None = None,
+                 extra_losses: dict[str, float] | None = None) -> None:
         """Record one optimizer step; print Megatron-LM's line every ``log_interval`` steps, and sooner when the
         last line is ``PROGRESS_SECONDS`` old.
 
         Args:
             loss_scale: the fp16 loss scale; None for bf16 / fp32, logged as 1.0 as Megatron-LM does.
             consumed_samples: samples trained on after this step (default: iteration x global batch size).
+            extra_losses: other losses of this step (a MoE model's load-balancing loss), each a TensorBoard scalar
+                under its name and printed with the line of the step that ends an interval.
         """
         gbs = self.global_batch_size
         self.consumed_samples = iteration * gbs if consumed_samples is None else consumed_samples
@@ -113,6 +120,8 @@ class MetricsLogger:
             self._scalar("loss-scale", scale, iteration)
             if grad_norm is not None:
                 self._scalar("grad-norm", grad_norm, iteration)
+            for name, value in (extra_losses or {}).items():
+                self._scalar(name, value, iteration)
         now = time.perf_counter()
         # Every log_interval steps, and at least every PROGRESS_SECONDS on a slow machine (a long window would
         # otherwise be minutes of silence).
@@ -123,7 +132,8 @@ class MetricsLogger:
             self.writer.add_scalar("iteration-time", seconds_per_iteration, iteration)
         mean_loss = self._window_loss / self._window_advanced if self._window_advanced else None
         self.print(training_log_line(iteration, self.train_iters, self.consumed_samples, seconds_per_iteration * 1e3,
-                                     lr, gbs, mean_loss, scale, grad_norm, self._window_skipped, self._window_nan))
+                                     lr, gbs, mean_loss, scale, grad_norm, self._window_skipped, self._window_nan,
+                                     extra_losses=extra_losses))
         self._reset_window(now)
 
     def log_eval(self, iteration: int, loss: float) -> None:

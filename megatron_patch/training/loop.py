@@ -29,6 +29,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .logging import MetricsLogger
+from .moe_metrics import step_moe_losses
 from .setup import (
     attach_schedule_hooks,
     build_ddp_model,
@@ -59,6 +60,7 @@ class Trainer:
     history: list = field(default_factory=list)  # (iteration, loss) of every step
     signals: StopSignals | None = None  # SIGTERM / Ctrl-C, while run() trains
     last_saved: tuple[int, str] | None = None  # (iteration, --save) of this run's newest checkpoint
+    moe_history: list = field(default_factory=list)  # {MoE loss: value} of every step (empty for a dense model)
 
     @property
     def num_microbatches(self) -> int:
@@ -174,10 +176,12 @@ def train(t: Trainer) -> list[tuple[int, float]]:
         t.state.iteration += 1
         t.state.consumed_train_samples += cfg.global_batch_size
         t.history.append((t.state.iteration, loss))
+        moe_losses = step_moe_losses(cfg, t.source.arch, t.num_microbatches, t.state.iteration)
+        t.moe_history.append(moe_losses)
         scale = t.optimizer.get_loss_scale().item() if cfg.fp16 else None
         t.logger.log_step(t.state.iteration, loss, t.optimizer.param_groups[0]["lr"],
                           None if grad_norm is None else float(grad_norm), skipped, scale,
-                          consumed_samples=t.state.consumed_train_samples)
+                          consumed_samples=t.state.consumed_train_samples, extra_losses=moe_losses)
         if cfg.eval_interval and t.state.iteration % cfg.eval_interval == 0:
             t.logger.log_eval(t.state.iteration, evaluate(t))
         if cfg.save and cfg.save_interval and t.state.iteration % cfg.save_interval == 0:
@@ -229,7 +233,8 @@ def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
     tokenizer = load_model_tokenizer(cfg, source)
 
     init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed,
-                     timeout_minutes=cfg.distributed_timeout_minutes)
+                     timeout_minutes=cfg.distributed_timeout_minutes,
+                     expert_model_parallel_size=cfg.expert_model_parallel_size)
     config = build_transformer_config(cfg, source)
     model = build_ddp_model(cfg, source, config)
     optimizer = build_optimizer(cfg, model)

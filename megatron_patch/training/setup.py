@@ -17,7 +17,7 @@ from ..models.presets import check_size_preset
 from ..models.spec import ModelSpec
 from ..runtime.cpu import cuda_available
 from ..runtime.device import place_model
-from .arguments import PARALLEL_FLAGS, TrainConfig
+from .arguments import EP_FLAG, PARALLEL_FLAGS, TrainConfig
 
 
 @dataclass
@@ -75,7 +75,8 @@ def _model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
                 raise ConfigError(f"{error}; or omit --model-size (MODEL_SIZE=auto in the launch scripts): the "
                                   "shape is read from the checkpoint") from None
         spec.arch.check_parallel(tp, pp, PARALLEL_FLAGS)
-        spec.sharding(tp, pp)
+        check_moe_flags(cfg, spec.arch)
+        spec.sharding(tp, pp, cfg.expert_model_parallel_size)
         check_lora_shapes(cfg, spec)
         ckpt.reader()  # the stored tensors match the metadata before a model of its sizes is built (cheap: headers)
         if ckpt.assets_dir is not None:  # copied into every checkpoint saved: a link out of --load is refused now
@@ -84,7 +85,8 @@ def _model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
     spec = ModelSpec.from_flavor(cfg.model_name, cfg.model_size, tp=tp, extra_vocab_size=cfg.extra_vocab_size,
                                  make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
     spec.arch.check_parallel(tp, pp, PARALLEL_FLAGS)
-    spec.sharding(tp, pp)
+    check_moe_flags(cfg, spec.arch)
+    spec.sharding(tp, pp, cfg.expert_model_parallel_size)
     check_lora_shapes(cfg, spec)
     assets = Path(cfg.tokenizer_model) if cfg.tokenizer_model and Path(cfg.tokenizer_model).is_dir() else None
     return ModelSource(spec, None, assets)
@@ -95,6 +97,38 @@ def check_lora_shapes(cfg: TrainConfig, spec: ModelSpec) -> None:
     lora = cfg.lora_config()
     if lora is not None:
         lora.check_shapes(layer_shapes(spec.arch))
+
+
+# The MoE flags and their defaults: set on a dense model, each is a mistake worth one line.
+_MOE_FLAG_DEFAULTS = {"expert_model_parallel_size": 1, "moe_aux_loss_coeff": 0.0, "moe_z_loss_coeff": None,
+                      "moe_router_dtype": None}
+
+
+def check_moe_flags(cfg: TrainConfig, arch) -> None:
+    """Refuse MoE flags for a dense model, and an expert-parallel size the experts cannot be split by."""
+    if not arch.is_moe:
+        set_flags = [f"--{name.replace('_', '-')}" for name, default in _MOE_FLAG_DEFAULTS.items()
+                     if getattr(cfg, name) != default]
+        if set_flags:
+            raise ConfigError(f"{', '.join(set_flags)} given for a dense model (it has no experts)")
+        return
+    arch.check_expert_parallel(cfg.expert_model_parallel_size, EP_FLAG)
+    if cfg.transformer_impl != "local":
+        raise ConfigError("mixture-of-experts models train with --transformer-impl local only (megatron-core's TE "
+                          "spec stores a MoE layer's pre-MLP norm under another checkpoint key)")
+
+
+def moe_config_overrides(cfg: TrainConfig) -> dict:
+    """TransformerConfig fields of a MoE model's training flags (expert parallelism, dispatcher, losses)."""
+    return dict(
+        expert_model_parallel_size=cfg.expert_model_parallel_size,
+        expert_tensor_parallel_size=cfg.tensor_model_parallel_size,  # megatron-core's default: experts split as TP
+        moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
+        moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_z_loss_coeff=cfg.moe_z_loss_coeff,
+        moe_router_dtype=cfg.moe_router_dtype,
+    )
 
 
 def load_model_tokenizer(cfg: TrainConfig, source: ModelSource):
@@ -170,6 +204,7 @@ def build_transformer_config(cfg: TrainConfig, source: ModelSource):
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         params_dtype=getattr(torch, cfg.params_dtype_name),
         **model_config_overrides(cfg),
+        **(moe_config_overrides(cfg) if source.arch.is_moe else {}),
     )
 
 
