@@ -19,6 +19,11 @@ RLHF_GRPO_ARGS=(ENV MEGATRON_PATH MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOB
   CLIP_RATIO N_SAMPLES SEQ_LEN MAX_NEW_TOKENS PR TP PP AC DO FL SP PROMPT_DATASET_PATH REWARD PRETRAIN_CHECKPOINT_PATH
   TRAIN_ITERS OUTPUT_BASEPATH)
 
+rlhf_reward_file() {  # py:FILE:FUNC -> FILE
+  local body=${1#py:}
+  echo "${body%:*}"
+}
+
 rlhf_validate_rl() {  # the checks shared by PPO and GRPO, after mp_parse; GLOBAL_BATCH_SIZE counts prompts
   PAD_LEN=$SEQ_LEN EXTRA_VOCAB_SIZE=0
   [ "$PRETRAIN_CHECKPOINT_PATH" != none ] || mp_fail "PRETRAIN_CHECKPOINT_PATH must be the SFT (or converted) checkpoint of the actor (got none)"
@@ -28,7 +33,8 @@ rlhf_validate_rl() {  # the checks shared by PPO and GRPO, after mp_parse; GLOBA
   [ -f "$PROMPT_DATASET_PATH" ] || mp_fail "PROMPT_DATASET_PATH '$PROMPT_DATASET_PATH' is not a file (jsonl of {\"prompt\": ...})"
   case "$REWARD" in
     fn:?*) ;;
-    *) [ -e "$REWARD" ] || mp_fail "REWARD '$REWARD' must be a reward-model checkpoint or fn:<registered reward function>" ;;
+    py:?*:?*) [ -f "$(rlhf_reward_file "$REWARD")" ] || mp_fail "REWARD '$REWARD': the file $(rlhf_reward_file "$REWARD") does not exist (py:FILE:FUNC)" ;;
+    *) [ -e "$REWARD" ] || mp_fail "REWARD '$REWARD' must be a reward-model checkpoint, fn:<built-in reward> or py:FILE:FUNC" ;;
   esac
   mp_launcher
   if [ $((GLOBAL_BATCH_SIZE % MP_DP)) -ne 0 ]; then
@@ -38,7 +44,8 @@ rlhf_validate_rl() {  # the checks shared by PPO and GRPO, after mp_parse; GLOBA
   MP_FLAGS+=(--global-batch-size "$GLOBAL_BATCH_SIZE" --train-iters "$TRAIN_ITERS" --prompt-data-path "$PROMPT_DATASET_PATH"
              --max-new-tokens "$MAX_NEW_TOKENS" --kl-coef "$KL_COEF" --clip-ratio "$CLIP_RATIO" --lr-decay-style constant)
   case "$REWARD" in
-    fn:*) MP_FLAGS+=(--reward-fn "${REWARD#fn:}") ;;
+    fn:*) MP_FLAGS+=(--reward "${REWARD#fn:}") ;;
+    py:*) MP_FLAGS+=(--reward "$REWARD") ;;
     *) MP_FLAGS+=(--reward-model "$REWARD") ;;
   esac
   return 0

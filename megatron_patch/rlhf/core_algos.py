@@ -33,7 +33,7 @@ Tensor = torch.Tensor
 # exp() of a log-ratio beyond this overflows fp32 or makes a ratio meaningless; verl and TRL clamp alike.
 _LOG_RATIO_LIMIT = 20.0
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 def _check_shapes(**tensors: Tensor) -> None:
@@ -391,6 +391,102 @@ def _grpo_estimator(token_level_rewards, response_mask, config: AdvantageConfig,
                                           config.eps)
 
 
+def _group_statistics(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(member_of, sizes, group_sum)``: each sample's group index, each group's size and score sum."""
+    _, member_of, sizes = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    if (sizes < 2).any():
+        raise ValueError("a group estimator needs at least 2 samples per prompt; some group has 1 (raise the "
+                         "samples per prompt)")
+    sizes = sizes.to(scores.dtype)
+    return member_of, sizes, torch.zeros_like(sizes).index_add_(0, member_of, scores)
+
+
+@torch.no_grad()
+def compute_rloo_outcome_advantage(token_level_rewards: Tensor, response_mask: Tensor,
+                                   group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """RLOO (Ahmadian et al. 2024): each sample's score minus the mean score of the *other* samples of its prompt,
+    ``A_b = s_b - (sum_g - s_b) / (n_g - 1)``, on every valid token of the row (``s_b`` the row's reward sum).
+
+    Returns ``(advantages, returns)``, both ``(batch, seq)``, equal, 0 at masked positions.
+    """
+    _check_shapes(token_level_rewards=token_level_rewards, response_mask=response_mask)
+    mask = response_mask.to(token_level_rewards.dtype)
+    scores = (token_level_rewards * mask).sum(-1)
+    member_of, sizes, group_sum = _group_statistics(scores, group_ids)
+    baseline = (group_sum[member_of] - scores) / (sizes[member_of] - 1)
+    advantages = (scores - baseline)[:, None] * mask
+    return advantages, advantages
+
+
+@torch.no_grad()
+def compute_reinforce_plus_plus_advantage(token_level_rewards: Tensor, response_mask: Tensor, gamma: float = 1.0,
+                                          dp_group=None) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ (Hu 2025): the discounted return-to-go of each token, ``G_t = r_t + gamma G_{t+1}`` (0 after the
+    last valid token), whitened over the valid tokens of the batch (of every rank of ``dp_group``).
+
+    Returns ``(advantages, returns)``: the whitened and the raw returns, ``(batch, seq)``, 0 at masked positions.
+    """
+    _check_shapes(token_level_rewards=token_level_rewards, response_mask=response_mask)
+    mask = response_mask.to(token_level_rewards.dtype)
+    rewards = token_level_rewards * mask
+    running = torch.zeros_like(rewards[:, 0])
+    returns = torch.zeros_like(rewards)
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    returns = returns * mask
+    return masked_whiten(returns, mask, group=dp_group) * mask, returns
+
+
+@torch.no_grad()
+def compute_reinforce_plus_plus_baseline_advantage(token_level_rewards: Tensor, response_mask: Tensor,
+                                                   group_ids: Tensor, dp_group=None) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ with a baseline: each sample's score minus its group's mean score, put on every valid token and
+    whitened over the valid tokens of the batch (of every rank of ``dp_group``).
+
+    Returns ``(advantages, returns)``: the whitened and the centred scores per token, 0 at masked positions.
+    """
+    _check_shapes(token_level_rewards=token_level_rewards, response_mask=response_mask)
+    mask = response_mask.to(token_level_rewards.dtype)
+    scores = (token_level_rewards * mask).sum(-1)
+    member_of, sizes, group_sum = _group_statistics(scores, group_ids)
+    centred = (scores - (group_sum / sizes)[member_of])[:, None] * mask
+    return masked_whiten(centred, mask, group=dp_group) * mask, centred
+
+
+def _needs_groups(name: str, group_ids) -> None:
+    if group_ids is None:
+        raise ValueError(f"the '{name}' advantage estimator needs group_ids (which prompt each sample answers)")
+
+
+@register_adv_estimator("dr_grpo")
+def _dr_grpo_estimator(token_level_rewards, response_mask, config: AdvantageConfig, *, values=None, group_ids=None,
+                       dp_group=None):
+    """Dr. GRPO (Liu et al. 2025): GRPO's group baseline without the division by the group's std."""
+    _needs_groups("dr_grpo", group_ids)
+    return compute_grpo_outcome_advantage(token_level_rewards, response_mask, group_ids, False, config.eps)
+
+
+@register_adv_estimator("rloo")
+def _rloo_estimator(token_level_rewards, response_mask, config: AdvantageConfig, *, values=None, group_ids=None,
+                    dp_group=None):
+    _needs_groups("rloo", group_ids)
+    return compute_rloo_outcome_advantage(token_level_rewards, response_mask, group_ids)
+
+
+@register_adv_estimator("reinforce_plus_plus")
+def _reinforce_pp_estimator(token_level_rewards, response_mask, config: AdvantageConfig, *, values=None,
+                            group_ids=None, dp_group=None):
+    return compute_reinforce_plus_plus_advantage(token_level_rewards, response_mask, config.gamma, dp_group)
+
+
+@register_adv_estimator("reinforce_plus_plus_baseline")
+def _reinforce_pp_baseline_estimator(token_level_rewards, response_mask, config: AdvantageConfig, *, values=None,
+                                     group_ids=None, dp_group=None):
+    _needs_groups("reinforce_plus_plus_baseline", group_ids)
+    return compute_reinforce_plus_plus_baseline_advantage(token_level_rewards, response_mask, group_ids, dp_group)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Loss aggregation
 # --------------------------------------------------------------------------------------------------------------
@@ -423,6 +519,9 @@ def aggregate_loss(
       - ``seq-mean-token-sum``: ``sum_b (sum_t L m) / num_seqs``.
       - ``seq-mean-token-mean``: ``sum_b (sum_t L m / n_b) / num_seqs`` with ``n_b`` the row's valid tokens
         (every sequence weighs the same; the original GRPO).
+      - ``seq-mean-token-sum-norm``: ``sum_b (sum_t L m / T) / num_seqs`` with ``T`` the response budget
+        (``loss_mat.shape[-1]``): Dr. GRPO's length-unbiased form (a token weighs the same in a short or a long
+        response, and the scale does not depend on the batch's lengths).
 
     Args:
         loss_mat: ``(batch, seq)`` per-token loss.
@@ -443,6 +542,8 @@ def aggregate_loss(
     per_seq = masked_sum(loss_mat, mask, dim=-1)
     if mode == "seq-mean-token-mean":
         per_seq = per_seq / mask.sum(-1).clamp(min=1)
+    elif mode == "seq-mean-token-sum-norm":
+        per_seq = per_seq / loss_mat.shape[-1]
     denominator = local_seqs if num_seqs is None else num_seqs
     return per_seq.sum() / _as_count(denominator, loss_mat)
 

@@ -1,18 +1,28 @@
-"""PPO and GRPO on megatron-core (any TP x PP x DP): rollouts from the weights being trained.
+"""PPO, GRPO and RLOO on megatron-core (any TP x PP x DP): rollouts from the weights being trained.
 
-python -m megatron_patch.rlhf.ppo --algo ppo --load SFT_CKPT --reward-model RM_CKPT --prompt-data-path p.jsonl \
-    --save OUT --seq-length 256 --max-new-tokens 128 --global-batch-size 64 --micro-batch-size 4 --lr 1e-6 ...
+python -m megatron_patch.rlhf.ppo --algo grpo --load SFT_CKPT --reward exact_match --prompt-data-path p.jsonl \
+    --eval-prompt-data-path held_out.jsonl --save OUT --seq-length 256 --max-new-tokens 128 --global-batch-size 64 \
+    --micro-batch-size 4 --n-samples-per-prompt 8 --lr 1e-6 ...
+
+``--algo`` is a preset (``rl_config.PRESETS``) of knobs that can each be set alone, verl style: the advantage
+estimator (``--adv-estimator``, a registry in ``core_algos``), the KL in the reward and the KL loss (each with its
+coefficient and estimator), the clip range (``--clip-ratio-low/high``, dual clip ``--clip-ratio-c``), reward
+shaping (``--reward-clip``, ``--reward-norm``, ``--overlong-penalty``) and the loss aggregation.
 
 One iteration (every rank runs it; a data-parallel rank handles ``--global-batch-size / dp`` prompts):
   1. rollout: the actor's GPTModel generates ``--n-samples-per-prompt`` responses per prompt with the KV-cache
      engine (temperature / top-p sampling, stop at EOS, at most ``--max-new-tokens``), at the training TP x PP;
   2. experience: forward-only passes through the pipeline schedule give the old log-probs (actor), the reference
-     log-probs, the values (critic, PPO) and the scores (reward model, or the Python reward function);
-  3. advantages: PPO shapes the rewards with ``-kl_coef * KL`` per token and runs GAE on the critic's values;
-     GRPO normalises each sample's score within its prompt's group (no critic; KL is a k3 loss term instead);
+     log-probs, the values (critic, gae only) and the scores (reward model, or the programmatic reward);
+  3. advantages: the shaped rewards (minus ``kl_coef x KL`` per token with the KL in the reward) go through the
+     estimator: GAE on the critic's values, or a group baseline (grpo, dr_grpo, rloo, reinforce_plus_plus_baseline)
+     over the samples of one prompt, or REINFORCE++'s whitened returns;
   4. ``--ppo-epochs`` passes over ``--ppo-mini-batches`` mini-batches: one actor optimizer step each (clipped
-     policy loss, entropy bonus, GRPO's KL loss, ``--ptx-coef`` x the LM loss of ``--ptx-data-path`` rows appended
-     to every micro-batch) and, for PPO, one critic step (clipped value loss).
+     policy loss, entropy bonus, the KL loss, ``--ptx-coef`` x the LM loss of ``--ptx-data-path`` rows appended
+     to every micro-batch) and, with a critic, one critic step (clipped value loss).
+With ``--eval-prompt-data-path``, greedy answers to the held-out prompts are scored with the run's reward before
+the first iteration, every ``--eval-interval`` iterations and at the end (``evaluation``; console and TensorBoard
+``eval/*``): the evidence that the policy learned the task, not the training reward.
 Checkpoints: ``<save>/actor`` and ``<save>/critic`` in the training layout (model, optimizer, scheduler, RNG,
 iteration, prompts consumed) plus the KL controller in ``<save>/actor/iter_*/rl_state.json``; a run restarted with
 the same ``--save`` resumes there and continues exactly as an uninterrupted one.
@@ -25,17 +35,24 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from ..errors import run_reporting_errors
+from ..generation import SamplingParams
 from ..runtime.device import HOST, local_device
 from ..training.arguments import TrainConfig, add_config_arguments, config_from_args
+from ..training.checkpointing import save_checkpoint
 from . import core_algos
+from .evaluation import evaluate, make_sample
 from .experience import build_rollout_batch, forward_only, gather_response, split_rows
+from .ppo_setup import build_run
+from .reward_model import sequence_rewards, write_reward_marker
 from .rl_config import RLConfig, add_rl_arguments, rl_config_from_args
 from .rl_losses import (
     ACTOR_REPORT,
@@ -46,40 +63,10 @@ from .rl_losses import (
     reduce_report,
     response_logprobs,
 )
+from .rl_run import RL_STATE, RLRun
+from .rollout_data import Prompt
 
-RL_STATE = "rl_state.json"
-TOKEN_WEIGHTED = {"pg_clipfrac", "ppo_kl", "vf_clipfrac"}
-
-
-@dataclass
-class RLRun:
-    cfg: TrainConfig
-    rl: RLConfig
-    actor: object  # roles.Trained
-    critic: object | None  # roles.Trained (PPO)
-    reference: object
-    reward_model: object | None
-    reward_fn: object | None
-    tokenizer: object
-    prompts: object  # rollout_data.PromptDataset
-    ptx: object | None  # rollout_data.PtxDataset
-    engine: object
-    kl_ctl: object
-    state: object  # training.checkpointing.TrainerState: iteration, prompts consumed
-    vocab_size: int
-    logger: object
-    history: list = field(default_factory=list)  # (iteration, metrics)
-    first: dict | None = None  # the first iteration's rollout and tensors (tests compare them across TP/PP/DP)
-
-    @property
-    def dp(self) -> int:
-        from megatron.core import parallel_state
-
-        return parallel_state.get_data_parallel_world_size()
-
-    @property
-    def samples_per_rank(self) -> int:
-        return self.cfg.global_batch_size // self.dp * self.rl.n_samples_per_prompt
+TOKEN_WEIGHTED = {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "vf_clipfrac"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -87,47 +74,50 @@ class RLRun:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def rollout(run: RLRun) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+def rollout(run: RLRun) -> tuple[list[Prompt], list[list[int]], torch.Tensor]:
     """This data-parallel rank's prompts (each repeated n times), their sampled responses, and group ids."""
-    from megatron.core import parallel_state
-
-    from ..generation import SamplingParams
-
     rl, per_rank = run.rl, run.cfg.global_batch_size // run.dp
-    dp_rank = parallel_state.get_data_parallel_rank()
-    prompts = run.prompts.take(run.state.consumed_train_samples + dp_rank * per_rank, per_rank)
-    samples = [p for p in prompts for _ in range(rl.n_samples_per_prompt)]
+    records = run.prompts.take_records(run.state.consumed_train_samples + run.dp_rank * per_rank, per_rank)
+    samples = [p for p in records for _ in range(rl.n_samples_per_prompt)]
     group_ids = torch.arange(per_rank, device=local_device()).repeat_interleave(rl.n_samples_per_prompt)
     # The seed depends on the iteration and the data-parallel rank only: a resumed run samples what an
     # uninterrupted one samples, and the TP / PP ranks of one replica agree (the engine broadcasts the choice).
     sampling = SamplingParams(top_k=0, top_p=0.0 if rl.top_p >= 1.0 else rl.top_p, temperature=rl.temperature,
-                              seed=run.cfg.seed + 100003 * run.state.iteration + 7919 * dp_rank)
-    run.actor.model.module.eval()  # inference mode for megatron-core's KV-cache attention path
-    try:
-        responses = run.engine.generate(samples, rl.max_new_tokens, sampling)
-    finally:
-        run.actor.model.module.train()
+                              seed=run.cfg.seed + 100003 * run.state.iteration + 7919 * run.dp_rank)
+    with inference_mode(run):
+        responses = run.engine.generate([p.ids for p in samples], rl.max_new_tokens, sampling)
     return samples, responses, group_ids
 
 
-def task_rewards(run: RLRun, samples, responses, microbatches) -> torch.Tensor:
+class inference_mode:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """The actor in eval mode (megatron-core's KV-cache attention path) for generation, back in train mode after."""
+
+    def __init__(self, run: RLRun):
+        self.module = run.actor.model.module
+
+    def __enter__(self):
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        self.module.train()
+
+
+def task_rewards(run: RLRun, samples: list[Prompt], responses, microbatches) -> torch.Tensor:
     """``(S, R)`` rewards of the task (before any KL term): the reward model's score (or a scalar of the reward
     function) on each row's last response token, or the reward function's per-token rewards."""
     width = run.rl.max_new_tokens
-    if run.reward_fn is None:
-        from .reward_model import sequence_rewards
-
+    if run.reward is None:
         scores = forward_only(run.reward_model, microbatches, run.cfg.seq_length,
                               lambda mb, out: sequence_rewards(out, mb["last_index"])[:, None], 1)[:, 0]
         return core_algos.scores_to_token_rewards(scores, microbatches_mask(microbatches))
     rows = torch.zeros(len(samples), width, device=HOST)  # filled from Python values, then moved once
     for i, (prompt, response) in enumerate(zip(samples, responses)):
-        score = run.reward_fn(prompt, response)
-        if isinstance(score, (int, float)):
-            rows[i, len(response) - 1] = float(score)
-        else:
+        score = run.reward(make_sample(run.tokenizer, prompt, response), run.prompts.path)
+        if isinstance(score, list):
             per_token = torch.tensor(score[:len(response)], dtype=torch.float32, device=HOST)
             rows[i, :len(per_token)] = per_token
+        else:
+            rows[i, len(response) - 1] = float(score)
     return rows.to(local_device())
 
 
@@ -135,12 +125,29 @@ def microbatches_mask(microbatches: list[dict]) -> torch.Tensor:
     return torch.cat([mb["response_mask"] for mb in microbatches])
 
 
-def make_experience(run: RLRun, samples, responses, group_ids) -> tuple[dict, dict]:
-    """The experience batch (``(S, ...)`` tensors on every rank of the replica) and its metrics."""
-    from megatron.core import parallel_state
+def shape_rewards(run: RLRun, token_rewards: torch.Tensor, mask: torch.Tensor, finished: torch.Tensor,
+                  dp_group) -> torch.Tensor:
+    """The task rewards after the run's shaping knobs, in this order: ``--overlong-penalty`` (subtracted on the last
+    token of a response without EOS), ``--reward-clip`` (each token reward into ``[-c, c]``), ``--reward-norm``
+    (the outcome scores whitened over the batch of every data-parallel rank; the result is an outcome score)."""
+    rl = run.rl
+    if rl.overlong_penalty > 0:
+        penalty = torch.where(finished, 0.0, -rl.overlong_penalty).to(token_rewards.dtype)
+        token_rewards = token_rewards + core_algos.scores_to_token_rewards(penalty, mask)
+    if rl.reward_clip > 0:
+        token_rewards = token_rewards.clamp(-rl.reward_clip, rl.reward_clip) * mask
+    if rl.reward_norm:
+        scores = token_rewards.sum(-1)
+        whitened = core_algos.masked_whiten(scores, torch.ones_like(scores), group=dp_group)
+        token_rewards = core_algos.scores_to_token_rewards(whitened, mask)
+    return token_rewards
 
+
+def make_experience(run: RLRun, samples: list[Prompt], responses, group_ids) -> tuple[dict, dict]:
+    """The experience batch (``(S, ...)`` tensors on every rank of the replica) and its metrics."""
     rl, cfg = run.rl, run.cfg
-    batch = build_rollout_batch(samples, responses, cfg.seq_length, rl.max_new_tokens, run.tokenizer.pad)
+    batch = build_rollout_batch([p.ids for p in samples], responses, cfg.seq_length, rl.max_new_tokens,
+                                run.tokenizer.pad)
     microbatches = split_rows(batch, cfg.micro_batch_size)
     settings = LossSettings(run.vocab_size, rl.max_new_tokens, rl.temperature, 0, None, 0, 0, 0, "token-mean",
                             None, None, 1, 1)
@@ -153,27 +160,26 @@ def make_experience(run: RLRun, samples, responses, group_ids) -> tuple[dict, di
     token_rewards = task_rewards(run, samples, responses, microbatches) * mask
     scores = token_rewards.sum(-1)
     dp_group = parallel_state.get_data_parallel_group() if run.dp > 1 else None
+    finished = torch.tensor([bool(r) and r[-1] == run.tokenizer.eod for r in responses], device=local_device())
+    rewards = shape_rewards(run, token_rewards, mask, finished, dp_group)
     metrics = {}
-    if rl.algo == "ppo":
+    if rl.use_kl_in_reward:
+        kl_rewards, _ = core_algos.compute_kl_shaped_rewards(
+            torch.zeros_like(scores), batch["old_logprob"], batch["ref_logprob"], mask, run.kl_ctl.value, rl.kl_penalty)
+        rewards = rewards + kl_rewards
+    if run.critic is not None:
         batch["values"] = forward_only(
             run.critic.model, microbatches, cfg.seq_length,
             lambda mb, out: gather_response(out[..., 0].float(), mb["starts"], width), width)
-        kl_rewards, kl_metrics = core_algos.compute_kl_shaped_rewards(
-            torch.zeros_like(scores), batch["old_logprob"], batch["ref_logprob"], mask, run.kl_ctl.value, "k1")
-        rewards = token_rewards + kl_rewards
-        config = core_algos.AdvantageConfig(gamma=rl.gamma, lam=rl.lam, whiten=True)
-        advantages, returns = core_algos.get_adv_estimator("gae")(rewards, mask, config, values=batch["values"],
-                                                                  dp_group=dp_group)
+    config = core_algos.AdvantageConfig(gamma=rl.gamma, lam=rl.lam, whiten=True, norm_by_std=rl.grpo_norm_by_std)
+    advantages, returns = core_algos.get_adv_estimator(rl.adv_estimator)(
+        rewards, mask, config, values=batch.get("values"), group_ids=group_ids, dp_group=dp_group)
+    if run.critic is not None:
         batch["returns"] = returns
         metrics["critic/explained_variance"] = core_algos.explained_variance(batch["values"], returns, mask,
                                                                              group=dp_group)
-        metrics["actor/kl_sum"] = kl_metrics["actor/reward_kl_sum"]
-    else:
-        rewards = core_algos.scores_to_token_rewards(scores, mask)  # GRPO: outcome = the row's total
-        config = core_algos.AdvantageConfig(norm_by_std=rl.grpo_norm_by_std)
-        advantages, _ = core_algos.get_adv_estimator("grpo")(rewards, mask, config, group_ids=group_ids)
-        kl = core_algos.kl_penalty(batch["old_logprob"], batch["ref_logprob"], "k1") * mask
-        metrics["actor/kl_sum"] = kl.sum(-1).mean()
+    # The KL to the reference (k1, summed over the response) is reported whatever the knobs: the controller reads it.
+    metrics["actor/kl_sum"] = (core_algos.kl_penalty(batch["old_logprob"], batch["ref_logprob"], "k1") * mask).sum(-1).mean()
     batch["advantages"] = advantages
     metrics["reward/mean"] = scores.mean()
     # Spread statistics over the whole batch (all data-parallel ranks), not a mean of per-rank ones; the means
@@ -182,6 +188,7 @@ def make_experience(run: RLRun, samples, responses, group_ids) -> tuple[dict, di
     metrics["reward/std"] = (core_algos.masked_var(scores, everyone, group=dp_group).sqrt()
                              if scores.numel() * run.dp > 1 else scores.new_zeros(()))
     metrics["response/length"] = mask.sum(-1).mean()
+    metrics["response/no_eos"] = (~finished).float().mean()
     metrics["actor/kl_coef"] = scores.new_tensor(run.kl_ctl.value)
     return batch, metrics
 
@@ -192,8 +199,6 @@ def make_experience(run: RLRun, samples, responses, group_ids) -> tuple[dict, di
 
 
 def _global_counts(mask: torch.Tensor, dp: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from megatron.core import parallel_state
-
     counts = torch.stack(core_algos.count_tokens_and_sequences(mask)).to(torch.float64)
     if dp > 1:
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
@@ -208,8 +213,6 @@ def _forward_step(loss_func, data_iterator, model):
 
 def _train_step(trained, microbatches: list[dict], loss_func, seq_length: int, increment: int) -> list[dict]:
     """Forward + backward over the mini-batch's micro-batches, then one optimizer and scheduler step."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     trained.model.zero_grad_buffer()
     trained.optimizer.zero_grad()
     reduced = get_forward_backward_func()(
@@ -223,9 +226,18 @@ def _train_step(trained, microbatches: list[dict], loss_func, seq_length: int, i
     return reduced
 
 
-def _with_ptx(run: RLRun, microbatches: list[dict], position: int) -> list[dict]:
-    """Append ``micro-batch-size`` pretraining rows to each micro-batch (after its experience rows)."""
+def ptx_position(step: int, dp: int, dp_rank: int, rows_per_rank: int) -> int:
+    """The first PTX row data-parallel rank ``dp_rank`` reads at optimizer step ``step``: the step reads the next
+    ``rows_per_rank x dp`` rows and each rank its own share, so no two ranks (or steps) read the same rows."""
+    return (step * dp + dp_rank) * rows_per_rank
+
+
+def _with_ptx(run: RLRun, microbatches: list[dict], step: int) -> list[dict]:
+    """Append ``micro-batch-size`` pretraining rows to each micro-batch (after its experience rows). Optimizer step
+    ``step`` of the run reads the next ``len(microbatches) x micro-batch-size x dp`` rows, data-parallel rank ``r``
+    the ``r``-th share of them, so the ranks train on different text."""
     size = run.cfg.micro_batch_size
+    position = ptx_position(step, run.dp, run.dp_rank, len(microbatches) * size)
     out = []
     for i, microbatch in enumerate(microbatches):
         ptx = {k: v.to(local_device()) for k, v in run.ptx.batch(position + i * size, size).items()}
@@ -250,13 +262,13 @@ def train_on_experience(run: RLRun, batch: dict) -> dict[str, float]:
             num_tokens, num_seqs = _global_counts(mini["response_mask"], run.dp)
             settings = LossSettings(run.vocab_size, rl.max_new_tokens, rl.temperature, rl.clip_ratio,
                                     rl.value_clip if rl.value_clip > 0 else None, rl.entropy_coef,
-                                    rl.kl_coef if rl.algo == "grpo" else 0.0, rl.ptx_coef, rl.loss_agg_mode,
-                                    num_tokens, num_seqs, len(microbatches), run.dp)
+                                    rl.kl_loss_coef if rl.use_kl_loss else 0.0, rl.ptx_coef, rl.loss_agg_mode,
+                                    num_tokens, num_seqs, len(microbatches), run.dp, rl.clip_ratio_low,
+                                    rl.clip_ratio_high, rl.clip_ratio_c, rl.kl_loss_type)
             actor_batches = microbatches
             if run.ptx is not None:
-                position = ((run.state.iteration * rl.ppo_epochs * rl.ppo_mini_batches + step) * len(microbatches)
-                            * cfg.micro_batch_size * run.dp)
-                actor_batches = _with_ptx(run, microbatches, position)
+                run_step = run.state.iteration * rl.ppo_epochs * rl.ppo_mini_batches + step
+                actor_batches = _with_ptx(run, microbatches, run_step)
             reduced = _train_step(run.actor, actor_batches, partial(actor_loss, settings), cfg.seq_length,
                                   cfg.global_batch_size)
             actor_reports.append(reduce_report(reduced, "actor", ACTOR_REPORT, TOKEN_WEIGHTED))
@@ -279,8 +291,6 @@ def train_on_experience(run: RLRun, batch: dict) -> dict[str, float]:
 
 
 def _dp_mean(values: dict[str, torch.Tensor], dp: int) -> dict[str, float]:
-    from megatron.core import parallel_state
-
     stacked = torch.stack([v.detach().float().to(local_device()) for v in values.values()])
     if dp > 1:
         dist.all_reduce(stacked, group=parallel_state.get_data_parallel_group())
@@ -299,13 +309,33 @@ def iteration(run: RLRun) -> dict[str, float]:
     if run.first is None:
         run.first = {key: batch[key].tolist() for key in ("old_logprob", "ref_logprob", "advantages",
                                                           "response_mask")}
-        run.first.update(prompts=samples, responses=responses, group_ids=group_ids.tolist())
+        run.first.update(prompts=[p.ids for p in samples], responses=responses, group_ids=group_ids.tolist())
     metrics.update(train_on_experience(run, batch))
     t3 = time.perf_counter()
     metrics.update({"time/generation": t1 - t0, "time/experience": t2 - t1, "time/training": t3 - t2})
     run.kl_ctl.update(metrics["actor/kl_sum"], run.cfg.global_batch_size * run.rl.n_samples_per_prompt)
     run.state.iteration += 1
     run.state.consumed_train_samples += run.cfg.global_batch_size
+    return metrics
+
+
+def held_out(run: RLRun) -> dict[str, float] | None:
+    """Held-out greedy evaluation (``evaluation.evaluate``) at the current iteration, logged; None without
+    ``--eval-prompt-data-path``. With a reward model the score is the reward model's (a frozen proxy)."""
+    if run.eval_prompts is None:
+        return None
+    with inference_mode(run):
+        metrics = evaluate(run.engine, run.tokenizer, run.reward, run.eval_prompts, run.rl.max_new_tokens,
+                           run.dp_rank, run.dp, parallel_state.get_data_parallel_group() if run.dp > 1 else None)
+    step = run.state.iteration
+    run.evals.append((step, metrics))
+    if run.logger.writer is not None:
+        for key, value in metrics.items():
+            run.logger.writer.add_scalar(key, value, step)
+    match = f" | exact match {metrics['eval/exact_match']:.3f}" if "eval/exact_match" in metrics else ""
+    run.logger.print(f"held-out {step:5d} | reward {metrics['eval/reward']:.4f}{match} | distinct "
+                     f"{metrics['eval/distinct']:.3f} | length {metrics['eval/length']:.1f} "
+                     f"({len(run.eval_prompts)} prompts, greedy)")
     return metrics
 
 
@@ -325,10 +355,16 @@ def _log(run: RLRun, step: int, metrics: dict[str, float]) -> None:
             f"{m['time/experience']:.2f}/{m['time/training']:.2f} s")
 
 
-def checkpoint(run: RLRun) -> None:
-    from ..training.checkpointing import save_checkpoint
-    from .reward_model import write_reward_marker
+def write_configs(run: RLRun) -> None:
+    """The resolved training and RL configs next to the checkpoints (rank 0), once the first iteration ran: a run
+    refused at its first rollout (a failing reward function) leaves nothing behind."""
+    if run.cfg.save and dist.get_rank() == 0:
+        run.cfg.write(run.cfg.save)
+        with open(os.path.join(run.cfg.save, "rl_config.json"), "w") as handle:
+            json.dump(run.rl.to_dict(), handle, indent=2)
 
+
+def checkpoint(run: RLRun) -> None:
     save = Path(run.cfg.save)
     state = {"kl_coef": run.kl_ctl.state_dict(), "algo": run.rl.algo}
 
@@ -345,24 +381,32 @@ def checkpoint(run: RLRun) -> None:
 
 
 def train(run: RLRun) -> RLRun:
-    cfg = run.cfg
+    cfg, interval = run.cfg, run.cfg.eval_interval
     stop = cfg.train_iters if cfg.exit_interval is None else min(cfg.train_iters, cfg.exit_interval)
+    if run.state.iteration < stop:
+        held_out(run)
+    started = run.state.iteration
     while run.state.iteration < stop:
         metrics = iteration(run)
+        if run.state.iteration == started + 1:
+            write_configs(run)
         run.history.append((run.state.iteration, metrics))
         _log(run, run.state.iteration, metrics)
+        if interval and run.state.iteration % interval == 0 and run.state.iteration < stop:
+            held_out(run)
         if cfg.save and cfg.save_interval and run.state.iteration % cfg.save_interval == 0 \
                 and run.state.iteration < stop:
             checkpoint(run)
+    if run.state.iteration > started:
+        held_out(run)
     if cfg.save:
         checkpoint(run)
     return run
 
 
 def run(cfg: TrainConfig | dict, rl: RLConfig | dict, quiet: bool = False) -> dict:
-    """Build and train; returns ``{"history": [(iteration, metrics)], "first": {...}}``."""
-    from .ppo_setup import build_run
-
+    """Build and train; returns ``{"history": [(iteration, metrics)], "evals": [(iteration, eval metrics)],
+    "first": {...}}``."""
     if isinstance(cfg, dict):
         cfg = TrainConfig.from_dict({"mode": "finetune", **cfg})
     if isinstance(rl, dict):
@@ -372,12 +416,10 @@ def run(cfg: TrainConfig | dict, rl: RLConfig | dict, quiet: bool = False) -> di
         train(rl_run)
     finally:
         rl_run.logger.close()
-    return {"history": rl_run.history, "first": rl_run.first}
+    return {"history": rl_run.history, "evals": rl_run.evals, "first": rl_run.first}
 
 
 def main(argv=None) -> int:
-    from ..errors import run_reporting_errors
-
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.ppo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)

@@ -1,8 +1,9 @@
-"""Build a PPO / GRPO run: validate everything, then initialise distributed state and the four roles.
+"""Build a PPO / GRPO / RLOO run: validate every input, then initialise distributed state and the four roles.
 
-Everything that can be checked without a process group is checked first (flags, prompt file, PTX file,
-vocabularies of the reference / reward / critic checkpoints, the reward function): bad input stops with one line
-and nothing is written.
+Everything that can be checked without a process group is checked first (flags, prompt files, PTX file,
+vocabularies of the reference / reward / critic checkpoints, the reward: a built-in name or a user function, which
+is called once on the first prompt line with an empty response): bad input stops with one line and nothing is
+written.
 """
 
 from __future__ import annotations
@@ -10,23 +11,36 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
+from pathlib import Path
 
-import torch.distributed as dist
-
+from ..checkpoint.megatron import find_iteration_dir
 from ..errors import CheckpointError, ConfigError
+from ..generation import GenerationEngine, mark_weights_loaded
+from ..models.checkpoint import Checkpoint
+from ..runtime import init_distributed
 from ..training.arguments import TrainConfig
+from ..training.checkpointing import TrainerState, load_train_state
+from ..training.logging import MetricsLogger
+from ..training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
+from .core_algos import build_kl_controller
+from .evaluation import make_sample
+from .reward_model import is_reward_checkpoint, load_reward_model_weights
+from .rewards import Reward, build_reward
 from .rl_config import RLConfig
+from .rl_run import RL_STATE, RLRun
+from .roles import build_actor, build_critic, build_frozen_reward_model, build_reference, check_vocabularies
+from .rollout_data import PromptDataset, PtxDataset
+from .schedule_utils import find_resume_dir
+
+
+def _probe_reward(reward: Reward, prompts: PromptDataset, tokenizer) -> None:
+    """Call the reward once, on the first prompt line with an empty response: a function that fails on its inputs
+    (a missing key, a wrong signature, a non-number) is reported now, before any model is built."""
+    reward(make_sample(tokenizer, prompts.records[0], []), prompts.path)
 
 
 def _validate(cfg: TrainConfig, rl: RLConfig):
-    """Checks and reads that need no process group; returns what the build needs."""
-    from ..checkpoint.megatron import find_iteration_dir
-    from ..training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
-    from .reward_model import is_reward_checkpoint
-    from .rewards import build_reward_fn
-    from .roles import check_vocabularies
-    from .rollout_data import PromptDataset, PtxDataset
-
+    """Checks and reads that need no process group; returns what the build needs (``rl`` resolved)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     if world % (tp * pp):
@@ -36,6 +50,7 @@ def _validate(cfg: TrainConfig, rl: RLConfig):
     if not cfg.train_iters:
         raise ConfigError("--train-iters (RL iterations) is required")
     rl.validate(cfg.seq_length, cfg.global_batch_size, cfg.micro_batch_size, world // (tp * pp))
+    rl = rl.resolved()
     check_precision_support(cfg)
     load_dir = find_iteration_dir(cfg.load)
     source = resolve_model_source(cfg, load_dir)
@@ -46,7 +61,7 @@ def _validate(cfg: TrainConfig, rl: RLConfig):
         raise CheckpointError(f"--reward-model {rl.reward_model} is not a reward-model checkpoint (train one with "
                               f"rlhf.train_reward_model)")
     critic_dir = None
-    if rl.algo == "ppo":
+    if rl.adv_estimator == "gae":
         critic_dir = find_iteration_dir(rl.critic_load) if rl.critic_load else rm_dir or load_dir
     others = {"--ref-load": ref_dir}
     if rm_dir is not None:
@@ -55,41 +70,36 @@ def _validate(cfg: TrainConfig, rl: RLConfig):
         others["--critic-load"] = critic_dir
     check_vocabularies(source.spec, others)
     tokenizer = load_model_tokenizer(cfg, source)
-    prompts = PromptDataset(rl.prompt_data_path, tokenizer, rl.max_prompt_tokens(cfg.seq_length), cfg.seed)
+    reward = build_reward(rl.reward, tokenizer, rl.max_new_tokens) if rl.reward else None
+    needs = reward.needs if reward is not None else ()
+    budget = rl.max_prompt_tokens(cfg.seq_length)
+    prompts = PromptDataset(rl.prompt_data_path, tokenizer, budget, cfg.seed, needs)
+    eval_prompts = None
+    if rl.eval_prompt_data_path:
+        eval_prompts = PromptDataset(rl.eval_prompt_data_path, tokenizer, budget, cfg.seed, needs,
+                                     "held-out prompt data")
+    if reward is not None:
+        _probe_reward(reward, prompts, tokenizer)
     ptx = PtxDataset(rl.ptx_data_path, tokenizer, cfg.seq_length) if rl.ptx_coef > 0 else None
-    reward_fn = build_reward_fn(rl.reward_fn, tokenizer, rl.max_new_tokens) if rl.reward_fn else None
-    return load_dir, source, ref_dir, rm_dir, critic_dir, tokenizer, prompts, ptx, reward_fn
+    return rl, load_dir, source, ref_dir, rm_dir, critic_dir, tokenizer, prompts, eval_prompts, ptx, reward
 
 
 def _resume_dirs(cfg: TrainConfig, rl: RLConfig):
     """The actor's (and critic's) last checkpoints under --save, when this job saved before; they must agree."""
-    from pathlib import Path
-
-    from .schedule_utils import find_resume_dir
-
     if not cfg.save:
         return None, None
+    critic_used = rl.adv_estimator == "gae"
     actor = find_resume_dir(str(Path(cfg.save) / "actor"))
-    critic = find_resume_dir(str(Path(cfg.save) / "critic")) if rl.algo == "ppo" else None
-    if actor is not None and rl.algo == "ppo" and (critic is None or critic.name != actor.name):
+    critic = find_resume_dir(str(Path(cfg.save) / "critic")) if critic_used else None
+    if actor is not None and critic_used and (critic is None or critic.name != actor.name):
         raise ConfigError(f"--save {cfg.save}: the actor ({actor.name}) and critic "
                           f"({critic.name if critic else 'none'}) checkpoints differ; remove the newer one")
     return actor, critic
 
 
-def build_run(cfg: TrainConfig, rl: RLConfig, quiet: bool = False):
-    from ..generation import GenerationEngine, mark_weights_loaded
-    from ..models.checkpoint import Checkpoint
-    from ..runtime import init_distributed
-    from ..training.checkpointing import TrainerState, load_train_state
-    from ..training.logging import MetricsLogger
-    from ..training.setup import resolve_model_source
-    from .core_algos import build_kl_controller
-    from .ppo import RL_STATE, RLRun
-    from .reward_model import load_reward_model_weights
-    from .roles import build_actor, build_critic, build_frozen_reward_model, build_reference
-
-    load_dir, source, ref_dir, rm_dir, critic_dir, tokenizer, prompts, ptx, reward_fn = _validate(cfg, rl)
+def build_run(cfg: TrainConfig, rl: RLConfig, quiet: bool = False) -> RLRun:
+    (rl, load_dir, source, ref_dir, rm_dir, critic_dir, tokenizer, prompts, eval_prompts, ptx,
+     reward) = _validate(cfg, rl)
     kl_ctl = build_kl_controller(rl.kl_controller, rl.kl_coef, rl.kl_target, rl.kl_horizon)
 
     init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed)
@@ -125,9 +135,5 @@ def build_run(cfg: TrainConfig, rl: RLConfig, quiet: bool = False):
     mark_weights_loaded(actor.model.module, str(actor_resume or load_dir))
     engine = GenerationEngine(actor.model.module, source.spec.vocab_size, tokenizer.eod, cfg.seq_length)
     actor.model.module.train()
-    if cfg.save and dist.get_rank() == 0:
-        cfg.write(cfg.save)
-        with open(os.path.join(cfg.save, "rl_config.json"), "w") as handle:
-            json.dump(rl.to_dict(), handle, indent=2)
-    return RLRun(cfg, rl, actor, critic, reference, reward_model, reward_fn, tokenizer, prompts, ptx, engine,
-                 kl_ctl, state, source.spec.vocab_size, logger)
+    return RLRun(cfg, rl, actor, critic, reference, reward_model, reward, tokenizer, prompts, eval_prompts, ptx,
+                 engine, kl_ctl, state, source.spec.vocab_size, logger)

@@ -20,7 +20,7 @@ from .core_algos import compute_entropy_loss, compute_kl_loss, compute_policy_lo
 from .experience import gather_response
 from .logprobs import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
 
-ACTOR_REPORT = ("pg_loss", "entropy", "kl_loss", "ptx_loss", "pg_clipfrac", "ppo_kl")
+ACTOR_REPORT = ("pg_loss", "entropy", "kl_loss", "ptx_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl")
 CRITIC_REPORT = ("vf_loss", "vf_clipfrac")
 
 
@@ -34,13 +34,17 @@ class LossSettings:
     clip_ratio: float
     value_clip: float | None
     entropy_coef: float
-    kl_loss_coef: float  # 0 for PPO (its KL is in the reward); GRPO's k3 loss weight
+    kl_loss_coef: float  # 0 without a KL loss (PPO keeps its KL in the reward)
     ptx_coef: float
     loss_agg_mode: str
-    num_tokens: torch.Tensor  # of the whole mini-batch, over all data-parallel ranks
-    num_seqs: torch.Tensor
+    num_tokens: torch.Tensor | None  # of the whole mini-batch, over all data-parallel ranks
+    num_seqs: torch.Tensor | None
     num_microbatches: int
     dp: int
+    clip_ratio_low: float | None = None  # asymmetric clip (default: clip_ratio)
+    clip_ratio_high: float | None = None
+    clip_ratio_c: float | None = None  # dual clip
+    kl_loss_type: str = "k3"
 
 
 def _tp_group():
@@ -65,12 +69,13 @@ def actor_loss(settings: LossSettings, microbatch: dict, output: torch.Tensor):
     logprob, entropy = response_logprobs(microbatch, output[:rows], settings, with_entropy=True)
     agg = dict(loss_agg_mode=settings.loss_agg_mode, num_tokens=settings.num_tokens, num_seqs=settings.num_seqs)
     pg_loss, metrics = compute_policy_loss(microbatch["old_logprob"], logprob, microbatch["advantages"], mask,
-                                           settings.clip_ratio, **agg)
+                                           settings.clip_ratio, settings.clip_ratio_low, settings.clip_ratio_high,
+                                           settings.clip_ratio_c, **agg)
     entropy_loss, _ = compute_entropy_loss(entropy, mask, **agg)
     loss = pg_loss - settings.entropy_coef * entropy_loss
     kl_loss = torch.zeros_like(pg_loss)
     if settings.kl_loss_coef > 0:
-        kl_loss, _ = compute_kl_loss(logprob, microbatch["ref_logprob"], mask, "k3", **agg)
+        kl_loss, _ = compute_kl_loss(logprob, microbatch["ref_logprob"], mask, settings.kl_loss_type, **agg)
         loss = loss + settings.kl_loss_coef * kl_loss
     ptx_loss = torch.zeros_like(pg_loss)
     if settings.ptx_coef > 0:  # the LM loss of the pretraining rows: the mean over the mini-batch's micro-batches
@@ -83,7 +88,8 @@ def actor_loss(settings: LossSettings, microbatch: dict, output: torch.Tensor):
         loss = loss + settings.ptx_coef * ptx_loss
     tokens = mask.sum()
     report = torch.stack([pg_loss.detach(), entropy_loss.detach(), kl_loss.detach(), ptx_loss.detach(),
-                          metrics["actor/pg_clipfrac"] * tokens, metrics["actor/ppo_kl"] * tokens, tokens])
+                          metrics["actor/pg_clipfrac"] * tokens, metrics["actor/pg_clipfrac_lower"] * tokens,
+                          metrics["actor/ppo_kl"] * tokens, tokens])
     return loss * (settings.num_microbatches * settings.dp), {"actor": report}
 
 

@@ -6,6 +6,7 @@ line naming the file, the line and what to change.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +17,17 @@ from ..errors import BadLineError, DataError
 from ..runtime.device import HOST
 
 
-def _jsonl_values(path: str | Path, key: str, what: str) -> list[tuple[int, str]]:
-    """``(line number, value of key)`` of each non-blank line; BadLineError / DataError name the file."""
+def _jsonl_records(path: str | Path, key: str, what: str) -> list[tuple[int, str, dict]]:
+    """``(line number, value of key, the line's other keys)`` of each non-blank line; BadLineError / DataError
+    name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     values = []
     for line_no, line in numbered_lines(path):
         try:
-            values.append((line_no, string_field(json_object(line, line_no), key, line_no)))
+            record = json_object(line, line_no)
+            values.append((line_no, string_field(record, key, line_no), {k: v for k, v in record.items() if k != key}))
         except BadLineError as error:
             raise in_file(path, error) from None
     if not values:
@@ -32,41 +35,66 @@ def _jsonl_values(path: str | Path, key: str, what: str) -> list[tuple[int, str]
     return values
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt line: its token ids, text, the line's other keys (``answer``, ...) and its line number."""
+
+    ids: list[int]
+    text: str
+    fields: dict
+    line: int
+
+
 class PromptDataset:
     """Tokenised prompts, served in a seeded order that is a function of the position alone (so a resumed run
     reads the same prompts as an uninterrupted one): pass ``p`` of the data is permutation ``seed + p``.
 
     Args:
-        path: jsonl with a ``"prompt"`` string per line.
+        path: jsonl with a ``"prompt"`` string per line (other keys are kept and handed to the reward).
         tokenizer: the toolkit's tokenizer (``encode``).
         max_prompt_tokens: the budget (``--seq-length - --max-new-tokens``); a longer prompt is an error.
         seed: order seed.
+        needs: keys every line must carry (the reward's, e.g. ``answer``).
+        what: the file's role, for messages (``prompt data``, ``held-out prompt data``).
     """
 
-    def __init__(self, path: str | Path, tokenizer, max_prompt_tokens: int, seed: int = 1234):
-        self.prompts: list[list[int]] = []
-        for line_no, text in _jsonl_values(path, "prompt", "prompt data"):
+    def __init__(self, path: str | Path, tokenizer, max_prompt_tokens: int, seed: int = 1234,
+                 needs: tuple[str, ...] = (), what: str = "prompt data"):
+        self.path = str(path)
+        self.records: list[Prompt] = []
+        for line_no, text, fields in _jsonl_records(path, "prompt", what):
+            missing = [key for key in needs if key not in fields]
+            if missing:
+                raise BadLineError(f"{path}: line {line_no}: no key '{missing[0]}', which the reward compares the "
+                                   f"response with (keys: {', '.join(sorted(['prompt', *fields]))})")
             ids = tokenizer.encode(text)
             if not ids:
                 raise BadLineError(f"{path}: line {line_no}: the prompt is empty after tokenization")
             if len(ids) > max_prompt_tokens:
                 raise BadLineError(f"{path}: line {line_no}: the prompt has {len(ids)} tokens, over the budget of "
-                               f"{max_prompt_tokens} (--seq-length minus --max-new-tokens): raise --seq-length or "
-                               f"lower --max-new-tokens")
-            self.prompts.append(ids)
+                                   f"{max_prompt_tokens} (--seq-length minus --max-new-tokens): raise --seq-length or "
+                                   f"lower --max-new-tokens")
+            self.records.append(Prompt(ids, text, fields, line_no))
         self.seed = seed
 
-    def __len__(self) -> int:
-        return len(self.prompts)
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [record.ids for record in self.records]
 
-    def take(self, position: int, count: int) -> list[list[int]]:
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def take_records(self, position: int, count: int) -> list[Prompt]:
         """``count`` prompts starting at global ``position`` (passes wrap around with a fresh order)."""
         out = []
         for index in range(position, position + count):
-            epoch, offset = divmod(index, len(self.prompts))
-            order = np.random.RandomState(self.seed + epoch).permutation(len(self.prompts))
-            out.append(self.prompts[order[offset]])
+            epoch, offset = divmod(index, len(self.records))
+            order = np.random.RandomState(self.seed + epoch).permutation(len(self.records))
+            out.append(self.records[order[offset]])
         return out
+
+    def take(self, position: int, count: int) -> list[list[int]]:
+        return [record.ids for record in self.take_records(position, count)]
 
 
 class PtxDataset:
@@ -79,7 +107,7 @@ class PtxDataset:
 
     def __init__(self, path: str | Path, tokenizer, length: int):
         stream: list[int] = []
-        for _, text in _jsonl_values(path, "text", "PTX data"):
+        for _, text, _ in _jsonl_records(path, "text", "PTX data"):
             stream += tokenizer.encode(text) + [tokenizer.eod]
         if len(stream) < 2:
             raise DataError(f"PTX data {path} has fewer than 2 tokens")

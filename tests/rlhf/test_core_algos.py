@@ -197,7 +197,8 @@ def test_grpo_refuses_a_group_of_one():
 
 
 def test_adv_estimator_registry():
-    assert ca.adv_estimator_names() == ["gae", "grpo"]
+    assert ca.adv_estimator_names() == ["dr_grpo", "gae", "grpo", "reinforce_plus_plus", "reinforce_plus_plus_baseline",
+                                        "rloo"]
     config = ca.AdvantageConfig(gamma=0.5, lam=0.5, whiten=False)
     adv, _ = ca.get_adv_estimator("gae")(torch.tensor([[0.0, 0.0, 1.0]]), torch.ones(1, 3), config,
                                          values=torch.full((1, 3), 0.5))
@@ -206,8 +207,8 @@ def test_adv_estimator_registry():
         ca.get_adv_estimator("gae")(torch.ones(1, 3), torch.ones(1, 3), config)
     with pytest.raises(ValueError, match="needs group_ids"):
         ca.get_adv_estimator("grpo")(torch.ones(1, 3), torch.ones(1, 3), config)
-    with pytest.raises(ValueError, match=r"valid: gae, grpo"):
-        ca.get_adv_estimator("rloo")
+    with pytest.raises(ValueError, match=r"valid: dr_grpo, gae, grpo"):
+        ca.get_adv_estimator("ppo")
     with pytest.raises(ValueError, match="registered twice"):
         ca.register_adv_estimator("gae")(lambda *a, **k: None)
 
@@ -221,6 +222,7 @@ def test_aggregate_loss_hand_example():
     assert ca.aggregate_loss(loss, mask, "token-mean").item() == pytest.approx(2.5)
     assert ca.aggregate_loss(loss, mask, "seq-mean-token-sum").item() == pytest.approx(5.0)
     assert ca.aggregate_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx(3.0)
+    assert ca.aggregate_loss(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx((6 / 3 + 4 / 3) / 2)
     with pytest.raises(ValueError, match="valid: token-mean, seq-mean-token-sum, seq-mean-token-mean"):
         ca.aggregate_loss(loss, mask, "sum")
 
@@ -236,8 +238,9 @@ def test_aggregate_loss_is_invariant_to_the_micro_batch_split(mode):
     if mode == "token-mean":
         expected = sum(loss[b, t].item() for b, ts in enumerate(_rows(mask)) for t in ts) / sum(map(len, rows))
     else:
-        per_seq = [sum(loss[b, t].item() for t in ts) / (len(ts) if mode == "seq-mean-token-mean" else 1)
-                   for b, ts in enumerate(_rows(mask)) if ts]
+        divisor = {"seq-mean-token-sum": lambda ts: 1, "seq-mean-token-mean": len,
+                   "seq-mean-token-sum-norm": lambda ts: mask.shape[1]}[mode]
+        per_seq = [sum(loss[b, t].item() for t in ts) / divisor(ts) for b, ts in enumerate(_rows(mask)) if ts]
         expected = sum(per_seq) / len(per_seq)
     assert full.item() == pytest.approx(expected, abs=1e-5)
     for split in ([2, 1, 3], [1, 5], [6], [1] * 6):

@@ -1,27 +1,25 @@
 """The one-command InstructGPT pipeline (SFT -> reward model -> PPO with that reward model and PTX) completes on the
-toy task at tiny sizes and leaves each stage's checkpoint."""
+digit task at tiny sizes and leaves each stage's checkpoint."""
 
 from __future__ import annotations
 
 import json
+import re
 
-from megatron_patch.rlhf.pipeline import PipelineSizes, count_score, run_pipeline, write_count_preferences
+from megatron_patch.rlhf.pipeline import PipelineSizes, digits_right, run_pipeline, write_task_preferences
+from megatron_patch.rlhf.tasks import write_digit_task
 
 
-def test_count_preferences_rank_by_digits_right(tmp_path):
-    train, valid = write_count_preferences(tmp_path, n_train=32, n_valid=8)
+def test_task_preferences_rank_by_digits_right(tmp_path):
+    paths = write_digit_task(tmp_path / "data", "reverse", 5, n_sft=64, n_train=8, n_eval=8)
+    train, valid = write_task_preferences(tmp_path, paths["sft"], n_train=32, n_valid=8)
+    held_out = {json.loads(line)["prompt"] for line in open(paths["eval"])}
     for path in (train, valid):
         for line in open(path):
             pair = json.loads(line)
-            instruction = _instruction(pair["prompt"])
-            assert count_score(instruction, pair["chosen"]) > count_score(instruction, pair["rejected"])
-
-
-def _instruction(prompt: str) -> str:
-    """The four digits the SFT template wraps (the only 4-digit run in it)."""
-    import re
-
-    return re.findall(r"\d{4}", prompt)[0]
+            assert pair["prompt"] not in held_out
+            truth = re.findall(r"\d{5}", pair["prompt"])[0][::-1]
+            assert digits_right(pair["chosen"], truth) >= digits_right(pair["rejected"], truth) + 3
 
 
 def test_instructgpt_pipeline_writes_every_stage(tmp_path):

@@ -85,7 +85,7 @@ def test_bad_rl_input_stops_the_ppo_entry_point_with_one_line(tmp_path, make_hf)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "1 2"}) + "\n" + json.dumps({"text": "3 4"}) + "\n")
     result = subprocess.run([sys.executable, "-m", "megatron_patch.rlhf.ppo", "--load", str(ckpt), "--seq-length", "32",
-                             "--prompt-data-path", str(prompts), "--reward-fn", "count_up", "--max-new-tokens", "8",
+                             "--prompt-data-path", str(prompts), "--reward", "count_up", "--max-new-tokens", "8",
                              "--train-iters", "1", "--global-batch-size", "2", "--micro-batch-size", "1",
                              "--save", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -118,15 +118,20 @@ def test_ppo_and_grpo_flags(tmp_path, family):
         assert flag in result.stdout, (flag, result.stdout)
     result = run_script(family, "grpo", rl_script_args(tmp_path, "grpo"))
     assert result.returncode == 0, result.stderr
-    for flag in ("--algo grpo", "--n-samples-per-prompt 4", "--reward-fn count_up", "--clip-ratio 0.2"):
+    for flag in ("--algo grpo", "--n-samples-per-prompt 4", "--reward count_up", "--clip-ratio 0.2"):
         assert flag in result.stdout, (flag, result.stdout)
+    user = tmp_path / "my_reward.py"
+    user.write_text("def score(prompt, response, answer):\n    return float(response == answer)\n")
+    result = run_script(family, "grpo", rl_script_args(tmp_path, "grpo", REWARD=f"py:{user}:score"))
+    assert result.returncode == 0 and f"--reward py:{user}:score" in result.stdout, result.stderr
 
 
 @pytest.mark.parametrize("kind,override,message", [
     ("ppo", {"KL_COEF": "-1"}, "KL_COEF must be a non-negative number"),
     ("ppo", {"MAX_NEW_TOKENS": "256"}, "MAX_NEW_TOKENS (256) must be below SEQ_LEN"),
     ("ppo", {"PTX_COEF": "0.1"}, "PTX_COEF (0.1) > 0 needs PTX_DATASET_PATH"),
-    ("ppo", {"REWARD": "/no/rm"}, "REWARD '/no/rm' must be a reward-model checkpoint or fn:"),
+    ("ppo", {"REWARD": "/no/rm"}, "REWARD '/no/rm' must be a reward-model checkpoint, fn:<built-in reward> or py:"),
+    ("grpo", {"REWARD": "py:/no/r.py:score"}, "REWARD 'py:/no/r.py:score': the file /no/r.py does not exist"),
     ("grpo", {"N_SAMPLES": "1"}, "N_SAMPLES must be an integer >= 2"),
     ("grpo", {"PROMPT_DATASET_PATH": "/no/p.jsonl"}, "PROMPT_DATASET_PATH '/no/p.jsonl' is not a file"),
 ])

@@ -108,7 +108,7 @@ def _register_test_rewards() -> None:
 
     @register_reward("test_low_ids")
     def _low_ids(tokenizer, max_new_tokens):
-        return lambda prompt, response: [float(t < 128) / max_new_tokens for t in response]
+        return lambda sample: [float(t < 128) / max_new_tokens for t in sample.response_ids]
 
 
 _register_test_rewards()
