@@ -129,12 +129,18 @@ class TorchDistFormat(CheckpointFormat):
 
     def load_into_model(self, model, iter_dir, saved, target, tp_rank, pp_rank, transformer_impl):
         from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint.api import CheckpointException
 
         from .torch_dist_io import TorchDistReader
 
         check_torch_dist_checkpoint(iter_dir)  # megatron-core unpickles without restriction: vet the bytes first
         TorchDistReader(iter_dir).check_matches(saved)
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(iter_dir))
+        try:
+            state = dist_checkpointing.load(model.sharded_state_dict(), str(iter_dir))
+        except CheckpointException as error:  # how DCP reports a damaged record (EOFError, a refused global,
+            # PytorchStreamReader failed) on every rank; a BaseException
+            raise CheckpointError(f"cannot read torch_dist checkpoint {iter_dir} (truncated, corrupt or holding "
+                                  f"objects other than tensors): {' '.join(str(error).split())[:300]}") from None
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as error:
