@@ -40,6 +40,7 @@ LAYERS = "decoder.layers."
 BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                   "common_backend": "torch", "common_backend_version": 1}
 CONFIG_FILE, COMMON_FILE, DCP_METADATA = "metadata.json", "common.pt", ".metadata"
+EXTRA_STATE_MARK = "._extra_state"  # in the key of every object a model checkpoint holds
 
 
 def sharded_key(global_name: str) -> tuple[str, int | None]:
