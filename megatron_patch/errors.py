@@ -14,6 +14,7 @@ once, in place of torchrun's ChildFailedError dump.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -79,6 +80,16 @@ class WorkerDiedError(MegatronPatchError, RuntimeError):
 USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+# OSErrors of the storage that the user fixes (free space, a writable output), not bugs: reported as one line.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def storage_error_line(error: OSError, what: str | None = None) -> str:
+    """One line for a full, read-only or forbidden output: the file (or ``what``), the reason, the way out."""
+    where = what or (f"{error.filename}" if error.filename else "the output")
+    return f"cannot write {where}: {error.strerror or error}; free space or choose a writable output"
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types reported as one line (everything else keeps its traceback)."""
     return (MegatronPatchError, *USER_OS_ERRORS)
@@ -106,6 +117,11 @@ def run_reporting_errors(action: Callable[[], int | None], cleanup: Callable[[],
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT_CODE
+    except OSError as error:  # a full or read-only disk: the user's to fix, in one line
+        if error.errno not in STORAGE_ERRNOS:
+            raise
+        report_user_error(storage_error_line(error))
+        return 1
     finally:
         if cleanup is not None:
             cleanup()

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError
 from ..mapping import EXPERT, Entry, Sharding, Split, is_expert_row, megatron_shape, te_name
@@ -43,6 +44,7 @@ EXPERTS = ".mlp.experts.local_experts."
 BACKEND_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                   "common_backend": "torch", "common_backend_version": 1}
 CONFIG_FILE, COMMON_FILE, DCP_METADATA = "metadata.json", "common.pt", ".metadata"
+EXTRA_STATE_MARK = "._extra_state"  # in the key of every object a model checkpoint holds
 
 
 def stacks_layers(arch) -> bool:
@@ -167,7 +169,12 @@ class TorchDistFormat(CheckpointFormat):
 
         check_torch_dist_checkpoint(iter_dir)  # megatron-core unpickles without restriction: vet the bytes first
         TorchDistReader(iter_dir).check_matches(saved)
-        state = load_model_state(model.sharded_state_dict(), iter_dir)
+        try:
+            state = load_model_state(model.sharded_state_dict(), iter_dir)
+        except CheckpointException as error:  # how DCP reports a damaged record (EOFError, a refused global,
+            # PytorchStreamReader failed) on every rank; a BaseException
+            raise CheckpointError(f"cannot read torch_dist checkpoint {iter_dir} (truncated, corrupt or holding "
+                                  f"objects other than tensors): {' '.join(str(error).split())[:300]}") from None
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as error:

@@ -39,7 +39,16 @@ from ..mapping.rows import GatedMLP
 from .bulk_file import BulkFile
 from .dcp_records import PROBE_ERRORS, tensor_record_data
 from .serialization import own_storage, prefault, without_crc32
-from .torch_dist import BACKEND_CONFIG, COMMON_FILE, CONFIG_FILE, DCP_METADATA, extra_state_keys, layout, sharded_key
+from .torch_dist import (
+    BACKEND_CONFIG,
+    COMMON_FILE,
+    CONFIG_FILE,
+    DCP_METADATA,
+    EXTRA_STATE_MARK,
+    extra_state_keys,
+    layout,
+    sharded_key,
+)
 from .trusted_load import read_dcp_metadata as read_trusted_metadata
 
 
@@ -210,6 +219,11 @@ class TorchDistReader:
         stored = {key: tuple(item.size) for key, item in self.metadata.state_dict_metadata.items()
                   if isinstance(item, TensorStorageMetadata)}
         check_exact_names(stored, expected, f"torch_dist checkpoint {self.dir}")
+        objects = sorted(key for key, item in self.metadata.state_dict_metadata.items()
+                         if isinstance(item, BytesStorageMetadata) and EXTRA_STATE_MARK not in key)
+        if objects:  # a model checkpoint holds objects only as the layers' _extra_state
+            raise CheckpointError(f"torch_dist checkpoint {self.dir} holds object item '{objects[0]}', which a "
+                                  "model checkpoint never does (only '..._extra_state' objects)")
         for key, shape in expected.items():
             if stored[key] != shape:
                 raise CheckpointError(f"torch_dist checkpoint {self.dir}: '{key}' has shape {stored[key]}; its "

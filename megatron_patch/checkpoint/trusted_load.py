@@ -84,19 +84,24 @@ def read_dcp_metadata(path: str | os.PathLike):
 def _check_storage_data(path: Path, metadata) -> None:
     """Every item (tensor and byte items alike) names a data file inside the checkpoint directory, at a
     non-negative offset and length: a ``relative_path`` of ``../../elsewhere/x.distcp`` is refused, not read."""
-    files = set()
+    files: dict[str, int] = {}  # data file -> the bytes its items need
     for index, info in metadata.storage_data.items():
         relative, offset, length = (getattr(info, name, None) for name in ("relative_path", "offset", "length"))
         numbers_ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length))
         if not isinstance(relative, str) or not relative or not numbers_ok:
             raise CheckpointError(f"{path}: item '{getattr(index, 'fqn', index)}' names no valid data file, offset "
                                   f"and length ({relative!r:.60}, {offset!r:.20}, {length!r:.20})")
-        files.add(relative)
-    for relative in files:
+        files[relative] = max(files.get(relative, 0), offset + length)
+    for relative, needed in files.items():
         where = path.parent / relative
         if Path(relative).is_absolute() or ".." in Path(relative).parts or where.resolve().parent != path.parent.resolve():
             raise CheckpointError(f"{path} names data file {relative!r} outside {path.parent}; refusing to read it "
                                   "(a crafted checkpoint?)")
+        # Missing or cut short (an interrupted copy): said now, naming the file, not as an EOFError mid-load.
+        size = where.stat().st_size if where.is_file() else None
+        if size is None or size < needed:
+            state = "is missing" if size is None else f"is truncated ({size} of at least {needed} bytes)"
+            raise CheckpointError(f"torch_dist checkpoint {path.parent}: data file {relative} {state}")
 
 
 def _numpy_rng_globals() -> list:
@@ -173,5 +178,7 @@ def check_torch_dist_checkpoint(ckpt_dir: str | os.PathLike) -> None:
         metadata = read_dcp_metadata(path)
         _check_byte_items(ckpt_dir, metadata)
     common = ckpt_dir / "common.pt"
-    if common.is_file():
-        _load_weights_only(common, str(common))
+    if not common.is_file():  # megatron-core reads it first and fails with a bare FileNotFoundError deep in a load
+        raise CheckpointError(f"{ckpt_dir} has no common.pt, which every torch_dist checkpoint holds (an incomplete "
+                              "copy?)")
+    _load_weights_only(common, str(common))

@@ -96,7 +96,18 @@ def check_numbers(args) -> None:
 
 
 def run(args) -> int | None:
+    from ..errors import STORAGE_ERRNOS, MachineSupportError, storage_error_line
+
     check_numbers(args)
+    try:
+        return _run(args)
+    except OSError as error:  # ENOSPC from a bulk write names no file: name the output flag
+        if error.errno not in STORAGE_ERRNOS or args.command not in ("hf2mcore", "mcore2hf"):
+            raise
+        raise MachineSupportError(storage_error_line(error, f"--save {args.save}")) from None
+
+
+def _run(args) -> int | None:
     if args.command in ("hf2mcore", "mcore2hf"):
         from ..checkpoint.paths import check_outputs
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TypeVar
@@ -233,6 +234,15 @@ class TrainConfig:
             value = getattr(self, spec.name)
             if isinstance(value, float) and not math.isfinite(value):
                 fail(f"--{spec.name.replace('_', '-')} must be a finite number (got {value})")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(f"--{name.replace('_', '-')} must be in [0, 1) (got {getattr(self, name)})")
+        if self.weight_decay < 0:
+            fail(f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        if self.eval_iters < 0:
+            fail(f"--eval-iters must be >= 0 (got {self.eval_iters})")
+        if self.mode == "pretrain":
+            check_split(self.split)
         if self.min_lr > self.lr:
             fail(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
         if self.extra_vocab_size < 0:
@@ -297,6 +307,19 @@ class TrainConfig:
         tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         tmp.replace(path)
         return path
+
+
+def check_split(split: str) -> None:
+    """``--split`` as megatron-core reads it: up to three non-negative weights (train, valid, test) separated by
+    ``,`` or ``/``, the train weight positive (``0`` or garbage failed later, as a traceback or with no data)."""
+    words = re.split(r"[,/]", split)
+    try:
+        weights = [float(word) for word in words]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or weights[0] <= 0:
+        raise ConfigError(f"--split must be up to three weights train,valid,test (e.g. 99,1,0) with a positive train "
+                          f"weight (got {split!r})")
 
 
 # --- argparse, generated from the dataclass: one flag per field ---------------------------------------------------

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ..checkpoint.hf import copy_assets
 from ..checkpoint.megatron import ASSETS, TRACKER, assets_root, iteration_dir_name
 from ..checkpoint.trusted_load import check_torch_dist_checkpoint
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, MachineSupportError
 from ..layers.lora import has_lora, lora_adapters, without_adapters
 from ..layers.lora_config import LORA_KEY, read_lora_meta, write_lora_meta
 from ..models.checkpoint import Checkpoint, write_checkpoint_meta
@@ -117,8 +117,6 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
     ``after_model_save(tmp_dir)`` runs on rank 0 once everything is written, before the rename makes the checkpoint
     visible: a caller adds its own files there (the reward model its marker) and they appear atomically with it.
     """
-    from megatron.core import dist_checkpointing
-
     checkpoint_writer_queue_dies_with_parent()  # a killed rank leaves no writer helper behind
     save = Path(save)
     name = iteration_dir_name(iteration)
@@ -130,11 +128,11 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(model_state_to_save(model.module), str(tmp))
+    _dcp_save(model_state_to_save(model.module), tmp, save)
     if rank == 0:
         (tmp / TRAIN_STATE).mkdir()
     dist.barrier()
-    dist_checkpointing.save(_train_state_dict(model, optimizer, scheduler, state, False), str(tmp / TRAIN_STATE))
+    _dcp_save(_train_state_dict(model, optimizer, scheduler, state, False), tmp / TRAIN_STATE, save)
     dist.barrier()
     if rank == 0:
         dtype = next(model.module.parameters()).dtype
@@ -177,6 +175,22 @@ def lora_base(iter_dir: Path) -> Path:
     points to."""
     meta = read_lora_meta(iter_dir)
     return Path(iter_dir) if meta is None else meta["base"]
+
+
+def _dcp_save(state_dict: dict, directory: Path, save: Path) -> None:
+    """megatron-core's save, with a failed write (a full or read-only disk: DCP reports it on every rank as a
+    CheckpointException around the writer's message) as one line naming --save; the partial directory stays for
+    the next save to remove, as after a kill."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dist_checkpointing.save(state_dict, str(directory))
+    except CheckpointException as error:
+        free = shutil.disk_usage(save).free
+        reason = next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), "")
+        raise MachineSupportError(f"cannot write the checkpoint into --save {save} ({free} bytes free there): "
+                                  f"{reason[:200]}; free space or choose a writable --save") from None
 
 
 def has_train_state(iter_dir: Path) -> bool:

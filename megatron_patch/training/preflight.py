@@ -80,10 +80,8 @@ def _preflight(cfg: TrainConfig, world_size: int) -> None:
     check_precision_support(cfg)
     load_dir, resume = _load_dirs(cfg)
     source = resolve_model_source(cfg, load_dir)  # family, size preset, vocabulary, TP x PP
-    if source.checkpoint is not None and source.checkpoint.meta["format"] == "torch_dist":
-        check_torch_dist_checkpoint(load_dir)  # what the ranks refuse before megatron-core unpickles anything
-        if resume and has_train_state(load_dir):
-            check_torch_dist_checkpoint(load_dir / TRAIN_STATE)
+    if resume and has_train_state(load_dir):  # the weights are vetted by resolve_model_source, as in the ranks
+        check_torch_dist_checkpoint(load_dir / TRAIN_STATE)
     tokenizer = cfg.tokenizer_model or source.assets_dir
     if tokenizer is None:
         raise ConfigError("no tokenizer: pass --tokenizer-model (the checkpoint has no hf_assets)")

@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.hf import asset_files
-from ..checkpoint.megatron import assets_root
-from ..errors import ConfigError, MachineSupportError
+from ..checkpoint.megatron import TRACKER, assets_root
+from ..checkpoint.paths import check_disjoint
+from ..checkpoint.trusted_load import check_torch_dist_checkpoint
+from ..errors import ConfigError, MachineSupportError, OverlappingPathsError
 from ..layers.lora_config import layer_shapes
 from ..models.checkpoint import Checkpoint
 from ..models.presets import check_size_preset
@@ -18,6 +20,7 @@ from ..models.spec import ModelSpec
 from ..runtime.cpu import cuda_available
 from ..runtime.device import place_model
 from .arguments import EP_FLAG, PARALLEL_FLAGS, TrainConfig
+from .checkpointing import TRAIN_STATE
 
 
 @dataclass
@@ -43,12 +46,31 @@ def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource
     Checks the flags against the model on the way (family, size preset, extra vocabulary, TP x PP, --seq-length),
     each error naming the training flag to change. The ranks and ``train check`` both run it.
     """
+    if cfg.save and load_dir is not None:
+        check_save_keeps_load(cfg.save, load_dir)
     source = _model_source(cfg, load_dir)
+    if source.checkpoint is not None and source.checkpoint.meta["format"] == "torch_dist":
+        check_torch_dist_checkpoint(load_dir)  # vetted before anything is written (data_cache/ stayed behind)
     positions = source.arch.max_position_embeddings
     if positions and cfg.seq_length > positions:  # generation refuses the same; RoPE/positions beyond are untrained
         raise ConfigError(f"--seq-length {cfg.seq_length} exceeds the {positions} positions the model was built for "
                           "(max_position_embeddings)")
     return source
+
+
+def check_save_keeps_load(save: str, load_dir: Path) -> None:
+    """A --save that overlaps the checkpoint the run starts from is refused unless that checkpoint is one a run
+    saved (it has ``train_state/``: resuming into the same directory is Megatron-LM's usage). A converted
+    checkpoint is an input: training would write ``data_cache/``, its iterations and its tracker into it."""
+    if (load_dir / TRAIN_STATE).is_dir():
+        return
+    root = load_dir.parent if (load_dir.parent / TRACKER).is_file() else load_dir
+    try:
+        check_disjoint(root, save, "--load", "--save")
+    except OverlappingPathsError:
+        raise OverlappingPathsError(f"--save {save} overlaps the checkpoint {root} the run starts from, which holds no "
+                                    "training state (a converted checkpoint): training would write into it; pass it "
+                                    "as --load and choose a new --save") from None
 
 
 def _model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:

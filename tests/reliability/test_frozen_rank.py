@@ -21,12 +21,13 @@ RANK = textwrap.dedent("""
     from megatron_patch.runtime.distributed import collective_timeouts_reported
 
     def work():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=0.05))
-        dist.barrier()
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=2))  # slow starts on a busy machine
+        group = dist.new_group(timeout=datetime.timedelta(minutes=0.05))  # the collectives' timeout under test
+        dist.barrier(group)
         if dist.get_rank() == 1:
             os.kill(os.getpid(), signal.SIGSTOP)  # frozen, as by a debugger or a stuck driver
         with collective_timeouts_reported(0.05, grace_s=2):
-            dist.all_reduce(torch.ones(3))
+            dist.all_reduce(torch.ones(3), group=group)
 
     sys.exit(run_reporting_errors(work))
 """)

@@ -117,3 +117,20 @@ def test_generation_refuses_nan_sampling(tmp_path, capsys, flag):
                           "--text-generate-output-file", str(tmp_path / "o.jsonl")])
     refused(code, capsys, f"{flag} must be a finite number (got nan)")
 
+
+
+def test_an_object_item_the_format_never_holds_is_refused(ckpt, tmp_path, capsys):
+    """A byte item that is no layer's _extra_state (its bytes a valid pickle of plain data): exported with exit 0."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    path = ckpt / "release" / ".metadata"
+    metadata = pickle.loads(path.read_bytes())
+    first = next(info for index, info in metadata.storage_data.items()
+                 if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata))
+    metadata.state_dict_metadata["launch_command"] = BytesStorageMetadata()
+    metadata.storage_data[MetadataIndex("launch_command")] = first
+    path.write_bytes(pickle.dumps(metadata))
+    code = convert_main(["mcore2hf", "--load", str(ckpt), "--save", str(tmp_path / "hf")])
+    refused(code, capsys, "holds object item 'launch_command', which a model checkpoint never does")
