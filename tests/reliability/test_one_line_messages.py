@@ -1,4 +1,4 @@
-"""Ctrl-C in any entry point is one line, whether it arrives while the entry point imports or while it works."""
+"""One line for the user: Ctrl-C in any entry point (while it imports or while it works), JSON errors."""
 
 from __future__ import annotations
 
@@ -26,3 +26,15 @@ def test_ctrl_c_in_a_cli_is_one_line(capsys):
 
     assert run_reporting_errors(interrupted) == 130
     assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"
+
+
+def test_json_error_reads_once_at_column():
+    """'Unterminated string starting at at column 7' was the message: json's text already ends in 'at'."""
+    import pytest
+
+    from megatron_patch.data.jsonl import json_object
+    from megatron_patch.errors import BadLineError
+
+    with pytest.raises(BadLineError) as error:
+        json_object('{"text": "abc', 3)
+    assert str(error.value) == "line 3: not valid JSON (Unterminated string starting at column 10)"
