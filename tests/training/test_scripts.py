@@ -158,12 +158,11 @@ def test_gpu_env_without_gpus_says_so(tmp_path, env_name, nvidia_smi):
     assert f"error: ENV={env_name} found no GPU" in result.stderr
 
 
-def test_gpus_per_node_without_gpus_is_refused(tmp_path):
-    """ENV=dsw with GPUS_PER_NODE=2 on a machine without GPUs: refused, instead of training on the CPU quietly."""
+def test_gpus_per_node_without_gpus_is_said(tmp_path):
+    """ENV=dsw with GPUS_PER_NODE=2 on a machine without GPUs: a note that the ranks train on the CPU, not silence."""
     env = {k: v for k, v in os.environ.items() if k != "MP_DRY_RUN"}
-    env.update(PATH=_path_without_nvidia_smi(tmp_path, None), GPUS_PER_NODE="2")
+    env.update(PATH=_path_without_nvidia_smi(tmp_path, None), GPUS_PER_NODE="2", PYTHON="/nonexistent/python")
     script = ROOT / "examples" / "llama" / "run_pretrain_megatron_llama.sh"
     result = subprocess.run(["bash", str(script), *pretrain_args(tmp_path, ENV="dsw")], capture_output=True,
-                            text=True, env=env, timeout=60)
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "error: ENV=dsw with GPUS_PER_NODE=2, but this machine has no GPU" in result.stderr
+                            text=True, env=env, timeout=60)  # stops at the pre-flight: no python on that PATH
+    assert "note: ENV=dsw with GPUS_PER_NODE=2, but this machine has no GPU" in result.stderr, result.stderr
