@@ -177,9 +177,11 @@ mp_gpu_count() {  # the number of local GPUs; 0 without nvidia-smi or when it fa
   nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true
 }
 
-mp_gpus_exist() {  # mp_gpus_exist <env>: GPUS_PER_NODE on a machine without GPUs would train on the CPU, quietly
+mp_gpus_exist() {  # mp_gpus_exist <env>: GPUS_PER_NODE on a machine without GPUs trains on the CPU: say so
+  # (a note, not a refusal: the tests run the dsw/dlc launch paths on CPU machines on purpose)
   if [ -n "${GPUS_PER_NODE:-}" ] && [ "${MP_DRY_RUN:-0}" != 1 ] && [ "$(mp_gpu_count)" -eq 0 ]; then
-    mp_fail "ENV=$1 with GPUS_PER_NODE=$GPUS_PER_NODE, but this machine has no GPU (nvidia-smi finds none): use ENV=cpu"
+    echo "note: ENV=$1 with GPUS_PER_NODE=$GPUS_PER_NODE, but this machine has no GPU (nvidia-smi finds none): the" \
+      "$GPUS_PER_NODE ranks train on the CPU (gloo); ENV=cpu says so itself" >&2
   fi
 }
 
@@ -297,8 +299,23 @@ mp_exec() {  # mp_exec <mode> <run name>: pre-flight checks, then launch (or pri
   mkdir -p "$OUTPUT_BASEPATH/log"
   echo "log: $log (appended)"
   mp_log_header "$log" "${cmd[@]}"
-  { "${check[@]}" && "${cmd[@]}"; } 2>&1 | tee -ai "$log"
-  return "${PIPESTATUS[0]}"
+  local rc=0
+  "${check[@]}" 2>&1 | tee -ai "$log" || rc=${PIPESTATUS[0]}  # -i: Ctrl-C must not cut the log short
+  [ "$rc" -eq 0 ] || return "$rc"
+  # The launch runs in the background, this shell waiting for it: bash runs a trap only between commands, and a
+  # SIGTERM sent to this script (a scheduler stopping the job, e.g. to the container's first process) must reach the
+  # launcher, which passes it on to the ranks (they save and exit 0).
+  "${cmd[@]}" > >(tee -ai "$log") 2>&1 &
+  local pid=$!
+  trap 'kill -TERM "$pid" 2> /dev/null' TERM
+  trap '' INT  # Ctrl-C reaches the launcher and the ranks from the terminal; this shell waits for their exit code
+  while true; do
+    rc=0; wait "$pid" || rc=$?  # (set -e must not end the script on the launch's exit code)
+    kill -0 "$pid" 2> /dev/null || break  # still running: wait was cut short by a trapped signal
+  done
+  trap - TERM INT
+  wait  # the log's tee
+  return "$rc"
 }
 
 mp_pretrain() {  # mp_pretrain <family> "$@"

@@ -52,11 +52,13 @@ def first_failure_line(failures: dict) -> tuple[str, int]:
 
 
 def _pass_on_to_ranks(signum, frame) -> None:
-    """The launcher's SIGTERM handler: the ranks (its children) receive the signal and decide when to stop."""
+    """The launcher's SIGTERM handler: the ranks (its children that torchrun gave a LOCAL_RANK) receive the signal
+    and decide when to stop. Other children are left alone: a launch script's log ``tee`` can be one."""
     for child in psutil.Process().children():
         try:
-            child.send_signal(signum)
-        except psutil.NoSuchProcess:
+            if "LOCAL_RANK" in child.environ():
+                child.send_signal(signum)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
 
 

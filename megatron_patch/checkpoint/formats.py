@@ -42,8 +42,12 @@ class CheckpointFormat(ABC):
 
     @abstractmethod
     def write(self, sharding: Sharding, source: TensorSource, iter_dir: Path, *, dtype: torch.dtype,
-              transformer_impl: str, progress=None) -> None:
-        """Write the model ``sharding`` places, built from the HF tensors of ``source``, into ``iter_dir``."""
+              transformer_impl: str, progress=None, megatron_lm: dict | None = None) -> None:
+        """Write the model ``sharding`` places, built from the HF tensors of ``source``, into ``iter_dir``.
+
+        ``megatron_lm``: what Megatron-LM records beside the tensors (``megatron_lm_args.megatron_lm_common``), for
+        a format that stores it with them (legacy rank files; torch_dist's common.pt is written with the metadata).
+        """
 
     @abstractmethod
     def write_steps(self, sharding: Sharding) -> int:

@@ -98,7 +98,7 @@ class LegacyReader:
 
 @register_format("legacy")
 class LegacyFormat(CheckpointFormat):
-    def write(self, sharding, source, iter_dir, *, dtype, transformer_impl, progress=None):
+    def write(self, sharding, source, iter_dir, *, dtype, transformer_impl, progress=None, megatron_lm=None):
         """One rank file at a time, in this process: memory holds one rank's tensors. A rank reads only its part
         of each HF tensor (the tensors are views of memory-mapped files), so every byte is read once over all ranks,
         and a shard that is a contiguous piece of an HF tensor is saved straight from the mapped file (no copy).
@@ -114,7 +114,7 @@ class LegacyFormat(CheckpointFormat):
                         if progress is not None:
                             progress.update(1)
                     save_legacy_rank(iter_dir, tp_rank, pp_rank, sharding.pp, state_dict,
-                                     ep_rank=ep_rank if sharding.ep > 1 else None)
+                                     ep_rank=ep_rank if sharding.ep > 1 else None, megatron_lm=megatron_lm)
                     del state_dict
 
     def write_steps(self, sharding):

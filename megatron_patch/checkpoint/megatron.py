@@ -153,10 +153,13 @@ def legacy_rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int | None = N
 
 
 def save_legacy_rank(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int, state_dict: dict, iteration=0,
-                     ep_rank: int | None = None) -> None:
+                     ep_rank: int | None = None, megatron_lm: dict | None = None) -> None:
+    """One ``model_optim_rng.pt``; ``megatron_lm``: Megatron-LM's ``args`` / ``checkpoint_version`` / ``iteration``
+    (``megatron_lm_args.megatron_lm_common``), stored beside the model as Megatron-LM stores them."""
     rank_dir = iter_dir / legacy_rank_dir(tp_rank, pp_rank, pp, ep_rank)
     rank_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"model": state_dict, "checkpoint_version": 3.0, "iteration": 0 if iteration == "release" else iteration}
+    payload = {"checkpoint_version": 3.0, "iteration": 0 if iteration == "release" else iteration,
+               **(megatron_lm or {}), "model": state_dict}
     with without_crc32(), BulkFile(rank_dir / "model_optim_rng.pt") as out:
         torch.save(payload, out)
 

@@ -8,7 +8,8 @@ Megatron-Bridge's ``load_megatron_model`` builds the model from ``args`` when a 
 ``run_config.yaml``: it copies every ``args`` attribute named like a ``TransformerConfig`` field and reads a few
 Megatron-LM-only names directly. The names below are Megatron-LM's flags (``--num-layers`` -> ``num_layers``).
 
-One function, used by every writer (hf2mcore torch_dist and legacy, training saves): ``megatron_lm_common``.
+One function, used by every writer: ``megatron_lm_common`` (hf2mcore legacy rank files through the format's
+``write``; torch_dist common.pt of hf2mcore and of training saves through ``write_checkpoint_meta``).
 Readers of this toolkit drop the keys again before loading tensors (``MEGATRON_LM_COMMON_KEYS``).
 """
 
@@ -28,7 +29,8 @@ COMMON_FILE = "common.pt"  # torch_dist: the non-tensor part of the state dict
 
 
 def megatron_lm_args(spec, *, tp: int, pp: int, dtype: torch.dtype, transformer_impl: str, iteration: int,
-                     run: dict | None = None, tokenizer_dir: str | None = None) -> argparse.Namespace:
+                     run: dict | None = None, tokenizer_dir: str | None = None,
+                     ckpt_format: str = "torch_dist") -> argparse.Namespace:
     """Megatron-LM's ``args`` for a model ``spec`` (models.spec.ModelSpec) saved at TP x PP in ``dtype``.
 
     ``run``: a training run's own settings (TrainConfig fields: batch sizes, LR, consumed samples ...), recorded
@@ -65,7 +67,7 @@ def megatron_lm_args(spec, *, tp: int, pp: int, dtype: torch.dtype, transformer_
         context_parallel_size=1, expert_model_parallel_size=1, sequence_parallel=False,
         decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
         params_dtype=dtype, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, fp8=None, fp8_param_gather=False,
-        transformer_impl=transformer_impl, ckpt_format="torch_dist", use_dist_ckpt=True,
+        transformer_impl=transformer_impl, ckpt_format=ckpt_format, use_dist_ckpt=ckpt_format != "legacy",
         no_persist_layer_norm=True, overlap_p2p_comm=False, bias_swiglu_fusion=False, bias_gelu_fusion=False,
         cp_comm_type=["p2p"], config_logger_dir="", seq_length=arch.max_position_embeddings,
         # a run's progress (Megatron-LM resumes its sample counters from these); the optimizer and RNG states of a
@@ -82,11 +84,12 @@ def megatron_lm_args(spec, *, tp: int, pp: int, dtype: torch.dtype, transformer_
 
 
 def megatron_lm_common(spec, *, tp: int, pp: int, dtype: torch.dtype, transformer_impl: str,
-                       iteration: int | str, run: dict | None = None, tokenizer_dir: str | None = None) -> dict:
+                       iteration: int | str, run: dict | None = None, tokenizer_dir: str | None = None,
+                       ckpt_format: str = "torch_dist") -> dict:
     """``{"args", "checkpoint_version", "iteration"}`` as Megatron-LM saves them (``release`` counts as 0)."""
     step = 0 if iteration == "release" else int(iteration)
     return {"args": megatron_lm_args(spec, tp=tp, pp=pp, dtype=dtype, transformer_impl=transformer_impl,
-                                     iteration=step, run=run, tokenizer_dir=tokenizer_dir),
+                                     iteration=step, run=run, tokenizer_dir=tokenizer_dir, ckpt_format=ckpt_format),
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": step}
 
 

@@ -144,7 +144,8 @@ def layout(sharding: Sharding) -> list[Chunk]:
 
 @register_format("torch_dist")
 class TorchDistFormat(CheckpointFormat):
-    def write(self, sharding, source, iter_dir, *, dtype, transformer_impl, progress=None):
+    def write(self, sharding, source, iter_dir, *, dtype, transformer_impl, progress=None, megatron_lm=None):
+        # megatron_lm: common.pt gets it from write_checkpoint_meta, as a training save's does
         """One process writes the whole checkpoint (its tensors are TP/PP-independent); ``transformer_impl`` does
         not matter: megatron-core's sharded state dict uses the Transformer Engine names for both specs."""
         from .torch_dist_io import write_torch_dist

@@ -12,6 +12,7 @@ from ..checkpoint.atomic import atomic_output_dir, check_output_dir
 from ..checkpoint.formats import format_names, get_format
 from ..checkpoint.hf import HFCheckpointReader, asset_files, copy_assets, read_config
 from ..checkpoint.megatron import ASSETS, TRACKER, TRANSFORMER_IMPLS
+from ..checkpoint.megatron_lm_args import megatron_lm_common
 from ..errors import CheckpointError, ConfigError
 from ..mapping.checks import NonFiniteGuard
 from ..models.checkpoint import write_checkpoint_meta
@@ -97,7 +98,10 @@ def hf_to_mcore(
         with progress_bar(total=storage.write_steps(plan.sharding), desc="hf2mcore", unit="tensor") as progress:
             sharding = plan.sharding.with_tensor_check(NonFiniteGuard(f"HF checkpoint {hf_dir}", allow_non_finite))
             storage.write(sharding, reader, iter_dir, dtype=dtype, transformer_impl=transformer_impl,
-                          progress=progress)
+                          progress=progress, megatron_lm=megatron_lm_common(
+                              plan.spec, tp=tp, pp=pp, dtype=dtype, transformer_impl=transformer_impl,
+                              iteration="release", tokenizer_dir=str(Path(out_dir).resolve() / "release" / ASSETS),
+                              ckpt_format=fmt))
         copy_assets(hf_dir, iter_dir / ASSETS)
         write_checkpoint_meta(iter_dir, plan.spec, fmt=fmt, tp=tp, pp=pp, transformer_impl=transformer_impl,
                               dtype=dtype, tokenizer_dir=Path(out_dir).resolve() / "release" / ASSETS, ep=ep)

@@ -24,7 +24,9 @@ def json_object(line: str | bytes, line_no: int) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise BadLineError(f"line {line_no}: not valid JSON ({error.msg} at column {error.colno})") from None
+        # json's own message may end in "at" ("Unterminated string starting at"): one "at" before the column.
+        raise BadLineError(f"line {line_no}: not valid JSON ({error.msg.removesuffix(' at')} at column "
+                           f"{error.colno})") from None
     if not isinstance(record, dict):
         raise BadLineError(f"line {line_no}: expected a JSON object, got {type(record).__name__}")
     return record

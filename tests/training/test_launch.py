@@ -118,6 +118,7 @@ def test_script_log_is_megatron_format_and_appended(workspace, tmp_path):
     log = next((tmp_path / "out" / "log").glob("pretrain-llama-*.log")).read_text()
     assert log.count("\n===== ") == 2 and len([ln for ln in log.splitlines() if MEGATRON_LINE.match(ln)]) == 3
     assert "resumed at iteration 3" in log
+    assert "nothing to train: the checkpoint is at iteration 3 and --train-iters is 3" in second.stdout
 
 
 @pytest.mark.parametrize("size,message", [

@@ -57,6 +57,21 @@ def test_conversion_records_megatron_lm_args(converted):
         assert meta[key] == ours[key], key
 
 
+def test_legacy_rank_files_carry_the_args(make_hf, tmp_path):
+    from megatron_patch.checkpoint.megatron import load_legacy_payload
+    from megatron_patch.convert.hf_to_mcore import hf_to_mcore
+
+    hf = make_hf("mlm_common", num_key_value_heads=2)
+    hf_to_mcore(hf, tmp_path / "legacy", tp=1, pp=2, fmt="legacy")
+    iter_dir = tmp_path / "legacy" / "release"
+    meta, where = describe_foreign(iter_dir, "llama", hf)  # Megatron-LM's reader: args from mp_rank_00_000
+    assert where.name == "model_optim_rng.pt" and meta["pipeline_model_parallel_size"] == 2
+    payload = load_legacy_payload(where, allowed_globals=tuple(megatron_lm_args_globals()))
+    assert payload["checkpoint_version"] == CHECKPOINT_VERSION and payload["iteration"] == 0
+    assert payload["args"].ckpt_format == "legacy" and not payload["args"].use_dist_ckpt
+    assert Checkpoint.open(iter_dir).meta["format"] == "legacy"
+
+
 def test_our_readers_ignore_the_args(converted, tmp_path):
     """mcore2hf through megatron-core's dist_checkpointing.load (which merges common.pt into the state) still loads
     strictly."""

@@ -119,13 +119,3 @@ def test_megatron_lm_spelling_of_the_scheduler_flags():
     assert args.override_opt_param_scheduler and not args.use_checkpoint_opt_param_scheduler
     args = build_parser().parse_args(["pretrain", "--use-checkpoint-opt-param-scheduler", "--data-path", "d"])
     assert args.use_checkpoint_opt_param_scheduler
-
-
-def test_ctrl_c_in_a_cli_is_one_line(capsys):
-    from megatron_patch.errors import run_reporting_errors
-
-    def interrupted():
-        raise KeyboardInterrupt
-
-    assert run_reporting_errors(interrupted) == 130
-    assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"
