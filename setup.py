@@ -20,7 +20,7 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        "test": ["pytest>=8", "pytest-timeout", "ruff"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff", "peft"],  # peft: tests load the --lora-only export
         "bench": ["trl>=1.0"],  # toolkits/benchmarks/rlhf_benchmark.py only
     },
 )

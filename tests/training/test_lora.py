@@ -13,7 +13,12 @@ import torch
 
 from megatron_patch.checkpoint.torch_dist_io import read_dcp_metadata
 from megatron_patch.convert.mcore_to_hf import mcore_to_hf
+from megatron_patch.data.sft import write_demo_sft
+from megatron_patch.errors import CheckpointError, ConfigError
+from megatron_patch.models.tiny import CORPUS
 from megatron_patch.runtime import run_on_local_ranks
+from megatron_patch.training.arguments import TrainConfig
+from megatron_patch.training.preflight import preflight
 
 from .workers import lora_logits_worker, train_worker
 
@@ -22,9 +27,13 @@ TOKENS = [5, 17, 42, 99, 7, 300, 12, 64, 250, 3, 11, 480]
 
 
 def _cfg(workspace, save, **over):
-    cfg = dict(mode="pretrain", load=workspace["ckpt"], save=str(save), data_path=[workspace["data"]],
-               split="100,0,0", micro_batch_size=2, global_batch_size=4, seq_length=64, train_iters=4, lr=2e-2,
-               min_lr=2e-3, lr_warmup_iters=1, seed=3, **LORA)
+    """SFT with LoRA (the demo instruction set: echo a sentence), 4 steps."""
+    train = workspace["root"] / "lora_sft.jsonl"
+    if not train.exists():
+        write_demo_sft(CORPUS, train, limit=64)
+    cfg = dict(mode="finetune", load=workspace["ckpt"], save=str(save), train_data_path=str(train),
+               micro_batch_size=2, global_batch_size=4, seq_length=128, train_iters=4, lr=2e-2, min_lr=2e-3,
+               lr_warmup_iters=1, seed=3, **LORA)
     cfg.update(over)
     return cfg
 
@@ -44,9 +53,26 @@ def tp2_run(workspace, tmp_path_factory):
 def test_tp2_resumed_equals_tp1(tp2_run):
     tp1, tp2 = dict(tp2_run["tp1"]), dict(tp2_run["tp2"])
     assert sorted(tp2) == [1, 2, 3, 4] and sorted(tp1) == [1, 2, 3, 4]
+    print(f"LoRA TP1 vs TP2 (resumed at 2): max loss difference {max(abs(tp1[s] - tp2[s]) for s in tp1):.2e}")
     for step in tp1:
         assert abs(tp1[step] - tp2[step]) <= 1e-5, (step, tp1, tp2)
     assert tp1[4] < tp1[1] - 0.05, tp1  # the adapters learn
+
+
+def test_exports_refuse_the_wrong_checkpoint(tp2_run, workspace, tmp_path):
+    with pytest.raises(CheckpointError, match="holds no LoRA adapters"):
+        mcore_to_hf(workspace["ckpt"], tmp_path / "a", merge_lora=True)
+    with pytest.raises(CheckpointError, match="holds no LoRA adapters"):
+        mcore_to_hf(workspace["ckpt"], tmp_path / "b", lora_only=True)
+    with pytest.raises(ConfigError, match="holds LoRA adapters only: export with --merge-lora"):
+        mcore_to_hf(tp2_run["ckpt"], tmp_path / "c")
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_preflight_refuses_a_rank_larger_than_a_layer(workspace, tmp_path):
+    cfg = TrainConfig.from_dict({**_cfg(workspace, tmp_path / "s"), "lora_rank": 129})
+    with pytest.raises(ConfigError, match="--lora-rank 129 is larger than linear_qkv"):
+        preflight(cfg, 1)
 
 
 def test_checkpoint_holds_only_adapters(tp2_run, workspace):
@@ -73,6 +99,7 @@ def test_merged_and_peft_exports_match_the_adapted_model(tp2_run, tmp_path):
     with torch.no_grad():
         theirs = merged(torch.tensor([TOKENS])).logits.numpy()
     vocab = theirs.shape[-1]
+    print(f"merged export vs ours: max abs logit difference {np.abs(ours[..., :vocab] - theirs).max():.2e}")
     assert np.abs(ours[..., :vocab] - theirs).max() <= 1e-4
     base = tp2_run["root"] / "base_hf"
     mcore_to_hf(json.loads((tp2_run["ckpt"] / "iter_0000004" / "lora.json").read_text())["base"], base)
@@ -91,6 +118,7 @@ def test_merged_and_peft_exports_match_the_adapted_model(tp2_run, tmp_path):
     adapted = PeftModel.from_pretrained(plain, tmp_path / "adapter").eval()
     with torch.no_grad():
         peft_logits = adapted(torch.tensor([TOKENS])).logits.numpy()
+    print(f"PEFT adapter vs ours: max abs logit difference {np.abs(ours[..., :vocab] - peft_logits).max():.2e}")
     assert np.abs(ours[..., :vocab] - peft_logits).max() <= 1e-4
     shutil.rmtree(base)
 
@@ -105,5 +133,20 @@ def test_pp2_tp2_and_distributed_optimizer_equal_tp1(tp2_run, workspace, tmp_pat
             train_worker, 2, _cfg(workspace, tmp_path / "b", use_distributed_optimizer=True), timeout=900)[0],
     }
     for name, history in runs.items():
+        print(f"LoRA {name} vs TP1: max loss difference {max(abs(loss - tp1[step]) for step, loss in history):.2e}")
         for step, loss in history:
             assert abs(loss - tp1[step]) <= 1e-5, (name, step, loss, tp1)
+    # The TP2 x PP2 adapters, merged and as PEFT modules (B A of each), equal the TP1 run's. (A and B alone may
+    # differ more: Adam moves a weight whose gradient is at rounding level by about lr, in either direction.)
+    from safetensors.torch import load_file
+
+    for flag, weights in (("merge_lora", "model.safetensors"), ("lora_only", "adapter_model.safetensors")):
+        one = load_file(mcore_to_hf(tp2_run["root"] / "tp1", tmp_path / f"tp1_{flag}", **{flag: True}) / weights)
+        four = load_file(mcore_to_hf(tmp_path / "a", tmp_path / f"tp2pp2_{flag}", **{flag: True}) / weights)
+        assert one.keys() == four.keys()
+        if flag == "lora_only":
+            one, four = ({k.removesuffix(".lora_A.weight"): t[k.replace("lora_A", "lora_B")] @ t[k]
+                          for k in t if k.endswith(".lora_A.weight")} for t in (one, four))
+        worst = max(float((one[k] - four[k]).abs().max()) for k in one)
+        print(f"{flag} export, TP2 x PP2 vs TP1: max abs difference {worst:.2e}")
+        assert worst <= 1e-5

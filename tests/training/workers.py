@@ -118,18 +118,3 @@ def lora_logits_worker(ckpt: str, tokens: list[int], lora: dict):
     load_weights(SimpleNamespace(module=model), Checkpoint.open(ckpt).iter_dir)
     model.eval()
     return forward_logits(model, torch.tensor([tokens])).numpy()
-
-
-def lora_trainable_worker(cfg: dict):
-    """(trainable parameters of the model, parameters the optimizer steps, peak RSS bytes) after training ``cfg``."""
-    import resource
-
-    from megatron_patch.training.arguments import TrainConfig
-    from megatron_patch.training.loop import build_trainer, train
-
-    trainer = build_trainer(TrainConfig.from_dict(cfg), quiet=True)
-    train(trainer)
-    trainer.logger.close()
-    trainable = sum(p.numel() for p in trainer.model.module.parameters() if p.requires_grad)
-    stepped = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
-    return trainable, stepped, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
