@@ -128,7 +128,7 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
         dtype = next(model.module.parameters()).dtype
         write_checkpoint_meta(tmp, source.spec, fmt="torch_dist", tp=cfg.tensor_model_parallel_size,
                               pp=cfg.pipeline_model_parallel_size, transformer_impl=cfg.transformer_impl, dtype=dtype,
-                              iteration=iteration)
+                              iteration=iteration, ep=cfg.expert_model_parallel_size)
         if source.assets_dir is not None:
             copy_assets(source.assets_dir, tmp / ASSETS)
         cfg.write(tmp)
