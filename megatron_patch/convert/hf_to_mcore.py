@@ -32,6 +32,10 @@ def make_plan(hf_config: dict, tp: int, pp: int, family_name: str | None = None,
         raise CheckpointError(f"config.json has no field {error} that the model needs") from None
     except TypeError as error:  # a field of the wrong type (a string where a number belongs)
         raise CheckpointError(f"config.json has a field of the wrong type: {error}") from None
+    experts = hf_config.get("num_experts") or hf_config.get("num_local_experts") or 0
+    if experts and not spec.arch.is_moe:
+        raise ConfigError(f"config.json describes a mixture-of-experts model ({experts} experts) but --model-name "
+                          f"{spec.family.name} is a dense family (omit --model-name to detect the family)")
     return ConversionPlan(spec, tp, pp, ep=ep)
 
 

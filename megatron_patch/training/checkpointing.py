@@ -138,7 +138,7 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
         dtype = next(model.module.parameters()).dtype
         write_checkpoint_meta(tmp, source.spec, fmt="torch_dist", tp=cfg.tensor_model_parallel_size,
                               pp=cfg.pipeline_model_parallel_size, transformer_impl=cfg.transformer_impl, dtype=dtype,
-                              iteration=iteration,
+                              iteration=iteration, ep=cfg.expert_model_parallel_size,
                               run={**cfg.to_dict(), "consumed_train_samples": state.consumed_train_samples},
                               tokenizer_dir=(final / ASSETS).resolve() if source.assets_dir is not None else None)
         if source.assets_dir is not None:  # checked at the start too (training.setup): a link out is refused

@@ -136,6 +136,12 @@ class MetricsLogger:
                                      extra_losses=extra_losses))
         self._reset_window(now)
 
+    def expert_load(self, iteration: int, spread: dict[int, float]) -> None:
+        """Per MoE layer: the busiest expert's tokens over the mean, to TensorBoard."""
+        if self.writer is not None:
+            for layer, value in spread.items():
+                self.writer.add_scalar(f"moe/expert_load_max_over_mean_layer_{layer}", value, iteration)
+
     def log_eval(self, iteration: int, loss: float) -> None:
         if self.writer is not None:
             self._scalar(f"{LOSS_KEY} validation", loss, iteration)

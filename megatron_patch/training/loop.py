@@ -29,7 +29,7 @@ from .checkpointing import (
     save_checkpoint,
 )
 from .logging import MetricsLogger
-from .moe_metrics import step_moe_losses
+from .moe_metrics import ExpertLoad, step_moe_losses
 from .setup import (
     attach_schedule_hooks,
     build_ddp_model,
@@ -61,6 +61,7 @@ class Trainer:
     signals: StopSignals | None = None  # SIGTERM / Ctrl-C, while run() trains
     last_saved: tuple[int, str] | None = None  # (iteration, --save) of this run's newest checkpoint
     moe_history: list = field(default_factory=list)  # {MoE loss: value} of every step (empty for a dense model)
+    expert_load: ExpertLoad | None = None  # a MoE model's tokens per expert, counted during each step
 
     @property
     def num_microbatches(self) -> int:
@@ -172,11 +173,17 @@ def train(t: Trainer) -> list[tuple[int, float]]:
     stop = t.train_iters if cfg.exit_interval is None else min(t.train_iters, cfg.exit_interval)
     t.model.train()
     while t.state.iteration < stop:
+        if t.expert_load is not None:
+            t.expert_load.reset()  # count this step's routing only (not evaluation's)
         loss, grad_norm, skipped = train_step(t, iterator)
         t.state.iteration += 1
         t.state.consumed_train_samples += cfg.global_batch_size
         t.history.append((t.state.iteration, loss))
         moe_losses = step_moe_losses(cfg, t.source.arch, t.num_microbatches, t.state.iteration)
+        if t.expert_load is not None:
+            spread = t.expert_load.spread()
+            moe_losses[ExpertLoad.TAG] = max(spread.values())
+            t.logger.expert_load(t.state.iteration, spread)
         t.moe_history.append(moe_losses)
         scale = t.optimizer.get_loss_scale().item() if cfg.fp16 else None
         t.logger.log_step(t.state.iteration, loss, t.optimizer.param_groups[0]["lr"],
@@ -259,8 +266,9 @@ def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
         logger.print(f"{what} from {load_dir}")
     if cfg.save and dist.get_rank() == 0:
         cfg.write(cfg.save)
+    expert_load = ExpertLoad(model, source.arch, local_device()) if source.arch.is_moe else None
     trainer = Trainer(cfg, model, optimizer, scheduler, source, state, train_data, valid_data, train_iters,
-                      seq_length, logger)
+                      seq_length, logger, expert_load=expert_load)
     if resume and cfg.save and Path(load_dir).parent == Path(cfg.save):
         trainer.last_saved = (state.iteration, str(cfg.save))
     return trainer

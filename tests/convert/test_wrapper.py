@@ -21,7 +21,8 @@ def run(*args, check=True):
 
 
 @pytest.mark.parametrize("args,needle", [
-    ((1, 2, 3), "expected 8 or 9 arguments"),
+    ((1, 2, 3), "expected 8 to 10 arguments"),
+    (("none", "SRC", "DST", 1, 1, "qwen_moe", 0, "false", "legacy", 0), "EP must be a positive integer"),
     (("none", "SRC", "DST", "two", 1, "llama", 0, "false"), "TP must be a positive integer"),
     (("none", "SRC", "DST", 1, 1, "llama", 0, "maybe"), "MG2HF must be true or false"),
     (("none", "SRC", "DST", 1, 1, "llama", 0, "false", "zarr"), "FORMAT must be torch_dist or legacy"),
@@ -71,3 +72,17 @@ def test_extra_args_reach_the_converter(make_hf, tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT), "none", hf_dir, str(target), "1", "1", "llama", "0", "false",
                            "legacy"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_wrapper_converts_a_moe_model_per_expert_parallel_rank(make_hf, tmp_path):
+    """A Qwen2-MoE name with a size suffix picks the qwen_moe family; EP=2 legacy writes Megatron-LM's per-EP-rank
+    files; the way back is bit-exact."""
+    from safetensors.torch import load_file
+
+    hf_dir = make_hf("wrapper_qwen2_moe", family="qwen_moe")
+    run("none", hf_dir, tmp_path / "mcore", 1, 1, "qwen2-moe-a14b", 0, "false", "legacy", 2)
+    assert sorted(p.name for p in (tmp_path / "mcore" / "release").glob("mp_rank_*")) == ["mp_rank_00_000",
+                                                                                         "mp_rank_00_001"]
+    run("none", tmp_path / "mcore", tmp_path / "back", 1, 1, "auto", 0, "true")
+    original, back = load_file(f"{hf_dir}/model.safetensors"), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(back) == sorted(original) and all(torch.equal(back[k], v) for k, v in original.items())

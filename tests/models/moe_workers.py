@@ -72,3 +72,17 @@ def greedy_job(checkpoints: dict[str, str], prompts: list[list[int]], new_tokens
         engine = GenerationEngine(loaded.model, loaded.vocab_size, None, loaded.max_sequence_length)
         results[name] = engine.generate(prompts, new_tokens, SamplingParams())
     return results
+
+
+def moe_train_job(cfg: dict):
+    """Train from ``cfg`` (a TrainConfig dict); on every rank ([(iteration, lm loss)], [{MoE loss: value}],
+    the routed experts this rank holds in its first MoE layer)."""
+    from megatron_patch.training.arguments import TrainConfig
+    from megatron_patch.training.loop import build_trainer, train
+
+    trainer = build_trainer(TrainConfig.from_dict(cfg), quiet=True)
+    local_experts = next(len(layer.mlp.experts.local_experts) for layer in trainer.model.module.decoder.layers
+                         if hasattr(layer.mlp, "experts"))
+    history = train(trainer)
+    trainer.logger.close()
+    return history, trainer.moe_history, local_experts

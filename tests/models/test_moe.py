@@ -27,6 +27,7 @@ from megatron_patch.convert.mcore_to_hf import mcore_to_hf
 from megatron_patch.errors import ConfigError, UnsupportedModelError
 from megatron_patch.mapping import megatron_shape
 from megatron_patch.models import get_family
+from megatron_patch.models.presets import check_size_preset
 from megatron_patch.models.spec import ModelSpec
 from megatron_patch.models.tiny import make_hf_checkpoint
 from megatron_patch.runtime import run_on_local_ranks
@@ -123,9 +124,14 @@ def test_bad_input_refused(hf_dirs, tmp_path, make_hf):
         hf_to_mcore(hf_dirs["mixtral"], tmp_path / "out", ep=3)
     with pytest.raises(ConfigError, match="no experts"):
         hf_to_mcore(make_hf("llama_for_moe_refusal"), tmp_path / "out", ep=2)
+    with pytest.raises(ConfigError, match="mixture-of-experts model .4 experts. but --model-name llama"):
+        hf_to_mcore(hf_dirs["mixtral"], tmp_path / "out", family="llama")
     with pytest.raises(ConfigError, match="--transformer-impl local only"):
         hf_to_mcore(hf_dirs["mixtral"], tmp_path / "out", transformer_impl="transformer_engine")
     assert not (tmp_path / "out").exists()
+    qwen_moe = get_family("qwen_moe")
+    with pytest.raises(ConfigError, match=r"tiny-qwen3 \(2 layers, hidden 64, 8 experts\) does not match .* 4 experts"):
+        check_size_preset(qwen_moe, "tiny-qwen3", {**qwen_moe.flavor("tiny-qwen3"), "num_experts": 4})
 
 
 # --- the torch_dist layout ------------------------------------------------------------------------------------------
