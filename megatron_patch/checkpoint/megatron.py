@@ -40,7 +40,16 @@ META_FIELDS = {
 }
 
 # Files by which an iteration directory of Megatron-LM or Megatron-Bridge is recognised without our metadata.
+# Records of checkpoints whose tensors are not the plain GPTModel that megatron_patch.json describes: LoRA adapters
+# only (layers/lora_config.LORA_META) or a scalar reward head (rlhf reward_model.REWARD_MARKER). Their tensors are
+# checked against the model built for them, when it loads.
+MODEL_VARIANT_RECORDS = ("lora.json", "reward_model.json")
+
 _ITERATION_MARKERS = (".metadata", "common.pt", "run_config.yaml", "mp_rank_00")
+
+
+def is_model_variant(iter_dir: str | os.PathLike) -> bool:
+    return any((Path(iter_dir) / record).is_file() for record in MODEL_VARIANT_RECORDS)
 
 
 def iteration_dir_name(iteration: int | str) -> str:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..checkpoint.hf import copy_assets
 from ..checkpoint.megatron import ASSETS, TRACKER, assets_root, iteration_dir_name
+from ..checkpoint.megatron_lm_args import load_model_state
 from ..checkpoint.trusted_load import check_torch_dist_checkpoint
 from ..errors import CheckpointError, ConfigError, MachineSupportError
 from ..layers.lora import has_lora, lora_adapters, without_adapters
@@ -221,8 +222,6 @@ def load_weights(model, iter_dir: Path) -> dict:
 
 def _load_adapters(module, iter_dir: Path, saved_lora) -> None:
     """Every adapter of ``module`` from an adapter checkpoint (strict both ways)."""
-    from megatron.core import dist_checkpointing
-
     ranks = {adapter.weight_a.shape[0] for _, adapter in lora_adapters(module)}
     targets = {name.rsplit(".", 2)[-2] for name, _ in lora_adapters(module)}
     if ranks != {saved_lora.rank}:
@@ -231,10 +230,9 @@ def _load_adapters(module, iter_dir: Path, saved_lora) -> None:
     if targets != set(saved_lora.target_modules):
         raise ConfigError(f"--lora-target-modules {' '.join(sorted(targets))} differs from the adapters in {iter_dir} "
                           f"({' '.join(saved_lora.target_modules)})")
-    check_torch_dist_checkpoint(Path(iter_dir))
     template = model_state_to_save(module)
     try:
-        loaded = dist_checkpointing.load(template, str(iter_dir))
+        loaded = load_model_state(template, iter_dir)  # vetted first; common.pt's Megatron-LM keys left out
     except Exception as error:  # megatron-core raises several types for a missing key
         raise CheckpointError(f"the LoRA adapters in {iter_dir} do not match --lora-target-modules: "
                               f"{' '.join(str(error).split())[:300]}") from None

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.hf import asset_files
-from ..checkpoint.megatron import TRACKER, assets_root
+from ..checkpoint.megatron import TRACKER, assets_root, is_model_variant
 from ..checkpoint.paths import check_disjoint
 from ..checkpoint.trusted_load import check_torch_dist_checkpoint
 from ..errors import ConfigError, MachineSupportError, OverlappingPathsError
@@ -100,7 +100,8 @@ def _model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
         check_moe_flags(cfg, spec.arch)
         spec.sharding(tp, pp, cfg.expert_model_parallel_size)
         check_lora_shapes(cfg, spec)
-        ckpt.reader()  # the stored tensors match the metadata before a model of its sizes is built (cheap: headers)
+        if not is_model_variant(ckpt.iter_dir):  # adapters or a reward head: checked against the model built
+            ckpt.reader()  # the stored tensors match the metadata before a model of its sizes is built (headers)
         if ckpt.assets_dir is not None:  # copied into every checkpoint saved: a link out of --load is refused now
             asset_files(ckpt.assets_dir, assets_root(ckpt.iter_dir, ckpt.assets_dir))
         return ModelSource(spec, ckpt, ckpt.assets_dir)
