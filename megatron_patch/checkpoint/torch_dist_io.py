@@ -212,16 +212,24 @@ class TorchDistReader:
         self._reader = _MetadataOnceReader(self.dir, self.metadata)
         self._record_data: dict[tuple[str, int], int | None] = {}  # (file, record offset) -> data offset or None
 
-    def check_matches(self, saved: Sharding) -> None:
+    def check_matches(self, saved: Sharding, backbone_only: bool = False) -> None:
         """The stored tensors are exactly those of ``saved``'s model, with its global shapes (``_extra_state``
-        aside): a ``megatron_patch.json`` that disagrees with the weights is refused instead of exported."""
+        aside): a ``megatron_patch.json`` that disagrees with the weights is refused instead of exported.
+
+        ``backbone_only``: compare the shapes of the tensors both have, the output layer aside (a reward model or
+        critic stores its own head there): a cheap check, before a model of the recorded sizes is built, that the
+        recorded sizes are the stored ones."""
         expected = {chunk.key: tuple(chunk.global_shape) for chunk in layout(saved)}
         stored = {key: tuple(item.size) for key, item in self.metadata.state_dict_metadata.items()
                   if isinstance(item, TensorStorageMetadata)}
+        if backbone_only:
+            expected = {key: shape for key, shape in expected.items()
+                        if key in stored and not key.startswith("output_layer.")}
+            stored = {key: shape for key, shape in stored.items() if key in expected}
         check_exact_names(stored, expected, f"torch_dist checkpoint {self.dir}")
         objects = sorted(key for key, item in self.metadata.state_dict_metadata.items()
                          if isinstance(item, BytesStorageMetadata) and EXTRA_STATE_MARK not in key)
-        if objects:  # a model checkpoint holds objects only as the layers' _extra_state
+        if objects and not backbone_only:  # a model checkpoint holds objects only as the layers' _extra_state
             raise CheckpointError(f"torch_dist checkpoint {self.dir} holds object item '{objects[0]}', which a "
                                   "model checkpoint never does (only '..._extra_state' objects)")
         for key, shape in expected.items():

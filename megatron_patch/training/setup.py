@@ -11,6 +11,7 @@ import torch
 from ..checkpoint.hf import asset_files
 from ..checkpoint.megatron import TRACKER, assets_root, is_model_variant
 from ..checkpoint.paths import check_disjoint
+from ..checkpoint.torch_dist_io import TorchDistReader
 from ..checkpoint.trusted_load import check_torch_dist_checkpoint
 from ..errors import ConfigError, MachineSupportError, OverlappingPathsError
 from ..layers.lora_config import layer_shapes
@@ -58,6 +59,15 @@ def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource
     return source
 
 
+def check_stored_shapes(ckpt: Checkpoint) -> None:
+    """The stored shapes are the recorded ones before a model of the recorded sizes is built (a crafted hidden size
+    of 10^6 allocated it first). Reads headers only; a reward model's or critic's head is theirs to check."""
+    if ckpt.meta["format"] == "torch_dist":
+        TorchDistReader(ckpt.iter_dir).check_matches(ckpt.sharding(), backbone_only=True)
+    else:
+        ckpt.reader()
+
+
 def check_save_keeps_load(save: str, load_dir: Path) -> None:
     """A --save that overlaps the checkpoint the run starts from is refused unless that checkpoint is one a run
     saved (it has ``train_state/``: resuming into the same directory is Megatron-LM's usage). A converted
@@ -100,8 +110,8 @@ def _model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource:
         check_moe_flags(cfg, spec.arch)
         spec.sharding(tp, pp, cfg.expert_model_parallel_size)
         check_lora_shapes(cfg, spec)
-        if not is_model_variant(ckpt.iter_dir):  # adapters or a reward head: checked against the model built
-            ckpt.reader()  # the stored tensors match the metadata before a model of its sizes is built (headers)
+        if not is_model_variant(ckpt.iter_dir):  # adapters only: checked against the model built, when it loads
+            check_stored_shapes(ckpt)
         if ckpt.assets_dir is not None:  # copied into every checkpoint saved: a link out of --load is refused now
             asset_files(ckpt.assets_dir, assets_root(ckpt.iter_dir, ckpt.assets_dir))
         return ModelSource(spec, ckpt, ckpt.assets_dir)
