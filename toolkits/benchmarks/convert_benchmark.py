@@ -287,7 +287,7 @@ def main() -> None:
               f"{anon / size:21.2f}")
     for i, (name, seconds, memory, anon) in enumerate(rows):
         base_time = (baselines[i][0] + baselines[i + 1][0]) / 2
-        before = BEFORE.get(name)
+        before = BEFORE.get(name) if args.model == "llama" else None  # measured for the llama shape only
         before = f"   {before[0]:>8}, {before[1]}" if before else ""
         print(f"{name:34} {seconds:8.1f} {seconds / base_time:11.2f} {memory / size:16.2f} {anon / size:21.2f}{before}")
 
