@@ -237,3 +237,17 @@ def test_greedy_generation_matches_transformers(hf_dirs, tmp_path):
                                      eos_token_id=None, pad_token_id=0)
             assert completion == out[0, len(prompt):].tolist(), name
         assert len({tuple(c) for c in ours[name]}) > 1 and len(set(ours[name][0])) > 2, "degenerate text"
+
+
+def test_verify_cli_at_expert_parallel_size(hf_dirs, tmp_path, capsys):
+    from megatron_patch.convert.__main__ import main
+
+    mcore = tmp_path / "mixtral-ep2"
+    assert main(["hf2mcore", "--load", str(hf_dirs["mixtral"]), "--save", str(mcore), "--ep", "2",
+                 "--format", "legacy"]) in (0, None)
+    assert "EP=2" in capsys.readouterr().out
+    assert main(["verify", "--hf", str(hf_dirs["mixtral"]), "--mcore", str(mcore)]) == 0  # at EP=2, as saved
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.endswith("PASS") and float(line.split()[0].split("=")[1]) <= TOLERANCE, line
+    assert main(["verify", "--hf", str(hf_dirs["mixtral"]), "--mcore", str(mcore), "--ep", "3"]) == 1
+    assert "--ep 3 does not divide the 4 experts" in capsys.readouterr().err

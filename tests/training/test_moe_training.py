@@ -2,7 +2,8 @@
 4 experts top-2): expert parallelism over 2 ranks with the alltoall dispatcher follows the EP=1 loss curve,
 load-balancing loss and expert load; the loss falls; the load-balancing loss and each MoE layer's expert load (busiest
 expert's tokens over the mean) reach the log and TensorBoard; MoE flags are refused
-for a dense model; a resumed EP=2 run equals the uninterrupted one."""
+for a dense model; a resumed EP=2 run equals the uninterrupted one. The distributed optimizer (sharding the optimizer
+state over the data-parallel ranks, expert and dense parameters each over their own group) follows it too."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def ep1(moe_workspace):
                               timeout=900)[0]
 
 
-def test_ep2_alltoall_follows_the_ep1_curve(moe_workspace, ep1):
+@pytest.mark.parametrize("extra", [{}, {"use_distributed_optimizer": True}], ids=["ddp", "distributed-optimizer"])
+def test_ep2_alltoall_follows_the_ep1_curve(moe_workspace, ep1, extra):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     losses, moe, local_experts = ep1
@@ -56,13 +58,13 @@ def test_ep2_alltoall_follows_the_ep1_curve(moe_workspace, ep1):
     assert len(events.Scalars("load_balancing_loss")) == STEPS
     assert len(events.Scalars("moe/expert_load_max_over_mean_layer_3")) == STEPS
     assert "moe/expert_load_max_over_mean_layer_1" not in events.Tags()["scalars"]  # layer 1 is dense
-    cfg = config(moe_workspace, expert_model_parallel_size=2, moe_token_dispatcher_type="alltoall")
+    cfg = config(moe_workspace, expert_model_parallel_size=2, moe_token_dispatcher_type="alltoall", **extra)
     for ep2_losses, ep2_moe, ep2_local_experts in run_on_local_ranks(moe_train_job, 2, cfg, env=ENV, timeout=900):
         assert ep2_local_experts == 2
         lm = max(abs(a[1] - b[1]) for a, b in zip(ep2_losses, losses))
         lb = max(abs(a["load_balancing_loss"] - b["load_balancing_loss"]) for a, b in zip(ep2_moe, moe))
         assert [a["expert load max/mean"] for a in ep2_moe] == pytest.approx([b["expert load max/mean"] for b in moe])
-        print(f"EP=2 alltoall (2 ranks) vs EP=1: max lm loss difference {lm:.3e}, load-balancing loss {lb:.3e}")
+        print(f"EP=2 alltoall {extra} (2 ranks) vs EP=1: max lm loss difference {lm:.3e}, load-balancing loss {lb:.3e}")
         assert [i for i, _ in ep2_losses] == list(range(1, STEPS + 1))
         assert lm <= 1e-5 and lb <= 1e-5
 

@@ -1,10 +1,11 @@
 """Conversion cost against the floor: plain safetensors read + re-write of the same tensors, in the same run.
 
     python toolkits/benchmarks/convert_benchmark.py [--workdir DIR] [--size-gb 5 | --layers 6] [--tp 2 --pp 2]
-        [--steps mcore2hf:legacy ...] [--repeat N]
+        [--model mixtral --ep 2] [--steps mcore2hf:legacy ...] [--repeat N]
 
 Writes a random llama checkpoint (hidden 2048, fp32 unless --dtype bfloat16; --size-gb picks the number of layers,
-default 6 layers = 1.6 GB), then times
+default 6 layers = 1.6 GB), or with ``--model mixtral`` a mixture of experts of the same hidden size (8 experts of FFN
+width 1408, top-2: many small tensors per layer, placed on ``--ep`` expert-parallel ranks), then times
   baseline   read every tensor with safetensors and write them all back (one process), around every step
   hf2mcore   the converter CLI at TP x PP, torch_dist and legacy
   mcore2hf   back to HF from each
@@ -44,6 +45,15 @@ BEFORE = {"hf2mcore torch_dist": ("8.6-8.9", "4.7")}
 STEPS = ("hf2mcore:torch_dist", "mcore2hf:torch_dist", "hf2mcore:legacy", "mcore2hf:legacy")
 
 
+def model_config(model: str, layers: int, dtype: torch.dtype) -> dict:
+    if model == "mixtral":
+        config = llama_config(layers, dtype)
+        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=1408,
+                      num_local_experts=8, num_experts_per_tok=2, sliding_window=None)
+        return config
+    return llama_config(layers, dtype)
+
+
 def llama_config(layers: int, dtype: torch.dtype) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632,
@@ -54,25 +64,46 @@ def llama_config(layers: int, dtype: torch.dtype) -> dict:
 
 
 def tensor_shapes(config: dict) -> dict[str, torch.Size]:
+    if config["model_type"] == "mixtral":
+        return mixtral_shapes(config)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         return {k: v.shape for k, v in AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).state_dict().items()}
 
 
-def layers_for_size(size_gb: float, dtype: torch.dtype, pp: int) -> int:
+def mixtral_shapes(config: dict) -> dict[str, torch.Size]:
+    """The tensors of a Mixtral checkpoint as saved (one per expert; transformers 5 fuses them only in memory)."""
+    h, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (vocab, h)}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}"
+        shapes.update({f"{prefix}.input_layernorm.weight": (h,), f"{prefix}.post_attention_layernorm.weight": (h,),
+                       f"{prefix}.self_attn.q_proj.weight": (h, h), f"{prefix}.self_attn.k_proj.weight": (kv, h),
+                       f"{prefix}.self_attn.v_proj.weight": (kv, h), f"{prefix}.self_attn.o_proj.weight": (h, h),
+                       f"{prefix}.block_sparse_moe.gate.weight": (config["num_local_experts"], h)})
+        for expert in range(config["num_local_experts"]):
+            moe = f"{prefix}.block_sparse_moe.experts.{expert}"
+            shapes.update({f"{moe}.w1.weight": (ffn, h), f"{moe}.w3.weight": (ffn, h), f"{moe}.w2.weight": (h, ffn)})
+    shapes.update({"model.norm.weight": (h,), "lm_head.weight": (vocab, h)})
+    return {name: torch.Size(shape) for name, shape in shapes.items()}
+
+
+def layers_for_size(size_gb: float, dtype: torch.dtype, pp: int, model: str = "llama") -> int:
     """The fewest layers (a multiple of ``pp``) whose checkpoint holds at least ``size_gb`` GiB."""
     def nbytes(layers):
-        return sum(s.numel() for s in tensor_shapes(llama_config(layers, dtype)).values()) * dtype.itemsize
+        return sum(s.numel() for s in tensor_shapes(model_config(model, layers, dtype)).values()) * dtype.itemsize
 
     per_layer = nbytes(2) - nbytes(1)
     layers = max(1, math.ceil((size_gb * 2**30 - (nbytes(1) - per_layer)) / per_layer))
     return layers + (-layers % pp)
 
 
-def make_checkpoint(out: Path, layers: int, dtype: torch.dtype) -> int:
-    """A llama-shaped HF directory with random weights (no transformers init: that would dominate the run)."""
-    config = llama_config(layers, dtype)
+def make_checkpoint(out: Path, layers: int, dtype: torch.dtype, model: str = "llama") -> int:
+    """A llama- (or mixtral-) shaped HF directory with random weights (no transformers init: that would dominate the
+    run)."""
+    config = model_config(model, layers, dtype)
     shapes = tensor_shapes(config)
     out.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
@@ -183,6 +214,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--model", choices=("llama", "mixtral"), default="llama",
+                        help="llama (default) or mixtral: a mixture of experts of the same hidden size")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (mixtral only; default 1)")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
                         help="the steps to time (default: all four)")
     parser.add_argument("--repeat", type=int, default=1, help="time each selected step this many times")
@@ -190,18 +224,21 @@ def main() -> None:
                         help="keep WORKDIR/hf from an earlier run with the same shape instead of writing it again")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    layers = args.layers or (layers_for_size(args.size_gb, dtype, args.pp) if args.size_gb else 6)
+    if args.ep != 1 and args.model != "mixtral":
+        parser.error("--ep needs --model mixtral")
+    layers = args.layers or (layers_for_size(args.size_gb, dtype, args.pp, args.model) if args.size_gb else 6)
     work = Path(args.workdir)
     hf = work / "hf"
     reuse = args.reuse_checkpoint and (hf / "config.json").is_file() and \
-        json.loads((hf / "config.json").read_text()) == llama_config(layers, dtype)
+        json.loads((hf / "config.json").read_text()) == model_config(args.model, layers, dtype)
     for child in (work.iterdir() if work.is_dir() else []):
         if not (reuse and child == hf):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     if not reuse:
-        make_checkpoint(hf, layers, dtype)
+        make_checkpoint(hf, layers, dtype, args.model)
     size = json.loads((hf / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-    print(f"checkpoint: {size / 2**30:.2f} GiB ({layers} layers, {args.dtype}), TP={args.tp} PP={args.pp}", flush=True)
+    print(f"checkpoint: {size / 2**30:.2f} GiB ({args.model}, {layers} layers, {args.dtype}), TP={args.tp} "
+          f"PP={args.pp} EP={args.ep}", flush=True)
 
     def settled(step_input: Path = hf):
         return lambda: settle(work, size, step_input)
@@ -221,7 +258,8 @@ def main() -> None:
     for fmt in ("torch_dist", "legacy"):
         mc = work / f"mcore_{fmt}"
         steps = [(f"hf2mcore:{fmt}", f"hf2mcore {fmt}", ["hf2mcore", "--load", str(hf), "--save", str(mc), "--tp",
-                                                         str(args.tp), "--pp", str(args.pp), "--format", fmt]),
+                                                         str(args.tp), "--pp", str(args.pp), "--ep", str(args.ep),
+                                                         "--format", fmt]),
                  (f"mcore2hf:{fmt}", f"mcore2hf from {fmt}", ["mcore2hf", "--load", str(mc), "--save",
                                                               str(work / f"back_{fmt}")])]
         if not any(key in args.steps for key, _, _ in steps):
@@ -249,7 +287,7 @@ def main() -> None:
               f"{anon / size:21.2f}")
     for i, (name, seconds, memory, anon) in enumerate(rows):
         base_time = (baselines[i][0] + baselines[i + 1][0]) / 2
-        before = BEFORE.get(name)
+        before = BEFORE.get(name) if args.model == "llama" else None  # measured for the llama shape only
         before = f"   {before[0]:>8}, {before[1]}" if before else ""
         print(f"{name:34} {seconds:8.1f} {seconds / base_time:11.2f} {memory / size:16.2f} {anon / size:21.2f}{before}")
 
