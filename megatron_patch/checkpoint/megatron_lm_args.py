@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .trusted_load import megatron_lm_args_globals
+from .trusted_load import check_torch_dist_checkpoint, megatron_lm_args_globals
 
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current layout (fused QKV per query group, as megatron-core's)
 MEGATRON_LM_COMMON_KEYS = ("args", "checkpoint_version", "iteration")
@@ -103,11 +103,12 @@ def load_model_state(sharded_state_dict: dict, iter_dir: str | os.PathLike) -> d
     """``dist_checkpointing.load`` of a model's tensors, without the Megatron-LM keys of common.pt.
 
     megatron-core loads common.pt with ``torch.load``'s default ``weights_only=True``, which refuses the ``args``
-    namespace unless its types are allowed (Megatron-LM allows the same ones). Vet the files first
-    (``trusted_load.check_torch_dist_checkpoint``).
+    namespace unless its types are allowed (Megatron-LM allows the same ones); the other pickles it reads it trusts
+    blindly, so the files are vetted first.
     """
     from megatron.core import dist_checkpointing  # lazy: the converters write common.pt without megatron-core
 
+    check_torch_dist_checkpoint(iter_dir)
     with torch.serialization.safe_globals(megatron_lm_args_globals()):
         state = dist_checkpointing.load(sharded_state_dict, str(iter_dir))
     return without_megatron_lm_common(state)
