@@ -80,7 +80,6 @@ def load_reward_model_weights(model, iter_dir: str | Path) -> bool:
     """
 
     from ..checkpoint.megatron import read_meta
-    from ..checkpoint.trusted_load import check_torch_dist_checkpoint
 
     iter_dir = Path(iter_dir)
     meta = read_meta(iter_dir)
@@ -91,8 +90,7 @@ def load_reward_model_weights(model, iter_dir: str | Path) -> bool:
     sharded = model.sharded_state_dict()
     if not with_head:
         sharded = {key: value for key, value in sharded.items() if not key.startswith(HEAD_PREFIX)}
-    check_torch_dist_checkpoint(iter_dir)  # megatron-core unpickles without restriction: vet the bytes first
-    state = load_model_state(sharded, iter_dir)
+    state = load_model_state(sharded, iter_dir)  # vets the files first (megatron-core unpickles without restriction)
     if not with_head:  # the allow-list: the fresh head keeps its own initial values
         state.update({key: value for key, value in model.state_dict().items() if key.startswith(HEAD_PREFIX)})
     try:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_patch.checkpoint.megatron import find_iteration_dir, read_meta
+from megatron_patch.checkpoint.megatron import find_iteration_dir, load_legacy_payload, read_meta
+from megatron_patch.checkpoint.trusted_load import megatron_lm_args_globals
 from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.convert.mcore_to_hf import mcore_to_hf
 from megatron_patch.convert.verify import fixed_tokens, hf_logits, megatron_logits
@@ -30,6 +31,11 @@ CASES = {
                          "original_max_position_embeddings": 64},
     },
 }
+
+def legacy_payload(path) -> dict:
+    """A legacy rank file as Megatron-LM's loaders read it: tensors, plain data and the run's ``args``."""
+    return load_legacy_payload(path, allowed_globals=tuple(megatron_lm_args_globals()))
+
 
 
 def hf_weights(hf_dir) -> dict[str, torch.Tensor]:
@@ -81,7 +87,7 @@ def test_checkpoint_layout_and_metadata(converted):
     meta = read_meta(legacy / "release")
     assert (meta["vocab_size"], meta["padded_vocab_size"]) == (2000, 2048)
     assert (meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]) == (2, 2)
-    shard = torch.load(legacy / "release" / "mp_rank_01_001" / "model_optim_rng.pt", weights_only=True)["model"]
+    shard = legacy_payload(legacy / "release" / "mp_rank_01_001" / "model_optim_rng.pt")["model"]
     # Stage 1 holds global layers 2..3 renumbered from 0, the final norm and the output layer; TP rank 1 half rows.
     assert "decoder.layers.1.self_attention.linear_qkv.weight" in shard and "decoder.layers.2.mlp.linear_fc1.weight" not in shard
     assert shard["output_layer.weight"].shape == (1024, 128)
@@ -89,7 +95,7 @@ def test_checkpoint_layout_and_metadata(converted):
     _, torch_dist, _ = converted[("mha_tied", "torch_dist", 1, 1)]
     assert (find_iteration_dir(torch_dist) / "metadata.json").is_file()
     legacy_single = converted[("mha_tied", "legacy", 1, 1)][1]
-    single = torch.load(legacy_single / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)["model"]
+    single = legacy_payload(legacy_single / "release" / "mp_rank_00" / "model_optim_rng.pt")["model"]
     assert "output_layer.weight" not in single  # tied on one stage: the embedding is the output layer
 
 

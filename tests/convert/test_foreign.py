@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megatron_patch.checkpoint.hf import HFCheckpointReader
+from megatron_patch.checkpoint.trusted_load import megatron_lm_args_globals
 from megatron_patch.convert.__main__ import main
 from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.convert.mcore_to_hf import mcore_to_hf
@@ -58,7 +59,8 @@ def _megatron_lm_legacy(hf_dir, root, tp=2, pp=2, **arg_changes):
     hf_to_mcore(hf_dir, root, tp=tp, pp=pp, fmt="legacy")
     iter_dir = _strip_ours(root)
     for path in iter_dir.glob("mp_rank_*/model_optim_rng.pt"):
-        payload = torch.load(path, weights_only=True)
+        with torch.serialization.safe_globals(megatron_lm_args_globals()):  # hf2mcore already wrote args
+            payload = torch.load(path, weights_only=True)
         payload["args"] = _megatron_lm_args(tp, pp, **arg_changes)
         torch.save(payload, path)
     return root
@@ -134,7 +136,11 @@ def test_args_holding_other_objects_are_refused(hf_dir, tmp_path, fmt):
 
 def test_legacy_without_args_is_refused(hf_dir, tmp_path):
     hf_to_mcore(hf_dir, tmp_path / "mlm", tp=1, pp=1, fmt="legacy")
-    _strip_ours(tmp_path / "mlm")
+    for path in _strip_ours(tmp_path / "mlm").glob("mp_rank_*/model_optim_rng.pt"):  # hf2mcore writes args: drop
+        with torch.serialization.safe_globals(megatron_lm_args_globals()):
+            payload = torch.load(path, weights_only=True)
+        payload.pop("args")
+        torch.save(payload, path)
     with pytest.raises(CheckpointError, match="model_optim_rng.pt has no 'args'"):
         mcore_to_hf(tmp_path / "mlm", tmp_path / "out", hf_config_dir=hf_dir)
 
