@@ -61,10 +61,11 @@ def toy_preferences(out_dir: str) -> str:
 def rl_prompts(out_dir: str) -> str:
     from pathlib import Path
 
-    from megatron_patch.rlhf.demo import write_task
+    from megatron_patch.rlhf.tasks import write_digit_task
 
-    paths = write_task(Path(out_dir))
-    return f"{sum(1 for _ in open(paths['prompts']))} count-up prompts"
+    paths = write_digit_task(Path(out_dir), "copy", 4)
+    return (f"{sum(1 for _ in open(paths['prompts']))} copy prompts, {sum(1 for _ in open(paths['eval']))} "
+            f"held-out")
 
 
 def load_hf(path: str) -> str:

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import run_reporting_errors
 from ..training.arguments import TrainConfig, config_from_args
 from .core_algos import compute_pairwise_reward_loss
 from .preference_trainer import PreferenceRun, argument_parser, finetune_config, train, train_to_end
 from .preference_trainer import build_run as build_preference_run
 from .reward_model import load_reward_model_weights, sequence_rewards, write_reward_marker
+from .roles import build_trained_reward_model
 from .schedule_utils import pairs_to_rows
 
 __all__ = ["RewardObjective", "build_run", "main", "run", "train"]
@@ -64,8 +66,6 @@ class RewardObjective:
         pass  # no --load trains a fresh model of --model-name / --model-size
 
     def build_models(self, cfg: TrainConfig, source, load_dir: Path | None, train_iters: int):
-        from .roles import build_trained_reward_model
-
         return build_trained_reward_model(cfg, source, train_iters), None
 
     def load_weights(self, module, iter_dir: Path) -> str:
@@ -90,8 +90,6 @@ def run(cfg: TrainConfig | dict, skip_bad_lines: bool = False, quiet: bool = Fal
 
 
 def main(argv=None) -> int:
-    from ..errors import run_reporting_errors
-
     args = argument_parser("python -m megatron_patch.rlhf.train_reward_model", __doc__).parse_args(argv)
     return run_reporting_errors(lambda: run(config_from_args(args, "finetune"), args.skip_bad_lines) and None)
 

@@ -112,3 +112,29 @@ def _register_test_rewards() -> None:
 
 
 _register_test_rewards()
+
+
+def greedy_digit_match_worker(checkpoint: str, prompts_path: str, max_new_tokens: int) -> float:
+    """Mean digit_match of greedy answers of ``checkpoint`` to the prompts of ``prompts_path`` (one rank), written
+    without the RL loop's evaluation code: the generation engine, the tokenizer and the score function only."""
+    import json
+
+    from megatron_patch.data.tokenizers import load_tokenizer
+    from megatron_patch.generation import GenerationEngine, SamplingParams, load_model
+    from megatron_patch.rlhf.rewards import digit_match_score
+    from megatron_patch.runtime import init_distributed
+
+    init_distributed(1, 1)
+    records = [json.loads(line) for line in open(prompts_path)]
+    loaded = load_model(checkpoint)
+    tokenizer = load_tokenizer(str(loaded.assets_dir))
+    engine = GenerationEngine(loaded.model, loaded.vocab_size, tokenizer.eod, loaded.max_sequence_length)
+    answers = engine.generate([tokenizer.encode(r["prompt"]) for r in records], max_new_tokens, SamplingParams(top_k=1))
+    texts = [tokenizer.decode([t for t in a if t != tokenizer.eod]) for a in answers]
+    return sum(digit_match_score(t, r["answer"]) for t, r in zip(texts, records)) / len(records)
+
+
+def sft_worker(cfg: dict) -> list:
+    from megatron_patch.training.loop import run
+
+    return run(cfg, quiet=True)
