@@ -32,7 +32,7 @@ from ..training.setup import (
     resolve_model_source,
     wrap_in_ddp,
 )
-from .reward_model import build_reward_model, load_reward_model_weights
+from .preference.reward_model import build_reward_model, load_reward_model_weights
 
 
 @dataclass

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import re
 
-from megatron_patch.rlhf.pipeline import PipelineSizes, digits_right, run_pipeline, write_task_preferences
-from megatron_patch.rlhf.tasks import write_digit_task
+from megatron_patch.rlhf.examples.pipeline import PipelineSizes, digits_right, run_pipeline, write_task_preferences
+from megatron_patch.rlhf.examples.tasks import write_digit_task
 
 
 def test_task_preferences_rank_by_digits_right(tmp_path):

@@ -158,8 +158,8 @@ BAD_CASES = ["missing_key", "too_long", "other_vocab", "negative_kl", "mini_batc
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_refused_before_work(ws, other_vocab_ckpt, tmp_path, case):
     from megatron_patch.errors import MegatronPatchError
-    from megatron_patch.rlhf.ppo_setup import _validate
-    from megatron_patch.rlhf.rl_config import RLConfig
+    from megatron_patch.rlhf.ppo.config import RLConfig
+    from megatron_patch.rlhf.ppo.setup import _validate
     from megatron_patch.training.arguments import TrainConfig
 
     cfg, rl = _configs(ws, cfg_over=dict(save=str(tmp_path / "out")))

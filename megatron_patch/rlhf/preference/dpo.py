@@ -1,6 +1,6 @@
 """DPO on megatron-core: a trained policy and a frozen reference, both GPTModels at the run's TP x PP.
 
-python -m megatron_patch.rlhf.dpo --load SFT_CKPT --train-data-path train.jsonl --valid-data-path valid.jsonl \
+python -m megatron_patch.rlhf.preference.dpo --load SFT_CKPT --train-data-path train.jsonl --valid-data-path valid.jsonl \
     --save OUT --seq-length 64 --micro-batch-size 2 --global-batch-size 8 --lr 1e-6 --dpo-beta 0.1
 
 One step:
@@ -25,15 +25,15 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from ..errors import ConfigError, run_reporting_errors
-from ..models.checkpoint import Checkpoint
-from ..training.arguments import TrainConfig, config_from_args
-from .core_algos import compute_dpo_loss, masked_sum
-from .logprobs import vocab_parallel_logprobs
-from .preference_trainer import PreferenceRun, argument_parser, finetune_config, train, train_to_end
-from .preference_trainer import build_run as build_preference_run
-from .roles import build_actor, build_reference
-from .schedule_utils import pairs_to_rows, schedule_pass
+from ...errors import ConfigError, run_reporting_errors
+from ...models.checkpoint import Checkpoint
+from ...training.arguments import TrainConfig, config_from_args
+from ..algos.core_algos import compute_dpo_loss, masked_sum
+from ..algos.logprobs import vocab_parallel_logprobs
+from ..roles import build_actor, build_reference
+from ..schedule_utils import pairs_to_rows, schedule_pass
+from .trainer import PreferenceRun, argument_parser, finetune_config, train, train_to_end
+from .trainer import build_run as build_preference_run
 
 __all__ = ["DPOObjective", "build_run", "main", "run", "train"]
 
@@ -131,7 +131,7 @@ def run(cfg: TrainConfig | dict, beta: float = 0.1, skip_bad_lines: bool = False
 
 
 def main(argv=None) -> int:
-    parser = argument_parser("python -m megatron_patch.rlhf.dpo", __doc__)
+    parser = argument_parser("python -m megatron_patch.rlhf.preference.dpo", __doc__)
     parser.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (> 0) (default: 0.1)")
     args = parser.parse_args(argv)
     return run_reporting_errors(

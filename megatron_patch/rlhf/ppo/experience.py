@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ..runtime.device import HOST, local_device
+from ...runtime.device import HOST, local_device
 
 ROW_KEYS = ("tokens", "position_ids", "labels", "starts", "last_index", "response_mask")
 

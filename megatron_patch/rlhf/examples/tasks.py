@@ -9,7 +9,7 @@ answer it happens to be (about ``10 ** -length`` of them).
 The SFT answers are the task's (``hint`` 1.0) or, with ``hint`` < 1, the task's only that often and a *distractor*
 (another prompt-dependent answer) otherwise. The tiny llama learns ``copy`` from clean answers in about 100 steps
 (held-out greedy exact match 0.20 after 80 steps, 0.97 after 100); mixtures and ``reverse`` take it far longer. The
-RL and held-out prompt files carry ``"answer"``, which the ``exact_match`` / ``digit_match`` rewards (``rewards``)
+RL and held-out prompt files carry ``"answer"``, which the ``exact_match`` / ``digit_match`` rewards (``rlhf.ppo.rewards``)
 compare the response with.
 """
 
@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.sft import PROMPT
-from ..errors import ConfigError
-from ..registry import Registry
+from ...data.sft import PROMPT
+from ...errors import ConfigError
+from ...registry import Registry
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,16 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
-from .core_algos import compute_entropy_loss, compute_kl_loss, compute_policy_loss, compute_value_loss, masked_sum
+from ..algos.core_algos import (
+    compute_entropy_loss,
+    compute_kl_loss,
+    compute_policy_loss,
+    compute_value_loss,
+    masked_sum,
+)
+from ..algos.logprobs import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
+from ..schedule_utils import reduce_sums
 from .experience import gather_response
-from .logprobs import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
-from .schedule_utils import reduce_sums
 
 ACTOR_REPORT = ("pg_loss", "entropy", "kl_loss", "ptx_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl")
 CRITIC_REPORT = ("vf_loss", "vf_clipfrac")

@@ -1,9 +1,9 @@
 """RLHF on the CPU in a few minutes: a tiny llama learns a digit task with PPO, GRPO or RLOO, shown on prompts it
 never saw.
 
-python -m megatron_patch.rlhf.demo [--algo ppo|grpo|rloo] [--task copy|reverse|increment] [--iters N] [--workdir DIR]
+python -m megatron_patch.rlhf.examples.demo [--algo ppo|grpo|rloo] [--task copy|reverse|increment] [--iters N] [--workdir DIR]
 
-The task (``rlhf.tasks``): the prompt is a 4-digit string in the SFT template; the answer is a function of it
+The task (``rlhf.examples.tasks``): the prompt is a 4-digit string in the SFT template; the answer is a function of it
 (``copy`` by default: the string itself; ``reverse``, ``increment``). The prompts are distinct strings split once
 into SFT, RL and held-out sets (no held-out prompt is ever trained on), so a policy scores on the held-out prompts
 only by computing the answer; a constant answer scores about 0.
@@ -25,12 +25,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..convert.hf_to_mcore import hf_to_mcore
-from ..models import get_family
-from ..models.tiny import make_hf_checkpoint
-from ..runtime import run_on_local_ranks
-from ..training.loop import run as run_training
-from .ppo import run as run_rl
+from ...convert.hf_to_mcore import hf_to_mcore
+from ...models import get_family
+from ...models.tiny import make_hf_checkpoint
+from ...runtime import run_on_local_ranks
+from ...training.loop import run as run_training
+from ..ppo.loop import run as run_rl
 from .tasks import task_names, write_digit_task
 
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
@@ -48,7 +48,7 @@ def make_tiny_checkpoint(out: Path, seed: int = 0) -> str:
 
 def sft_config(load: str, data: str, save: str, iters: int = SFT_ITERS) -> dict:
     return dict(mode="finetune", load=load, train_data_path=data, save=save, seq_length=SEQ_LENGTH,
-                micro_batch_size=32, global_batch_size=32, train_iters=iters, lr=2e-3, lr_decay_style="constant",
+                micro_batch_size=32, global_batch_size=32, train_iters=iters, lr=5e-3, lr_decay_style="constant",
                 weight_decay=0.0, log_interval=50)
 
 
@@ -57,10 +57,10 @@ def rl_configs(algo: str, load: str, prompts: str, iters: int, save: str | None 
     """(training flags, RL flags) of the demo's RL stage."""
     group = algo != "ppo"
     cfg = dict(load=load, save=save, seq_length=SEQ_LENGTH, micro_batch_size=16, global_batch_size=8 if group else 32,
-               train_iters=iters, lr=2e-3, lr_decay_style="constant", weight_decay=0.0, log_interval=5)
+               train_iters=iters, lr=5e-4, lr_decay_style="constant", weight_decay=0.0, log_interval=5)
     rl = dict(algo=algo, prompt_data_path=prompts, eval_prompt_data_path=eval_prompts, reward="digit_match",
-              max_new_tokens=NEW_TOKENS, n_samples_per_prompt=4 if group else 1, ppo_mini_batches=2, ppo_epochs=1,
-              kl_coef=0.01, critic_lr=2e-3, lam=0.95, temperature=1.0)
+              max_new_tokens=NEW_TOKENS, n_samples_per_prompt=8 if group else 1, ppo_mini_batches=2, ppo_epochs=1,
+              kl_coef=0.01, critic_lr=5e-4, lam=0.95, temperature=0.7)
     rl.update(rl_over)
     return cfg, rl
 
@@ -82,7 +82,7 @@ def summary(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.examples.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algo", choices=("ppo", "grpo", "rloo"), default="grpo")
     parser.add_argument("--task", choices=task_names(), default="copy")

@@ -30,15 +30,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from ..checkpoint.megatron import find_iteration_dir
-from ..data.loader import MicroBatchIterator
-from ..data.preference import PreferenceDataset
-from ..runtime import init_distributed
-from ..training.arguments import TrainConfig, add_config_arguments
-from ..training.checkpointing import TrainerState, load_train_state, save_checkpoint
-from ..training.logging import MetricsLogger
-from ..training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
-from .schedule_utils import find_resume_dir, reduce_sums, schedule_pass
+from ...checkpoint.megatron import find_iteration_dir
+from ...data.loader import MicroBatchIterator
+from ...data.preference import PreferenceDataset
+from ...runtime import init_distributed
+from ...training.arguments import TrainConfig, add_config_arguments
+from ...training.checkpointing import TrainerState, load_train_state, save_checkpoint
+from ...training.logging import MetricsLogger
+from ...training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
+from ..schedule_utils import find_resume_dir, reduce_sums, schedule_pass
 
 
 class PreferenceObjective(Protocol):

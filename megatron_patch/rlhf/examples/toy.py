@@ -13,10 +13,10 @@ import json
 import random
 from pathlib import Path
 
-from ..data.tokenizers import load_tokenizer
-from ..generation import GenerationEngine, SamplingParams, load_model
-from ..models.tiny import CORPUS
-from ..runtime import init_distributed
+from ...data.tokenizers import load_tokenizer
+from ...generation import GenerationEngine, SamplingParams, load_model
+from ...models.tiny import CORPUS
+from ...runtime import init_distributed
 
 
 def corpus_sentences(corpus: str | Path = CORPUS, min_words: int = 6) -> list[list[str]]:

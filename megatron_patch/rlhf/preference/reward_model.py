@@ -21,11 +21,11 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-from ..checkpoint.megatron import read_meta
-from ..checkpoint.trusted_load import check_torch_dist_checkpoint
-from ..errors import CheckpointError
-from ..models.builder import build_model
-from ..runtime.device import HOST
+from ...checkpoint.megatron import read_meta
+from ...checkpoint.trusted_load import check_torch_dist_checkpoint
+from ...errors import CheckpointError
+from ...models.builder import build_model
+from ...runtime.device import HOST
 
 REWARD_MARKER = "reward_model.json"
 HEAD_PREFIX = "output_layer."
