@@ -1,7 +1,7 @@
 # Shared logic of the rlhf/run_{reward_model,dpo,ppo,grpo}_megatron_<family>.sh launchers (sourced, not executed).
 #
 # Reuses examples/common.sh (argument parsing, validators, launcher, precision/parallel flags) and launches the
-# RLHF entry points (python -m megatron_patch.rlhf.train_reward_model | .dpo | .ppo) with torchrun.
+# RLHF entry points (python -m megatron_patch.rlhf.preference.train_reward_model | .preference.dpo | .ppo) with torchrun.
 # Same environment knobs as the training scripts: GPUS_PER_NODE, MP_DRY_RUN=1, MP_EXTRA_ARGS.
 
 # shellcheck source=../examples/common.sh
@@ -113,7 +113,7 @@ rlhf_reward_model() {  # rlhf_reward_model <family> "$@"
   MP_FAMILY=$1; shift
   mp_parse "run_reward_model_megatron_$MP_FAMILY.sh" "${RLHF_RM_ARGS[@]}" -- "$@"
   rlhf_validate
-  rlhf_exec megatron_patch.rlhf.train_reward_model \
+  rlhf_exec megatron_patch.rlhf.preference.train_reward_model \
     "rm-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-gbs$GLOBAL_BATCH_SIZE-seq$SEQ_LEN-lr$LR-$PR-tp$TP-pp$PP"
 }
 
@@ -124,6 +124,6 @@ rlhf_dpo() {  # rlhf_dpo <family> "$@"
   awk "BEGIN{exit !($BETA > 0)}" || mp_fail "BETA must be > 0 (got '$BETA')"
   rlhf_validate
   MP_FLAGS+=(--dpo-beta "$BETA")
-  rlhf_exec megatron_patch.rlhf.dpo \
+  rlhf_exec megatron_patch.rlhf.preference.dpo \
     "dpo-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-gbs$GLOBAL_BATCH_SIZE-seq$SEQ_LEN-lr$LR-beta$BETA-$PR-tp$TP-pp$PP"
 }

@@ -17,33 +17,33 @@ ALLOWED = {
     "checkpoint": {"errors", "registry", "mapping"},
     "models": {"errors", "registry", "mapping", "checkpoint", "layers", "runtime", "data"},
     "convert": {"errors", "registry", "mapping", "checkpoint", "models", "layers", "runtime", "data"},
+    "rlhf": {"errors", "registry", "mapping", "checkpoint", "models", "layers", "runtime", "data", "convert",
+             "training", "generation"},
 }
 
 
-def _imported_packages(path: Path, package: str) -> set[str]:
+def _imported_modules(path: Path) -> set[str]:
+    """Dotted names under ``megatron_patch`` that ``path`` imports, relative imports resolved from its folder."""
+    here = path.relative_to(ROOT.parent).with_suffix("").parts[:-1]  # ("megatron_patch", "rlhf", "ppo")
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 0:
-                parts = (node.module or "").split(".")
-                if parts[0] == "megatron_patch" and len(parts) > 1:
-                    found.add(parts[1])
-            elif node.level == 1:
-                continue  # the same package
-            elif node.level == 2:
-                target = (node.module or "").split(".")[0]
-                found.update([target] if target else [alias.name for alias in node.names])
+            base = (node.module or "").split(".") if node.level == 0 else \
+                list(here[:len(here) - node.level + 1]) + [p for p in (node.module or "").split(".") if p]
+            names = [".".join(base + [alias.name]) for alias in node.names] if not node.module else [".".join(base)]
+            found.update(names)
         elif isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "megatron_patch" and len(parts) > 1:
-                    found.add(parts[1])
-    return found - {package}
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("megatron_patch.")}
+
+
+def _imported_packages(path: Path, package: str) -> set[str]:
+    return {name.split(".")[1] for name in _imported_modules(path)} - {package}
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_package_imports_only_what_lies_below_it(package):
-    for path in sorted((ROOT / package).glob("*.py")):
+    for path in sorted((ROOT / package).rglob("*.py")):
         wrong = _imported_packages(path, package) - ALLOWED[package]
         assert not wrong, f"{path.relative_to(ROOT.parent)} imports {sorted(wrong)}"
 

@@ -22,7 +22,8 @@
 #   reward-model  rlhf/run_reward_model_megatron_llama.sh, 10 bf16 steps on the toy preference pairs, validated
 #   dpo         rlhf/run_dpo_megatron_llama.sh, 10 bf16 steps on the same pairs, validated
 #   ppo         rlhf/run_ppo_megatron_llama.sh, 3 iterations, the reward model (and critic) from the reward-model step
-#   grpo        rlhf/run_grpo_megatron_llama.sh, 3 iterations, 4 samples per prompt, the count_up reward
+#   grpo        rlhf/run_grpo_megatron_llama.sh, 3 iterations, 4 samples per prompt, the digit_match reward on the
+#               copy task, with the held-out line (greedy answers to prompts never trained on)
 #   benchmark   toolkits/benchmarks/train_throughput.py (on the GPU where it takes --device; operator tables of both
 #               sides in logs/profile/)
 #   pytest-gpu  python -m pytest tests/gpu
@@ -273,11 +274,12 @@ step_ppo() {
 
 step_grpo() {
   run "$PY" "$HELPERS" rl-prompts "$RL"
-  run env GPUS_PER_NODE=1 MP_EXTRA_ARGS="--log-interval 1" bash "$RLHF/run_grpo_megatron_llama.sh" dsw none "$REPO" \
-    tiny 4 4 1e-4 1e-5 0.05 0.2 4 64 8 bf16 1 1 none false false false "$RL/prompts.jsonl" fn:count_up "$MCORE" 3 \
-    "$WORK/grpo"
+  run env GPUS_PER_NODE=1 MP_EXTRA_ARGS="--log-interval 1 --eval-prompt-data-path $RL/eval.jsonl --eval-interval 3" \
+    bash "$RLHF/run_grpo_megatron_llama.sh" dsw none "$REPO" tiny 4 4 1e-4 1e-5 0.05 0.2 4 64 8 bf16 1 1 none false \
+    false false "$RL/prompts.jsonl" fn:digit_match "$MCORE" 3 "$WORK/grpo"
   live || return 0
-  key "$(rl_summary "$STEP_LOG") (count_up)"
+  key "$(rl_summary "$STEP_LOG") (digit_match), $(grep -o 'held-out .*exact match [0-9.]*' "$STEP_LOG" | \
+    awk '{e[NR]=$NF} END {if (NR) printf "held-out exact_match %s -> %s", e[1], e[NR]}')"
 }
 
 step_benchmark() {

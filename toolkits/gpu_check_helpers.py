@@ -52,7 +52,7 @@ def completions(path: str, expected: str) -> str:
 
 
 def toy_preferences(out_dir: str) -> str:
-    from megatron_patch.rlhf.toy import write_toy_preferences
+    from megatron_patch.rlhf.examples.toy import write_toy_preferences
 
     train, valid = write_toy_preferences(out_dir)
     return f"preference pairs: {sum(1 for _ in open(train))} train, {sum(1 for _ in open(valid))} valid"
@@ -61,10 +61,11 @@ def toy_preferences(out_dir: str) -> str:
 def rl_prompts(out_dir: str) -> str:
     from pathlib import Path
 
-    from megatron_patch.rlhf.demo import write_task
+    from megatron_patch.rlhf.examples.tasks import write_digit_task
 
-    paths = write_task(Path(out_dir))
-    return f"{sum(1 for _ in open(paths['prompts']))} count-up prompts"
+    paths = write_digit_task(Path(out_dir), "copy", 4)
+    return (f"{sum(1 for _ in open(paths['prompts']))} copy prompts, {sum(1 for _ in open(paths['eval']))} "
+            f"held-out")
 
 
 def load_hf(path: str) -> str:

@@ -41,7 +41,7 @@ META_FIELDS = {
 
 # Files by which an iteration directory of Megatron-LM or Megatron-Bridge is recognised without our metadata.
 # Records of checkpoints whose tensors are not the plain GPTModel that megatron_patch.json describes: LoRA adapters
-# only (layers/lora_config.LORA_META) or a scalar reward head (rlhf reward_model.REWARD_MARKER). Their tensors are
+# only (layers/lora_config.LORA_META) or a scalar reward head (rlhf/preference/reward_model.REWARD_MARKER). Their tensors are
 # checked against the model built for them, when it loads.
 MODEL_VARIANT_RECORDS = ("lora.json", "reward_model.json")
 

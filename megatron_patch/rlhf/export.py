@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, DataError, UnsupportedModelError
-from .reward_model import HEAD_PREFIX, build_reward_model, is_reward_checkpoint, load_reward_model_weights
+from .preference.reward_model import HEAD_PREFIX, build_reward_model, is_reward_checkpoint, load_reward_model_weights
 
 SCORE = "score.weight"
 

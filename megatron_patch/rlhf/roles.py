@@ -19,7 +19,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..models.builder import build_model
+from ..models.checkpoint import Checkpoint
+from ..runtime.device import place_model
 from ..training.arguments import TrainConfig
+from ..training.setup import (
+    attach_schedule_hooks,
+    build_ddp_model,
+    build_optimizer,
+    build_scheduler,
+    build_transformer_config,
+    resolve_model_source,
+    wrap_in_ddp,
+)
+from .preference.reward_model import build_reward_model, load_reward_model_weights
 
 
 @dataclass
@@ -34,8 +47,6 @@ class Trained:
 
 def check_vocabularies(actor_spec, others: dict[str, Path]) -> None:
     """Refuse (one line) a reference / reward / critic checkpoint whose vocabulary differs from the actor's."""
-    from ..models.checkpoint import Checkpoint
-
     for flag, iter_dir in others.items():
         spec = Checkpoint.open(iter_dir).spec
         if (spec.vocab_size, spec.padded_vocab_size) != (actor_spec.vocab_size, actor_spec.padded_vocab_size):
@@ -45,8 +56,6 @@ def check_vocabularies(actor_spec, others: dict[str, Path]) -> None:
 
 def _with_optimizer(cfg: TrainConfig, source, config, model, optimizer_steps: int) -> Trained:
     """``model`` (in DDP) with its optimizer and LR schedule, both handed to the pipeline schedule via ``config``."""
-    from ..training.setup import attach_schedule_hooks, build_optimizer, build_scheduler
-
     optimizer = build_optimizer(cfg, model)
     attach_schedule_hooks(config, model, optimizer)
     return Trained(model, optimizer, build_scheduler(cfg, optimizer, optimizer_steps), source)
@@ -54,8 +63,6 @@ def _with_optimizer(cfg: TrainConfig, source, config, model, optimizer_steps: in
 
 def build_actor(cfg: TrainConfig, source, optimizer_steps: int) -> Trained:
     """A GPTModel stage in DDP with its optimizer; weights loaded by the caller. Also DPO's policy."""
-    from ..training.setup import build_ddp_model, build_transformer_config
-
     config = build_transformer_config(cfg, source)
     return _with_optimizer(cfg, source, config, build_ddp_model(cfg, source, config), optimizer_steps)
 
@@ -63,10 +70,6 @@ def build_actor(cfg: TrainConfig, source, optimizer_steps: int) -> Trained:
 def build_trained_reward_model(cfg: TrainConfig, source, optimizer_steps: int) -> Trained:
     """A reward-model stage (a fresh scalar head) in DDP with its optimizer; weights loaded by the caller. What the
     reward-model trainer trains, and PPO's critic."""
-    from ..runtime.device import place_model
-    from ..training.setup import build_transformer_config, wrap_in_ddp
-    from .reward_model import build_reward_model
-
     config = build_transformer_config(cfg, source)
     module = build_reward_model(source.arch, source.spec.padded_vocab_size, config, cfg.transformer_impl, cfg.seed)
     return _with_optimizer(cfg, source, config, wrap_in_ddp(cfg, place_model(module), config), optimizer_steps)
@@ -79,10 +82,6 @@ def build_critic(cfg: TrainConfig, source, lr: float, optimizer_steps: int) -> T
 
 def build_reference(cfg: TrainConfig, iter_dir: Path):
     """A frozen GPTModel stage loaded from ``iter_dir`` (its own config: none of the actor's DDP hooks)."""
-    from ..models.builder import build_model
-    from ..runtime.device import place_model
-    from ..training.setup import build_transformer_config, resolve_model_source
-
     source = resolve_model_source(replace(cfg, model_size=None, model_name=None), iter_dir)
     model = place_model(build_model(source.arch, source.spec.padded_vocab_size,
                                     config=build_transformer_config(cfg, source),
@@ -93,10 +92,6 @@ def build_reference(cfg: TrainConfig, iter_dir: Path):
 
 def build_frozen_reward_model(cfg: TrainConfig, iter_dir: Path):
     """A frozen reward-model stage; ``iter_dir`` must be a reward-model checkpoint (with its trained head)."""
-    from ..runtime.device import place_model
-    from ..training.setup import build_transformer_config, resolve_model_source
-    from .reward_model import build_reward_model, load_reward_model_weights
-
     source = resolve_model_source(replace(cfg, model_size=None, model_name=None), iter_dir)
     model = place_model(build_reward_model(source.arch, source.spec.padded_vocab_size,
                                            build_transformer_config(cfg, source), cfg.transformer_impl))

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from ..checkpoint.megatron import TRACKER, find_iteration_dir
+from ..runtime.device import local_device
 
 
 def collective_device() -> torch.device:
     """Where tensors handed to collectives live: the local GPU under NCCL, the CPU under gloo (the device helper's
     answer, so the strict device check sees them where a GPU run would put them)."""
-    from ..runtime.device import local_device
-
     return local_device()
 
 
@@ -22,8 +27,6 @@ def pairs_to_rows(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Ten
 def schedule_pass(model, forward_step, data_iterator, num_microbatches: int, cfg, forward_only: bool) -> list:
     """megatron-core's pipeline schedule over ``num_microbatches`` preference micro-batches of ``model`` (one stage);
     a micro-batch of ``--micro-batch-size`` pairs is twice as many rows. Returns the last stage's loss reports."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data_iterator, model=[model], num_microbatches=num_microbatches,
         seq_length=cfg.seq_length, micro_batch_size=2 * cfg.micro_batch_size, forward_only=forward_only,
@@ -33,8 +36,6 @@ def schedule_pass(model, forward_step, data_iterator, num_microbatches: int, cfg
 def reduce_sums(reduced: list[dict], key: str, size: int) -> torch.Tensor:
     """Sum the ``key`` vectors the last pipeline stage's loss functions reported, over micro-batches and data-parallel
     ranks, and share the result with every pipeline stage. Returns a float64 vector of ``size`` on every rank."""
-    from megatron.core import parallel_state
-
     sums = torch.zeros(size, dtype=torch.float64, device=collective_device())
     if parallel_state.is_pipeline_last_stage():
         for item in reduced:
@@ -48,10 +49,6 @@ def reduce_sums(reduced: list[dict], key: str, size: int) -> torch.Tensor:
 def find_resume_dir(save: str | None):
     """The last checkpoint under ``--save`` when a previous run of this job wrote one (then the run resumes from
     it, as the training loop does), else None."""
-    from pathlib import Path
-
-    from ..checkpoint.megatron import TRACKER, find_iteration_dir
-
     if save and (Path(save) / TRACKER).is_file():
         return find_iteration_dir(save)
     return None

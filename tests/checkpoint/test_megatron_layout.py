@@ -5,6 +5,6 @@ def test_model_variant_records_name_the_files_their_owners_write():
     file names the LoRA and reward-model code write."""
     from megatron_patch.checkpoint.megatron import MODEL_VARIANT_RECORDS
     from megatron_patch.layers.lora_config import LORA_META
-    from megatron_patch.rlhf.reward_model import REWARD_MARKER
+    from megatron_patch.rlhf.preference.reward_model import REWARD_MARKER
 
     assert set(MODEL_VARIANT_RECORDS) == {LORA_META, REWARD_MARKER}

@@ -9,7 +9,7 @@ from megatron_patch.data.preference import read_preference_pairs
 from megatron_patch.data.sft import read_records
 from megatron_patch.errors import BadLineError
 from megatron_patch.generation.prompts import read_prompts
-from megatron_patch.rlhf.rollout_data import PromptDataset, PtxDataset
+from megatron_patch.rlhf.ppo.rollout_data import PromptDataset, PtxDataset
 
 # Each reader stops at the first bad line before it tokenizes anything, so no tokenizer is needed here.
 READERS = {

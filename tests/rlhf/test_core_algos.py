@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from megatron_patch.rlhf import core_algos as ca
+from megatron_patch.rlhf.algos import core_algos as ca
 
 torch.manual_seed(0)
 

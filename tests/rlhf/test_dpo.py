@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from megatron_patch.rlhf.toy import greedy_continuation_accuracy, write_toy_preferences
+from megatron_patch.rlhf.examples.toy import greedy_continuation_accuracy, write_toy_preferences
 from megatron_patch.runtime import run_on_local_ranks
 from tests.rlhf import workers
 

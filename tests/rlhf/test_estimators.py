@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from megatron_patch.rlhf import core_algos as ca
+from megatron_patch.rlhf.algos import core_algos as ca
 
 
 def _batch(seed=0, batch=8, seq=6, groups=3):
@@ -110,7 +110,7 @@ def test_group_estimators_need_groups_of_two(name):
 
 
 def test_ptx_rows_differ_per_data_parallel_rank():
-    from megatron_patch.rlhf.ppo import ptx_position
+    from megatron_patch.rlhf.ppo.loop import ptx_position
 
     rows = 6
     read = [set(range(ptx_position(step, 2, rank, rows), ptx_position(step, 2, rank, rows) + rows))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_patch.rlhf.core_algos import entropy_from_logits, logprobs_from_logits
-from megatron_patch.rlhf.logprobs import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
+from megatron_patch.rlhf.algos.core_algos import entropy_from_logits, logprobs_from_logits
+from megatron_patch.rlhf.algos.logprobs import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
 from megatron_patch.runtime import run_on_local_ranks
 from tests.rlhf import workers
 

@@ -6,19 +6,19 @@ from __future__ import annotations
 import json
 import re
 
-from megatron_patch.rlhf.pipeline import PipelineSizes, digits_right, run_pipeline, write_task_preferences
-from megatron_patch.rlhf.tasks import write_digit_task
+from megatron_patch.rlhf.examples.pipeline import PipelineSizes, digits_right, run_pipeline, write_task_preferences
+from megatron_patch.rlhf.examples.tasks import write_digit_task
 
 
 def test_task_preferences_rank_by_digits_right(tmp_path):
-    paths = write_digit_task(tmp_path / "data", "reverse", 5, n_sft=64, n_train=8, n_eval=8)
+    paths = write_digit_task(tmp_path / "data", "copy", 4, n_sft=64, n_train=8, n_eval=8)
     train, valid = write_task_preferences(tmp_path, paths["sft"], n_train=32, n_valid=8)
     held_out = {json.loads(line)["prompt"] for line in open(paths["eval"])}
     for path in (train, valid):
         for line in open(path):
             pair = json.loads(line)
             assert pair["prompt"] not in held_out
-            truth = re.findall(r"\d{5}", pair["prompt"])[0][::-1]
+            truth = re.findall(r"\d{4}", pair["prompt"])[0]
             assert digits_right(pair["chosen"], truth) >= digits_right(pair["rejected"], truth) + 3
 
 

@@ -158,8 +158,8 @@ BAD_CASES = ["missing_key", "too_long", "other_vocab", "negative_kl", "mini_batc
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_refused_before_work(ws, other_vocab_ckpt, tmp_path, case):
     from megatron_patch.errors import MegatronPatchError
-    from megatron_patch.rlhf.ppo_setup import _validate
-    from megatron_patch.rlhf.rl_config import RLConfig
+    from megatron_patch.rlhf.ppo.config import RLConfig
+    from megatron_patch.rlhf.ppo.setup import _validate
     from megatron_patch.training.arguments import TrainConfig
 
     cfg, rl = _configs(ws, cfg_over=dict(save=str(tmp_path / "out")))
@@ -196,3 +196,24 @@ def test_bad_input_refused_before_work(ws, other_vocab_ckpt, tmp_path, case):
     message = str(error.value)
     assert expected[0] in message and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+def test_held_out_evaluation_before_during_and_after(ws, tmp_path):
+    """The loop scores greedy answers to held-out prompts with the run's reward before the first iteration, every
+    --eval-interval iterations and at the end; the numbers are those of the held-out answers (recomputed here from
+    a greedy pass of the same weights: the first evaluation is the starting checkpoint's)."""
+    rows = [{"prompt": f"{d}{(d + 3) % 10}", "answer": f"{(d + 3) % 10}{d}"} for d in range(6)]
+    held_out = _write(tmp_path / "held.jsonl", rows)
+    train = _write(tmp_path / "train.jsonl", [{"prompt": f"{d}{d}", "answer": f"{d}{d}"} for d in range(4)])
+    cfg, rl = _configs(ws, "grpo", cfg_over=dict(train_iters=3, eval_interval=2, tensorboard_dir=str(tmp_path / "tb")),
+                       reward="digit_match", prompt_data_path=train, eval_prompt_data_path=held_out)
+    result = _run(1, cfg, rl)[0]
+    assert [i for i, _ in result["evals"]] == [0, 2, 3]
+    for _, metrics in result["evals"]:
+        assert set(metrics) == {"eval/reward", "eval/exact_match", "eval/distinct", "eval/length",
+                                "eval/reference_distinct"}
+        assert 0 <= metrics["eval/exact_match"] <= metrics["eval/reward"] + 1e-9 <= 1 + 1e-9
+        assert metrics["eval/distinct"] in {k / 6 for k in range(1, 7)} and metrics["eval/reference_distinct"] == 1.0
+    before = run_on_local_ranks(workers.greedy_digit_match_worker, 1, ws["ckpt"], held_out, 6)[0]
+    assert result["evals"][0][1]["eval/reward"] == pytest.approx(before, abs=1e-6)
+    assert list((tmp_path / "tb").iterdir()), "no TensorBoard events written"

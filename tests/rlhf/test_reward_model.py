@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from megatron_patch.rlhf.reward_model import REWARD_MARKER
-from megatron_patch.rlhf.toy import make_toy_pairs, write_toy_preferences
+from megatron_patch.rlhf.examples.toy import make_toy_pairs, write_toy_preferences
+from megatron_patch.rlhf.preference.reward_model import REWARD_MARKER
 from megatron_patch.runtime import run_on_local_ranks
 from tests.rlhf import workers
 

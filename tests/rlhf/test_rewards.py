@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_patch.errors import ConfigError, DataError
-from megatron_patch.rlhf.rewards import Sample, build_reward, digit_match_score, final_number
+from megatron_patch.rlhf.ppo.rewards import Sample, build_reward, digit_match_score, final_number
 
 
 def _sample(response: str, answer="15703", line=3, **fields) -> Sample:

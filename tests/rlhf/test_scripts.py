@@ -38,12 +38,12 @@ def run_script(family: str, kind: str, args: list[str]):
 def test_reward_model_and_dpo_flags(tmp_path, family):
     result = run_script(family, "reward_model", script_args(tmp_path, dpo=False))
     assert result.returncode == 0, result.stderr
-    for flag in (f"--model-name {family}", "-m megatron_patch.rlhf.train_reward_model", "--global-batch-size 8",
+    for flag in (f"--model-name {family}", "-m megatron_patch.rlhf.preference.train_reward_model", "--global-batch-size 8",
                  "--tensor-model-parallel-size 2", "--epochs 2", "--bf16", f"--load {tmp_path}", "--seq-length 256"):
         assert flag in result.stdout, (flag, result.stdout)
     result = run_script(family, "dpo", script_args(tmp_path, dpo=True))
     assert result.returncode == 0, result.stderr
-    for flag in ("-m megatron_patch.rlhf.dpo", "--dpo-beta 0.1", "--lr 1e-5"):
+    for flag in ("-m megatron_patch.rlhf.preference.dpo", "--dpo-beta 0.1", "--lr 1e-5"):
         assert flag in result.stdout, (flag, result.stdout)
 
 
@@ -58,7 +58,7 @@ def test_bad_arguments_are_named(tmp_path, kind, override, message):
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("module", ["megatron_patch.rlhf.train_reward_model", "megatron_patch.rlhf.dpo"])
+@pytest.mark.parametrize("module", ["megatron_patch.rlhf.preference.train_reward_model", "megatron_patch.rlhf.preference.dpo"])
 def test_bad_preference_line_stops_the_entry_point_with_one_line(tmp_path, make_hf, module):
     from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 

@@ -10,7 +10,7 @@ def whiten_over_group_worker(values: list, mask: list) -> tuple[list, float]:
     import torch
     import torch.distributed as dist
 
-    from megatron_patch.rlhf.core_algos import masked_mean, masked_whiten
+    from megatron_patch.rlhf.algos.core_algos import masked_mean, masked_whiten
 
     dist.init_process_group("gloo")
     rank = int(os.environ["RANK"])
@@ -26,7 +26,7 @@ def vocab_parallel_worker(logits: list, labels: list, weights: list, vocab_size:
     import torch
     import torch.distributed as dist
 
-    from megatron_patch.rlhf.logprobs import vocab_parallel_logprobs_and_entropy
+    from megatron_patch.rlhf.algos.logprobs import vocab_parallel_logprobs_and_entropy
 
     dist.init_process_group("gloo")
     full = torch.tensor(logits, dtype=torch.float32)
@@ -40,13 +40,13 @@ def vocab_parallel_worker(logits: list, labels: list, weights: list, vocab_size:
 
 
 def reward_model_worker(cfg: dict) -> dict:
-    from megatron_patch.rlhf.train_reward_model import run
+    from megatron_patch.rlhf.preference.train_reward_model import run
 
     return run(cfg, quiet=True)
 
 
 def dpo_worker(cfg: dict, beta: float) -> dict:
-    from megatron_patch.rlhf.dpo import run
+    from megatron_patch.rlhf.preference.dpo import run
 
     return run(cfg, beta=beta, quiet=True)
 
@@ -58,7 +58,11 @@ def export_and_score_worker(load: str, save: str, tokens: list[list[int]], last_
     from megatron_patch.models.builder import transformer_config
     from megatron_patch.models.checkpoint import Checkpoint
     from megatron_patch.rlhf.export import reward_model_to_hf
-    from megatron_patch.rlhf.reward_model import build_reward_model, load_reward_model_weights, sequence_rewards
+    from megatron_patch.rlhf.preference.reward_model import (
+        build_reward_model,
+        load_reward_model_weights,
+        sequence_rewards,
+    )
 
     reward_model_to_hf(load, save)
     ckpt = Checkpoint.open(load)
@@ -73,16 +77,16 @@ def export_and_score_worker(load: str, save: str, tokens: list[list[int]], last_
 
 
 def rl_worker(cfg: dict, rl: dict) -> dict:
-    from megatron_patch.rlhf.ppo import run
+    from megatron_patch.rlhf.ppo.loop import run
 
     return run(cfg, rl, quiet=True)
 
 
 def rl_weights_worker(cfg: dict, rl: dict) -> dict:
     """``rl_worker``'s result plus the actor's parameters (name -> host array) before and after training."""
-    from megatron_patch.rlhf.ppo import train
-    from megatron_patch.rlhf.ppo_setup import build_run
-    from megatron_patch.rlhf.rl_config import RLConfig
+    from megatron_patch.rlhf.ppo.config import RLConfig
+    from megatron_patch.rlhf.ppo.loop import train
+    from megatron_patch.rlhf.ppo.setup import build_run
     from megatron_patch.training.arguments import TrainConfig
 
     run = build_run(TrainConfig.from_dict({"mode": "finetune", **cfg}), RLConfig.from_dict(rl), quiet=True)
@@ -101,7 +105,7 @@ def rl_weights_worker(cfg: dict, rl: dict) -> dict:
 def _register_test_rewards() -> None:
     """A dense reward a random tiny model earns often from the start (a quarter of the vocabulary), so a few
     iterations show it rising; registered at import so spawned and forked ranks both have it."""
-    from megatron_patch.rlhf.rewards import register_reward, reward_names
+    from megatron_patch.rlhf.ppo.rewards import register_reward, reward_names
 
     if "test_low_ids" in reward_names():
         return
@@ -112,3 +116,29 @@ def _register_test_rewards() -> None:
 
 
 _register_test_rewards()
+
+
+def greedy_digit_match_worker(checkpoint: str, prompts_path: str, max_new_tokens: int) -> float:
+    """Mean digit_match of greedy answers of ``checkpoint`` to the prompts of ``prompts_path`` (one rank), written
+    without the RL loop's evaluation code: the generation engine, the tokenizer and the score function only."""
+    import json
+
+    from megatron_patch.data.tokenizers import load_tokenizer
+    from megatron_patch.generation import GenerationEngine, SamplingParams, load_model
+    from megatron_patch.rlhf.ppo.rewards import digit_match_score
+    from megatron_patch.runtime import init_distributed
+
+    init_distributed(1, 1)
+    records = [json.loads(line) for line in open(prompts_path)]
+    loaded = load_model(checkpoint)
+    tokenizer = load_tokenizer(str(loaded.assets_dir))
+    engine = GenerationEngine(loaded.model, loaded.vocab_size, tokenizer.eod, loaded.max_sequence_length)
+    answers = engine.generate([tokenizer.encode(r["prompt"]) for r in records], max_new_tokens, SamplingParams(top_k=1))
+    texts = [tokenizer.decode([t for t in a if t != tokenizer.eod]) for a in answers]
+    return sum(digit_match_score(t, r["answer"]) for t, r in zip(texts, records)) / len(records)
+
+
+def sft_worker(cfg: dict) -> list:
+    from megatron_patch.training.loop import run
+
+    return run(cfg, quiet=True)

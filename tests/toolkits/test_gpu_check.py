@@ -67,7 +67,7 @@ def test_dry_run_prints_one_line_per_step_with_the_positional_scripts(tmp_path):
     for step, script in (("reward-model", "reward_model"), ("dpo", "dpo"), ("ppo", "ppo"), ("grpo", "grpo")):
         assert f"rlhf/run_{script}_megatron_llama.sh dsw none" in lines[step] and " bf16 1 1 " in lines[step]
     assert "/rm/checkpoint" in lines["ppo"] or "/rm " in lines["ppo"]  # PPO scores with the trained reward model
-    assert "fn:count_up" in lines["grpo"]
+    assert "fn:digit_match" in lines["grpo"] and "--eval-prompt-data-path" in lines["grpo"]
     assert "train_throughput.py" in lines["benchmark"] and "--profile" in lines["benchmark"]
     assert "tests/gpu" in lines["pytest-gpu"]
 

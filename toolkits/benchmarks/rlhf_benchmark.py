@@ -76,7 +76,7 @@ def _timed_optimizer(optimizer, stamps: list[float]) -> None:
 def ours_reward(cfg: dict, threads: int) -> dict:
     import torch
 
-    from megatron_patch.rlhf.train_reward_model import build_run, train
+    from megatron_patch.rlhf.preference.train_reward_model import build_run, train
     from megatron_patch.training.arguments import TrainConfig
 
     torch.set_num_threads(threads)
@@ -90,7 +90,7 @@ def ours_reward(cfg: dict, threads: int) -> dict:
 def ours_dpo(cfg: dict, threads: int) -> dict:
     import torch
 
-    from megatron_patch.rlhf.dpo import build_run, train
+    from megatron_patch.rlhf.preference.dpo import build_run, train
     from megatron_patch.training.arguments import TrainConfig
 
     torch.set_num_threads(threads)
@@ -104,7 +104,7 @@ def ours_dpo(cfg: dict, threads: int) -> dict:
 def ours_grpo(cfg: dict, rl: dict, threads: int) -> dict:
     import torch
 
-    from megatron_patch.rlhf.ppo import run
+    from megatron_patch.rlhf.ppo.loop import run
 
     torch.set_num_threads(threads)
     start_rss = _rss_mb()  # before the build: ours builds and trains in one call
@@ -183,7 +183,7 @@ def _count_up_text_reward(prompts, completions, **kwargs) -> list[float]:
     """The demo's count-up reward on text: the fraction of the count's next digits the completion gets right."""
     import re
 
-    from megatron_patch.rlhf.rewards import count_up_target
+    from megatron_patch.rlhf.ppo.rewards import count_up_target
 
     rewards = []
     for prompt, completion in zip(prompts, completions):
@@ -253,8 +253,8 @@ def main(argv=None) -> int:
     except ImportError:
         sys.exit("error: TRL is not installed (pip install -e .[bench])")
 
-    from megatron_patch.rlhf.demo import make_tiny_checkpoint, rl_configs, write_task
-    from megatron_patch.rlhf.toy import write_toy_preferences
+    from megatron_patch.rlhf.examples.demo import make_tiny_checkpoint, rl_configs, write_task
+    from megatron_patch.rlhf.examples.toy import write_toy_preferences
     from megatron_patch.runtime import run_on_local_ranks
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,8 +4,8 @@ python -m megatron_patch.rlhf.ppo --algo grpo --load SFT_CKPT --reward exact_mat
     --eval-prompt-data-path held_out.jsonl --save OUT --seq-length 256 --max-new-tokens 128 --global-batch-size 64 \
     --micro-batch-size 4 --n-samples-per-prompt 8 --lr 1e-6 ...
 
-``--algo`` is a preset (``rl_config.PRESETS``) of knobs that can each be set alone, verl style: the advantage
-estimator (``--adv-estimator``, a registry in ``core_algos``), the KL in the reward and the KL loss (each with its
+``--algo`` is a preset (``config.PRESETS``) of knobs that can each be set alone, verl style: the advantage
+estimator (``--adv-estimator``, a registry in ``algos.core_algos``), the KL in the reward and the KL loss (each with its
 coefficient and estimator), the clip range (``--clip-ratio-low/high``, dual clip ``--clip-ratio-c``), reward
 shaping (``--reward-clip``, ``--reward-norm``, ``--overlong-penalty``) and the loss aggregation.
 
@@ -43,18 +43,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ..errors import run_reporting_errors
-from ..generation import SamplingParams
-from ..runtime.device import HOST, local_device
-from ..training.arguments import TrainConfig, add_config_arguments, config_from_args
-from ..training.checkpointing import save_checkpoint
-from . import core_algos
+from ...errors import run_reporting_errors
+from ...generation import SamplingParams
+from ...runtime.device import HOST, local_device
+from ...training.arguments import TrainConfig, add_config_arguments, config_from_args
+from ...training.checkpointing import save_checkpoint
+from ..algos import core_algos
+from ..preference.reward_model import sequence_rewards, write_reward_marker
+from .config import RLConfig, add_rl_arguments, rl_config_from_args
 from .evaluation import evaluate, make_sample
 from .experience import build_rollout_batch, forward_only, gather_response, split_rows
-from .ppo_setup import build_run
-from .reward_model import sequence_rewards, write_reward_marker
-from .rl_config import RLConfig, add_rl_arguments, rl_config_from_args
-from .rl_losses import (
+from .losses import (
     ACTOR_REPORT,
     CRITIC_REPORT,
     LossSettings,
@@ -63,8 +62,9 @@ from .rl_losses import (
     reduce_report,
     response_logprobs,
 )
-from .rl_run import RL_STATE, RLRun
 from .rollout_data import Prompt
+from .run import RL_STATE, RLRun
+from .setup import build_run
 
 TOKEN_WEIGHTED = {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "vf_clipfrac"}
 

@@ -13,24 +13,24 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from ..checkpoint.megatron import find_iteration_dir
-from ..errors import CheckpointError, ConfigError
-from ..generation import GenerationEngine, mark_weights_loaded
-from ..models.checkpoint import Checkpoint
-from ..runtime import init_distributed
-from ..training.arguments import TrainConfig
-from ..training.checkpointing import TrainerState, load_train_state
-from ..training.logging import MetricsLogger
-from ..training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
-from .core_algos import build_kl_controller
+from ...checkpoint.megatron import find_iteration_dir
+from ...errors import CheckpointError, ConfigError
+from ...generation import GenerationEngine, mark_weights_loaded
+from ...models.checkpoint import Checkpoint
+from ...runtime import init_distributed
+from ...training.arguments import TrainConfig
+from ...training.checkpointing import TrainerState, load_train_state
+from ...training.logging import MetricsLogger
+from ...training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
+from ..algos.core_algos import build_kl_controller
+from ..preference.reward_model import is_reward_checkpoint, load_reward_model_weights
+from ..roles import build_actor, build_critic, build_frozen_reward_model, build_reference, check_vocabularies
+from ..schedule_utils import find_resume_dir
+from .config import RLConfig
 from .evaluation import make_sample
-from .reward_model import is_reward_checkpoint, load_reward_model_weights
 from .rewards import Reward, build_reward
-from .rl_config import RLConfig
-from .rl_run import RL_STATE, RLRun
-from .roles import build_actor, build_critic, build_frozen_reward_model, build_reference, check_vocabularies
 from .rollout_data import PromptDataset, PtxDataset
-from .schedule_utils import find_resume_dir
+from .run import RL_STATE, RLRun
 
 
 def _probe_reward(reward: Reward, prompts: PromptDataset, tokenizer) -> None:
@@ -59,7 +59,7 @@ def _validate(cfg: TrainConfig, rl: RLConfig):
     rm_dir = find_iteration_dir(rl.reward_model) if rl.reward_model else None
     if rm_dir is not None and not is_reward_checkpoint(rm_dir):
         raise CheckpointError(f"--reward-model {rl.reward_model} is not a reward-model checkpoint (train one with "
-                              f"rlhf.train_reward_model)")
+                              f"rlhf.preference.train_reward_model)")
     critic_dir = None
     if rl.adv_estimator == "gae":
         critic_dir = find_iteration_dir(rl.critic_load) if rl.critic_load else rm_dir or load_dir

@@ -1,6 +1,6 @@
 """InstructGPT's three stages end to end, in one command, on the demo's digit task (CPU, minutes).
 
-python -m megatron_patch.rlhf.pipeline [--sft-iters N] [--rm-iters N] [--rl-iters N] [--workdir DIR]
+python -m megatron_patch.rlhf.examples.pipeline [--sft-iters N] [--rm-iters N] [--rl-iters N] [--workdir DIR]
 
   1. SFT: the demo's tiny llama learns the answer format from answers that follow the task only now and then
      (``tasks.write_digit_task``);
@@ -25,16 +25,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.sft import PROMPT
-from ..data.tokenizers import load_tokenizer
-from ..generation import GenerationEngine, SamplingParams, load_model
-from ..runtime import init_distributed, run_on_local_ranks
+from ...data.sft import PROMPT
+from ...data.tokenizers import load_tokenizer
+from ...generation import GenerationEngine, SamplingParams, load_model
+from ...runtime import init_distributed, run_on_local_ranks
+from ..ppo.rewards import digit_match_score
+from ..preference.train_reward_model import run as run_reward_model
 from .demo import DIGITS, NEW_TOKENS, SEQ_LENGTH, _rl_worker, _sft_worker, make_tiny_checkpoint, rl_configs, sft_config
-from .rewards import digit_match_score
 from .tasks import get_task, write_digit_task
-from .train_reward_model import run as run_reward_model
 
-TASK = "reverse"
+TASK = "copy"
 
 
 def _noisy_answer(answer: str, rng: random.Random, right: float) -> str:
@@ -76,7 +76,7 @@ def write_task_preferences(out: Path, sft_path: str, task: str = TASK, n_train: 
 class PipelineSizes:
     """Iterations of each stage (the defaults are the documented run; the test passes a few of each)."""
 
-    sft_iters: int = 200
+    sft_iters: int = 80
     rm_iters: int = 80
     rl_iters: int = 40
     rm_lr: float = 3e-3
@@ -136,7 +136,7 @@ def run_pipeline(work: Path, sizes: PipelineSizes) -> dict:
 
 def main(argv=None) -> int:
     defaults = PipelineSizes()
-    parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.pipeline", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.examples.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft-iters", type=int, default=defaults.sft_iters, help="SFT steps (default: %(default)s)")
     parser.add_argument("--rm-iters", type=int, default=defaults.rm_iters,

@@ -1,6 +1,6 @@
 """DPO on megatron-core: a trained policy and a frozen reference, both GPTModels at the run's TP x PP.
 
-python -m megatron_patch.rlhf.dpo --load SFT_CKPT --train-data-path train.jsonl --valid-data-path valid.jsonl \
+python -m megatron_patch.rlhf.preference.dpo --load SFT_CKPT --train-data-path train.jsonl --valid-data-path valid.jsonl \
     --save OUT --seq-length 64 --micro-batch-size 2 --global-batch-size 8 --lr 1e-6 --dpo-beta 0.1
 
 One step:
@@ -23,14 +23,17 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state
 
-from ..errors import ConfigError
-from ..training.arguments import TrainConfig, config_from_args
-from .core_algos import compute_dpo_loss, masked_sum
-from .logprobs import vocab_parallel_logprobs
-from .preference_trainer import PreferenceRun, argument_parser, finetune_config, train, train_to_end
-from .preference_trainer import build_run as build_preference_run
-from .schedule_utils import pairs_to_rows, schedule_pass
+from ...errors import ConfigError, run_reporting_errors
+from ...models.checkpoint import Checkpoint
+from ...training.arguments import TrainConfig, config_from_args
+from ..algos.core_algos import compute_dpo_loss, masked_sum
+from ..algos.logprobs import vocab_parallel_logprobs
+from ..roles import build_actor, build_reference
+from ..schedule_utils import pairs_to_rows, schedule_pass
+from .trainer import PreferenceRun, argument_parser, finetune_config, train, train_to_end
+from .trainer import build_run as build_preference_run
 
 __all__ = ["DPOObjective", "build_run", "main", "run", "train"]
 
@@ -39,8 +42,6 @@ REPORT = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")
 
 def sequence_logps(rows: dict[str, torch.Tensor], vocab_size: int, logits: torch.Tensor) -> torch.Tensor:
     """``(2k,)`` summed log-probs of each row's response tokens, from ``(2k, seq, vocab / tp)`` logits."""
-    from megatron.core import parallel_state
-
     token_logps = vocab_parallel_logprobs(logits, rows["labels"], parallel_state.get_tensor_model_parallel_group(),
                                           vocab_size)
     return masked_sum(token_logps, rows["loss_mask"], dim=-1)
@@ -98,21 +99,15 @@ class DPOObjective:
                               "start from")
 
     def build_models(self, cfg: TrainConfig, source, load_dir: Path | None, train_iters: int):
-        from .roles import build_actor, build_reference
-
         return build_actor(cfg, source, train_iters), build_reference(cfg, load_dir)
 
     def load_weights(self, module, iter_dir: Path) -> str:
-        from ..models.checkpoint import Checkpoint
-
         Checkpoint.open(iter_dir).load_into(module)
         return "the policy"
 
     def schedule_inputs(self, run: PreferenceRun, microbatches: list[dict]):
         """The reference pass over ``microbatches`` (forward only, once per batch); the policy's forward step then
         reads each micro-batch with its reference log-probs."""
-        from megatron.core import parallel_state
-
         vocab_size = run.source.spec.vocab_size
         with torch.no_grad():
             reference_out = schedule_pass(run.frozen, partial(_reference_forward_step, vocab_size), iter(microbatches),
@@ -136,9 +131,7 @@ def run(cfg: TrainConfig | dict, beta: float = 0.1, skip_bad_lines: bool = False
 
 
 def main(argv=None) -> int:
-    from ..errors import run_reporting_errors
-
-    parser = argument_parser("python -m megatron_patch.rlhf.dpo", __doc__)
+    parser = argument_parser("python -m megatron_patch.rlhf.preference.dpo", __doc__)
     parser.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (> 0) (default: 0.1)")
     args = parser.parse_args(argv)
     return run_reporting_errors(

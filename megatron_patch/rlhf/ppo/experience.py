@@ -22,8 +22,10 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ..runtime.device import HOST, local_device
+from ...runtime.device import HOST, local_device
 
 ROW_KEYS = ("tokens", "position_ids", "labels", "starts", "last_index", "response_mask")
 
@@ -68,8 +70,6 @@ def split_rows(batch: dict[str, torch.Tensor], size: int, order: torch.Tensor | 
 
 
 def _broadcast_from_last_stage(result: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
-    from megatron.core import parallel_state
-
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return result
     if result is None:
@@ -83,9 +83,6 @@ def forward_only(model, microbatches: list[dict], seq_length: int,
                  compute: Callable[[dict, torch.Tensor], torch.Tensor], width: int) -> torch.Tensor:
     """Run ``model`` over ``microbatches`` (forward only, through the pipeline schedule); on the last stage
     ``compute(microbatch, output) -> (rows, width)`` fp32; returns the concatenation ``(S, width)`` on every rank."""
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     def forward_step(data_iterator, stage):
         microbatch = next(data_iterator)
         output = stage(microbatch["tokens"], microbatch["position_ids"], None)

@@ -1,16 +1,16 @@
 """Toy tasks whose answer depends on the prompt and a program can check, with disjoint train / held-out prompts.
 
-A task maps a digit string (``"30751"``) to its answer (``reverse``: ``"15703"``). Prompts are distinct random
-digit strings of one length, drawn without replacement from the ``10 ** length`` possible ones and split once: the
-held-out prompts never appear in SFT data or RL prompts, so a policy can only score on them by computing the
-answer. A constant answer matches at most the held-out prompts whose answer it happens to be (a share of about
-``10 ** -length``).
+A task maps a digit string (``"3075"``) to its answer (``copy``: ``"3075"``; ``reverse``: ``"5703"``; ``increment``:
+``"4186"``). Prompts are distinct random digit strings of one length, drawn without replacement from the
+``10 ** length`` possible ones and split once: the held-out prompts never appear in SFT data or RL prompts, so a
+policy can only score on them by computing the answer. A constant answer matches at most the held-out prompts whose
+answer it happens to be (about ``10 ** -length`` of them).
 
-The SFT warm-up answers follow the task only ``hint`` of the time and a *distractor* (another prompt-dependent
-answer: ``copy`` for ``reverse``) otherwise: the warm-up teaches the format and both behaviours, greedy decoding
-starts on the distractor (exact match near 0), and sampling produces the task's answer often enough for RL to
-find and strengthen it from the reward alone. The RL and held-out prompt files carry ``"answer"``, which the
-``exact_match`` / ``digit_match`` rewards (``rewards``) compare the response with.
+The SFT answers are the task's (``hint`` 1.0) or, with ``hint`` < 1, the task's only that often and a *distractor*
+(another prompt-dependent answer) otherwise. The tiny llama learns ``copy`` from clean answers in about 100 steps
+(held-out greedy exact match 0.20 after 80 steps, 0.97 after 100); mixtures and ``reverse`` take it far longer. The
+RL and held-out prompt files carry ``"answer"``, which the ``exact_match`` / ``digit_match`` rewards (``rlhf.ppo.rewards``)
+compare the response with.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.sft import PROMPT
-from ..errors import ConfigError
-from ..registry import Registry
+from ...data.sft import PROMPT
+from ...errors import ConfigError
+from ...registry import Registry
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def write_digit_task(out: str | Path, task: str = "reverse", length: int = 5, n_sft: int = 2048,
-                     n_train: int = 2048, n_eval: int = 128, hint: float = 0.3, seed: int = 0) -> dict[str, str]:
+                     n_train: int = 2048, n_eval: int = 128, hint: float = 1.0, seed: int = 0) -> dict[str, str]:
     """Write ``sft.jsonl`` (``instruction``/``output``), ``prompts.jsonl`` and ``eval.jsonl`` (``prompt``/``answer``,
     the prompt in the SFT template) and ``ptx.jsonl`` (``text``: task prompts with their answers) under ``out``;
     the SFT, RL and PTX prompts are disjoint from the held-out ones. Returns ``{name: path}``."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from ..generation import SamplingParams
+from ...generation import SamplingParams
 from .rewards import Reward, Sample
 from .rollout_data import Prompt, PromptDataset
 

@@ -1,6 +1,6 @@
 """Train a reward model on preference pairs with megatron-core's pipeline schedules (any TP x PP x DP).
 
-python -m megatron_patch.rlhf.train_reward_model --load SFT_OR_CONVERTED_CKPT --train-data-path train.jsonl \
+python -m megatron_patch.rlhf.preference.train_reward_model --load SFT_OR_CONVERTED_CKPT --train-data-path train.jsonl \
     --valid-data-path valid.jsonl --save OUT --seq-length 64 --micro-batch-size 2 --global-batch-size 8 ...
 
 Flags are the training flags (``training.arguments.TrainConfig``; ``--train-data-path`` / ``--valid-data-path``
@@ -9,7 +9,7 @@ micro-batches; a micro-batch of ``k`` pairs is ``2k`` sequences (chosen rows, th
 pipeline carries both halves of every pair together. The loss is ``-logsigmoid(r_chosen - r_rejected)``, averaged
 over the pairs of the global batch; evaluation reports held-out accuracy and mean margin (console + TensorBoard).
 
-The model is the ``--load`` backbone with a fresh scalar head (``rlhf.reward_model``; a reward checkpoint brings its
+The model is the ``--load`` backbone with a fresh scalar head (``rlhf.preference.reward_model``; a reward checkpoint brings its
 trained head). ``RewardObjective`` says that; the loop, logs and checkpoints are ``rlhf.preference_trainer``'s.
 """
 
@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
-from ..training.arguments import TrainConfig, config_from_args
-from .core_algos import compute_pairwise_reward_loss
-from .preference_trainer import PreferenceRun, argument_parser, finetune_config, train, train_to_end
-from .preference_trainer import build_run as build_preference_run
+from ...errors import run_reporting_errors
+from ...training.arguments import TrainConfig, config_from_args
+from ..algos.core_algos import compute_pairwise_reward_loss
+from ..roles import build_trained_reward_model
+from ..schedule_utils import pairs_to_rows
 from .reward_model import load_reward_model_weights, sequence_rewards, write_reward_marker
-from .schedule_utils import pairs_to_rows
+from .trainer import PreferenceRun, argument_parser, finetune_config, train, train_to_end
+from .trainer import build_run as build_preference_run
 
 __all__ = ["RewardObjective", "build_run", "main", "run", "train"]
 
@@ -64,8 +66,6 @@ class RewardObjective:
         pass  # no --load trains a fresh model of --model-name / --model-size
 
     def build_models(self, cfg: TrainConfig, source, load_dir: Path | None, train_iters: int):
-        from .roles import build_trained_reward_model
-
         return build_trained_reward_model(cfg, source, train_iters), None
 
     def load_weights(self, module, iter_dir: Path) -> str:
@@ -90,9 +90,7 @@ def run(cfg: TrainConfig | dict, skip_bad_lines: bool = False, quiet: bool = Fal
 
 
 def main(argv=None) -> int:
-    from ..errors import run_reporting_errors
-
-    args = argument_parser("python -m megatron_patch.rlhf.train_reward_model", __doc__).parse_args(argv)
+    args = argument_parser("python -m megatron_patch.rlhf.preference.train_reward_model", __doc__).parse_args(argv)
     return run_reporting_errors(lambda: run(config_from_args(args, "finetune"), args.skip_bad_lines) and None)
 
 

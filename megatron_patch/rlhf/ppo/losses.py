@@ -15,10 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state
 
-from .core_algos import compute_entropy_loss, compute_kl_loss, compute_policy_loss, compute_value_loss, masked_sum
+from ..algos.core_algos import (
+    compute_entropy_loss,
+    compute_kl_loss,
+    compute_policy_loss,
+    compute_value_loss,
+    masked_sum,
+)
+from ..algos.logprobs import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
+from ..schedule_utils import reduce_sums
 from .experience import gather_response
-from .logprobs import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
 
 ACTOR_REPORT = ("pg_loss", "entropy", "kl_loss", "ptx_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl")
 CRITIC_REPORT = ("vf_loss", "vf_clipfrac")
@@ -48,8 +56,6 @@ class LossSettings:
 
 
 def _tp_group():
-    from megatron.core import parallel_state
-
     return parallel_state.get_tensor_model_parallel_group()
 
 
@@ -106,8 +112,6 @@ def critic_loss(settings: LossSettings, microbatch: dict, output: torch.Tensor):
 def reduce_report(reduced: list[dict], key: str, names: tuple[str, ...], token_weighted: set[str]) -> dict:
     """Sum the reports over micro-batches and data-parallel ranks (shared with every pipeline stage); divide the
     token-weighted entries by the token count. Per-mini-batch losses are already normalised: summed as they are."""
-    from .schedule_utils import reduce_sums
-
     sums = reduce_sums(reduced, key, len(names) + 1)
     tokens = float(sums[-1].clamp(min=1))
     return {name: float(value) / (tokens if name in token_weighted else 1.0) for name, value in zip(names, sums)}

@@ -7,15 +7,15 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core import parallel_state
 
-from ..data.tokenizers import Tokenizer
-from ..generation import GenerationEngine
-from ..training.arguments import TrainConfig
-from ..training.checkpointing import TrainerState
-from ..training.logging import MetricsLogger
-from .core_algos import FixedKLController
+from ...data.tokenizers import Tokenizer
+from ...generation import GenerationEngine
+from ...training.arguments import TrainConfig
+from ...training.checkpointing import TrainerState
+from ...training.logging import MetricsLogger
+from ..algos.core_algos import FixedKLController
+from ..roles import Trained
+from .config import RLConfig
 from .rewards import Reward
-from .rl_config import RLConfig
-from .roles import Trained
 from .rollout_data import PromptDataset, PtxDataset
 
 RL_STATE = "rl_state.json"

@@ -1,22 +1,21 @@
-"""RLHF on the CPU in a few minutes: a tiny llama learns to reverse digit strings with PPO, GRPO or RLOO, shown on
-prompts it never saw.
+"""RLHF on the CPU in a few minutes: a tiny llama learns a digit task with PPO, GRPO or RLOO, shown on prompts it
+never saw.
 
-python -m megatron_patch.rlhf.demo [--algo ppo|grpo|rloo] [--task reverse|copy|increment] [--iters N] [--workdir DIR]
+python -m megatron_patch.rlhf.examples.demo [--algo ppo|grpo|rloo] [--task copy|reverse|increment] [--iters N] [--workdir DIR]
 
-The task (``rlhf.tasks``): the prompt is a 5-digit string in the SFT template; the answer is its reverse
-(``"30751"`` -> ``"15703"``). The prompts are distinct strings split once into SFT, RL and held-out sets (no
-held-out prompt is ever trained on), so a policy scores on the held-out prompts only by reversing; a constant
-answer scores about 0.
+The task (``rlhf.examples.tasks``): the prompt is a 4-digit string in the SFT template; the answer is a function of it
+(``copy`` by default: the string itself; ``reverse``, ``increment``). The prompts are distinct strings split once
+into SFT, RL and held-out sets (no held-out prompt is ever trained on), so a policy scores on the held-out prompts
+only by computing the answer; a constant answer scores about 0.
   1. a tiny llama (random init, the tokenizer trained on the shipped corpus) is converted to Megatron;
-  2. SFT warm-up with the toolkit's finetuning loop on answers that reverse only 30% of the time and copy the
-     prompt otherwise: the model learns the format and both behaviours, and greedy decoding copies (held-out exact
-     match near 0) while sampling reverses now and then;
+  2. an SFT warm-up with the toolkit's finetuning loop, stopped early (80 steps): the model has the format and part
+     of the task (held-out greedy exact match about 0.2 for ``copy``);
   3. RL with the ``digit_match`` reward (the share of the answer's digits in place; 1 only for the exact answer),
      the SFT model as the reference; held-out greedy answers are scored before the first iteration, every
      ``--eval-interval`` iterations and at the end.
 The last line is ``held-out exact_match <before> -> <after>, distinct <d>, kl <kl>``: the share of held-out prompts
 answered exactly before and after RL, the share of distinct held-out answers at the end (1.0: every prompt got its
-own answer; a collapsed policy has 1/128) and the KL to the reference in the last iteration.
+own answer; a policy collapsed onto one string has 1/128) and the KL to the reference in the last iteration.
 """
 
 from __future__ import annotations
@@ -26,21 +25,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..convert.hf_to_mcore import hf_to_mcore
-from ..models import get_family
-from ..models.tiny import make_hf_checkpoint
-from ..runtime import run_on_local_ranks
-from ..training.loop import run as run_training
-from .ppo import run as run_rl
+from ...convert.hf_to_mcore import hf_to_mcore
+from ...models import get_family
+from ...models.tiny import make_hf_checkpoint
+from ...runtime import run_on_local_ranks
+from ...training.loop import run as run_training
+from ..ppo.loop import run as run_rl
 from .tasks import task_names, write_digit_task
 
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 512}
-DIGITS = 5
-SEQ_LENGTH, NEW_TOKENS = 48, DIGITS + 2  # the SFT prompt template takes 35 tokens with 5 digits; answer + EOS + 1
-# The SFT answers are the task's this often (the distractor's otherwise): a weak prior RL has to find and
-# strengthen from the reward alone.
-HINT = 0.3
+DIGITS = 4
+SEQ_LENGTH, NEW_TOKENS = 48, DIGITS + 2  # the SFT prompt template takes 35 tokens with 4 digits; answer + EOS + 1
+SFT_ITERS = 80  # stopped early on purpose: the task half learned, for RL to finish from the reward alone
 
 
 def make_tiny_checkpoint(out: Path, seed: int = 0) -> str:
@@ -49,9 +46,9 @@ def make_tiny_checkpoint(out: Path, seed: int = 0) -> str:
     return str(out / "mcore")
 
 
-def sft_config(load: str, data: str, save: str, iters: int = 200) -> dict:
+def sft_config(load: str, data: str, save: str, iters: int = SFT_ITERS) -> dict:
     return dict(mode="finetune", load=load, train_data_path=data, save=save, seq_length=SEQ_LENGTH,
-                micro_batch_size=32, global_batch_size=32, train_iters=iters, lr=2e-3, lr_decay_style="constant",
+                micro_batch_size=32, global_batch_size=32, train_iters=iters, lr=5e-3, lr_decay_style="constant",
                 weight_decay=0.0, log_interval=50)
 
 
@@ -60,10 +57,10 @@ def rl_configs(algo: str, load: str, prompts: str, iters: int, save: str | None 
     """(training flags, RL flags) of the demo's RL stage."""
     group = algo != "ppo"
     cfg = dict(load=load, save=save, seq_length=SEQ_LENGTH, micro_batch_size=16, global_batch_size=8 if group else 32,
-               train_iters=iters, lr=2e-3, lr_decay_style="constant", weight_decay=0.0, log_interval=5)
+               train_iters=iters, lr=5e-4, lr_decay_style="constant", weight_decay=0.0, log_interval=5)
     rl = dict(algo=algo, prompt_data_path=prompts, eval_prompt_data_path=eval_prompts, reward="digit_match",
-              max_new_tokens=NEW_TOKENS, n_samples_per_prompt=4 if group else 1, ppo_mini_batches=2, ppo_epochs=1,
-              kl_coef=0.01, critic_lr=2e-3, lam=0.95, temperature=1.0)
+              max_new_tokens=NEW_TOKENS, n_samples_per_prompt=8 if group else 1, ppo_mini_batches=2, ppo_epochs=1,
+              kl_coef=0.01, critic_lr=5e-4, lam=0.95, temperature=0.7)
     rl.update(rl_over)
     return cfg, rl
 
@@ -85,19 +82,19 @@ def summary(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.examples.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algo", choices=("ppo", "grpo", "rloo"), default="grpo")
-    parser.add_argument("--task", choices=task_names(), default="reverse")
-    parser.add_argument("--iters", type=int, default=30, help="RL iterations (default: 30)")
-    parser.add_argument("--sft-iters", type=int, default=200, help="SFT warm-up steps (default: 200)")
+    parser.add_argument("--task", choices=task_names(), default="copy")
+    parser.add_argument("--iters", type=int, default=20, help="RL iterations (default: 20)")
+    parser.add_argument("--sft-iters", type=int, default=SFT_ITERS, help=f"SFT warm-up steps (default: {SFT_ITERS})")
     parser.add_argument("--eval-interval", type=int, default=10, help="held-out evaluation interval (default: 10)")
     parser.add_argument("--workdir", help="keep the data and checkpoints here; an SFT checkpoint already there is "
                                           "reused (default: a temporary directory)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        paths = write_digit_task(work / "data", args.task, DIGITS, hint=HINT)
+        paths = write_digit_task(work / "data", args.task, DIGITS)
         sft = work / f"sft-{args.task}"
         if not (sft / "latest_checkpointed_iteration.txt").is_file():
             base = make_tiny_checkpoint(work)

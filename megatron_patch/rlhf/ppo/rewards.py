@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError, DataError
-from ..registry import Registry
+from ...errors import ConfigError, DataError
+from ...registry import Registry
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,17 @@ from typing import ClassVar, Protocol
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
-from ..training.arguments import TrainConfig, add_config_arguments
-from .schedule_utils import find_resume_dir, reduce_sums, schedule_pass
+from ...checkpoint.megatron import find_iteration_dir
+from ...data.loader import MicroBatchIterator
+from ...data.preference import PreferenceDataset
+from ...runtime import init_distributed
+from ...training.arguments import TrainConfig, add_config_arguments
+from ...training.checkpointing import TrainerState, load_train_state, save_checkpoint
+from ...training.logging import MetricsLogger
+from ...training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
+from ..schedule_utils import find_resume_dir, reduce_sums, schedule_pass
 
 
 class PreferenceObjective(Protocol):
@@ -93,8 +101,6 @@ class PreferenceRun:
 
     @property
     def dp(self) -> int:
-        from megatron.core import parallel_state
-
         return parallel_state.get_data_parallel_world_size()
 
 
@@ -127,10 +133,6 @@ def evaluate(run: PreferenceRun) -> dict[str, float] | None:
     """The held-out report over the whole micro-batches the validation file fills; None without validation data."""
     if run.valid_data is None:
         return None
-    from megatron.core import parallel_state
-
-    from ..data.loader import MicroBatchIterator
-
     num = max(1, len(run.valid_data) // (run.cfg.micro_batch_size * run.dp))
     iterator = MicroBatchIterator(run.valid_data, run.cfg.micro_batch_size, run.dp,
                                   parallel_state.get_data_parallel_rank())
@@ -175,8 +177,6 @@ def log_eval(run: PreferenceRun, iteration: int, report: dict[str, float] | None
 
 
 def checkpoint(run: PreferenceRun) -> None:
-    from ..training.checkpointing import save_checkpoint
-
     path = save_checkpoint(run.cfg.save, run.state.iteration, run.model, run.optimizer, run.scheduler, run.state,
                            run.source, run.cfg, after_model_save=run.objective.after_model_save)
     run.logger.print(f"saved {run.objective.saved_words} of iteration {run.state.iteration} to {path}")
@@ -186,10 +186,6 @@ def checkpoint(run: PreferenceRun) -> None:
 
 
 def train(run: PreferenceRun) -> PreferenceRun:
-    from megatron.core import parallel_state
-
-    from ..data.loader import MicroBatchIterator
-
     cfg = run.cfg
     num_microbatches = cfg.global_batch_size // (cfg.micro_batch_size * run.dp)
     iterator = MicroBatchIterator(run.train_data, cfg.micro_batch_size, run.dp,
@@ -222,13 +218,6 @@ def train(run: PreferenceRun) -> PreferenceRun:
 def build_run(cfg: TrainConfig, objective: PreferenceObjective, skip_bad_lines: bool = False,
               quiet: bool = False) -> PreferenceRun:
     """Validate, read the data, initialise distributed state, build the objective's models, resume or load. Collective."""
-    from ..checkpoint.megatron import find_iteration_dir
-    from ..data.preference import PreferenceDataset
-    from ..runtime import init_distributed
-    from ..training.checkpointing import TrainerState, load_train_state
-    from ..training.logging import MetricsLogger
-    from ..training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
-
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     objective.check(cfg)
     check_precision_support(cfg)

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.jsonl import in_file, json_object, numbered_lines, string_field
-from ..errors import BadLineError, DataError
-from ..runtime.device import HOST
+from ...data.jsonl import in_file, json_object, numbered_lines, string_field
+from ...errors import BadLineError, DataError
+from ...runtime.device import HOST
 
 
 def _jsonl_records(path: str | Path, key: str, what: str) -> list[tuple[int, str, dict]]:

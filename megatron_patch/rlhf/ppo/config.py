@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
-from ..errors import ConfigError
-from ..training.arguments import _base_type, config_from_dict
-from .core_algos import LOSS_AGG_MODES, adv_estimator_names, kl_estimator_names
+from ...errors import ConfigError
+from ...training.arguments import _base_type, config_from_dict
+from ..algos.core_algos import LOSS_AGG_MODES, adv_estimator_names, kl_estimator_names
 
 # --algo is a preset: it picks the defaults of the knobs below (verl-style names), each of which can be set alone.
 ALGOS = ("ppo", "grpo", "rloo")

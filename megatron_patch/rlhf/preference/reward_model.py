@@ -18,10 +18,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-from ..checkpoint.megatron_lm_args import load_model_state
-from ..errors import CheckpointError
-from ..runtime.device import HOST
+from ...checkpoint.megatron import read_meta
+from ...checkpoint.megatron_lm_args import load_model_state
+from ...errors import CheckpointError
+from ...models.builder import build_model
+from ...runtime.device import HOST
 
 REWARD_MARKER = "reward_model.json"
 HEAD_PREFIX = "output_layer."
@@ -44,16 +47,12 @@ class RewardOutputLayer(torch.nn.Module):
 
     def forward(self, hidden_states, weight=None, runtime_gather_output=None):
         if self.sequence_parallel:  # the head needs every position; the LM output layer would gather too
-            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
             hidden_states = gather_from_sequence_parallel_region(hidden_states)
         return torch.nn.functional.linear(hidden_states, self.weight), None
 
 
 def build_reward_model(arch, padded_vocab_size: int, config, transformer_impl: str = "local", seed: int = 0):
     """One pipeline stage of a reward model over ``arch`` (a GPTModel; the last stage ends in the scalar head)."""
-    from ..models.builder import build_model
-
     # Untied: the last stage must not hold (or all-reduce with the first stage) a copy of the embedding.
     model = build_model(replace(arch, tie_word_embeddings=False), padded_vocab_size, config=config,
                         transformer_impl=transformer_impl)
@@ -78,9 +77,6 @@ def load_reward_model_weights(model, iter_dir: str | Path) -> bool:
     freshly initialised head: the only keys allowed to be missing are the head's (an explicit allow-list, not
     a load that ignores mismatches).
     """
-
-    from ..checkpoint.megatron import read_meta
-
     iter_dir = Path(iter_dir)
     meta = read_meta(iter_dir)
     if meta["format"] != "torch_dist":

@@ -13,7 +13,10 @@ import json
 import random
 from pathlib import Path
 
-from ..models.tiny import CORPUS
+from ...data.tokenizers import load_tokenizer
+from ...generation import GenerationEngine, SamplingParams, load_model
+from ...models.tiny import CORPUS
+from ...runtime import init_distributed
 
 
 def corpus_sentences(corpus: str | Path = CORPUS, min_words: int = 6) -> list[list[str]]:
@@ -70,10 +73,6 @@ def greedy_continuation_accuracy(checkpoints: list[str], pairs_path: str | Path,
     Returns:
         One ``{"token_accuracy", "first_token_accuracy", "prompts"}`` per checkpoint, in order.
     """
-    from ..data.tokenizers import load_tokenizer
-    from ..generation import GenerationEngine, SamplingParams, load_model
-    from ..runtime import init_distributed
-
     records = [json.loads(line) for line in Path(pairs_path).read_text(encoding="utf-8").splitlines() if line]
     records = records[:limit]
     init_distributed(1, 1)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..registry import Registry
+from ...registry import Registry
 
 Tensor = torch.Tensor
 
