@@ -8,6 +8,7 @@ Storage only: nothing here knows model families (``models.Checkpoint`` turns the
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -191,12 +192,16 @@ def load_legacy_rank(iter_dir: Path, tp_rank: int, pp_rank: int, pp: int, ep_ran
 
 def _args_globals_if_named(path: Path) -> tuple:
     """``megatron_lm_args_globals()`` for a file whose pickle names globals beyond plain data (Megatron-LM's, with
-    its ``args``), nothing for one that names none (ours): building the list imports megatron-core, 3.6 s of a 13 s
-    export of 5 GB. The scan reads the pickle's opcodes only (torch >= 2.5; older torch always gets the list)."""
+    its ``args``), nothing for one that names none, the namespace alone for one whose args hold plain values (ours):
+    building the list imports megatron-core, 3.6 s of a 13 s export of 5 GB. The scan reads the pickle's opcodes only (torch >= 2.5; older torch always gets the list)."""
     scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
     try:
-        if scan is not None and not scan(path):
-            return ()
+        if scan is not None:
+            named = set(scan(path))
+            if not named:
+                return ()
+            if named == {"argparse.Namespace"}:  # ours (megatron_lm_args: plain values only), no megatron-core
+                return (argparse.Namespace,)
     except Exception:  # noqa: BLE001  a damaged file: the weights-only load reports it
         pass
     return tuple(megatron_lm_args_globals())

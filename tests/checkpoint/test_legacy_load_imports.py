@@ -46,5 +46,16 @@ def test_our_legacy_file_loads_without_importing_megatron_core(tmp_path):
 def test_a_megatron_lm_file_with_args_gets_the_allow_list(tmp_path):
     import argparse
 
-    write_rank(tmp_path / "release", args=argparse.Namespace(num_layers=2))
+    from megatron.core.transformer.enums import AttnBackend
+
+    # Megatron-LM's args hold megatron-core enums (--attention-backend): the allow-list is built for them.
+    write_rank(tmp_path / "release", args=argparse.Namespace(num_layers=2, attention_backend=AttnBackend.auto))
     assert load_in_fresh_process(tmp_path / "release") == "['embedding.word_embeddings.weight'] True"
+
+
+def test_args_of_plain_values_need_no_megatron_core(tmp_path):
+    """hf2mcore's legacy files carry Megatron-LM's args of plain values: the namespace alone is allowed."""
+    import argparse
+
+    write_rank(tmp_path / "release", args=argparse.Namespace(num_layers=2))
+    assert load_in_fresh_process(tmp_path / "release") == "['embedding.word_embeddings.weight'] False"
