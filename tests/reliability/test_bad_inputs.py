@@ -4,6 +4,7 @@ the error line); the outcomes are tallied in ``conftest.TALLY``."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -31,10 +32,16 @@ def sources(make_hf, tmp_path_factory):
 
 # --- damage -------------------------------------------------------------------------------------------------------
 
+def load_rank_file(path: Path) -> dict:
+    """A rank file as written: Megatron-LM's ``args`` namespace beside the model (plain values only)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, weights_only=True)
+
+
 def edit_rank(name, tensor, tp_rank=0):
     def damage(ckpt: Path):
         path = ckpt / "release" / f"mp_rank_{tp_rank:02d}" / "model_optim_rng.pt"
-        payload = torch.load(path, weights_only=True)
+        payload = load_rank_file(path)
         payload["model"][name] = tensor(payload["model"].get(name))
         torch.save(payload, path)
     return damage
@@ -147,7 +154,7 @@ CASES[2] = ("legacy-missing-tensor", "legacy", lambda c: drop_rank_tensor(c, LEG
 
 def drop_rank_tensor(ckpt: Path, name: str):
     path = ckpt / "release" / "mp_rank_01" / "model_optim_rng.pt"
-    payload = torch.load(path, weights_only=True)
+    payload = load_rank_file(path)
     del payload["model"][name]
     torch.save(payload, path)
 
