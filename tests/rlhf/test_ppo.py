@@ -217,3 +217,15 @@ def test_held_out_evaluation_before_during_and_after(ws, tmp_path):
     before = run_on_local_ranks(workers.greedy_digit_match_worker, 1, ws["ckpt"], held_out, 6)[0]
     assert result["evals"][0][1]["eval/reward"] == pytest.approx(before, abs=1e-6)
     assert list((tmp_path / "tb").iterdir()), "no TensorBoard events written"
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_first_update_is_on_policy(ws, algo):
+    """One epoch, one mini-batch: the actor's first update must see ratio == 1 (the old log-probs of the experience
+    pass equal the training forward's on the same tokens, positions and mask), so no token is clipped and the
+    approximate KL to the rollout policy is 0. A shift between logits and labels, dropout, or different padding
+    between the two passes breaks this."""
+    cfg, rl = _configs(ws, algo, ppo_mini_batches=1, ppo_epochs=1, temperature=0.7)
+    (_, metrics), = _run(1, cfg, rl)[0]["history"]
+    assert metrics["actor/ppo_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["actor/pg_clipfrac"] == 0.0
