@@ -26,6 +26,11 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _amount(value: float) -> str:
+    """A count as an integer, a fractional amount (MB of input) with one decimal."""
+    return f"{value:.1f}" if isinstance(value, float) else f"{value}"
+
+
 class LineProgress:
     """tqdm's ``update`` / ``set_postfix`` / ``close`` as whole lines for non-terminal output."""
 
@@ -49,7 +54,7 @@ class LineProgress:
     def line(self, now: float | None = None) -> str:
         elapsed = (time.monotonic() if now is None else now) - self._start
         rate = self.n / elapsed if elapsed > 0 else 0.0
-        done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        done = f"{_amount(self.n)}/{_amount(self.total)}" if self.total else _amount(self.n)
         parts = [f"{self.desc}: {done} {self.unit}" + (f" ({100 * self.n / self.total:.0f}%)" if self.total else "")]
         parts.append(f"{rate:.1f} {self.unit}/s")
         parts.append(f"elapsed {_clock(elapsed)}")
