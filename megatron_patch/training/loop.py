@@ -332,7 +332,7 @@ def run(cfg: TrainConfig | dict, quiet: bool = False) -> list[tuple[int, float]]
             trainer = build_trainer(cfg, quiet=quiet)
             trainer.signals = signals
             return train(trainer)
-        except BaseException:
+        except (KeyboardInterrupt, Exception):  # SystemExit and GeneratorExit pass through untouched
             if not signals.interrupted:
                 raise
             # Whatever Ctrl-C interrupted (a collective whose peer already stopped included): one line, no traceback.
