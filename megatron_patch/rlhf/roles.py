@@ -15,7 +15,7 @@ reward-model trainer trains a stage built as the critic is (``build_trained_rewa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -32,17 +32,8 @@ from ..training.setup import (
     resolve_model_source,
     wrap_in_ddp,
 )
+from ..training.step import TrainedModel
 from .preference.reward_model import build_reward_model, load_reward_model_weights
-
-
-@dataclass
-class Trained:
-    """A trained role: DDP model, optimizer, LR scheduler, and what it was built from (for its checkpoints)."""
-
-    model: object
-    optimizer: object
-    scheduler: object
-    source: object
 
 
 def check_vocabularies(actor_spec, others: dict[str, Path]) -> None:
@@ -54,20 +45,20 @@ def check_vocabularies(actor_spec, others: dict[str, Path]) -> None:
                                   f"{actor_spec.vocab_size}: RLHF needs one tokenizer for every model")
 
 
-def _with_optimizer(cfg: TrainConfig, source, config, model, optimizer_steps: int) -> Trained:
+def _with_optimizer(cfg: TrainConfig, source, config, model, optimizer_steps: int) -> TrainedModel:
     """``model`` (in DDP) with its optimizer and LR schedule, both handed to the pipeline schedule via ``config``."""
     optimizer = build_optimizer(cfg, model)
     attach_schedule_hooks(config, model, optimizer)
-    return Trained(model, optimizer, build_scheduler(cfg, optimizer, optimizer_steps), source)
+    return TrainedModel(model, optimizer, build_scheduler(cfg, optimizer, optimizer_steps), source)
 
 
-def build_actor(cfg: TrainConfig, source, optimizer_steps: int) -> Trained:
+def build_actor(cfg: TrainConfig, source, optimizer_steps: int) -> TrainedModel:
     """A GPTModel stage in DDP with its optimizer; weights loaded by the caller. Also DPO's policy."""
     config = build_transformer_config(cfg, source)
     return _with_optimizer(cfg, source, config, build_ddp_model(cfg, source, config), optimizer_steps)
 
 
-def build_trained_reward_model(cfg: TrainConfig, source, optimizer_steps: int) -> Trained:
+def build_trained_reward_model(cfg: TrainConfig, source, optimizer_steps: int) -> TrainedModel:
     """A reward-model stage (a fresh scalar head) in DDP with its optimizer; weights loaded by the caller. What the
     reward-model trainer trains, and PPO's critic."""
     config = build_transformer_config(cfg, source)
@@ -75,7 +66,7 @@ def build_trained_reward_model(cfg: TrainConfig, source, optimizer_steps: int) -
     return _with_optimizer(cfg, source, config, wrap_in_ddp(cfg, place_model(module), config), optimizer_steps)
 
 
-def build_critic(cfg: TrainConfig, source, lr: float, optimizer_steps: int) -> Trained:
+def build_critic(cfg: TrainConfig, source, lr: float, optimizer_steps: int) -> TrainedModel:
     """A reward-model-shaped stage (scalar head) in DDP, with an optimizer at ``lr``; weights loaded by the caller."""
     return build_trained_reward_model(replace(cfg, lr=lr, min_lr=min(cfg.min_lr, lr)), source, optimizer_steps)
 

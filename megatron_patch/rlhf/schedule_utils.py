@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..checkpoint.megatron import TRACKER, find_iteration_dir
 from ..runtime.device import local_device
@@ -22,15 +21,6 @@ def collective_device() -> torch.device:
 def pairs_to_rows(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     """``(k, 2, ...)`` items of ``PreferenceDataset`` -> ``(2k, ...)`` rows (``k`` chosen, then ``k`` rejected)."""
     return {key: value.transpose(0, 1).reshape(-1, *value.shape[2:]).to(device) for key, value in batch.items()}
-
-
-def schedule_pass(model, forward_step, data_iterator, num_microbatches: int, cfg, forward_only: bool) -> list:
-    """megatron-core's pipeline schedule over ``num_microbatches`` preference micro-batches of ``model`` (one stage);
-    a micro-batch of ``--micro-batch-size`` pairs is twice as many rows. Returns the last stage's loss reports."""
-    return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=data_iterator, model=[model], num_microbatches=num_microbatches,
-        seq_length=cfg.seq_length, micro_batch_size=2 * cfg.micro_batch_size, forward_only=forward_only,
-    )
 
 
 def reduce_sums(reduced: list[dict], key: str, size: int) -> torch.Tensor:

@@ -1,8 +1,7 @@
 """The training loop: build everything from a TrainConfig, then ``train_step`` until --train-iters.
 
-One step = megatron-core's pipeline schedule over the global batch's micro-batches (forward + backward, grads
-reduced by megatron-core DDP) -> optimizer step (grad clipping, fp16 loss scaling inside megatron-core's
-optimizer) -> scheduler step.
+One step is ``training.step.optimizer_step`` (the step PPO / GRPO and the preference trainers take too) over the
+global batch's micro-batches, with the LM loss below.
 """
 
 from __future__ import annotations
@@ -42,15 +41,13 @@ from .setup import (
     resolve_model_source,
 )
 from .signals import StopSignals, report_interrupted, terminated_line
+from .step import TrainedModel, optimizer_step, schedule_pass
 
 
 @dataclass
 class Trainer:
     cfg: TrainConfig
-    model: object
-    optimizer: object
-    scheduler: object
-    source: object
+    trained: TrainedModel
     state: TrainerState
     train_data: object
     valid_data: object | None
@@ -108,29 +105,11 @@ def reduce_loss(reduced: list[dict]) -> float:
     return float(pair[0] / pair[1].clamp(min=1.0))
 
 
-def run_schedule(t: Trainer, data_iterator, num_microbatches: int, forward_only: bool) -> float:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    reduced = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=data_iterator,
-        model=[t.model],
-        num_microbatches=num_microbatches,
-        seq_length=t.seq_length,
-        micro_batch_size=t.cfg.micro_batch_size,
-        forward_only=forward_only,
-    )
-    return reduce_loss(reduced)
-
-
 def train_step(t: Trainer, data_iterator) -> tuple[float, float | None, bool]:
-    t.model.zero_grad_buffer()
-    t.optimizer.zero_grad()
-    loss = run_schedule(t, data_iterator, t.num_microbatches, forward_only=False)
-    update_successful, grad_norm, _ = t.optimizer.step()
-    if update_successful:
-        t.scheduler.step(increment=t.cfg.global_batch_size)
-    return loss, grad_norm, not update_successful
+    """One optimizer step over the global batch: (its loss, grad norm, skipped)."""
+    result = optimizer_step(t.trained, forward_step, data_iterator, t.num_microbatches, t.seq_length,
+                            t.cfg.micro_batch_size, t.cfg.global_batch_size)
+    return reduce_loss(result.reports), result.grad_norm, result.skipped
 
 
 def evaluate(t: Trainer) -> float | None:
@@ -147,10 +126,11 @@ def evaluate(t: Trainer) -> float | None:
     else:
         num = t.cfg.eval_iters * t.num_microbatches
     iterator = MicroBatchIterator(t.valid_data, t.cfg.micro_batch_size, dp, parallel_state.get_data_parallel_rank())
-    t.model.eval()
-    with torch.no_grad():
-        loss = run_schedule(t, iterator, num, forward_only=True)
-    t.model.train()
+    model = t.trained.model
+    model.eval()
+    loss = reduce_loss(schedule_pass(model, forward_step, iterator, num, t.seq_length, t.cfg.micro_batch_size,
+                                     forward_only=True))
+    model.train()
     return loss
 
 
@@ -171,7 +151,7 @@ def train(t: Trainer) -> list[tuple[int, float]]:
     iterator = MicroBatchIterator(t.train_data, cfg.micro_batch_size, parallel_state.get_data_parallel_world_size(),
                                   parallel_state.get_data_parallel_rank(), t.state.consumed_train_samples)
     stop = t.train_iters if cfg.exit_interval is None else min(t.train_iters, cfg.exit_interval)
-    t.model.train()
+    t.trained.model.train()
     while t.state.iteration < stop:
         if t.expert_load is not None:
             t.expert_load.reset()  # count this step's routing only (not evaluation's)
@@ -179,14 +159,14 @@ def train(t: Trainer) -> list[tuple[int, float]]:
         t.state.iteration += 1
         t.state.consumed_train_samples += cfg.global_batch_size
         t.history.append((t.state.iteration, loss))
-        moe_losses = step_moe_losses(cfg, t.source.arch, t.num_microbatches, t.state.iteration)
+        moe_losses = step_moe_losses(cfg, t.trained.source.arch, t.num_microbatches, t.state.iteration)
         if t.expert_load is not None:
             spread = t.expert_load.spread()
             moe_losses[ExpertLoad.TAG] = max(spread.values())
             t.logger.expert_load(t.state.iteration, spread)
         t.moe_history.append(moe_losses)
-        scale = t.optimizer.get_loss_scale().item() if cfg.fp16 else None
-        t.logger.log_step(t.state.iteration, loss, t.optimizer.param_groups[0]["lr"],
+        scale = t.trained.optimizer.get_loss_scale().item() if cfg.fp16 else None
+        t.logger.log_step(t.state.iteration, loss, t.trained.optimizer.param_groups[0]["lr"],
                           None if grad_norm is None else float(grad_norm), skipped, scale,
                           consumed_samples=t.state.consumed_train_samples, extra_losses=moe_losses)
         if cfg.eval_interval and t.state.iteration % cfg.eval_interval == 0:
@@ -207,7 +187,9 @@ def train(t: Trainer) -> list[tuple[int, float]]:
 
 
 def checkpoint(t: Trainer) -> Path:
-    path = save_checkpoint(t.cfg.save, t.state.iteration, t.model, t.optimizer, t.scheduler, t.state, t.source, t.cfg)
+    trained = t.trained
+    path = save_checkpoint(t.cfg.save, t.state.iteration, trained.model, trained.optimizer, trained.scheduler, t.state,
+                           trained.source, t.cfg)
     t.last_saved = (t.state.iteration, str(t.cfg.save))
     t.logger.print(f"saved checkpoint of iteration {t.state.iteration} to {path}")
     return path
@@ -267,8 +249,8 @@ def build_trainer(cfg: TrainConfig, quiet: bool = False) -> Trainer:
     if cfg.save and dist.get_rank() == 0:
         cfg.write(cfg.save)
     expert_load = ExpertLoad(model, source.arch, local_device()) if source.arch.is_moe else None
-    trainer = Trainer(cfg, model, optimizer, scheduler, source, state, train_data, valid_data, train_iters,
-                      seq_length, logger, expert_load=expert_load)
+    trainer = Trainer(cfg, TrainedModel(model, optimizer, scheduler, source), state, train_data, valid_data,
+                      train_iters, seq_length, logger, expert_load=expert_load)
     if resume and cfg.save and Path(load_dir).parent == Path(cfg.save):
         trainer.last_saved = (state.iteration, str(cfg.save))
     return trainer

@@ -15,8 +15,8 @@ def train_on_gpu(cfg: dict) -> dict:
         history = train(trainer)
     finally:
         trainer.logger.close()
-    params = list(trainer.model.module.parameters())
-    optimizers = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    params = list(trainer.trained.model.module.parameters())
+    optimizers = getattr(trainer.trained.optimizer, "chained_optimizers", [trainer.trained.optimizer])
     states = [value for opt in optimizers for state in opt.optimizer.state.values() for value in state.values()
               if isinstance(value, torch.Tensor) and value.dim() > 0]  # Adam moments (not the 0-dim step)
     return {

@@ -81,7 +81,7 @@ def moe_train_job(cfg: dict):
     from megatron_patch.training.loop import build_trainer, train
 
     trainer = build_trainer(TrainConfig.from_dict(cfg), quiet=True)
-    local_experts = next(len(layer.mlp.experts.local_experts) for layer in trainer.model.module.decoder.layers
+    local_experts = next(len(layer.mlp.experts.local_experts) for layer in trainer.trained.model.module.decoder.layers
                          if hasattr(layer.mlp, "experts"))
     history = train(trainer)
     trainer.logger.close()

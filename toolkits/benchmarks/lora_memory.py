@@ -36,12 +36,12 @@ def measure(args) -> dict:
     trainer = build_trainer(cfg, quiet=True)
     train(trainer)
     trainer.logger.close()
-    module = trainer.model.module
-    optimizers = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    module = trainer.trained.model.module
+    optimizers = getattr(trainer.trained.optimizer, "chained_optimizers", [trainer.trained.optimizer])
     state_bytes = sum(t.numel() * t.element_size() for opt in optimizers for state in opt.optimizer.state.values()
                       for t in state.values() if isinstance(t, torch.Tensor))
     grad_bytes = sum(buffer.grad_data.numel() * buffer.grad_data.element_size()
-                     for buffer in trainer.model.buffers + trainer.model.expert_parallel_buffers)
+                     for buffer in trainer.trained.model.buffers + trainer.trained.model.expert_parallel_buffers)
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated()
     else:

@@ -197,6 +197,7 @@ def measure_toolkit(shape: Shape, args, device) -> dict:
         build_scheduler,
         build_transformer_config,
     )
+    from megatron_patch.training.step import TrainedModel
 
     spec = ModelSpec.from_hf_config(hf_config(shape), tp=1, family="llama", make_vocab_size_divisible_by=128)
     iters = args.warmup + args.steps
@@ -216,8 +217,8 @@ def measure_toolkit(shape: Shape, args, device) -> dict:
     config.grad_scale_func = optimizer.scale_loss
     scheduler = build_scheduler(cfg, optimizer, iters)
     logger = MetricsLogger(1, None, 0, quiet=True)
-    trainer = Trainer(cfg, model, optimizer, scheduler, source, TrainerState(), None, None, iters, shape.seq_length,
-                      logger)
+    trainer = Trainer(cfg, TrainedModel(model, optimizer, scheduler, source), TrainerState(), None, None, iters,
+                      shape.seq_length, logger)
     positions = torch.arange(shape.seq_length, device=device).unsqueeze(0).expand(shape.micro_batch_size, -1)
     loss_mask = torch.ones(shape.micro_batch_size, shape.seq_length, device=device)
     samples = [{"tokens": s[:, :-1], "labels": s[:, 1:], "loss_mask": loss_mask, "position_ids": positions}

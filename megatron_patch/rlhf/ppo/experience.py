@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ...runtime.device import HOST, local_device
+from ...training.step import schedule_pass
 
 ROW_KEYS = ("tokens", "position_ids", "labels", "starts", "last_index", "response_mask")
 
@@ -92,12 +92,8 @@ def forward_only(model, microbatches: list[dict], seq_length: int,
 
         return output, collect
 
-    with torch.no_grad():
-        collected = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
-            num_microbatches=len(microbatches), seq_length=seq_length,
-            micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=True,
-        )
+    collected = schedule_pass(model, forward_step, iter(microbatches), len(microbatches), seq_length,
+                              microbatches[0]["tokens"].shape[0], forward_only=True)
     rows = sum(m["tokens"].shape[0] for m in microbatches)
     result = torch.cat([c["result"] for c in collected]) if parallel_state.is_pipeline_last_stage() else None
     return _broadcast_from_last_stage(result, (rows, width))

@@ -41,13 +41,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ...errors import run_reporting_errors
 from ...generation import SamplingParams
 from ...runtime.device import HOST, local_device
 from ...training.arguments import TrainConfig, add_config_arguments, config_from_args
 from ...training.checkpointing import save_checkpoint
+from ...training.step import TrainedModel, optimizer_step
 from ..algos import core_algos
 from ..preference.reward_model import sequence_rewards, write_reward_marker
 from .config import RLConfig, add_rl_arguments, rl_config_from_args
@@ -211,19 +211,12 @@ def _forward_step(loss_func, data_iterator, model):
     return output, partial(loss_func, microbatch)
 
 
-def _train_step(trained, microbatches: list[dict], loss_func, seq_length: int, increment: int) -> list[dict]:
-    """Forward + backward over the mini-batch's micro-batches, then one optimizer and scheduler step."""
-    trained.model.zero_grad_buffer()
-    trained.optimizer.zero_grad()
-    reduced = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_func), data_iterator=iter(microbatches),
-        model=[trained.model], num_microbatches=len(microbatches), seq_length=seq_length,
-        micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=False,
-    )
-    update_successful, _, _ = trained.optimizer.step()
-    if update_successful:
-        trained.scheduler.step(increment=increment)
-    return reduced
+def _train_step(trained: TrainedModel, microbatches: list[dict], loss_func, cfg: TrainConfig) -> list[dict]:
+    """``training.step.optimizer_step`` over a mini-batch's micro-batches; the scheduler counts each optimizer step
+    as ``--global-batch-size`` samples (``setup.build_run`` sized the schedule so)."""
+    result = optimizer_step(trained, partial(_forward_step, loss_func), iter(microbatches), len(microbatches),
+                            cfg.seq_length, microbatches[0]["tokens"].shape[0], cfg.global_batch_size)
+    return result.reports
 
 
 def ptx_position(step: int, dp: int, dp_rank: int, rows_per_rank: int) -> int:
@@ -269,12 +262,10 @@ def train_on_experience(run: RLRun, batch: dict) -> dict[str, float]:
             if run.ptx is not None:
                 run_step = run.state.iteration * rl.ppo_epochs * rl.ppo_mini_batches + step
                 actor_batches = _with_ptx(run, microbatches, run_step)
-            reduced = _train_step(run.actor, actor_batches, partial(actor_loss, settings), cfg.seq_length,
-                                  cfg.global_batch_size)
+            reduced = _train_step(run.actor, actor_batches, partial(actor_loss, settings), cfg)
             actor_reports.append(reduce_report(reduced, "actor", ACTOR_REPORT, TOKEN_WEIGHTED))
             if run.critic is not None:
-                reduced = _train_step(run.critic, microbatches, partial(critic_loss, settings),
-                                      cfg.seq_length, cfg.global_batch_size)
+                reduced = _train_step(run.critic, microbatches, partial(critic_loss, settings), cfg)
                 critic_reports.append(reduce_report(reduced, "critic", CRITIC_REPORT, TOKEN_WEIGHTED))
             step += 1
     metrics = {f"actor/{k}": sum(r[k] for r in actor_reports) / len(actor_reports) for k in ACTOR_REPORT}

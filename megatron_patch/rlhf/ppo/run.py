@@ -12,8 +12,8 @@ from ...generation import GenerationEngine
 from ...training.arguments import TrainConfig
 from ...training.checkpointing import TrainerState
 from ...training.logging import MetricsLogger
+from ...training.step import TrainedModel
 from ..algos.core_algos import FixedKLController
-from ..roles import Trained
 from .config import RLConfig
 from .rewards import Reward
 from .rollout_data import PromptDataset, PtxDataset
@@ -38,8 +38,8 @@ class RLRun:
 
     cfg: TrainConfig
     rl: RLConfig
-    actor: Trained
-    critic: Trained | None
+    actor: TrainedModel
+    critic: TrainedModel | None
     reference: torch.nn.Module
     reward_model: torch.nn.Module | None
     reward: Reward | None

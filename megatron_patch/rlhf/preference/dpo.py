@@ -28,10 +28,11 @@ from megatron.core import parallel_state
 from ...errors import ConfigError, run_reporting_errors
 from ...models.checkpoint import Checkpoint
 from ...training.arguments import TrainConfig, config_from_args
+from ...training.step import schedule_pass
 from ..algos.core_algos import compute_dpo_loss, masked_sum
 from ..algos.logprobs import vocab_parallel_logprobs
 from ..roles import build_actor, build_reference
-from ..schedule_utils import pairs_to_rows, schedule_pass
+from ..schedule_utils import pairs_to_rows
 from .trainer import PreferenceRun, argument_parser, finetune_config, train, train_to_end
 from .trainer import build_run as build_preference_run
 
@@ -108,10 +109,10 @@ class DPOObjective:
     def schedule_inputs(self, run: PreferenceRun, microbatches: list[dict]):
         """The reference pass over ``microbatches`` (forward only, once per batch); the policy's forward step then
         reads each micro-batch with its reference log-probs."""
-        vocab_size = run.source.spec.vocab_size
-        with torch.no_grad():
-            reference_out = schedule_pass(run.frozen, partial(_reference_forward_step, vocab_size), iter(microbatches),
-                                          len(microbatches), run.cfg, forward_only=True)
+        vocab_size = run.trained.source.spec.vocab_size
+        reference_out = schedule_pass(run.frozen, partial(_reference_forward_step, vocab_size), iter(microbatches),
+                                      len(microbatches), run.cfg.seq_length, 2 * run.cfg.micro_batch_size,
+                                      forward_only=True)
         last_stage = parallel_state.is_pipeline_last_stage()
         reference_logps = [out["logps"] for out in reference_out] if last_stage else [None] * len(microbatches)
         return partial(_policy_forward_step, vocab_size, self.beta), iter(list(zip(microbatches, reference_logps)))

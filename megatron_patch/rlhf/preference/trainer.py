@@ -5,9 +5,9 @@ job with one line) -> initialise distributed state -> the objective builds its m
 megatron-core DDP with its optimizer and LR schedule, and a frozen stage if it reads one) -> resume from the last
 checkpoint under ``--save``, else load ``--load`` -> train.
 
-One step = this data-parallel rank's micro-batches of the global batch (``k`` pairs each, carried through the
-pipeline as ``2k`` rows: chosen, then rejected) -> the objective's schedule pass over them, forward and backward
-(megatron-core DDP reduces the gradients) -> optimizer step -> scheduler step. Each micro-batch's loss function
+One step (``training.step.optimizer_step``, the step every trainer takes) = this data-parallel rank's micro-batches
+of the global batch (``k`` pairs each, carried through the pipeline as ``2k`` rows: chosen, then rejected) through
+the objective's forward step, forward and backward -> optimizer step -> scheduler step. Each micro-batch's loss function
 reports sums over its pairs (``[metric sums..., pairs]`` under the objective's name), so the report averaged over
 micro-batches and data-parallel ranks is exact. Evaluation runs the same pass, forward only, over the whole
 micro-batches the validation file fills, every ``--eval-interval`` steps and at the end.
@@ -19,14 +19,12 @@ What an objective states is ``PreferenceObjective``; ``train_reward_model.Reward
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
@@ -38,7 +36,8 @@ from ...training.arguments import TrainConfig, add_config_arguments
 from ...training.checkpointing import TrainerState, load_train_state, save_checkpoint
 from ...training.logging import MetricsLogger
 from ...training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
-from ..schedule_utils import find_resume_dir, reduce_sums, schedule_pass
+from ...training.step import TrainedModel, optimizer_step, schedule_pass
+from ..schedule_utils import find_resume_dir, reduce_sums
 
 
 class PreferenceObjective(Protocol):
@@ -70,7 +69,7 @@ class PreferenceObjective(Protocol):
         """Refuse (one line) flags this objective cannot run with; after the generic validation, before any work."""
 
     def build_models(self, cfg: TrainConfig, source, load_dir: Path | None, train_iters: int):
-        """``(rlhf.roles.Trained, frozen stage or None)``; weights of the trained stage are loaded by the trainer."""
+        """``(training.step.TrainedModel, frozen stage or None)``; weights of the trained stage are loaded by the trainer."""
 
     def load_weights(self, module, iter_dir: Path) -> str:
         """Load the trained stage (its module inside DDP) from ``iter_dir``; returns what was loaded, for the log."""
@@ -86,10 +85,7 @@ class PreferenceObjective(Protocol):
 class PreferenceRun:
     cfg: TrainConfig
     objective: PreferenceObjective
-    model: object  # megatron-core DDP around the trained stage (the reward model, DPO's policy)
-    optimizer: object
-    scheduler: object
-    source: object  # training.setup.ModelSource: the model the run starts from (saved with every checkpoint)
+    trained: TrainedModel  # the trained stage (the reward model, DPO's policy) with its optimizer and schedule
     frozen: object | None  # the frozen stage the objective reads (DPO's reference), else None
     train_data: object
     valid_data: object | None
@@ -110,8 +106,12 @@ class PreferenceRun:
 def run_schedule(run: PreferenceRun, microbatches: list[dict], forward_only: bool) -> dict[str, float]:
     """The trained model's schedule pass over ``microbatches``; the report averaged over every pair, on every rank."""
     forward_step, data_iterator = run.objective.schedule_inputs(run, microbatches)
-    with torch.no_grad() if forward_only else contextlib.nullcontext():
-        reduced = schedule_pass(run.model, forward_step, data_iterator, len(microbatches), run.cfg, forward_only)
+    reduced = schedule_pass(run.trained.model, forward_step, data_iterator, len(microbatches), run.cfg.seq_length,
+                            2 * run.cfg.micro_batch_size, forward_only)
+    return _report(run, reduced)
+
+
+def _report(run: PreferenceRun, reduced: list) -> dict[str, float]:
     metrics = run.objective.metrics
     sums = reduce_sums(reduced, run.objective.name, len(metrics) + 1)
     pairs = float(sums[-1].clamp(min=1))
@@ -119,14 +119,12 @@ def run_schedule(run: PreferenceRun, microbatches: list[dict], forward_only: boo
 
 
 def train_step(run: PreferenceRun, microbatches: list[dict]):
-    """One optimizer step over the global batch; returns (report, grad norm or None)."""
-    run.model.zero_grad_buffer()
-    run.optimizer.zero_grad()
-    report = run_schedule(run, microbatches, forward_only=False)
-    update_successful, grad_norm, _ = run.optimizer.step()
-    if update_successful:
-        run.scheduler.step(increment=run.cfg.global_batch_size)
-    return report, grad_norm
+    """One optimizer step over the global batch (``training.step``; a micro-batch of ``k`` pairs is ``2k`` rows);
+    returns (report, grad norm or None)."""
+    forward_step, data_iterator = run.objective.schedule_inputs(run, microbatches)
+    result = optimizer_step(run.trained, forward_step, data_iterator, len(microbatches), run.cfg.seq_length,
+                            2 * run.cfg.micro_batch_size, run.cfg.global_batch_size)
+    return _report(run, result.reports), result.grad_norm
 
 
 def evaluate(run: PreferenceRun) -> dict[str, float] | None:
@@ -136,9 +134,9 @@ def evaluate(run: PreferenceRun) -> dict[str, float] | None:
     num = max(1, len(run.valid_data) // (run.cfg.micro_batch_size * run.dp))
     iterator = MicroBatchIterator(run.valid_data, run.cfg.micro_batch_size, run.dp,
                                   parallel_state.get_data_parallel_rank())
-    run.model.eval()
+    run.trained.model.eval()
     report = run_schedule(run, [next(iterator) for _ in range(num)], forward_only=True)
-    run.model.train()
+    run.trained.model.train()
     return report
 
 
@@ -158,7 +156,7 @@ def _write_scalars(run: PreferenceRun, split: str, iteration: int, report: dict[
 
 def log_train_step(run: PreferenceRun, iteration: int, report: dict[str, float], grad_norm) -> None:
     """TensorBoard every step (the metrics and the LR); a console line every --log-interval steps."""
-    lr = run.optimizer.param_groups[0]["lr"]
+    lr = run.trained.optimizer.param_groups[0]["lr"]
     _write_scalars(run, "train", iteration, report)
     if run.logger.writer is not None:
         run.logger.writer.add_scalar("train/learning_rate", lr, iteration)
@@ -177,8 +175,9 @@ def log_eval(run: PreferenceRun, iteration: int, report: dict[str, float] | None
 
 
 def checkpoint(run: PreferenceRun) -> None:
-    path = save_checkpoint(run.cfg.save, run.state.iteration, run.model, run.optimizer, run.scheduler, run.state,
-                           run.source, run.cfg, after_model_save=run.objective.after_model_save)
+    trained = run.trained
+    path = save_checkpoint(run.cfg.save, run.state.iteration, trained.model, trained.optimizer, trained.scheduler,
+                           run.state, trained.source, run.cfg, after_model_save=run.objective.after_model_save)
     run.logger.print(f"saved {run.objective.saved_words} of iteration {run.state.iteration} to {path}")
 
 
@@ -193,7 +192,7 @@ def train(run: PreferenceRun) -> PreferenceRun:
     stop = run.train_iters if cfg.exit_interval is None else min(run.train_iters, cfg.exit_interval)
     if run.objective.evaluates_first and run.state.iteration == 0:
         log_eval(run, 0, evaluate(run))
-    run.model.train()
+    run.trained.model.train()
     while run.state.iteration < stop:
         report, grad_norm = train_step(run, [next(iterator) for _ in range(num_microbatches)])
         run.state.iteration += 1
@@ -249,8 +248,7 @@ def build_run(cfg: TrainConfig, objective: PreferenceObjective, skip_bad_lines: 
         logger.print(objective.loaded_line.format(what=what, load_dir=load_dir))
     if cfg.save and dist.get_rank() == 0:
         cfg.write(cfg.save)
-    return PreferenceRun(cfg, objective, trained.model, trained.optimizer, trained.scheduler, source, frozen,
-                         train_data, valid_data, train_iters, logger, state)
+    return PreferenceRun(cfg, objective, trained, frozen, train_data, valid_data, train_iters, logger, state)
 
 
 def train_to_end(run: PreferenceRun) -> dict:
