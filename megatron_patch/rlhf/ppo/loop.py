@@ -50,6 +50,7 @@ from ...training.arguments import TrainConfig, add_config_arguments, config_from
 from ...training.checkpointing import save_checkpoint
 from ..algos import core_algos
 from ..preference.reward_model import sequence_rewards, write_reward_marker
+from ..roles import reference_stage
 from .config import RLConfig, add_rl_arguments, rl_config_from_args
 from .evaluation import evaluate, make_sample
 from .experience import build_rollout_batch, forward_only, gather_response, split_rows
@@ -154,8 +155,9 @@ def make_experience(run: RLRun, samples: list[Prompt], responses, group_ids) -> 
     width = rl.max_new_tokens
     batch["old_logprob"] = forward_only(run.actor.model, microbatches, cfg.seq_length,
                                         lambda mb, out: response_logprobs(mb, out, settings, False)[0], width)
-    batch["ref_logprob"] = forward_only(run.reference, microbatches, cfg.seq_length,
-                                        lambda mb, out: response_logprobs(mb, out, settings, False)[0], width)
+    with reference_stage(run.reference) as reference:  # with LoRA: the actor's stage, adapters off
+        batch["ref_logprob"] = forward_only(reference, microbatches, cfg.seq_length,
+                                            lambda mb, out: response_logprobs(mb, out, settings, False)[0], width)
     mask = batch["response_mask"]
     token_rewards = task_rewards(run, samples, responses, microbatches) * mask
     scores = token_rewards.sum(-1)

@@ -13,7 +13,7 @@ from ...training.arguments import TrainConfig
 from ...training.checkpointing import TrainerState
 from ...training.logging import MetricsLogger
 from ..algos.core_algos import FixedKLController
-from ..roles import Trained
+from ..roles import BaseOfActor, Trained
 from .config import RLConfig
 from .rewards import Reward
 from .rollout_data import PromptDataset, PtxDataset
@@ -27,7 +27,8 @@ class RLRun:
 
     Attributes:
         actor, critic: the trained roles (``critic`` only for ``--adv-estimator gae``).
-        reference, reward_model: frozen model stages (``reward_model`` None with a programmatic reward).
+        reference, reward_model: frozen model stages (``reward_model`` None with a programmatic reward); with
+            ``--lora-rank`` the reference is ``BaseOfActor`` (run it through ``roles.reference_stage``).
         reward: the programmatic reward (None with ``--reward-model``).
         prompts, eval_prompts, ptx: the rollout prompts, the held-out prompts (optional), the PTX text (optional).
         engine: the actor's generation engine (rollouts and held-out answers).
@@ -40,7 +41,7 @@ class RLRun:
     rl: RLConfig
     actor: Trained
     critic: Trained | None
-    reference: torch.nn.Module
+    reference: torch.nn.Module | BaseOfActor
     reward_model: torch.nn.Module | None
     reward: Reward | None
     tokenizer: Tokenizer
