@@ -168,3 +168,16 @@ def test_resumed_lora_runs_equal_uninterrupted(ws, tmp_path):
     worst = max(abs(got[k] - expected[k]) for (_, expected), (_, got) in zip(whole["history"], resumed) for k in keys)
     print(f"GRPO LoRA resumed at 1 vs uninterrupted: max difference of {', '.join(keys)}: {worst:.2e}")
     assert worst <= 1e-6
+
+
+@pytest.mark.slow
+def test_lora_dpo_tp2_and_pp2_equal_tp1(ws):
+    cfg = dict(load=ws["ckpt"], train_data_path=ws["train"], seq_length=32, micro_batch_size=4, global_batch_size=8,
+               train_iters=3, lr=2e-2, lr_decay_style="constant", weight_decay=0.0, **LORA)
+    one = run_on_local_ranks(workers.dpo_worker, 1, cfg, 0.1, env=STRICT)[0]["history"]
+    for over in ({"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}):
+        two = run_on_local_ranks(workers.dpo_worker, 2, {**cfg, **over}, 0.1, env=STRICT)[0]["history"]
+        worst = max(abs(a["loss"] - b["loss"]) for (_, a), (_, b) in zip(one, two, strict=True))
+        print(f"DPO LoRA {over} vs TP1: max loss difference {worst:.2e}")
+        assert worst <= 1e-5
+    assert one[-1][1]["loss"] < one[0][1]["loss"] - 0.01  # the adapters learn
