@@ -119,7 +119,8 @@ def test_grpo_with_lora(ws, tmp_path):
     assert np.abs(policy - base).max() > 1e-3  # the adapters trained
     merged = mcore_to_hf(tmp_path / "grpo" / "actor", tmp_path / "merged", merge_lora=True)
     exported = _hf_response_logprobs(_hf_model(merged), first["prompts"], first["responses"], 6, 1.0) * mask
-    print(f"GRPO LoRA: merged export vs trained actor: max abs log-prob difference {np.abs(exported - policy).max():.2e}")
+    print(f"GRPO LoRA: merged export vs trained actor: max abs log-prob difference "
+          f"{np.abs(exported - policy).max():.2e}")
     assert np.abs(exported - policy).max() <= 1e-4
     # An adapter checkpoint is no starting point for RLHF (its reference would be the bare base): refused up front.
     with pytest.raises(CheckpointError, match="holds LoRA adapters only .*merge them first"):

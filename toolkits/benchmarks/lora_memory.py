@@ -99,7 +99,8 @@ def measure(args) -> dict:
 
 def run_side(args, work: Path, rank: int) -> dict:
     cmd = [sys.executable, __file__, "--_side", "--load", str(work / "mcore"), "--data", str(work / DATA[args.trainer]),
-           "--trainer", args.trainer, "--lora-rank", str(rank), "--steps", str(args.steps), "--seq-length", str(args.seq_length),
+           "--trainer", args.trainer, "--lora-rank", str(rank), "--steps", str(args.steps),
+           "--seq-length", str(args.seq_length),
            "--micro-batch-size", str(args.micro_batch_size)] + (["--bf16"] if args.bf16 else [])
     env = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(args.port),
            "OMP_NUM_THREADS": "1"}

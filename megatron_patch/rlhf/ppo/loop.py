@@ -13,7 +13,8 @@ One iteration (every rank runs it; a data-parallel rank handles ``--global-batch
   1. rollout: the actor's GPTModel generates ``--n-samples-per-prompt`` responses per prompt with the KV-cache
      engine (temperature / top-p sampling, stop at EOS, at most ``--max-new-tokens``), at the training TP x PP;
   2. experience: forward-only passes through the pipeline schedule give the old log-probs (actor), the reference
-     log-probs, the values (critic, gae only) and the scores (reward model, or the programmatic reward);
+     log-probs (with ``--lora-rank``: the actor's stage with its adapters disabled, no second model), the values
+     (critic, gae only) and the scores (reward model, or the programmatic reward);
   3. advantages: the shaped rewards (minus ``kl_coef x KL`` per token with the KL in the reward) go through the
      estimator: GAE on the critic's values, or a group baseline (grpo, dr_grpo, rloo, reinforce_plus_plus_baseline)
      over the samples of one prompt, or REINFORCE++'s whitened returns;

@@ -10,8 +10,9 @@ One step:
   3. the policy runs forward and backward over the same micro-batches; each micro-batch's loss function receives
      its reference log-probs and returns ``compute_dpo_loss``; megatron-core DDP reduces the gradients.
 The reference has no optimizer and no gradient buffers. With ``--lora-rank`` the policy trains adapters only and the
-reference is the policy's own stage with its adapters disabled (``roles.BaseOfActor``): no second model. Log-probs come from the vocab-parallel logits
-(``rlhf.logprobs``) over the real vocabulary (padding rows excluded), so no rank gathers the vocabulary.
+reference is the policy's own stage with its adapters disabled (``roles.BaseOfActor``): no second model. Log-probs
+come from the vocab-parallel logits (``rlhf.logprobs``) over the real vocabulary (padding rows excluded), so no rank
+gathers the vocabulary.
 The held-out report is also taken before the first step. ``DPOObjective`` says all that; the loop, logs and
 checkpoints are ``rlhf.preference_trainer``'s.
 """
