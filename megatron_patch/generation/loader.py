@@ -64,7 +64,8 @@ def load_model(checkpoint: str | os.PathLike, precision: str = "fp32", allow_non
     spec.sharding(tp, pp)  # a one-line error when the model cannot be split so
     config = transformer_config(spec.arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 params_dtype=DTYPES[precision])
-    model = place_model(build_model(spec.arch, spec.padded_vocab_size, config=config, parallel_output=False))
+    model = place_model(build_model(spec.arch, spec.padded_vocab_size, config=config, parallel_output=False,
+                                    vocab_size=spec.vocab_size))
     ckpt.load_into(model, allow_non_finite)  # copied into the placed parameters
     mark_weights_loaded(model, str(ckpt.iter_dir))
     model.eval()

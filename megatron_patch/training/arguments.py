@@ -265,17 +265,7 @@ class TrainConfig:
             fail("pass --load (a converted checkpoint) or --model-name and --model-size")
         if self.load is None and self.tokenizer_model is None:
             fail("without --load, pass --tokenizer-model (the launch scripts: TOKENIZER_MODEL=<dir or .model>)")
-        if self.lora_rank:
-            self.lora_config()
-            if self.load is None:
-                fail("--lora-rank needs --load (the checkpoint whose frozen weights the adapters train on)")
-            if self.fp8_format:
-                fail("--lora-rank does not support --fp8-format (the adapters run on the local spec, without FP8)")
-            if self.transformer_impl != "local":
-                fail("--lora-rank needs --transformer-impl local (Transformer Engine's fused LayerNorm-linear hides "
-                     "the normalised input an adapter reads)")
-        elif self.lora_target_modules:
-            fail("--lora-target-modules needs --lora-rank")
+        self.check_lora()
         if self.save_interval is not None and self.save_interval < 1:
             fail(f"--save-interval must be >= 1 (got {self.save_interval})")
         if self.distributed_timeout_minutes <= 0:
@@ -288,6 +278,21 @@ class TrainConfig:
         if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
             fail("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive")
         return self
+
+    def check_lora(self) -> None:
+        """The --lora-* rules (also checked by trainers that skip ``validate``, e.g. PPO / GRPO)."""
+        if self.lora_rank:
+            self.lora_config()
+            if self.load is None:
+                raise ConfigError("--lora-rank needs --load (the checkpoint whose frozen weights the adapters train on)")
+            if self.fp8_format:
+                raise ConfigError("--lora-rank does not support --fp8-format (the adapters run on the local spec, "
+                                  "without FP8)")
+            if self.transformer_impl != "local":
+                raise ConfigError("--lora-rank needs --transformer-impl local (Transformer Engine's fused "
+                                  "LayerNorm-linear hides the normalised input an adapter reads)")
+        elif self.lora_target_modules:
+            raise ConfigError("--lora-target-modules needs --lora-rank")
 
     def lora_config(self):
         """The LoRAConfig of --lora-*, validated; None without --lora-rank."""

@@ -199,12 +199,17 @@ def has_train_state(iter_dir: Path) -> bool:
 
 
 def load_weights(model, iter_dir: Path) -> dict:
-    """Weights only (a converted checkpoint, or --finetune); strict: every parameter must be in the checkpoint.
+    """Weights only (a converted checkpoint, or --finetune) into ``model`` (megatron-core DDP); see
+    ``load_module_weights``."""
+    return load_module_weights(model.module, iter_dir)
+
+
+def load_module_weights(module, iter_dir: Path) -> dict:
+    """Weights only into a model stage; strict: every parameter must be in the checkpoint.
 
     With LoRA: the base weights from the full checkpoint (``iter_dir`` or the base an adapter checkpoint points to),
     then, from an adapter checkpoint, every adapter; a fresh adapter run keeps its initial adapters.
     """
-    module = model.module
     lora_meta = read_lora_meta(iter_dir)
     if lora_meta is not None and not has_lora(module):
         raise ConfigError(f"{iter_dir} holds LoRA adapters (rank {lora_meta['lora'].rank}) on {lora_meta['base']}: "

@@ -44,6 +44,8 @@ def test_training_flags_refused_before_work():
     TrainConfig(**base, lora_rank=4).validate()
     for extra, message in [
         (dict(lora_rank=4, transformer_impl="transformer_engine"), "--lora-rank needs --transformer-impl local"),
+        (dict(lora_rank=4, transformer_impl="transformer_engine", bf16=True, fp8_format="hybrid"),
+         "--lora-rank does not support --fp8-format"),
         (dict(lora_target_modules=["linear_qkv"]), "--lora-target-modules needs --lora-rank"),
         (dict(lora_rank=4, lora_target_modules=["mlp"]), "unknown mlp"),
         (dict(lora_rank=-1), "--lora-rank must be >= 0"),

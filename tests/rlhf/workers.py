@@ -142,3 +142,84 @@ def sft_worker(cfg: dict) -> list:
     from megatron_patch.training.loop import run
 
     return run(cfg, quiet=True)
+
+
+def _parameter_report(module, before: dict) -> dict:
+    """Which parameters of ``module`` are trainable and which changed since ``before`` (name -> tensor)."""
+    import torch
+
+    return {"trainable": sorted(n for n, p in module.named_parameters() if p.requires_grad),
+            "changed": sorted(n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n]))}
+
+
+def dpo_lora_worker(cfg: dict, beta: float) -> dict:
+    """DPO with LoRA (one rank): trains, saves; then, on the first training micro-batch, the reference's summed
+    response log-probs (the policy with adapters off, as the objective computes them) and the trained policy's, with
+    the rows they were computed on."""
+    import torch
+
+    from megatron_patch.data.loader import MicroBatchIterator
+    from megatron_patch.rlhf.preference.dpo import build_run, sequence_logps
+    from megatron_patch.rlhf.preference.trainer import train_to_end
+    from megatron_patch.rlhf.roles import BaseOfActor
+    from megatron_patch.rlhf.schedule_utils import pairs_to_rows
+    from megatron_patch.training.arguments import TrainConfig
+
+    run = build_run(TrainConfig.from_dict({"mode": "finetune", **cfg}), beta, quiet=True)
+    module = run.trained.model.module
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    out = train_to_end(run)
+    microbatch = next(MicroBatchIterator(run.train_data, run.cfg.micro_batch_size, 1, 0))
+    _, inputs = run.objective.schedule_inputs(run, [microbatch])
+    _, reference_logps = next(inputs)
+    rows = pairs_to_rows(microbatch, next(module.parameters()).device)
+    module.eval()
+    with torch.no_grad():
+        logits = module(rows["tokens"], rows["position_ids"], None)
+        policy_logps = sequence_logps(rows, run.trained.source.spec.vocab_size, logits)
+    return {**out, **_parameter_report(module, before), "shared_reference": isinstance(run.frozen, BaseOfActor),
+            "reference_logps": reference_logps.tolist(), "policy_logps": policy_logps.tolist(),
+            "rows": {key: rows[key].tolist() for key in ("tokens", "labels", "loss_mask")}}
+
+
+def rl_lora_worker(cfg: dict, rl: dict) -> dict:
+    """GRPO / PPO with LoRA (one rank): trains, saves; then, on the first iteration's rollout, the response log-probs
+    of the reference (the actor with adapters off, as the loop computes them) and of the trained actor."""
+    import torch
+
+    from megatron_patch.rlhf.ppo.config import RLConfig
+    from megatron_patch.rlhf.ppo.experience import build_rollout_batch, forward_only, split_rows
+    from megatron_patch.rlhf.ppo.loop import train
+    from megatron_patch.rlhf.ppo.losses import LossSettings, response_logprobs
+    from megatron_patch.rlhf.ppo.setup import build_run
+    from megatron_patch.rlhf.roles import BaseOfActor, reference_stage
+    from megatron_patch.training.arguments import TrainConfig
+
+    run = build_run(TrainConfig.from_dict({"mode": "finetune", **cfg}), RLConfig.from_dict(rl), quiet=True)
+    module = run.actor.model.module
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    try:
+        train(run)
+    finally:
+        run.logger.close()
+    first, width = run.first, run.rl.max_new_tokens
+    batch = build_rollout_batch(first["prompts"], first["responses"], run.cfg.seq_length, width, run.tokenizer.pad)
+    microbatches = split_rows(batch, run.cfg.micro_batch_size)
+    settings = LossSettings(run.vocab_size, width, run.rl.temperature, 0, None, 0, 0, 0, "token-mean", None, None, 1, 1)
+
+    def logprobs(model) -> list:
+        return forward_only(model, microbatches, run.cfg.seq_length,
+                            lambda mb, out: response_logprobs(mb, out, settings, False)[0], width).tolist()
+
+    was_training = module.training
+    with reference_stage(run.reference) as reference:
+        reference_logprob = logprobs(reference)
+    # the actor is left as it was: its mode, its adapters on
+    assert module.training == was_training
+    assert all(adapter.enabled for adapter in module.modules() if hasattr(adapter, "enabled"))
+    module.eval()
+    with torch.no_grad():
+        policy_logprob = logprobs(run.actor.model)
+    return {"history": run.history, "first": first, **_parameter_report(module, before),
+            "shared_reference": isinstance(run.reference, BaseOfActor), "reference_logprob": reference_logprob,
+            "policy_logprob": policy_logprob}

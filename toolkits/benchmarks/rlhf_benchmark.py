@@ -82,7 +82,7 @@ def ours_reward(cfg: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     run = build_run(TrainConfig.from_dict({"mode": "finetune", **cfg}), quiet=True)
     stamps, start_rss = [], _rss_mb()
-    _timed_optimizer(run.optimizer, stamps)
+    _timed_optimizer(run.trained.optimizer, stamps)
     train(run)
     return {**_step_times(stamps), "peak_mb": _rss_mb(), "rise_mb": _rss_mb() - start_rss}
 
@@ -96,7 +96,7 @@ def ours_dpo(cfg: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     run = build_run(TrainConfig.from_dict({"mode": "finetune", **cfg}), DPO_BETA, quiet=True)
     stamps, start_rss = [], _rss_mb()
-    _timed_optimizer(run.optimizer, stamps)
+    _timed_optimizer(run.trained.optimizer, stamps)
     train(run)
     return {**_step_times(stamps), "peak_mb": _rss_mb(), "rise_mb": _rss_mb() - start_rss}
 

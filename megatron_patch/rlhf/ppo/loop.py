@@ -13,7 +13,8 @@ One iteration (every rank runs it; a data-parallel rank handles ``--global-batch
   1. rollout: the actor's GPTModel generates ``--n-samples-per-prompt`` responses per prompt with the KV-cache
      engine (temperature / top-p sampling, stop at EOS, at most ``--max-new-tokens``), at the training TP x PP;
   2. experience: forward-only passes through the pipeline schedule give the old log-probs (actor), the reference
-     log-probs, the values (critic, gae only) and the scores (reward model, or the programmatic reward);
+     log-probs (with ``--lora-rank``: the actor's stage with its adapters disabled, no second model), the values
+     (critic, gae only) and the scores (reward model, or the programmatic reward);
   3. advantages: the shaped rewards (minus ``kl_coef x KL`` per token with the KL in the reward) go through the
      estimator: GAE on the critic's values, or a group baseline (grpo, dr_grpo, rloo, reinforce_plus_plus_baseline)
      over the samples of one prompt, or REINFORCE++'s whitened returns;
@@ -50,6 +51,7 @@ from ...training.checkpointing import save_checkpoint
 from ...training.step import TrainedModel, optimizer_step
 from ..algos import core_algos
 from ..preference.reward_model import sequence_rewards, write_reward_marker
+from ..roles import reference_stage
 from .config import RLConfig, add_rl_arguments, rl_config_from_args
 from .evaluation import evaluate, make_sample
 from .experience import build_rollout_batch, forward_only, gather_response, split_rows
@@ -154,8 +156,9 @@ def make_experience(run: RLRun, samples: list[Prompt], responses, group_ids) -> 
     width = rl.max_new_tokens
     batch["old_logprob"] = forward_only(run.actor.model, microbatches, cfg.seq_length,
                                         lambda mb, out: response_logprobs(mb, out, settings, False)[0], width)
-    batch["ref_logprob"] = forward_only(run.reference, microbatches, cfg.seq_length,
-                                        lambda mb, out: response_logprobs(mb, out, settings, False)[0], width)
+    with reference_stage(run.reference) as reference:  # with LoRA: the actor's stage, adapters off
+        batch["ref_logprob"] = forward_only(reference, microbatches, cfg.seq_length,
+                                            lambda mb, out: response_logprobs(mb, out, settings, False)[0], width)
     mask = batch["response_mask"]
     token_rewards = task_rewards(run, samples, responses, microbatches) * mask
     scores = token_rewards.sum(-1)

@@ -14,6 +14,7 @@ from ...training.checkpointing import TrainerState
 from ...training.logging import MetricsLogger
 from ...training.step import TrainedModel
 from ..algos.core_algos import FixedKLController
+from ..roles import BaseOfActor
 from .config import RLConfig
 from .rewards import Reward
 from .rollout_data import PromptDataset, PtxDataset
@@ -27,7 +28,8 @@ class RLRun:
 
     Attributes:
         actor, critic: the trained roles (``critic`` only for ``--adv-estimator gae``).
-        reference, reward_model: frozen model stages (``reward_model`` None with a programmatic reward).
+        reference, reward_model: frozen model stages (``reward_model`` None with a programmatic reward); with
+            ``--lora-rank`` the reference is ``BaseOfActor`` (run it through ``roles.reference_stage``).
         reward: the programmatic reward (None with ``--reward-model``).
         prompts, eval_prompts, ptx: the rollout prompts, the held-out prompts (optional), the PTX text (optional).
         engine: the actor's generation engine (rollouts and held-out answers).
@@ -40,7 +42,7 @@ class RLRun:
     rl: RLConfig
     actor: TrainedModel
     critic: TrainedModel | None
-    reference: torch.nn.Module
+    reference: torch.nn.Module | BaseOfActor
     reward_model: torch.nn.Module | None
     reward: Reward | None
     tokenizer: Tokenizer

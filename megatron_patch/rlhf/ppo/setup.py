@@ -16,15 +16,21 @@ from pathlib import Path
 from ...checkpoint.megatron import find_iteration_dir
 from ...errors import CheckpointError, ConfigError
 from ...generation import GenerationEngine, mark_weights_loaded
-from ...models.checkpoint import Checkpoint
 from ...runtime import init_distributed
 from ...training.arguments import TrainConfig
-from ...training.checkpointing import TrainerState, load_train_state
+from ...training.checkpointing import TrainerState, load_module_weights, load_train_state
 from ...training.logging import MetricsLogger
 from ...training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
 from ..algos.core_algos import build_kl_controller
 from ..preference.reward_model import is_reward_checkpoint, load_reward_model_weights
-from ..roles import build_actor, build_critic, build_frozen_reward_model, build_reference, check_vocabularies
+from ..roles import (
+    build_actor,
+    build_critic,
+    build_frozen_reward_model,
+    build_policy_reference,
+    check_full_weights,
+    check_vocabularies,
+)
 from ..schedule_utils import find_resume_dir
 from .config import RLConfig
 from .evaluation import make_sample
@@ -51,6 +57,7 @@ def _validate(cfg: TrainConfig, rl: RLConfig):
         raise ConfigError("--train-iters (RL iterations) is required")
     rl.validate(cfg.seq_length, cfg.global_batch_size, cfg.micro_batch_size, world // (tp * pp))
     rl = rl.resolved()
+    cfg.check_lora()
     check_precision_support(cfg)
     load_dir = find_iteration_dir(cfg.load)
     source = resolve_model_source(cfg, load_dir)
@@ -69,6 +76,7 @@ def _validate(cfg: TrainConfig, rl: RLConfig):
     if critic_dir is not None:
         others["--critic-load"] = critic_dir
     check_vocabularies(source.spec, others)
+    check_full_weights({"--load": load_dir, **{flag: d for flag, d in others.items() if flag != "--reward-model"}})
     tokenizer = load_model_tokenizer(cfg, source)
     reward = build_reward(rl.reward, tokenizer, rl.max_new_tokens) if rl.reward else None
     needs = reward.needs if reward is not None else ()
@@ -112,12 +120,12 @@ def build_run(cfg: TrainConfig, rl: RLConfig, quiet: bool = False) -> RLRun:
     if critic_dir is not None:
         critic_source = resolve_model_source(replace(cfg, model_size=None, model_name=None), critic_dir)
         critic = build_critic(sched_cfg, critic_source, rl.critic_lr, steps)
-    reference = build_reference(cfg, ref_dir)
+    reference = build_policy_reference(cfg, actor, ref_dir, load_dir)  # with LoRA: the actor's base, no new model
     reward_model = build_frozen_reward_model(cfg, rm_dir) if rm_dir is not None else None
     logger = MetricsLogger(cfg.log_interval, cfg.tensorboard_dir, 0, quiet)
     state = TrainerState()
     if actor_resume is not None:
-        Checkpoint.open(actor_resume).load_into(actor.model.module)
+        load_module_weights(actor.model.module, actor_resume)  # with LoRA: the base, then the saved adapters
         state = load_train_state(actor_resume, actor.model, actor.optimizer, actor.scheduler)
         kl_ctl.load_state_dict(json.loads((actor_resume / RL_STATE).read_text())["kl_coef"])
         if critic is not None:
@@ -125,7 +133,7 @@ def build_run(cfg: TrainConfig, rl: RLConfig, quiet: bool = False) -> RLRun:
             load_train_state(critic_resume, critic.model, critic.optimizer, critic.scheduler)
         logger.print(f"resumed at iteration {state.iteration} from {actor_resume.parent.parent}")
     else:
-        Checkpoint.open(load_dir).load_into(actor.model.module)
+        load_module_weights(actor.model.module, load_dir)
         actor.optimizer.reload_model_params()
         if critic is not None:
             with_head = load_reward_model_weights(critic.model.module, critic_dir)

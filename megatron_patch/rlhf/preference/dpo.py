@@ -9,8 +9,10 @@ One step:
      pair's summed response log-probs (``(k,)`` chosen, ``(k,)`` rejected per micro-batch): computed once per batch;
   3. the policy runs forward and backward over the same micro-batches; each micro-batch's loss function receives
      its reference log-probs and returns ``compute_dpo_loss``; megatron-core DDP reduces the gradients.
-The reference has no optimizer and no gradient buffers. Log-probs come from the vocab-parallel logits
-(``rlhf.logprobs``) over the real vocabulary (padding rows excluded), so no rank gathers the vocabulary.
+The reference has no optimizer and no gradient buffers. With ``--lora-rank`` the policy trains adapters only and the
+reference is the policy's own stage with its adapters disabled (``roles.BaseOfActor``): no second model. Log-probs
+come from the vocab-parallel logits (``rlhf.logprobs``) over the real vocabulary (padding rows excluded), so no rank
+gathers the vocabulary.
 The held-out report is also taken before the first step. ``DPOObjective`` says all that; the loop, logs and
 checkpoints are ``rlhf.preference_trainer``'s.
 """
@@ -25,13 +27,14 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
+from ...checkpoint.megatron import find_iteration_dir
 from ...errors import ConfigError, run_reporting_errors
-from ...models.checkpoint import Checkpoint
 from ...training.arguments import TrainConfig, config_from_args
+from ...training.checkpointing import load_module_weights
 from ...training.step import schedule_pass
 from ..algos.core_algos import compute_dpo_loss, masked_sum
 from ..algos.logprobs import vocab_parallel_logprobs
-from ..roles import build_actor, build_reference
+from ..roles import build_actor, build_policy_reference, check_full_weights, reference_stage
 from ..schedule_utils import pairs_to_rows
 from .trainer import PreferenceRun, argument_parser, finetune_config, train, train_to_end
 from .trainer import build_run as build_preference_run
@@ -98,21 +101,24 @@ class DPOObjective:
         if cfg.load is None:
             raise ConfigError("DPO needs --load: the SFT (or converted) checkpoint both the policy and the reference "
                               "start from")
+        check_full_weights({"--load": find_iteration_dir(cfg.load)})
 
     def build_models(self, cfg: TrainConfig, source, load_dir: Path | None, train_iters: int):
-        return build_actor(cfg, source, train_iters), build_reference(cfg, load_dir)
+        policy = build_actor(cfg, source, train_iters)
+        return policy, build_policy_reference(cfg, policy, load_dir, load_dir)
 
     def load_weights(self, module, iter_dir: Path) -> str:
-        Checkpoint.open(iter_dir).load_into(module)
+        load_module_weights(module, iter_dir)  # with LoRA: the base, then the adapters of an adapter checkpoint
         return "the policy"
 
     def schedule_inputs(self, run: PreferenceRun, microbatches: list[dict]):
         """The reference pass over ``microbatches`` (forward only, once per batch); the policy's forward step then
         reads each micro-batch with its reference log-probs."""
         vocab_size = run.trained.source.spec.vocab_size
-        reference_out = schedule_pass(run.frozen, partial(_reference_forward_step, vocab_size), iter(microbatches),
-                                      len(microbatches), run.cfg.seq_length, 2 * run.cfg.micro_batch_size,
-                                      forward_only=True)
+        with reference_stage(run.frozen) as reference:  # with LoRA: the policy, adapters off
+            reference_out = schedule_pass(reference, partial(_reference_forward_step, vocab_size), iter(microbatches),
+                                          len(microbatches), run.cfg.seq_length, 2 * run.cfg.micro_batch_size,
+                                          forward_only=True)
         last_stage = parallel_state.is_pipeline_last_stage()
         reference_logps = [out["logps"] for out in reference_out] if last_stage else [None] * len(microbatches)
         return partial(_policy_forward_step, vocab_size, self.beta), iter(list(zip(microbatches, reference_logps)))

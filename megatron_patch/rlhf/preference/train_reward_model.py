@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import run_reporting_errors
+from ...errors import ConfigError, run_reporting_errors
 from ...training.arguments import TrainConfig, config_from_args
 from ..algos.core_algos import compute_pairwise_reward_loss
 from ..roles import build_trained_reward_model
@@ -62,8 +62,10 @@ class RewardObjective:
     evaluates_first = False
     after_model_save = staticmethod(write_reward_marker)
 
-    def check(self, cfg: TrainConfig) -> None:
-        pass  # no --load trains a fresh model of --model-name / --model-size
+    def check(self, cfg: TrainConfig) -> None:  # no --load trains a fresh model of --model-name / --model-size
+        if cfg.lora_rank:
+            raise ConfigError("--lora-rank: the reward-model trainer trains every parameter (LoRA is wired for SFT, "
+                              "DPO and PPO / GRPO's actor)")
 
     def build_models(self, cfg: TrainConfig, source, load_dir: Path | None, train_iters: int):
         return build_trained_reward_model(cfg, source, train_iters), None
