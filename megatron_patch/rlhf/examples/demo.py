@@ -8,8 +8,9 @@ The task (``rlhf.examples.tasks``): the prompt is a 4-digit string in the SFT te
 into SFT, RL and held-out sets (no held-out prompt is ever trained on), so a policy scores on the held-out prompts
 only by computing the answer; a constant answer scores about 0.
   1. a tiny llama (random init, the tokenizer trained on the shipped corpus) is converted to Megatron;
-  2. an SFT warm-up with the toolkit's finetuning loop, stopped early (80 steps): the model has the format and part
-     of the task (held-out greedy exact match about 0.2 for ``copy``);
+  2. SFT with the toolkit's finetuning loop on mixed demonstrations: half the answers are the task's, half the lazy
+     ``"0000"`` (``--hint``, ``--distractor``). After 400 steps the model does both; greedily it answers most
+     held-out prompts with ``"0000"`` (``copy``: held-out exact match 0.23, distinct answers 0.24);
   3. RL with the ``digit_match`` reward (the share of the answer's digits in place; 1 only for the exact answer),
      the SFT model as the reference; held-out greedy answers are scored before the first iteration, every
      ``--eval-interval`` iterations and at the end.
@@ -31,13 +32,14 @@ from ...models.tiny import make_hf_checkpoint
 from ...runtime import run_on_local_ranks
 from ...training.loop import run as run_training
 from ..ppo.loop import run as run_rl
-from .tasks import task_names, write_digit_task
+from .tasks import DISTRACTORS, task_names, write_digit_task
 
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 512}
 DIGITS = 4
 SEQ_LENGTH, NEW_TOKENS = 48, DIGITS + 2  # the SFT prompt template takes 35 tokens with 4 digits; answer + EOS + 1
-SFT_ITERS = 80  # stopped early on purpose: the task half learned, for RL to finish from the reward alone
+SFT_ITERS = 400  # both behaviours of the mixed demonstrations learned (the task's and the distractor's)
+HINT, DISTRACTOR = 0.5, "constant"  # half the SFT answers are the task's, half "0000"
 
 
 def make_tiny_checkpoint(out: Path, seed: int = 0) -> str:
@@ -88,16 +90,24 @@ def main(argv=None) -> int:
     parser.add_argument("--task", choices=task_names(), default="copy")
     parser.add_argument("--iters", type=int, default=20, help="RL iterations (default: 20)")
     parser.add_argument("--sft-iters", type=int, default=SFT_ITERS, help=f"SFT warm-up steps (default: {SFT_ITERS})")
+    parser.add_argument("--hint", type=float, default=HINT,
+                        help=f"share of SFT answers that are the task's (default: {HINT})")
+    parser.add_argument("--distractor", choices=DISTRACTORS.names(), default=DISTRACTOR,
+                        help=f"what the other SFT answers are (default: {DISTRACTOR})")
     parser.add_argument("--eval-interval", type=int, default=10, help="held-out evaluation interval (default: 10)")
     parser.add_argument("--workdir", help="keep the data and checkpoints here; an SFT checkpoint already there is "
                                           "reused (default: a temporary directory)")
     args = parser.parse_args(argv)
+    if args.distractor == args.task:
+        parser.error("--distractor must differ from --task")
+    if not 0.0 < args.hint <= 1.0:
+        parser.error("--hint must be in (0, 1]")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        paths = write_digit_task(work / "data", args.task, DIGITS)
-        sft = work / f"sft-{args.task}"
+        paths = write_digit_task(work / "data", args.task, DIGITS, hint=args.hint, distractor=args.distractor)
+        sft = work / f"sft-{args.task}-{args.distractor}-{args.hint}"
         if not (sft / "latest_checkpointed_iteration.txt").is_file():
-            base = make_tiny_checkpoint(work)
+            base = str(work / "mcore") if (work / "mcore").is_dir() else make_tiny_checkpoint(work)
             run_on_local_ranks(_sft_worker, 1, sft_config(base, paths["sft"], str(sft), args.sft_iters))
         cfg, rl = rl_configs(args.algo, str(sft), paths["prompts"], args.iters, None, paths["eval"])
         cfg["eval_interval"] = args.eval_interval

@@ -6,11 +6,15 @@ A task maps a digit string (``"3075"``) to its answer (``copy``: ``"3075"``; ``r
 policy can only score on them by computing the answer. A constant answer matches at most the held-out prompts whose
 answer it happens to be (about ``10 ** -length`` of them).
 
-The SFT answers are the task's (``hint`` 1.0) or, with ``hint`` < 1, the task's only that often and a *distractor*
-(another prompt-dependent answer) otherwise. The tiny llama learns ``copy`` from clean answers in about 100 steps
-(held-out greedy exact match 0.20 after 80 steps, 0.97 after 100); mixtures and ``reverse`` take it far longer. The
-RL and held-out prompt files carry ``"answer"``, which the ``exact_match`` / ``digit_match`` rewards (``rlhf.ppo.rewards``)
-compare the response with.
+SFT data mixes behaviours the way real demonstrations do: a share ``hint`` of the SFT answers are the task's, the
+rest a *distractor*'s (``DISTRACTORS``): ``constant`` (``"0000"`` whatever the prompt: a lazy answer), or another
+task's answer. The demos use ``copy`` with the ``constant`` distractor at ``hint`` 0.5: after 400 SFT steps the tiny
+llama has learned both behaviours and, greedily, answers most held-out prompts with ``"0000"`` (held-out exact match
+0.23, distinct answers 0.24); RL with the task's reward has to make it compute the answer on prompts it never saw.
+With clean answers (``hint`` 1.0) SFT alone learns ``copy`` in about 100 steps, through a sharp transition
+(held-out greedy exact match 0 at step 70, 0.20 at 80, 0.97 at 100), and RL from the step-80 checkpoint does not
+speed it up (rlhf/README.md). The RL and held-out prompt files carry ``"answer"``, which the ``exact_match`` /
+``digit_match`` rewards (``rlhf.ppo.rewards``) compare the response with.
 """
 
 from __future__ import annotations
@@ -28,27 +32,26 @@ from ...registry import Registry
 
 @dataclass(frozen=True)
 class DigitTask:
-    """``answer(digits) -> str`` is what is rewarded; ``distractor(digits) -> str`` the SFT's other behaviour."""
+    """``answer(digits) -> str`` is what is rewarded."""
 
     name: str
     answer: Callable[[str], str]
-    distractor: Callable[[str], str]
-
-
-_TASKS: Registry[DigitTask] = Registry("task", ConfigError)
-
-
-def _register(task: DigitTask) -> None:
-    _TASKS.add(task.name, task)
 
 
 def _increment(digits: str) -> str:
     return "".join(str((int(d) + 1) % 10) for d in digits)
 
 
-_register(DigitTask("reverse", lambda s: s[::-1], lambda s: s))
-_register(DigitTask("copy", lambda s: s, lambda s: s[::-1]))
-_register(DigitTask("increment", _increment, lambda s: s))
+_TASKS: Registry[DigitTask] = Registry("task", ConfigError)
+for _task in (DigitTask("copy", lambda s: s), DigitTask("reverse", lambda s: s[::-1]),
+              DigitTask("increment", _increment)):
+    _TASKS.add(_task.name, _task)
+
+# What the SFT answers instead of the task's, a share ``1 - hint`` of the time.
+DISTRACTORS: Registry[Callable[[str], str]] = Registry("distractor", ConfigError)
+DISTRACTORS.add("constant", lambda s: "0" * len(s))
+for _task in _TASKS.values():
+    DISTRACTORS.add(_task.name, _task.answer)
 
 
 def get_task(name: str) -> DigitTask:
@@ -77,17 +80,21 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def write_digit_task(out: str | Path, task: str = "reverse", length: int = 5, n_sft: int = 2048,
-                     n_train: int = 2048, n_eval: int = 128, hint: float = 1.0, seed: int = 0) -> dict[str, str]:
-    """Write ``sft.jsonl`` (``instruction``/``output``), ``prompts.jsonl`` and ``eval.jsonl`` (``prompt``/``answer``,
-    the prompt in the SFT template) and ``ptx.jsonl`` (``text``: task prompts with their answers) under ``out``;
-    the SFT, RL and PTX prompts are disjoint from the held-out ones. Returns ``{name: path}``."""
-    spec = get_task(task)
+def write_digit_task(out: str | Path, task: str = "copy", length: int = 4, n_sft: int = 2048,
+                     n_train: int = 2048, n_eval: int = 128, hint: float = 1.0, distractor: str = "constant",
+                     seed: int = 0) -> dict[str, str]:
+    """Write ``sft.jsonl`` (``instruction``/``output``: the task's answer with probability ``hint``, else the
+    ``distractor``'s), ``prompts.jsonl`` and ``eval.jsonl`` (``prompt``/``answer``, the prompt in the SFT template)
+    and ``ptx.jsonl`` (``text``: task prompts with their answers) under ``out``; the SFT, RL and PTX prompts are
+    disjoint from the held-out ones. Returns ``{name: path}``."""
+    spec, other = get_task(task), DISTRACTORS.get(distractor)
+    if distractor == task:
+        raise ConfigError(f"the distractor must differ from the task ({task})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sets = split_prompts(length, {"eval": n_eval, "sft": n_sft, "train": n_train}, seed)
     rng = random.Random(seed + 1)
-    sft = [{"instruction": s, "output": spec.answer(s) if rng.random() < hint else spec.distractor(s)}
+    sft = [{"instruction": s, "output": spec.answer(s) if rng.random() < hint else other(s)}
            for s in sets["sft"]]
 
     def rl_rows(prompts: list[str]) -> list[dict]:
