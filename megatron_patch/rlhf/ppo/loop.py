@@ -343,7 +343,7 @@ def _log(run: RLRun, step: int, metrics: dict[str, float]) -> None:
     if run.logger.writer is not None:
         for key, value in metrics.items():
             run.logger.writer.add_scalar(key, value, step)
-    if step % run.cfg.log_interval == 0:
+    if run.logger.line_due(step):  # every --log-interval iterations, and at least every 30 s
         m = metrics
         critic = (f" | vf loss {m['critic/vf_loss']:.4f} | expl var {m['critic/explained_variance']:.3f}"
                   if "critic/vf_loss" in m else "")

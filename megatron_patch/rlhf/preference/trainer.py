@@ -157,12 +157,13 @@ def _write_scalars(run: PreferenceRun, split: str, iteration: int, report: dict[
 
 
 def log_train_step(run: PreferenceRun, iteration: int, report: dict[str, float], grad_norm) -> None:
-    """TensorBoard every step (the metrics and the LR); a console line every --log-interval steps."""
+    """TensorBoard every step (the metrics and the LR); a console line every --log-interval steps and at least every
+    30 s."""
     lr = run.optimizer.param_groups[0]["lr"]
     _write_scalars(run, "train", iteration, report)
     if run.logger.writer is not None:
         run.logger.writer.add_scalar("train/learning_rate", lr, iteration)
-    if iteration % run.cfg.log_interval == 0:
+    if run.logger.line_due(iteration):
         norm = "-" if grad_norm is None else f"{float(grad_norm):.4f}"
         run.logger.print(f"iteration {iteration:6d} | {_metrics_text(run.objective, report)} | lr {lr:.3e} | "
                          f"grad norm {norm}")
