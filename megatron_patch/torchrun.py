@@ -30,7 +30,8 @@ from .runtime.noise import is_verbose, quiet_third_party
 def first_failure_line(failures: dict) -> tuple[str, int]:
     """(one line for the user, exit code) from torchrun's ``{global rank: ProcessFailure}``.
 
-    A rank's own user error wins over ranks torchrun stopped afterwards; among user errors the earliest.
+    A rank's own user error wins over ranks torchrun stopped afterwards; among user errors the earliest. Otherwise
+    the rank that ended first on its own (a crash, a kill) is named, not one torchrun stopped after it.
     """
     reported = []
     for rank, failure in failures.items():
@@ -41,7 +42,10 @@ def first_failure_line(failures: dict) -> tuple[str, int]:
         _, rank, line = min(reported)
         same_everywhere = len({text for _, _, text in reported}) == 1
         return line if same_everywhere else f"{line} (rank {rank})", 1
-    rank, failure = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    # Once a rank fails, torchrun stops the others with SIGTERM, often within the same second (its timestamps are whole
+    # seconds): the rank that failed first is one that did not end by that SIGTERM, whatever its rank number.
+    rank, failure = min(failures.items(),
+                        key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[1].timestamp, item[0]))
     if failure.exitcode == 128 + signal.SIGINT:
         return "", failure.exitcode  # stopped by Ctrl-C: rank 0 has printed its one line
     if failure.exitcode < 0:
