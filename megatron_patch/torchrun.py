@@ -7,6 +7,8 @@ The launch scripts start their ranks through this module instead of ``torchrun``
   of the first failing rank once and exits 1, instead of every rank printing it followed by torchrun's
   ``ChildFailedError`` traceback dump;
 - a rank that crashes has printed its own traceback; the launcher adds one line naming the rank and exit code;
+- a ``-m MODULE`` rank starts through ``runtime.rank_main``, which silences third-party warnings before MODULE
+  imports megatron-core (unless ``MEGATRON_PATCH_VERBOSE=1``);
 - torchrun's banners (``OMP_NUM_THREADS``, closing-signal warnings, the failure summary) are hidden unless
   ``MEGATRON_PATCH_VERBOSE=1``; OMP_NUM_THREADS defaults to 1 as under torchrun;
 - SIGTERM (a scheduler's notice before preemption) is passed on to the ranks, which finish their iteration, save
@@ -25,6 +27,8 @@ import psutil
 
 from .errors import LAUNCHER_ENV, USER_ERROR_KEY
 from .runtime.noise import is_verbose, quiet_third_party
+
+RANK_MAIN = "megatron_patch.runtime.rank_main"
 
 
 def first_failure_line(failures: dict) -> tuple[str, int]:
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                 logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGINT,SIGHUP,SIGQUIT")  # torchrun's --signals-to-handle
     args = parse_args(argv)
+    if args.module and not args.no_python:  # each rank quiet from its first import (runtime/rank_main.py)
+        args.training_script_args = [args.training_script, *args.training_script_args]
+        args.training_script = RANK_MAIN
     if "SIGTERM" not in args.signals_to_handle.split(","):
         signal.signal(signal.SIGTERM, _pass_on_to_ranks)
     try:

@@ -43,11 +43,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ...errors import run_reporting_errors
 from ...generation import SamplingParams
 from ...runtime.device import HOST, local_device
 from ...training.arguments import TrainConfig, add_config_arguments, config_from_args
 from ...training.checkpointing import save_checkpoint
+from ...training.entry import add_entry_arguments, run_entry
 from ..algos import core_algos
 from ..preference.reward_model import sequence_rewards, write_reward_marker
 from .config import RLConfig, add_rl_arguments, rl_config_from_args
@@ -64,7 +64,7 @@ from .losses import (
 )
 from .rollout_data import Prompt
 from .run import RL_STATE, RLRun
-from .setup import build_run
+from .setup import build_run, check_run
 
 TOKEN_WEIGHTED = {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "vf_clipfrac"}
 
@@ -424,9 +424,11 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     add_rl_arguments(parser)
+    add_entry_arguments(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run_reporting_errors(lambda: run(config_from_args(args, "finetune"), rl_config_from_args(args)) and None)
+    return run_entry(args, lambda: config_from_args(args, "finetune"), lambda cfg: run(cfg, rl_config_from_args(args)),
+                     lambda cfg, world_size: check_run(cfg, rl_config_from_args(args), world_size))
 
 
 if __name__ == "__main__":
