@@ -303,8 +303,10 @@ mp_run() {  # mp_run <run name> <entry> <check entry>: pre-flight checks, then l
   local cmd=("${MP_LAUNCH[@]}" -m "${entry[@]}" "${MP_FLAGS[@]}" "${extra[@]}")
   # What can be checked in one process (flags, checkpoint metadata, data schema, FP8/TE support) is, before
   # torchrun starts a rank.
-  local check=(env "MEGATRON_PATCH_SCRIPT_ARGS=$(mp_script_args_table)" "${PYTHON:-python}" -m "${check_entry[@]}"
-               "$MP_WORLD_SIZE" "${MP_FLAGS[@]}" "${extra[@]}")
+  local check=("${PYTHON:-python}" -m "${check_entry[@]}" "$MP_WORLD_SIZE" "${MP_FLAGS[@]}" "${extra[@]}")
+  # The pre-flight's and the ranks' errors name the script's arguments behind the flags (errors.py).
+  MEGATRON_PATCH_SCRIPT_ARGS=$(mp_script_args_table)
+  export MEGATRON_PATCH_SCRIPT_ARGS
   if [ "${MP_DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${cmd[@]}"; echo
     return 0
