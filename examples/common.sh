@@ -269,28 +269,44 @@ MP_FLAG_ARGUMENTS=(--model-size=MODEL_SIZE --micro-batch-size=BATCH_SIZE --globa
   --tensor-model-parallel-size=TP --pipeline-model-parallel-size=PP --use-distributed-optimizer=DO --use-flash-attn=FL
   --sequence-parallel=SP --fp8-format=PR --bf16=PR --fp16=PR --transformer-impl=TE --load=PRETRAIN_CHECKPOINT_PATH
   --data-path=DATASET_PATH --train-data-path=TRAIN_DATASET_PATH --valid-data-path=VALID_DATASET_PATH
-  --train-iters=TRAIN_TOKENS --lr-warmup-iters=WARMUP_TOKENS --epochs=EPOCH --save-interval=SAVE_INTERVAL)
+  --train-iters=TRAIN_TOKENS --lr-warmup-iters=WARMUP_TOKENS --epochs=EPOCH --save-interval=SAVE_INTERVAL
+  --train-iters=TRAIN_ITERS --dpo-beta=BETA --critic-lr=CRITIC_LR --kl-coef=KL_COEF --clip-ratio=CLIP_RATIO
+  --max-new-tokens=MAX_NEW_TOKENS --prompt-data-path=PROMPT_DATASET_PATH --reward=REWARD --reward-model=REWARD
+  --ptx-data-path=PTX_DATASET_PATH --ptx-coef=PTX_COEF --n-samples-per-prompt=N_SAMPLES)
 
 mp_script_args_table() {  # lines "<flag>=<ARGUMENT>=<value>" for the arguments this launch has
   local entry flag name
   for entry in "${MP_FLAG_ARGUMENTS[@]}"; do
     flag=${entry%%=*}; name=${entry#*=}
+    # Only the launch's own arguments (a TRAIN_ITERS exported in the shell is not one of a pretraining launch).
+    [[ " ${MP_NAMES[*]} " == *" $name "* ]] || continue
     if [ -n "${!name:-}" ]; then printf '%s=%s=%s\n' "$flag" "$name" "${!name}"; fi
   done
 }
 
-mp_exec() {  # mp_exec <mode> <run name>: pre-flight checks, then launch (or print with MP_DRY_RUN=1)
-  local mode=$1 name=$2
+mp_exec() {  # mp_exec <mode> <run name>: pretraining / SFT through python -m megatron_patch.train
+  mp_run "$2" "megatron_patch.train $1" "megatron_patch.train check $1 --world-size"
+}
+
+mp_run() {  # mp_run <run name> <entry> <check entry>: pre-flight checks, then launch (or print with MP_DRY_RUN=1)
+  # <entry>: the module (and its first words) the ranks run; <check entry>: the one-process pre-flight of the same
+  # flags, ending in its world-size flag (python -m megatron_patch.train check MODE --world-size N, or an RLHF entry
+  # point's --check --world-size N).
+  local name=$1 entry check_entry
+  read -r -a entry <<< "$2"
+  read -r -a check_entry <<< "$3"
   local save="$OUTPUT_BASEPATH/checkpoint/$name"
   MP_FLAGS+=(--save "$save" --tensorboard-dir "$OUTPUT_BASEPATH/tensorboard/$name")
   # shellcheck disable=SC2206  # MP_EXTRA_ARGS is a list of flags on purpose
   local extra=(${MP_EXTRA_ARGS:-})
   mp_python_path
-  local cmd=("${MP_LAUNCH[@]}" -m megatron_patch.train "$mode" "${MP_FLAGS[@]}" "${extra[@]}")
+  local cmd=("${MP_LAUNCH[@]}" -m "${entry[@]}" "${MP_FLAGS[@]}" "${extra[@]}")
   # What can be checked in one process (flags, checkpoint metadata, data schema, FP8/TE support) is, before
   # torchrun starts a rank.
-  local check=(env "MEGATRON_PATCH_SCRIPT_ARGS=$(mp_script_args_table)" "${PYTHON:-python}" -m megatron_patch.train
-               check "$mode" --world-size "$MP_WORLD_SIZE" "${MP_FLAGS[@]}" "${extra[@]}")
+  local check=("${PYTHON:-python}" -m "${check_entry[@]}" "$MP_WORLD_SIZE" "${MP_FLAGS[@]}" "${extra[@]}")
+  # The pre-flight's and the ranks' errors name the script's arguments behind the flags (errors.py).
+  MEGATRON_PATCH_SCRIPT_ARGS=$(mp_script_args_table)
+  export MEGATRON_PATCH_SCRIPT_ARGS
   if [ "${MP_DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${cmd[@]}"; echo
     return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -128,13 +129,37 @@ def run_reporting_errors(action: Callable[[], int | None], cleanup: Callable[[],
     return 0 if code is None else int(code)
 
 
+SCRIPT_ARGS_ENV = "MEGATRON_PATCH_SCRIPT_ARGS"  # set by the positional launch scripts: lines "<flag>=<what to type>"
+SCRIPT_ARGS_MARK = " [the script's "
+
+
+def name_script_arguments(message: str, table: str | None = None) -> str:
+    """``message`` plus the launch script's arguments behind the flags it names.
+
+    A user of a positional script typed SP=true and TP=1, MODEL_NAME=qwen-7b or SKIP_BAD_LINES, not the flags the
+    script passed on: "--sequence-parallel needs --tensor-model-parallel-size > 1" becomes "... [the script's SP=true,
+    TP=1]". ``table`` (default: the ``MEGATRON_PATCH_SCRIPT_ARGS`` environment variable) has one line per flag,
+    ``<flag>=<what the user types>`` (``--overwrite=OVERWRITE=true``); a message already named is left alone.
+    """
+    table = os.environ.get(SCRIPT_ARGS_ENV) if table is None else table
+    if not table or SCRIPT_ARGS_MARK in message:
+        return message
+    named = []
+    for line in table.splitlines():
+        flag, _, argument = line.partition("=")
+        if flag and argument and re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", message) and argument not in named:
+            named.append(argument)
+    return f"{message}{SCRIPT_ARGS_MARK}{', '.join(named)}]" if named else message
+
+
 def report_user_error(message: str) -> None:
     """Print ``error: <message>`` on stderr; in a rank under torchrun also record it in the rank's error file.
+    Started by a positional launch script, the message also names the script's arguments behind its flags.
 
     torchrun (TORCHELASTIC_ERROR_FILE) reads a ``{"message": str, "timestamp": int}`` file; the extra key lets
     megatron_patch.torchrun tell our one-line errors from crashes and order ranks by the moment they failed.
     """
-    line = f"error: {message}"
+    line = f"error: {name_script_arguments(message)}"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         record = {"message": line, "timestamp": int(time.time()), USER_ERROR_KEY: time.time_ns()}

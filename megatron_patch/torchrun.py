@@ -7,6 +7,8 @@ The launch scripts start their ranks through this module instead of ``torchrun``
   of the first failing rank once and exits 1, instead of every rank printing it followed by torchrun's
   ``ChildFailedError`` traceback dump;
 - a rank that crashes has printed its own traceback; the launcher adds one line naming the rank and exit code;
+- a ``-m MODULE`` rank starts through ``runtime.rank_main``, which silences third-party warnings before MODULE
+  imports megatron-core (unless ``MEGATRON_PATCH_VERBOSE=1``);
 - torchrun's banners (``OMP_NUM_THREADS``, closing-signal warnings, the failure summary) are hidden unless
   ``MEGATRON_PATCH_VERBOSE=1``; OMP_NUM_THREADS defaults to 1 as under torchrun;
 - SIGTERM (a scheduler's notice before preemption) is passed on to the ranks, which finish their iteration, save
@@ -26,11 +28,14 @@ import psutil
 from .errors import LAUNCHER_ENV, USER_ERROR_KEY
 from .runtime.noise import is_verbose, quiet_third_party
 
+RANK_MAIN = "megatron_patch.runtime.rank_main"
+
 
 def first_failure_line(failures: dict) -> tuple[str, int]:
     """(one line for the user, exit code) from torchrun's ``{global rank: ProcessFailure}``.
 
-    A rank's own user error wins over ranks torchrun stopped afterwards; among user errors the earliest.
+    A rank's own user error wins over ranks torchrun stopped afterwards; among user errors the earliest. Otherwise
+    the rank that ended first on its own (a crash, a kill) is named, not one torchrun stopped after it.
     """
     reported = []
     for rank, failure in failures.items():
@@ -41,7 +46,10 @@ def first_failure_line(failures: dict) -> tuple[str, int]:
         _, rank, line = min(reported)
         same_everywhere = len({text for _, _, text in reported}) == 1
         return line if same_everywhere else f"{line} (rank {rank})", 1
-    rank, failure = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    # Once a rank fails, torchrun stops the others with SIGTERM, often within the same second (its timestamps are whole
+    # seconds): the rank that failed first is one that did not end by that SIGTERM, whatever its rank number.
+    rank, failure = min(failures.items(),
+                        key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[1].timestamp, item[0]))
     if failure.exitcode == 128 + signal.SIGINT:
         return "", failure.exitcode  # stopped by Ctrl-C: rank 0 has printed its one line
     if failure.exitcode < 0:
@@ -79,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                 logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGINT,SIGHUP,SIGQUIT")  # torchrun's --signals-to-handle
     args = parse_args(argv)
+    if args.module and not args.no_python:  # each rank quiet from its first import (runtime/rank_main.py)
+        args.training_script_args = [args.training_script, *args.training_script_args]
+        args.training_script = RANK_MAIN
     if "SIGTERM" not in args.signals_to_handle.split(","):
         signal.signal(signal.SIGTERM, _pass_on_to_ranks)
     try:

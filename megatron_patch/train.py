@@ -60,30 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .runtime.noise import environment_notes, quiet_third_party
+    from .runtime.noise import quiet_third_party
 
     quiet_third_party(args.verbose or None)
     from .errors import run_reporting_errors
-    from .runtime import destroy_distributed
-    from .runtime.distributed import collective_timeouts_reported
     from .training.arguments import config_from_args
+    from .training.entry import train_reporting
 
     if args.mode == "check":
         from .training.preflight import preflight
 
         return run_reporting_errors(lambda: preflight(config_from_args(args, args.check_mode), args.world_size))
 
-    def train() -> None:
+    def train(cfg) -> None:
         from .training.loop import run
 
-        cfg = config_from_args(args, args.mode)
-        if os.environ.get("RANK", "0") == "0":
-            for note in environment_notes(cfg.transformer_impl):
-                print(f"note: {note}", flush=True)
-        with collective_timeouts_reported(cfg.distributed_timeout_minutes):  # a frozen rank: one line, not a hang
-            run(cfg)
+        run(cfg)
 
-    return run_reporting_errors(train, cleanup=destroy_distributed)
+    return train_reporting(lambda: config_from_args(args, args.mode), train)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 # Shared logic of the rlhf/run_{reward_model,dpo,ppo,grpo}_megatron_<family>.sh launchers (sourced, not executed).
 #
-# Reuses examples/common.sh (argument parsing, validators, launcher, precision/parallel flags) and launches the
-# RLHF entry points (python -m megatron_patch.rlhf.preference.train_reward_model | .preference.dpo | .ppo) with torchrun.
-# Same environment knobs as the training scripts: GPUS_PER_NODE, MP_DRY_RUN=1, MP_EXTRA_ARGS.
+# Reuses examples/common.sh (argument parsing, validators, precision/parallel flags, and its launch: the entry point's
+# one-process pre-flight `--check`, then torchrun through megatron_patch.torchrun, the log appended to
+# OUTPUT_BASEPATH/log/<run>.log with a header line per launch) for the RLHF entry points (python -m
+# megatron_patch.rlhf.preference.train_reward_model | .preference.dpo | .ppo). Same environment knobs as the training
+# scripts: GPUS_PER_NODE, MP_DRY_RUN=1, MP_EXTRA_ARGS (e.g. "--distributed-timeout-minutes 30"), MP_VERBOSE=1, PYTHON.
 
 # shellcheck source=../examples/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../examples/common.sh"
@@ -91,22 +93,10 @@ rlhf_validate() {  # the checks shared by both tools, after mp_parse
   return 0
 }
 
-rlhf_exec() {  # rlhf_exec <python module> <run name>: launch (or print with MP_DRY_RUN=1)
-  local module=$1 name=$2
-  MP_FLAGS+=(--save "$OUTPUT_BASEPATH/checkpoint/$name" --tensorboard-dir "$OUTPUT_BASEPATH/tensorboard/$name")
-  # shellcheck disable=SC2206  # MP_EXTRA_ARGS is a list of flags on purpose
-  local extra=(${MP_EXTRA_ARGS:-})
-  if [ "$MEGATRON_PATH" != none ]; then export PYTHONPATH="$MEGATRON_PATH${PYTHONPATH:+:$PYTHONPATH}"; fi
-  export PYTHONPATH="$MEGATRON_PATCH_PATH${PYTHONPATH:+:$PYTHONPATH}"
-  local cmd=("${MP_LAUNCH[@]}" -m "$module" "${MP_FLAGS[@]}" "${extra[@]}")
-  if [ "${MP_DRY_RUN:-0}" = 1 ]; then
-    printf '%q ' "${cmd[@]}"; echo
-    return 0
-  fi
-  mkdir -p "$OUTPUT_BASEPATH/log"
-  echo "log: $OUTPUT_BASEPATH/log/$name.log"
-  "${cmd[@]}" 2>&1 | tee "$OUTPUT_BASEPATH/log/$name.log"
-  return "${PIPESTATUS[0]}"
+rlhf_exec() {  # rlhf_exec <python module> <run name>: pre-flight, then launch (or print with MP_DRY_RUN=1)
+  # examples/common.sh's launch: the entry point's --check in one process first, then torchrun through
+  # megatron_patch.torchrun, the log appended with a header line per launch, MP_VERBOSE for third-party output.
+  mp_run "$2" "$1" "megatron_patch.runtime.rank_main $1 --check --world-size"  # rank_main: quiet imports
 }
 
 rlhf_reward_model() {  # rlhf_reward_model <family> "$@"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -118,7 +119,9 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, tp: int | No
     tp, pp, ep = tp or ckpt.tp, pp or ckpt.pp, ep or ckpt.ep
     ckpt.sharding(tp, pp, ep)  # TP must divide the heads and groups, PP the layers, EP the experts: one line now
     tokens = fixed_tokens(hf_dir, ckpt.spec.arch.vocab_size, trust_remote_code=trust_remote_code)
-    with progress(total=2, desc="verify: logits", unit="model") as bar:  # HF, then Megatron at TP x PP
+    # HF, then Megatron at TP x PP; two steps of a minute each on a big model: one line when both are done (a line
+    # per 30 s step in a log would only repeat the count).
+    with progress(total=2, desc="verify: logits", unit="model", interval=math.inf) as bar:
         reference = hf_logits(hf_dir, tokens, trust_remote_code)
         bar.update(1)
         candidate = megatron_logits([ckpt.iter_dir], tokens, tp, pp, ep)[0]

@@ -68,8 +68,8 @@ def encode_pair(record: dict, line_no: int, tokenizer: Tokenizer, seq_length: in
 
 
 def read_preference_pairs(path: str | Path, tokenizer: Tokenizer, seq_length: int,
-                          skip_bad_lines: bool = False) -> tuple[list[PreferencePair], int]:
-    """All pairs of a jsonl file and the number of bad lines skipped.
+                          skip_bad_lines: bool = False, limit: int | None = None) -> tuple[list[PreferencePair], int]:
+    """All pairs of a jsonl file (of its first ``limit`` lines: a launch's pre-flight) and the bad lines skipped.
 
     A bad line (not JSON, a missing or non-string field, an empty response, a prompt that fills the sequence)
     raises ``BadLineError`` naming the file and line, unless ``skip_bad_lines``. Blank lines are ignored.
@@ -81,6 +81,8 @@ def read_preference_pairs(path: str | Path, tokenizer: Tokenizer, seq_length: in
         raise ConfigError(f"the sequence length must be >= 2 to hold a prompt and a response, got {seq_length}")
     pairs, skipped = [], 0
     for line_no, line in numbered_lines(path):
+        if limit is not None and line_no > limit:
+            break
         try:
             pairs.append(encode_pair(parse_preference_line(line, line_no), line_no, tokenizer, seq_length))
         except BadLineError as error:
@@ -116,9 +118,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
         truncated: pairs whose chosen or rejected response was cut to fit ``seq_length``.
     """
 
-    def __init__(self, path: str | Path, tokenizer: Tokenizer, seq_length: int, skip_bad_lines: bool = False):
+    def __init__(self, path: str | Path, tokenizer: Tokenizer, seq_length: int, skip_bad_lines: bool = False,
+                 limit: int | None = None):
         self.seq_length, self.pad = seq_length, tokenizer.pad
-        self.pairs, self.skipped = read_preference_pairs(path, tokenizer, seq_length, skip_bad_lines)
+        self.pairs, self.skipped = read_preference_pairs(path, tokenizer, seq_length, skip_bad_lines, limit)
         self.truncated = sum(
             len(p.prompt) + max(len(p.chosen), len(p.rejected)) > seq_length for p in self.pairs
         )

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from ..errors import run_reporting_errors
+from ..runtime.noise import add_verbose_flag, quiet_third_party
 from .tokenizers import tokenizer_kinds
 
 
@@ -31,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing <prefix>.bin/.idx pair")
     parser.add_argument("--exact-prefix", action="store_true",
                         help="write <output-prefix>.bin/.idx instead of <output-prefix>_<key>_document.*")
+    add_verbose_flag(parser)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_third_party(args.verbose or None)  # also for the spawned workers, through the environment
     if not args.chunk_mb > 0:  # also NaN
         parser.error(f"--chunk-mb must be a positive number of MB (got {args.chunk_mb})")
     prefix = args.output_prefix if args.exact_prefix else f"{args.output_prefix}_{args.json_key}_document"

@@ -77,3 +77,22 @@ def detect_family(hf_config: dict) -> ModelFamily:
     raise UnsupportedModelError(
         f"unsupported architecture {architectures or model_type!r} (supported: {', '.join(known)})"
     )
+
+
+def check_named_family(family: ModelFamily, hf_config: dict, flag: str = "--model-name") -> None:
+    """Raise ``ConfigError`` when ``hf_config`` names another registered family than the one the user named.
+
+    A family named by hand (``--model-name qwen``, a launch script's MODEL_NAME=qwen-7b) on a llama checkpoint
+    otherwise fails later on a weight the wrong family expects (a missing ``q_proj.bias``); config.json says which
+    family it is. A config no family recognises is left to the named family (the user chose it on purpose).
+    """
+    try:
+        detected = detect_family(hf_config)
+    except UnsupportedModelError:
+        return
+    if detected.name == family.name:
+        return
+    architectures = hf_config.get("architectures") or []
+    says = ", ".join(architectures) if architectures else f"model_type {hf_config.get('model_type')}"
+    raise ConfigError(f"{flag} {family.name} does not match the checkpoint: config.json says {says} (family "
+                      f"{detected.name}); pass {flag} {detected.name} or omit it to detect the family")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from ..mapping import Sharding, layouts
 from .arch import ModelArch
-from .registry import ModelFamily, detect_family, get_family
+from .registry import ModelFamily, check_named_family, detect_family, get_family
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,9 @@ class ModelSpec:
         (Megatron-LM's rule, so every TP rank gets equal rows). The family is detected when not given."""
         if family is None:
             family = detect_family(hf_config)
-        elif isinstance(family, str):
-            family = get_family(family)
+        else:
+            family = get_family(family) if isinstance(family, str) else family
+            check_named_family(family, hf_config)
         arch = family.arch_from_hf(hf_config)
         if extra_vocab_size < 0:
             raise ConfigError(f"extra vocabulary size must be >= 0 (got {extra_vocab_size})")

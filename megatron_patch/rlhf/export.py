@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, DataError, UnsupportedModelError
+from ..errors import CheckpointError, DataError, UnsupportedModelError, run_reporting_errors
+from ..runtime.noise import add_verbose_flag, quiet_third_party
 from .preference.reward_model import HEAD_PREFIX, build_reward_model, is_reward_checkpoint, load_reward_model_weights
 
 SCORE = "score.weight"
@@ -89,15 +90,21 @@ def reward_model_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwri
 
 
 def main(argv=None) -> int:
-    from ..errors import run_reporting_errors
-
     parser = argparse.ArgumentParser(prog="python -m megatron_patch.rlhf.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="reward-model checkpoint directory")
     parser.add_argument("--save", required=True, help="HF output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
-    return run_reporting_errors(lambda: reward_model_to_hf(args.load, args.save, args.overwrite) and None)
+    quiet_third_party(args.verbose or None)
+
+    def export() -> None:
+        out = reward_model_to_hf(args.load, args.save, args.overwrite)
+        config = json.loads((out / "config.json").read_text())
+        print(f"saved HF reward model ({config['architectures'][0]}, one score) to {out}")
+
+    return run_reporting_errors(export)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,14 @@ THIRD_PARTY_MESSAGES = (
     r".*CUDA_DEVICE_MAX_CONNECTIONS",
     r".*deprecat",
 )
+# The same, as PYTHONWARNINGS entries ("action:message prefix"), for processes that import megatron-core first.
+INHERITED_FILTERS = ("ignore:Transformer Engine and Apex are not installed", "ignore:Apex is not installed",
+                     "ignore:Transformer Engine is not installed")
 # Environment switches of third-party libraries (inherited by every rank): transformers' per-load progress bars
-# and advisory warnings.
-THIRD_PARTY_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+# and advisory warnings, torch's import-time log lines.
+THIRD_PARTY_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                   # torch's "No CUDA runtime is found" at import, also in spawned processes
+                   "TORCH_LOGS": "-torch.utils.cpp_extension"}
 # Python loggers of third-party code that print warnings on every start (torch's "No CUDA runtime is found").
 THIRD_PARTY_LOGGERS = ("torch.utils.cpp_extension", "torch.distributed.elastic", "torch.distributed.run",
                        "megatron.core")
@@ -58,6 +63,12 @@ def quiet_third_party(verbose: bool | None = None) -> None:
         warnings.filterwarnings("ignore", message=message)
     for name, value in THIRD_PARTY_ENV.items():
         os.environ.setdefault(name, value)
+    # Processes started with multiprocessing's spawn (a checkpoint writer) re-import the entry module, and
+    # megatron-core with it, before any code of ours runs: they learn the import-time warnings through the
+    # environment (PYTHONWARNINGS takes literal message prefixes only).
+    inherited = [entry for entry in os.environ.get("PYTHONWARNINGS", "").split(",") if entry]
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        inherited + [entry for entry in INHERITED_FILTERS if entry not in inherited])
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 

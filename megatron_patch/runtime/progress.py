@@ -56,7 +56,8 @@ class LineProgress:
         rate = self.n / elapsed if elapsed > 0 else 0.0
         done = f"{_amount(self.n)}/{_amount(self.total)}" if self.total else _amount(self.n)
         parts = [f"{self.desc}: {done} {self.unit}" + (f" ({100 * self.n / self.total:.0f}%)" if self.total else "")]
-        parts.append(f"{rate:.1f} {self.unit}/s")
+        # Under one per second the time per step reads better than "0.0 model/s" (tqdm's s/it).
+        parts.append(f"{1 / rate:.1f} s/{self.unit}" if 0 < rate < 1 else f"{rate:.1f} {self.unit}/s")
         parts.append(f"elapsed {_clock(elapsed)}")
         if self.total and rate > 0 and self.n < self.total:
             parts.append(f"ETA {_clock((self.total - self.n) / rate)}")

@@ -340,23 +340,41 @@ def _base_type(annotation: str):
     raise TypeError(f"unsupported config annotation {annotation}")
 
 
+def add_field_argument(parser, f, flags: list[str] | None = None) -> None:
+    """One dataclass field as a flag, with the conventions of every flag of this toolkit (Megatron-LM's).
+
+    The flag is ``--field-name`` (plus ``flags`` given, e.g. Megatron-LM's other spelling); its type is the
+    annotation's; the default is said once in the help. A boolean is one switch: ``--flag`` turns on what is off by
+    default; a field that is on by default is turned off by ``--no-flag`` (Megatron-LM's ``--no-load-optim``); a field
+    whose default a preset decides (None) takes either. Never ``--flag true``.
+    """
+    flags = flags or ["--" + f.name.replace("_", "-")]
+    typ = _base_type(str(f.type))
+    help_text = f.metadata.get("help", "")
+    default = f.default if f.default is not MISSING else None
+    if typ is bool:
+        if default is None:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        elif default:
+            parser.add_argument(*["--no-" + flag[2:] for flag in flags], dest=f.name, action="store_false",
+                                default=True, help=help_text)
+        else:
+            parser.add_argument(*flags, dest=f.name, action="store_true", default=False, help=help_text)
+    elif typ is list:
+        parser.add_argument(*flags, dest=f.name, nargs="+", default=default, help=help_text)
+    else:
+        if default is not None and "default" not in help_text:  # one default per flag, said once
+            help_text = f"{help_text} (default: {default})"
+        parser.add_argument(*flags, dest=f.name, type=typ, default=default, help=help_text)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, mode: str = "pretrain") -> None:
     """One flag per TrainConfig field that ``mode`` uses (pretraining and finetuning each list only their own)."""
     for f in fields(TrainConfig):
         if f.name == "mode" or f.metadata.get("mode", mode) != mode:
             continue
-        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]  # + Megatron-LM's own spelling
-        typ = _base_type(str(f.type))
-        help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not MISSING else None
-        if typ is bool:
-            parser.add_argument(*flags, action="store_true", default=default, help=help_text)
-        elif typ is list:
-            parser.add_argument(*flags, nargs="+", default=default, help=help_text)
-        else:
-            if default is not None and "default" not in help_text:  # one default per flag, said once
-                help_text = f"{help_text} (default: {default})"
-            parser.add_argument(*flags, type=typ, default=default, help=help_text)
+        add_field_argument(parser, f, ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())])
 
 
 def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:

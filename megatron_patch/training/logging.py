@@ -73,7 +73,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
-        self.start = time.perf_counter()
+        self.start = self._last_line = time.perf_counter()
         self.consumed_samples = 0
         self._reset_window(self.start)
 
@@ -85,6 +85,15 @@ class MetricsLogger:
     def print(self, message: str) -> None:
         if self.is_logger and not self.quiet:
             print(message, flush=True)
+
+    def line_due(self, iteration: int) -> bool:
+        """Whether a trainer's console line is due at ``iteration``: every ``log_interval`` steps, and sooner when
+        the last line is ``PROGRESS_SECONDS`` old (a slow machine would otherwise be silent for minutes)."""
+        now = time.perf_counter()
+        if iteration % self.interval and now - self._last_line < PROGRESS_SECONDS:
+            return False
+        self._last_line = now
+        return True
 
     def _scalar(self, tag: str, value: float, iteration: int) -> None:
         """``tag`` against the iteration and ``tag vs samples`` against the consumed samples."""

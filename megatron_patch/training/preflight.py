@@ -8,12 +8,10 @@ the same rules again when they build the run (``build_trainer``); this module on
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 from ..checkpoint.trusted_load import check_torch_dist_checkpoint
-from ..errors import ConfigError, user_errors
+from ..errors import ConfigError
 from .arguments import TrainConfig
 
 SFT_LINES_CHECKED = 100  # the schema of the first lines; a bad line further down still fails in the ranks
@@ -40,35 +38,11 @@ def check_data(cfg: TrainConfig) -> None:
             read_records(path, limit=SFT_LINES_CHECKED)
 
 
-SCRIPT_ARGS_ENV = "MEGATRON_PATCH_SCRIPT_ARGS"  # set by examples/common.sh: lines "<flag>=<ARGUMENT>=<value>"
-
-
-def name_script_arguments(message: str, table: str | None = None) -> str:
-    """``message`` plus the launch script's arguments behind the flags it names: a user who typed SP=true and TP=1
-    reads "[the script's SP=true, TP=1]" after "--sequence-parallel needs --tensor-model-parallel-size > 1"."""
-    table = os.environ.get(SCRIPT_ARGS_ENV) if table is None else table
-    named = []
-    for line in (table or "").splitlines():
-        flag, _, argument = line.partition("=")
-        if flag and re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", message) and argument not in named:
-            named.append(argument)
-    return f"{message} [the script's {', '.join(named)}]" if named else message
-
-
 def preflight(cfg: TrainConfig, world_size: int) -> None:
     """Raise the first user error a launch of ``world_size`` ranks would hit early; return when there is none.
-    Started by a launch script, the error also names the script's arguments behind the flags it mentions."""
-    try:
-        _preflight(cfg, world_size)
-    except user_errors() as error:
-        named = name_script_arguments(str(error))
-        if named == str(error):
-            raise
-        try:
-            renamed = type(error)(named)
-        except TypeError:  # an error type that takes other arguments keeps its own message
-            raise error from None
-        raise renamed from None
+    Started by a launch script, the reporter's line also names the script's arguments behind the flags it mentions
+    (``errors.name_script_arguments``)."""
+    _preflight(cfg, world_size)
 
 
 def _preflight(cfg: TrainConfig, world_size: int) -> None:

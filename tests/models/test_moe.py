@@ -124,7 +124,7 @@ def test_bad_input_refused(hf_dirs, tmp_path, make_hf):
         hf_to_mcore(hf_dirs["mixtral"], tmp_path / "out", ep=3)
     with pytest.raises(ConfigError, match="no experts"):
         hf_to_mcore(make_hf("llama_for_moe_refusal"), tmp_path / "out", ep=2)
-    with pytest.raises(ConfigError, match="mixture-of-experts model .4 experts. but --model-name llama"):
+    with pytest.raises(ConfigError, match="--model-name llama does not match the checkpoint: config.json says Mixtral"):
         hf_to_mcore(hf_dirs["mixtral"], tmp_path / "out", family="llama")
     with pytest.raises(ConfigError, match="--transformer-impl local only"):
         hf_to_mcore(hf_dirs["mixtral"], tmp_path / "out", transformer_impl="transformer_engine")

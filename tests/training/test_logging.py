@@ -71,3 +71,13 @@ def test_a_line_at_least_every_30_seconds(capsys, monkeypatch):
         logger.log_step(iteration, 2.0, 1e-4, 1.0, False)
     printed = [line for line in capsys.readouterr().out.splitlines() if "iteration" in line]
     assert [re.search(r"iteration\s+(\d+)/", line).group(1) for line in printed] == ["2", "4", "6"]
+
+
+def test_rl_and_preference_lines_at_least_every_30_seconds(monkeypatch):
+    """The PPO/GRPO loop and the preference trainers print every --log-interval iterations and once 30 s passed."""
+    from megatron_patch.training import logging as training_logging
+
+    clock = iter([0.0, 10.0, 31.0, 40.0, 45.0, 76.0])  # the constructor, then one call per iteration
+    monkeypatch.setattr(training_logging.time, "perf_counter", lambda: next(clock))
+    logger = training_logging.MetricsLogger(4, None, 512)
+    assert [logger.line_due(iteration) for iteration in range(1, 6)] == [False, True, False, True, True]

@@ -49,6 +49,11 @@ fi
 PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONPATH
 PYTHON=${PYTHON:-python}
+# What the user typed behind each flag, for the errors' "[the script's MODEL_NAME=qwen-7b]" (errors.py).
+MEGATRON_PATCH_SCRIPT_ARGS=$(printf '%s\n' "--load=SOURCE_CKPT_PATH=$SOURCE_CKPT_PATH" "--save=TARGET_CKPT_PATH=$TARGET_CKPT_PATH" \
+  "--tp=TP=$TP" "--pp=PP=$PP" "--ep=EP=$EP" "--model-name=MODEL_NAME=$MODEL_NAME" \
+  "--extra-vocab-size=EXTRA_VOCAB_SIZE=$EXTRA_VOCAB_SIZE" "--format=FORMAT=$FORMAT" "--overwrite=MP_EXTRA_ARGS=--overwrite")
+export MEGATRON_PATCH_SCRIPT_ARGS
 # shellcheck disable=SC2206  # MP_EXTRA_ARGS is a list of flags on purpose
 extra=(${MP_EXTRA_ARGS:-})
 if [ "$MG2HF" = true ]; then

@@ -12,6 +12,11 @@ JSON_KEY=${5:-text}; WORKERS=${6:-4}; SKIP=${7:-false}; OVERWRITE=${8:-false}
 [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || usage "WORKERS must be a positive integer (got '$WORKERS')"
 case "$SKIP" in true) SKIP_FLAG=--skip-bad-lines ;; false) SKIP_FLAG= ;; *) usage "SKIP_BAD_LINES must be true or false (got '$SKIP')" ;; esac
 case "$OVERWRITE" in true) OVERWRITE_FLAG=--overwrite ;; false) OVERWRITE_FLAG= ;; *) usage "OVERWRITE must be true or false (got '$OVERWRITE')" ;; esac
+# What the user types behind each flag, for the errors' "[the script's SKIP_BAD_LINES=true]" (errors.py).
+MEGATRON_PATCH_SCRIPT_ARGS=$(printf '%s\n' "--input=INPUT_JSONL=$INPUT" "--output-prefix=OUTPUT_PREFIX=$OUTPUT_PREFIX" \
+  "--tokenizer=TOKENIZER=$TOKENIZER" "--json-key=JSON_KEY=$JSON_KEY" "--workers=WORKERS=$WORKERS" \
+  "--skip-bad-lines=SKIP_BAD_LINES=true" "--overwrite=OVERWRITE=true")
+export MEGATRON_PATCH_SCRIPT_ARGS
 export PYTHONPATH="$MEGATRON_PATCH_PATH${PYTHONPATH:+:$PYTHONPATH}"
 exec python -m megatron_patch.data.preprocess --input "$INPUT" --output-prefix "$OUTPUT_PREFIX" \
   --tokenizer "$TOKENIZER" --json-key "$JSON_KEY" --workers "$WORKERS" $SKIP_FLAG $OVERWRITE_FLAG

@@ -9,10 +9,10 @@ Cross-field rules are checked once, here, before any process group, model or fil
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from ...errors import ConfigError
-from ...training.arguments import _base_type, config_from_dict
+from ...training.arguments import add_field_argument, config_from_dict
 from ..algos.core_algos import LOSS_AGG_MODES, adv_estimator_names, kl_estimator_names
 
 # --algo is a preset: it picks the defaults of the knobs below (verl-style names), each of which can be set alone.
@@ -126,7 +126,7 @@ class RLConfig:
             raise ConfigError(f"--kl-controller must be fixed or adaptive (got {self.kl_controller})")
         if self.kl_controller == "adaptive" and not r.use_kl_in_reward:
             raise ConfigError("--kl-controller adaptive steers the KL penalty in the reward, which this run does not "
-                              "use (--algo grpo/rloo or --use-kl-in-reward false): pass --use-kl-in-reward true or "
+                              "use (--algo grpo/rloo or --no-use-kl-in-reward): pass --use-kl-in-reward or "
                               "--kl-controller fixed")
         if r.loss_agg_mode not in LOSS_AGG_MODES:
             raise ConfigError(f"--loss-agg-mode must be one of {', '.join(LOSS_AGG_MODES)} (got {r.loss_agg_mode})")
@@ -178,18 +178,12 @@ class RLConfig:
 
 
 def add_rl_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag-name`` per field, with the training flags' conventions: the type of the annotation, the default
-    said once in the help; a boolean is ``--flag`` (on) / ``--no-flag`` (off)."""
+    """One ``--flag-name`` per field, declared as the training flags are (``training.arguments.add_field_argument``):
+    the annotation's type, the default said once, a boolean a switch (``--reward-norm``, ``--no-grpo-norm-by-std``;
+    ``--use-kl-in-reward`` / ``--no-use-kl-in-reward`` where the --algo preset decides)."""
     group = parser.add_argument_group("RL (PPO / GRPO / RLOO)")
     for f in fields(RLConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = None if f.default is MISSING else f.default
-        help_text = f"{f.metadata['help']} (default: {default})" if default is not None else f.metadata["help"]
-        typ = _base_type(str(f.type))
-        if typ is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            group.add_argument(flag, type=typ, default=default, help=help_text)
+        add_field_argument(group, f)
 
 
 def rl_config_from_args(args: argparse.Namespace) -> RLConfig:

@@ -43,11 +43,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from ...errors import run_reporting_errors
 from ...generation import SamplingParams
 from ...runtime.device import HOST, local_device
 from ...training.arguments import TrainConfig, add_config_arguments, config_from_args
 from ...training.checkpointing import save_checkpoint
+from ...training.entry import add_entry_arguments, run_entry
 from ...training.step import TrainedModel, optimizer_step
 from ..algos import core_algos
 from ..preference.reward_model import sequence_rewards, write_reward_marker
@@ -66,7 +66,7 @@ from .losses import (
 )
 from .rollout_data import Prompt
 from .run import RL_STATE, RLRun
-from .setup import build_run
+from .setup import build_run, check_run
 
 TOKEN_WEIGHTED = {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "vf_clipfrac"}
 
@@ -337,7 +337,7 @@ def _log(run: RLRun, step: int, metrics: dict[str, float]) -> None:
     if run.logger.writer is not None:
         for key, value in metrics.items():
             run.logger.writer.add_scalar(key, value, step)
-    if step % run.cfg.log_interval == 0:
+    if run.logger.line_due(step):  # every --log-interval iterations, and at least every 30 s
         m = metrics
         critic = (f" | vf loss {m['critic/vf_loss']:.4f} | expl var {m['critic/explained_variance']:.3f}"
                   if "critic/vf_loss" in m else "")
@@ -418,9 +418,11 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     add_rl_arguments(parser)
+    add_entry_arguments(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run_reporting_errors(lambda: run(config_from_args(args, "finetune"), rl_config_from_args(args)) and None)
+    return run_entry(args, lambda: config_from_args(args, "finetune"), lambda cfg: run(cfg, rl_config_from_args(args)),
+                     lambda cfg, world_size: check_run(cfg, rl_config_from_args(args), world_size))
 
 
 if __name__ == "__main__":

@@ -45,9 +45,10 @@ def _probe_reward(reward: Reward, prompts: PromptDataset, tokenizer) -> None:
     reward(make_sample(tokenizer, prompts.records[0], []), prompts.path)
 
 
-def _validate(cfg: TrainConfig, rl: RLConfig):
-    """Checks and reads that need no process group; returns what the build needs (``rl`` resolved)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def _validate(cfg: TrainConfig, rl: RLConfig, world_size: int | None = None):
+    """Checks and reads that need no process group; returns what the build needs (``rl`` resolved). Also the
+    launch's pre-flight (``--check``, ``check_run``) for ``world_size`` ranks (default: $WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     if world % (tp * pp):
         raise ConfigError(f"the world size {world} must divide by TP x PP = {tp * pp}")
@@ -92,6 +93,12 @@ def _validate(cfg: TrainConfig, rl: RLConfig):
     return rl, load_dir, source, ref_dir, rm_dir, critic_dir, tokenizer, prompts, eval_prompts, ptx, reward
 
 
+def check_run(cfg: TrainConfig, rl: RLConfig, world_size: int) -> None:
+    """The pre-flight of a launch (``--check``): every check ``build_run`` makes before a process group exists (flags,
+    checkpoints, tokenizer, prompt files, one call of the reward), in one process."""
+    _validate(cfg, rl, world_size)
+
+
 def _resume_dirs(cfg: TrainConfig, rl: RLConfig):
     """The actor's (and critic's) last checkpoints under --save, when this job saved before; they must agree."""
     if not cfg.save:
@@ -110,7 +117,8 @@ def build_run(cfg: TrainConfig, rl: RLConfig, quiet: bool = False) -> RLRun:
      reward) = _validate(cfg, rl)
     kl_ctl = build_kl_controller(rl.kl_controller, rl.kl_coef, rl.kl_target, rl.kl_horizon)
 
-    init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed)
+    init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed,
+                     timeout_minutes=cfg.distributed_timeout_minutes)
     actor_resume, critic_resume = _resume_dirs(cfg, rl)
     steps = cfg.train_iters * rl.ppo_epochs * rl.ppo_mini_batches
     # The scheduler counts samples in units of --global-batch-size per optimizer step.

@@ -28,15 +28,16 @@ import torch
 from megatron.core import parallel_state
 
 from ...checkpoint.megatron import find_iteration_dir
-from ...errors import ConfigError, run_reporting_errors
+from ...errors import ConfigError
 from ...training.arguments import TrainConfig, config_from_args
 from ...training.checkpointing import load_module_weights
+from ...training.entry import run_entry
 from ...training.step import schedule_pass
 from ..algos.core_algos import compute_dpo_loss, masked_sum
 from ..algos.logprobs import vocab_parallel_logprobs
 from ..roles import build_actor, build_policy_reference, check_full_weights, reference_stage
 from ..schedule_utils import pairs_to_rows
-from .trainer import PreferenceRun, argument_parser, finetune_config, train, train_to_end
+from .trainer import PreferenceRun, argument_parser, finetune_config, preflight, train, train_to_end
 from .trainer import build_run as build_preference_run
 
 __all__ = ["DPOObjective", "build_run", "main", "run", "train"]
@@ -141,8 +142,9 @@ def main(argv=None) -> int:
     parser = argument_parser("python -m megatron_patch.rlhf.preference.dpo", __doc__)
     parser.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (> 0) (default: 0.1)")
     args = parser.parse_args(argv)
-    return run_reporting_errors(
-        lambda: run(config_from_args(args, "finetune"), args.dpo_beta, args.skip_bad_lines) and None)
+    return run_entry(args, lambda: config_from_args(args, "finetune"),
+                     lambda cfg: run(cfg, args.dpo_beta, args.skip_bad_lines),
+                     preflight(DPOObjective(args.dpo_beta), args.skip_bad_lines))
 
 
 if __name__ == "__main__":

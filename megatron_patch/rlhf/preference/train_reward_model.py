@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from ...errors import ConfigError, run_reporting_errors
+from ...errors import ConfigError
 from ...training.arguments import TrainConfig, config_from_args
+from ...training.entry import run_entry
 from ..algos.core_algos import compute_pairwise_reward_loss
 from ..roles import build_trained_reward_model
 from ..schedule_utils import pairs_to_rows
 from .reward_model import load_reward_model_weights, sequence_rewards, write_reward_marker
-from .trainer import PreferenceRun, argument_parser, finetune_config, train, train_to_end
+from .trainer import PreferenceRun, argument_parser, finetune_config, preflight, train, train_to_end
 from .trainer import build_run as build_preference_run
 
 __all__ = ["RewardObjective", "build_run", "main", "run", "train"]
@@ -93,7 +94,8 @@ def run(cfg: TrainConfig | dict, skip_bad_lines: bool = False, quiet: bool = Fal
 
 def main(argv=None) -> int:
     args = argument_parser("python -m megatron_patch.rlhf.preference.train_reward_model", __doc__).parse_args(argv)
-    return run_reporting_errors(lambda: run(config_from_args(args, "finetune"), args.skip_bad_lines) and None)
+    return run_entry(args, lambda: config_from_args(args, "finetune"), lambda cfg: run(cfg, args.skip_bad_lines),
+                     preflight(RewardObjective(), args.skip_bad_lines))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from ...data.preference import PreferenceDataset
 from ...runtime import init_distributed
 from ...training.arguments import TrainConfig, add_config_arguments
 from ...training.checkpointing import TrainerState, load_train_state, save_checkpoint
+from ...training.entry import add_entry_arguments
 from ...training.logging import MetricsLogger
 from ...training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
 from ...training.step import TrainedModel, optimizer_step, schedule_pass
@@ -155,12 +156,13 @@ def _write_scalars(run: PreferenceRun, split: str, iteration: int, report: dict[
 
 
 def log_train_step(run: PreferenceRun, iteration: int, report: dict[str, float], grad_norm) -> None:
-    """TensorBoard every step (the metrics and the LR); a console line every --log-interval steps."""
+    """TensorBoard every step (the metrics and the LR); a console line every --log-interval steps and at least every
+    30 s."""
     lr = run.trained.optimizer.param_groups[0]["lr"]
     _write_scalars(run, "train", iteration, report)
     if run.logger.writer is not None:
         run.logger.writer.add_scalar("train/learning_rate", lr, iteration)
-    if iteration % run.cfg.log_interval == 0:
+    if run.logger.line_due(iteration):
         norm = "-" if grad_norm is None else f"{float(grad_norm):.4f}"
         run.logger.print(f"iteration {iteration:6d} | {_metrics_text(run.objective, report)} | lr {lr:.3e} | "
                          f"grad norm {norm}")
@@ -214,21 +216,38 @@ def train(run: PreferenceRun) -> PreferenceRun:
 # --- building a run -----------------------------------------------------------------------------------------------
 
 
-def build_run(cfg: TrainConfig, objective: PreferenceObjective, skip_bad_lines: bool = False,
-              quiet: bool = False) -> PreferenceRun:
-    """Validate, read the data, initialise distributed state, build the objective's models, resume or load. Collective."""
-    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+PREFLIGHT_LINES = 100  # the pre-flight reads the first pairs; a bad line further down still stops the ranks
+
+
+def check_run(cfg: TrainConfig, objective: PreferenceObjective, skip_bad_lines: bool, world_size: int,
+              limit: int | None = None):
+    """Everything checkable without a process group: flags, checkpoint, tokenizer, the preference data (its first
+    ``limit`` lines for a launch's pre-flight). Returns ``(load_dir, source, train_data, valid_data)``."""
+    cfg.validate(world_size)
     objective.check(cfg)
     check_precision_support(cfg)
     load_dir = find_iteration_dir(cfg.load) if cfg.load else None
     source = resolve_model_source(cfg, load_dir)
     tokenizer = load_model_tokenizer(cfg, source)
     # Data first: a bad preference file stops the run before any process group or model exists.
-    train_data = PreferenceDataset(cfg.train_data_path, tokenizer, cfg.seq_length, skip_bad_lines)
-    valid_data = (PreferenceDataset(cfg.valid_data_path, tokenizer, cfg.seq_length, skip_bad_lines)
+    train_data = PreferenceDataset(cfg.train_data_path, tokenizer, cfg.seq_length, skip_bad_lines, limit)
+    valid_data = (PreferenceDataset(cfg.valid_data_path, tokenizer, cfg.seq_length, skip_bad_lines, limit)
                   if cfg.valid_data_path else None)
+    return load_dir, source, train_data, valid_data
 
-    init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed)
+
+def preflight(objective: PreferenceObjective, skip_bad_lines: bool) -> Callable[[TrainConfig, int], None]:
+    """The ``--check`` of an entry point training ``objective`` (``training.entry.run_entry``)."""
+    return lambda cfg, world_size: check_run(cfg, objective, skip_bad_lines, world_size, PREFLIGHT_LINES) and None
+
+
+def build_run(cfg: TrainConfig, objective: PreferenceObjective, skip_bad_lines: bool = False,
+              quiet: bool = False) -> PreferenceRun:
+    """Validate, read the data, initialise distributed state, build the objective's models, resume or load. Collective."""
+    load_dir, source, train_data, valid_data = check_run(cfg, objective, skip_bad_lines,
+                                                         int(os.environ.get("WORLD_SIZE", "1")))
+    init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed,
+                     timeout_minutes=cfg.distributed_timeout_minutes)
     train_iters = cfg.train_iters or max(1, cfg.epochs * len(train_data) // cfg.global_batch_size)
     trained, frozen = objective.build_models(cfg, source, load_dir, train_iters)
     logger = MetricsLogger(cfg.log_interval, cfg.tensorboard_dir, cfg.global_batch_size * 2 * cfg.seq_length, quiet)
@@ -272,4 +291,5 @@ def argument_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, mode="finetune")  # preference data is read like SFT data (--train-data-path)
     parser.add_argument("--skip-bad-lines", action="store_true", help="skip malformed preference lines")
+    add_entry_arguments(parser)
     return parser
