@@ -24,6 +24,8 @@
 #   ppo         rlhf/run_ppo_megatron_llama.sh, 3 iterations, the reward model (and critic) from the reward-model step
 #   grpo        rlhf/run_grpo_megatron_llama.sh, 3 iterations, 4 samples per prompt, the digit_match reward on the
 #               copy task, with the held-out line (greedy answers to prompts never trained on)
+#   rl-demo     python -m megatron_patch.rlhf.examples.demo (SFT on mixed demonstrations, then 20 GRPO iterations on
+#               the copy task): its held-out line (greedy exact match on 128 prompts never trained on, before -> after)
 #   benchmark   toolkits/benchmarks/train_throughput.py (on the GPU where it takes --device; operator tables of both
 #               sides in logs/profile/)
 #   pytest-gpu  python -m pytest tests/gpu
@@ -282,6 +284,12 @@ step_grpo() {
     awk '{e[NR]=$NF} END {if (NR) printf "held-out exact_match %s -> %s", e[1], e[NR]}')"
 }
 
+step_rl_demo() {
+  run "$PY" -m megatron_patch.rlhf.examples.demo --algo grpo --workdir "$WORK/rl-demo"
+  live || return 0
+  key "$(grep -o 'held-out exact_match .*' "$STEP_LOG" | tail -n 1)"
+}
+
 step_benchmark() {
   local bench=$REPO/toolkits/benchmarks/train_throughput.py
   # Where the benchmark takes --device (added with the GPU work) both of its sides run on the GPU; an older one is
@@ -323,6 +331,7 @@ step reward-model hf2mcore
 step dpo hf2mcore
 step ppo reward-model
 step grpo hf2mcore
+step rl-demo gpu
 step benchmark gpu
 step pytest-gpu gpu
 echo "total $((SECONDS - start))s; $([ "$FAILED" = 0 ] && echo 'no step failed' || echo 'FAILED')"

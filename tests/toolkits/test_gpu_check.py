@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "toolkits" / "gpu_check.sh"
 STEPS = ["install", "gpu", "tiny-hf", "hf2mcore", "verify", "data", "pretrain", "resume", "generate", "mcore2hf",
-         "reward-model", "dpo", "ppo", "grpo", "benchmark", "pytest-gpu"]
+         "reward-model", "dpo", "ppo", "grpo", "rl-demo", "benchmark", "pytest-gpu"]
 
 
 def run_check(*args, env=None) -> subprocess.CompletedProcess:
@@ -69,6 +69,7 @@ def test_dry_run_prints_one_line_per_step_with_the_positional_scripts(tmp_path):
     assert "/rm/checkpoint" in lines["ppo"] or "/rm " in lines["ppo"]  # PPO scores with the trained reward model
     assert "fn:digit_match" in lines["grpo"] and "--eval-prompt-data-path" in lines["grpo"]
     assert "train_throughput.py" in lines["benchmark"] and "--profile" in lines["benchmark"]
+    assert "megatron_patch.rlhf.examples.demo" in lines["rl-demo"]
     assert "tests/gpu" in lines["pytest-gpu"]
 
 
