@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.atomic import atomic_output_dir, check_output_dir
+from ..checkpoint.hf import ShardedSafetensorsWriter, asset_files, copy_assets
+from ..checkpoint.megatron import ASSETS
+from ..checkpoint.paths import check_outputs
+from ..data.tokenizers import load_tokenizer
 from ..errors import CheckpointError, DataError, UnsupportedModelError, run_reporting_errors
+from ..models.builder import transformer_config
+from ..models.checkpoint import Checkpoint
+from ..runtime import init_distributed
 from ..runtime.noise import add_verbose_flag, quiet_third_party
 from .preference.reward_model import HEAD_PREFIX, build_reward_model, is_reward_checkpoint, load_reward_model_weights
 
@@ -40,9 +48,6 @@ def sequence_classification_config(meta: dict, pad_token_id: int) -> dict:
 
 def _load_full_state(iter_dir: Path, meta: dict, spec) -> dict[str, torch.Tensor]:
     """The reward model at TP=1 PP=1 in this process (dist_checkpointing reshards at load): full tensors."""
-    from ..models.builder import transformer_config
-    from ..runtime import init_distributed
-
     init_distributed(1, 1)
     config = transformer_config(spec.arch, params_dtype=getattr(torch, meta["dtype"]), perform_initialization=False)
     model = build_reward_model(spec.arch, spec.padded_vocab_size, config)
@@ -51,13 +56,6 @@ def _load_full_state(iter_dir: Path, meta: dict, spec) -> dict[str, torch.Tensor
 
 
 def reward_model_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwrite: bool = False) -> Path:
-    from ..checkpoint.atomic import atomic_output_dir, check_output_dir
-    from ..checkpoint.hf import ShardedSafetensorsWriter, asset_files, copy_assets
-    from ..checkpoint.megatron import ASSETS
-    from ..checkpoint.paths import check_outputs
-    from ..data.tokenizers import load_tokenizer
-    from ..models.checkpoint import Checkpoint
-
     check_outputs({"--save": save}, {"--load": load})  # before anything is read: --save "" is the current directory
     ckpt = Checkpoint.open(load)
     iter_dir = ckpt.iter_dir
