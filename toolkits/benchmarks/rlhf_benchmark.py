@@ -403,7 +403,7 @@ def report_grpo(before: dict, sides: dict[str, dict], evals: dict[str, dict]) ->
         (_, first), (_, last) = sides["ours"]["evals"][0], sides["ours"]["evals"][-1]
         lines.append(f"cross-check, ours' generation engine in its loop on the same prompts: exact_match "
                      f"{first['eval/exact_match']:.3f} -> {last['eval/exact_match']:.3f}, digit_match "
-                     f"{first['eval/reward']:.3f} -> {last['eval/reward']:.3f}")
+                     f"{first['eval/reward']:.3f} -> {last['eval/reward']:.3f}, distinct {last['eval/distinct']:.2f}")
     return lines
 
 
