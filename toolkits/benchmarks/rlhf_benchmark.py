@@ -345,10 +345,7 @@ def grpo_start(work: Path, hf: str | None, sft_iters: int, task_sizes: dict | No
     sft, sft_hf = work / f"sft-{GRPO_TASK}-{DISTRACTOR}-{HINT}-{sft_iters}", work / "sft_hf"
     if not (sft / "latest_checkpointed_iteration.txt").is_file():
         base = str(work / "mcore") if (work / "mcore").is_dir() else make_tiny_checkpoint(work)
-        cfg = sft_config(base, paths["sft"], str(sft), sft_iters)
-        if sft_iters < SFT_ITERS:
-            cfg["log_interval"] = max(1, sft_iters)
-        run_on_local_ranks(_sft_worker, 1, cfg)
+        run_on_local_ranks(_sft_worker, 1, sft_config(base, paths["sft"], str(sft), sft_iters))
     if not (sft_hf / "config.json").is_file():
         mcore_to_hf(sft, sft_hf, overwrite=True)
     return {**paths, "mcore": str(sft), "hf": str(sft_hf)}
