@@ -11,6 +11,8 @@ The preference trainers build theirs here too: DPO's policy is an actor and its 
 reward-model trainer trains a stage built as the critic is (``build_trained_reward_model``).
 
 ``check_vocabularies`` runs before any process group exists: every model must share the actor's vocabulary.
+Mixture-of-experts checkpoints are built as their families say (megatron-core's MoE layer) at expert-parallel size
+1: ``check_expert_parallel`` refuses more before any process group exists.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..models.builder import build_model
 from ..models.checkpoint import Checkpoint
 from ..runtime.device import place_model
-from ..training.arguments import TrainConfig
+from ..training.arguments import EP_FLAG, TrainConfig
 from ..training.setup import (
     attach_schedule_hooks,
     build_ddp_model,
@@ -52,6 +54,14 @@ def check_vocabularies(actor_spec, others: dict[str, Path]) -> None:
         if (spec.vocab_size, spec.padded_vocab_size) != (actor_spec.vocab_size, actor_spec.padded_vocab_size):
             raise CheckpointError(f"{flag} {iter_dir} has a vocabulary of {spec.vocab_size} tokens, the actor's has "
                                   f"{actor_spec.vocab_size}: RLHF needs one tokenizer for every model")
+
+
+def check_expert_parallel(cfg: TrainConfig) -> None:
+    """Refuse (one line) an expert-parallel size above 1: the process groups here are TP x PP x DP only, and the
+    rollouts of a rank would have to meet every other rank of its EP group at each generated token."""
+    if cfg.expert_model_parallel_size != 1:
+        raise ConfigError(f"{EP_FLAG} {cfg.expert_model_parallel_size}: RLHF and the preference trainers run "
+                          "mixture-of-experts models at expert-parallel size 1 (each rank holds every expert)")
 
 
 def _with_optimizer(cfg: TrainConfig, source, config, model, optimizer_steps: int) -> Trained:

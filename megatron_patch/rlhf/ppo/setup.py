@@ -24,7 +24,14 @@ from ...training.logging import MetricsLogger
 from ...training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
 from ..algos.core_algos import build_kl_controller
 from ..preference.reward_model import is_reward_checkpoint, load_reward_model_weights
-from ..roles import build_actor, build_critic, build_frozen_reward_model, build_reference, check_vocabularies
+from ..roles import (
+    build_actor,
+    build_critic,
+    build_frozen_reward_model,
+    build_reference,
+    check_expert_parallel,
+    check_vocabularies,
+)
 from ..schedule_utils import find_resume_dir
 from .config import RLConfig
 from .evaluation import make_sample
@@ -49,6 +56,7 @@ def _validate(cfg: TrainConfig, rl: RLConfig):
         raise ConfigError("RLHF needs --load: the SFT (or converted) checkpoint the actor starts from")
     if not cfg.train_iters:
         raise ConfigError("--train-iters (RL iterations) is required")
+    check_expert_parallel(cfg)
     rl.validate(cfg.seq_length, cfg.global_batch_size, cfg.micro_batch_size, world // (tp * pp))
     rl = rl.resolved()
     check_precision_support(cfg)

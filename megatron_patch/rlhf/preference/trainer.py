@@ -38,6 +38,7 @@ from ...training.arguments import TrainConfig, add_config_arguments
 from ...training.checkpointing import TrainerState, load_train_state, save_checkpoint
 from ...training.logging import MetricsLogger
 from ...training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
+from ..roles import check_expert_parallel
 from ..schedule_utils import find_resume_dir, reduce_sums, schedule_pass
 
 
@@ -220,6 +221,7 @@ def build_run(cfg: TrainConfig, objective: PreferenceObjective, skip_bad_lines: 
     """Validate, read the data, initialise distributed state, build the objective's models, resume or load. Collective."""
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     objective.check(cfg)
+    check_expert_parallel(cfg)
     check_precision_support(cfg)
     load_dir = find_iteration_dir(cfg.load) if cfg.load else None
     source = resolve_model_source(cfg, load_dir)
