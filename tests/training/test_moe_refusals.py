@@ -86,3 +86,36 @@ def test_ep_on_a_preset_without_checkpoint(moe_ckpt):
                       data_path=[str(moe_ckpt / "d_text_document")], train_iters=1, global_batch_size=3)
     with pytest.raises(ConfigError, match="^--expert-model-parallel-size 3 does not divide the 4 experts$"):
         preflight(cfg, world_size=3)
+
+
+@pytest.mark.parametrize("world,ep,message", [
+    (3, 3, "--expert-model-parallel-size 3 does not divide the 4 experts"),
+    (2, 4, "--expert-model-parallel-size 4 does not divide the data-parallel size 2 (2 processes / TP x PP 1x1)"),
+    (1, 0, "--expert-model-parallel-size must be >= 1 (got 0)"),
+])
+def test_generation_refuses_before_any_rank(moe_ckpt, tmp_path, monkeypatch, world, ep, message):
+    from megatron_patch.generate import build_parser
+    from megatron_patch.generation.checks import preflight as generation_preflight
+
+    (tmp_path / "p.txt").write_text("hello\n")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    args = build_parser().parse_args(["--load", str(moe_ckpt / "mcore"), "--ep", str(ep), "--seq-length", "64",
+                                      "--out-seq-length", "8", "--text-generate-input-file", str(tmp_path / "p.txt"),
+                                      "--text-generate-output-file", str(tmp_path / "o.jsonl")])
+    with pytest.raises(ConfigError) as error:
+        generation_preflight(args)
+    assert str(error.value).startswith(message)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_generation_refuses_ep_for_a_dense_model(workspace, tmp_path, monkeypatch):
+    from megatron_patch.generate import build_parser
+    from megatron_patch.generation.checks import preflight as generation_preflight
+
+    (tmp_path / "p.txt").write_text("hello\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = build_parser().parse_args(["--load", workspace["ckpt"], "--ep", "2", "--seq-length", "64",
+                                      "--out-seq-length", "8", "--text-generate-input-file", str(tmp_path / "p.txt"),
+                                      "--text-generate-output-file", str(tmp_path / "o.jsonl")])
+    with pytest.raises(ConfigError, match="^--expert-model-parallel-size 2 needs a mixture-of-experts model"):
+        generation_preflight(args)
