@@ -19,7 +19,8 @@ def moe_ws(tmp_path_factory, make_hf):
     from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 
     root = tmp_path_factory.mktemp("moe_rl")
-    hf_to_mcore(make_hf("moe_rl_qwen2_moe", family="qwen_moe"), root / "mcore")
+    hf = make_hf("moe_train_qwen2_moe", family="qwen_moe")  # the HF model of the MoE training tests (built once per session)
+    hf_to_mcore(hf, root / "mcore")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{d}{(d + 1) % 10}"}) + "\n" for d in range(4)))
     return {"ckpt": str(root / "mcore"), "prompts": str(prompts)}

@@ -20,7 +20,8 @@ def moe_ckpt(make_hf, tmp_path_factory):
     from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 
     root = tmp_path_factory.mktemp("moe_refusals")
-    hf_to_mcore(make_hf("moe_refusals_qwen2_moe", family="qwen_moe"), root / "mcore")
+    hf = make_hf("moe_train_qwen2_moe", family="qwen_moe")  # the HF model of test_moe_training (built once per session)
+    hf_to_mcore(hf, root / "mcore")
     for suffix in (".bin", ".idx"):  # the pre-flight checks that the files exist, nothing more
         (root / f"d_text_document{suffix}").write_bytes(b"")
     return root

@@ -265,3 +265,34 @@ def test_moe_family_table_matches_the_registry():
     for name in moe:
         for kind in ("pretrain", "finetune", "text_generation"):
             assert (ROOT / "examples" / name / f"run_{kind}_megatron_{name}.sh").is_file()
+
+
+@pytest.mark.slow
+def test_moe_script_trains_at_ep2(make_hf, tmp_path):
+    """The MoE pretraining script for real (ENV=cpu, EP=2: two ranks), 3 steps on a tiny Qwen2-MoE: the log carries
+    the load-balancing loss and the expert load; the checkpoint lands under the run name ending in -ep2."""
+    import json
+    import sys
+
+    from megatron_patch.convert.hf_to_mcore import hf_to_mcore
+    from megatron_patch.data.indexed import build_indexed_dataset
+    from megatron_patch.models.tiny import CORPUS
+
+    hf = make_hf("moe_train_qwen2_moe", family="qwen_moe")
+    hf_to_mcore(hf, tmp_path / "mcore")
+    with open(tmp_path / "c.jsonl", "w") as handle:
+        handle.writelines(json.dumps({"text": line}) + "\n" for line in CORPUS.read_text().splitlines() if line.strip())
+    build_indexed_dataset(str(tmp_path / "c.jsonl"), tmp_path / "c_text_document", hf, progress=False)
+    v = {**moe_values(tmp_path), "BATCH_SIZE": "1", "GLOBAL_BATCH_SIZE": "4", "TP": "1", "EP": "2", "PR": "fp32",
+         "AC": "none", "DO": "false", "SEQ_LEN": "64", "PAD_LEN": "64", "EXTRA_VOCAB_SIZE": "0", "SAVE_INTERVAL": "100",
+         "DATASET_PATH": str(tmp_path / "c_text_document"), "PRETRAIN_CHECKPOINT_PATH": str(tmp_path / "mcore"),
+         "TRAIN_TOKENS": str(4 * 64 * 3), "WARMUP_TOKENS": "0"}
+    script = ROOT / "examples" / "qwen_moe" / "run_pretrain_megatron_qwen_moe.sh"
+    result = subprocess.run(["bash", str(script), *[v[n] for n in MOE_PRETRAIN["EP after MOE"][0].split()]],
+                            capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "iteration        3/       3" in line]
+    assert lines and "load_balancing_loss:" in lines[0] and "expert load max/mean:" in lines[0], result.stdout
+    saved = list((tmp_path / "out" / "checkpoint").glob("pretrain-qwen_moe-tiny-*-ep2/iter_0000003"))
+    assert len(saved) == 1, list((tmp_path / "out" / "checkpoint").iterdir())
