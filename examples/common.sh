@@ -59,6 +59,17 @@ MP_PRETRAIN_LAYOUTS+=(
     MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC
     DO FL SP TE MOE EP SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS WARMUP_TOKENS OUTPUT_BASEPATH"
 )
+# Pai-Megatron-Patch's current MoE script (examples/qwen3/run_mcore_qwen3.sh, also qwen2/run_mcore_qwen2_moe.sh since
+# 2025-07): one script for pretraining and SFT, no MEGATRON_PATCH_PATH (the checkout holding the script), no
+# EXTRA_VOCAB_SIZE, EP at 14 after CP and ETP. Read by the pretraining scripts with SFT=false; what this toolkit does not
+# have is refused (CP > 1, ETP other than TP, OPTIMIZER_OFFLOAD, SFT=true: finetuning reads jsonl with
+# run_finetune_*). VALID_DATASET_PATH is not used (pretraining splits DATASET_PATH 98,2,0, as Pai's idxmap mode).
+MP_PRETRAIN_LAYOUTS+=(
+  "pai-2025-mcore|Pai-Megatron-Patch's current MoE layout (run_mcore_qwen3.sh: CP ETP EP at 12-14, SFT at 18)|ENV
+    MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN PR TP PP CP ETP EP SP DO FL SFT AC
+    OPTIMIZER_OFFLOAD SAVE_INTERVAL DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS WARMUP_TOKENS
+    OUTPUT_BASEPATH"
+)
 MP_FINETUNE_LAYOUTS+=(
   "pai-2025-05-moe|Pai-Megatron-Patch's MoE finetuning layout since 2025-05 (MOE at 19, EP at 20, iterations)|ENV
     MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC
@@ -126,9 +137,10 @@ mp_looks_like() {  # mp_looks_like <name> <value>: whether value has the shape o
     MODEL_SIZE) [[ "$v" =~ ^[A-Za-z0-9._-]+$ && "$v" =~ [A-Za-z] ]] && [ ! -d "$v" ] ;;
     PR) [[ "$v" =~ ^(fp32|fp16|bf16|fp8)$ ]] ;;
     AC) [[ "$v" =~ ^(none|sel|full)$ ]] ;;
-    DO|FL|SP|TE|MOE) [[ "$v" =~ ^(true|false)$ ]] ;;
+    DO|FL|SP|TE|MOE|SFT) [[ "$v" =~ ^(true|false)$ ]] ;;
+    OPTIMIZER_OFFLOAD) [[ "$v" =~ ^(false|[0-9]*\.?[0-9]+)$ ]] ;;
     LR|MIN_LR|TOP_P|TEMPERATURE|REPETITION_PENALTY) [[ "$v" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] ;;
-    BATCH_SIZE|GLOBAL_BATCH_SIZE|SEQ_LEN|PAD_LEN|EXTRA_VOCAB_SIZE|TP|PP|EP|SAVE_INTERVAL|TRAIN_TOKENS|WARMUP_TOKENS|EPOCH|BS|\
+    BATCH_SIZE|GLOBAL_BATCH_SIZE|SEQ_LEN|PAD_LEN|EXTRA_VOCAB_SIZE|TP|PP|EP|CP|ETP|SAVE_INTERVAL|TRAIN_TOKENS|WARMUP_TOKENS|EPOCH|BS|\
     TOP_K|INPUT_SEQ_LEN|OUTPUT_SEQ_LEN|TRAIN_ITERS|WARMUP_ITERS)
       [[ "$v" =~ ^[0-9]+$ ]] ;;
     *) return 0 ;;  # paths and data: anything may be a path
@@ -179,6 +191,9 @@ mp_parse_layouts() {  # mp_parse_layouts <script> <layouts array name> -- "$@": 
     printf -v "$name" '%s' "$1"
     shift
   done
+  # Pai's current layout names neither the checkout (it is the one holding the script) nor EXTRA_VOCAB_SIZE.
+  if [ -z "$MEGATRON_PATCH_PATH" ]; then MEGATRON_PATCH_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd); fi
+  if [ -z "$EXTRA_VOCAB_SIZE" ]; then EXTRA_VOCAB_SIZE=0; fi
   if [ -z "$PAD_LEN" ]; then PAD_LEN=$SEQ_LEN; fi
 }
 
@@ -198,6 +213,13 @@ mp_validate_common() {
   if [ -n "${TE:-}" ]; then mp_bool TE; fi
   if [ -n "${MOE:-}" ]; then mp_bool MOE; fi
   if [ -n "${EP:-}" ]; then mp_int EP; fi
+  if [ -n "${CP:-}" ]; then  # Pai's current layout: what this toolkit does not have is refused, naming it
+    mp_int CP; mp_int ETP; mp_bool SFT
+    [ "$CP" -eq 1 ] || mp_fail "CP=$CP: context parallelism is not supported here (pass CP=1)"
+    [ "$ETP" -eq "$TP" ] || mp_fail "ETP=$ETP: the experts are split over the TP ranks here (expert-TP = TP): pass ETP=$TP"
+    [ "$OPTIMIZER_OFFLOAD" = false ] || mp_fail "OPTIMIZER_OFFLOAD=$OPTIMIZER_OFFLOAD: optimizer offload is not supported here (pass false)"
+    [ "$SFT" = false ] || mp_fail "SFT=true: finetuning reads a jsonl with run_finetune_megatron_$MP_FAMILY.sh (Pai's layout with SFT=true reads indexed SFT data, which this toolkit does not)"
+  fi
   if [ "$PRETRAIN_CHECKPOINT_PATH" != none ] && [ ! -e "$PRETRAIN_CHECKPOINT_PATH" ]; then
     mp_fail "PRETRAIN_CHECKPOINT_PATH '$PRETRAIN_CHECKPOINT_PATH' does not exist (or pass none to train from scratch)"
   fi

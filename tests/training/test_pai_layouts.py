@@ -153,6 +153,11 @@ MOE_PRETRAIN = {
         "ENV MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR "
         "TP PP AC DO FL SP TE MOE EP SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS WARMUP_TOKENS "
         "OUTPUT_BASEPATH", "MoE pretraining layout with EP after MOE", "4"),
+    # examples/qwen3/run_mcore_qwen3.sh (and qwen2/run_mcore_qwen2_moe.sh since 2025-07): Pai's current one.
+    "qwen3 / qwen2-moe mcore 2025-07..head": (
+        "ENV MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN PR TP PP CP ETP EP SP DO FL SFT AC "
+        "OPTIMIZER_OFFLOAD SAVE_INTERVAL DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS "
+        "WARMUP_TOKENS OUTPUT_BASEPATH", "current MoE layout (run_mcore_qwen3.sh", "4"),
 }
 MOE_FINETUNE = {
     "qwen1.5 MoE finetuning 2025-05..head": (
@@ -170,7 +175,8 @@ def moe_values(tmp_path) -> dict:
     """Pai's Qwen1.5-MoE-A2.7B example commands (TP 2, EP 4, MOE true, 100000 iterations), on this machine's paths."""
     v = values(tmp_path)
     v.update(TP="2", MOE="true", EP="4", TE="false", SAVE_INTERVAL="500", DATASET_PATH=str(tmp_path / "d_text_document"),
-             TRAIN_ITERS="100000", WARMUP_ITERS="10000", SEQ_LEN="128", PAD_LEN="128")
+             TRAIN_ITERS="100000", WARMUP_ITERS="10000", SEQ_LEN="128", PAD_LEN="128", CP="1", ETP="2", SFT="false",
+             OPTIMIZER_OFFLOAD="false")
     return v
 
 
@@ -235,6 +241,18 @@ def test_moe_arguments_refused(tmp_path, kind, family, change, message):
         v["DATASET_PATH"] = v["TRAIN_DATASET_PATH"]
     v.update(change)
     result = dry_run(kind, family, [v[n] for n in layouts[kind].split()])
+    assert result.returncode == 2 and f"error: {message}" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(CP="2"), "CP=2: context parallelism is not supported here (pass CP=1)"),
+    (dict(ETP="1"), "ETP=1: the experts are split over the TP ranks here (expert-TP = TP): pass ETP=2"),
+    (dict(OPTIMIZER_OFFLOAD="0.5"), "OPTIMIZER_OFFLOAD=0.5: optimizer offload is not supported here"),
+    (dict(SFT="true"), "SFT=true: finetuning reads a jsonl with run_finetune_megatron_qwen_moe.sh"),
+])
+def test_pai_current_layout_refuses_what_is_missing_here(tmp_path, change, message):
+    v = {**moe_values(tmp_path), **change}
+    result = dry_run("pretrain", "qwen_moe", [v[n] for n in MOE_PRETRAIN["qwen3 / qwen2-moe mcore 2025-07..head"][0].split()])
     assert result.returncode == 2 and f"error: {message}" in result.stderr, result.stderr
 
 

@@ -96,7 +96,7 @@ def test_pai_megatron_patch_25_argument_layout(tmp_path):
     result = run_script("llama", "pretrain", args[:18] + ["maybe"] + args[18:])
     assert result.returncode == 2 and "TE must be one of: true false" in result.stderr
     result = run_script("llama", "pretrain", args[:-2])
-    assert result.returncode == 2 and "expected 23/24/25/26 arguments (the layouts above), got 22" in result.stderr
+    assert result.returncode == 2 and "expected 23/24/25/26/27 arguments (the layouts above), got 22" in result.stderr
     assert "   or: run_pretrain_megatron_llama.sh ENV MEGATRON_PATH" in result.stderr
 
 
