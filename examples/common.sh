@@ -216,7 +216,9 @@ mp_validate_common() {
   if [ -n "${CP:-}" ]; then  # Pai's current layout: what this toolkit does not have is refused, naming it
     mp_int CP; mp_int ETP; mp_bool SFT
     [ "$CP" -eq 1 ] || mp_fail "CP=$CP: context parallelism is not supported here (pass CP=1)"
-    [ "$ETP" -eq "$TP" ] || mp_fail "ETP=$ETP: the experts are split over the TP ranks here (expert-TP = TP): pass ETP=$TP"
+    if [ -n "${MP_MOE_AUX_LOSS_COEFF[$MP_FAMILY]:-}" ] && [ "$ETP" -ne "$TP" ]; then  # (a dense model has no experts)
+      mp_fail "ETP=$ETP: the experts are split over the TP ranks here (expert-TP = TP): pass ETP=$TP"
+    fi
     [ "$OPTIMIZER_OFFLOAD" = false ] || mp_fail "OPTIMIZER_OFFLOAD=$OPTIMIZER_OFFLOAD: optimizer offload is not supported here (pass false)"
     [ "$SFT" = false ] || mp_fail "SFT=true: finetuning reads a jsonl with run_finetune_megatron_$MP_FAMILY.sh (Pai's layout with SFT=true reads indexed SFT data, which this toolkit does not)"
   fi

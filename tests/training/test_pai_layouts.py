@@ -256,6 +256,15 @@ def test_pai_current_layout_refuses_what_is_missing_here(tmp_path, change, messa
     assert result.returncode == 2 and f"error: {message}" in result.stderr, result.stderr
 
 
+def test_pai_current_layout_on_a_dense_family(tmp_path):
+    """Pai's run_mcore_qwen3.sh trains the dense Qwen3 sizes too (EP 1, ETP 1 whatever TP): read, no MoE flags."""
+    v = {**moe_values(tmp_path), "EP": "1", "ETP": "1"}
+    result = dry_run("pretrain", "qwen", [v[n] for n in MOE_PRETRAIN["qwen3 / qwen2-moe mcore 2025-07..head"][0].split()])
+    assert result.returncode == 0, result.stderr
+    assert flag(result.stdout, "--tensor-model-parallel-size") == "2" and "--moe-" not in result.stdout
+    assert "--expert-model-parallel-size" not in result.stdout
+
+
 def test_moe_environment_does_not_leak(tmp_path, monkeypatch):
     """MOE / EP / TRAIN_ITERS exported in the shell do not reach a layout that has no such argument."""
     for name, value in (("EP", "4"), ("MOE", "true"), ("TRAIN_ITERS", "7"), ("GLOBAL_BATCH_SIZE", "64")):
