@@ -5,8 +5,9 @@ optimizer, the pipeline schedule, grad clipping) against a plain PyTorch loop ov
 of the same shape, batch, sequence length and optimizer (Adam, same betas/eps/weight decay, grad clipping 1.0).
 The MoE shapes (``--shape moe-small`` / ``moe-gpu``, or ``--experts N --topk K``) are Mixtral-shaped: every layer a
 mixture of N SwiGLU experts of width ``--ffn``, top K; the toolkit's side is megatron-core's MoE layer (router,
-alltoall dispatcher, SequentialMLP experts) at EP=1, the baseline transformers' ``MixtralForCausalLM``; neither adds
-the load-balancing loss (transformers' ``output_router_logits`` off, ``--moe-aux-loss-coeff`` 0).
+alltoall dispatcher, SequentialMLP experts) at EP=1, the baseline transformers' ``MixtralForCausalLM`` (its default
+grouped_mm experts on the CPU; on CUDA its per-expert loop, which bf16 autocast reaches); neither adds the
+load-balancing loss (transformers' ``output_router_logits`` off, ``--moe-aux-loss-coeff`` 0).
 On CUDA the baseline is what a careful user writes: fp32 weights, SDPA attention, bf16 autocast, fused AdamW; the
 toolkit trains bf16 weights with fp32 main weights and fp32 gradient buffers. Each side (and the matmul probe) runs
 in its own fresh process, alternating A, B for ``--rounds`` rounds; a round reports the median step time.
@@ -176,15 +177,22 @@ def peak_memory_bytes(device) -> int:
 
 def measure_hf(shape: Shape, args, device) -> dict:
     import torch
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(hf_config(shape))
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    on_cuda = device.type == "cuda"
+    experts = {}
+    if shape.experts and on_cuda and int(transformers.__version__.split(".")[0]) >= 5:
+        # transformers 5 runs experts through grouped_mm, which autocast does not reach: with the loop's fp32 weights
+        # they would multiply in fp32. Its per-expert loop ("eager", transformers 4's only one) runs them in bf16, as
+        # megatron-core's SequentialMLP does on the other side.
+        experts = {"experts_implementation": "eager"}
     torch.manual_seed(0)
     with device:  # initialise where it trains (a 7B-layer model initialises slowly on the host)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa", **experts)
     model.train()
-    on_cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
                             **({"fused": True} if on_cuda else {}))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=shape.dtype == "bfloat16")
