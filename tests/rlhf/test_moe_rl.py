@@ -9,15 +9,17 @@ import json
 import numpy as np
 import pytest
 
+from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.errors import ConfigError
+from megatron_patch.rlhf.ppo.config import RLConfig
+from megatron_patch.rlhf.ppo.setup import build_run
 from megatron_patch.runtime import run_on_local_ranks
+from megatron_patch.training.arguments import TrainConfig
 from tests.rlhf import workers
 
 
 @pytest.fixture(scope="module")
 def moe_ws(tmp_path_factory, make_hf):
-    from megatron_patch.convert.hf_to_mcore import hf_to_mcore
-
     root = tmp_path_factory.mktemp("moe_rl")
     hf = make_hf("moe_train_qwen2_moe", family="qwen_moe")  # the HF model of the MoE training tests (built once per session)
     hf_to_mcore(hf, root / "mcore")
@@ -52,10 +54,6 @@ def test_grpo_updates_a_moe_actor(moe_ws):
 
 
 def test_expert_parallel_refused(moe_ws):
-    from megatron_patch.rlhf.ppo.config import RLConfig
-    from megatron_patch.rlhf.ppo.setup import build_run
-    from megatron_patch.training.arguments import TrainConfig
-
     cfg, rl = _configs(moe_ws, expert_model_parallel_size=2)
     with pytest.raises(ConfigError, match="^--expert-model-parallel-size 2: RLHF and the preference trainers run "
                                           "mixture-of-experts models at expert-parallel size 1"):

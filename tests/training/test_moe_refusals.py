@@ -9,7 +9,10 @@ import shutil
 
 import pytest
 
+from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.errors import CheckpointError, ConfigError
+from megatron_patch.generate import build_parser
+from megatron_patch.generation.checks import preflight as generation_preflight
 from megatron_patch.training.arguments import TrainConfig
 from megatron_patch.training.preflight import preflight
 
@@ -17,8 +20,6 @@ from megatron_patch.training.preflight import preflight
 @pytest.fixture(scope="module")
 def moe_ckpt(make_hf, tmp_path_factory):
     """A tiny Qwen2-MoE (4 experts, top-2) converted to torch_dist, and an empty indexed dataset beside it."""
-    from megatron_patch.convert.hf_to_mcore import hf_to_mcore
-
     root = tmp_path_factory.mktemp("moe_refusals")
     hf = make_hf("moe_train_qwen2_moe", family="qwen_moe")  # the HF model of test_moe_training (built once per session)
     hf_to_mcore(hf, root / "mcore")
@@ -95,9 +96,6 @@ def test_ep_on_a_preset_without_checkpoint(moe_ckpt):
     (1, 0, "--expert-model-parallel-size must be >= 1 (got 0)"),
 ])
 def test_generation_refuses_before_any_rank(moe_ckpt, tmp_path, monkeypatch, world, ep, message):
-    from megatron_patch.generate import build_parser
-    from megatron_patch.generation.checks import preflight as generation_preflight
-
     (tmp_path / "p.txt").write_text("hello\n")
     monkeypatch.setenv("WORLD_SIZE", str(world))
     args = build_parser().parse_args(["--load", str(moe_ckpt / "mcore"), "--ep", str(ep), "--seq-length", "64",
@@ -110,9 +108,6 @@ def test_generation_refuses_before_any_rank(moe_ckpt, tmp_path, monkeypatch, wor
 
 
 def test_generation_refuses_ep_for_a_dense_model(workspace, tmp_path, monkeypatch):
-    from megatron_patch.generate import build_parser
-    from megatron_patch.generation.checks import preflight as generation_preflight
-
     (tmp_path / "p.txt").write_text("hello\n")
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = build_parser().parse_args(["--load", workspace["ckpt"], "--ep", "2", "--seq-length", "64",
