@@ -45,6 +45,47 @@ MP_FINETUNE_LAYOUTS=(
     EXTRA_VOCAB_SIZE PR TP PP AC DO FL SP TE TRAIN_DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH EPOCH
     OUTPUT_BASEPATH"
 )
+# Pai-Megatron-Patch's mixture-of-experts scripts (examples/qwen1_5/run_{pretrain,finetune}_mcore_qwen*.sh, which
+# train Qwen1.5-MoE-A2.7B) place MOE (true/false) after TE and, in the finetuning script since 2025-05, EP after MOE;
+# their pretraining script fixes EP inside (4 for A2.7B). The 26-argument pretraining layout is that placement with
+# EP added (this toolkit's, so that pretraining can name EP too). Their finetuning counts iterations and takes a
+# global batch and a save interval. Layouts without EP train at EP=1 (MP_EXTRA_ARGS may pass
+# --expert-model-parallel-size).
+MP_PRETRAIN_LAYOUTS+=(
+  "pai-2024-04-moe|Pai-Megatron-Patch's MoE pretraining layout since 2024-04 (MOE at 19, EP fixed at 1 here)|ENV
+    MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC
+    DO FL SP TE MOE SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS WARMUP_TOKENS OUTPUT_BASEPATH"
+  "moe-ep|the MoE pretraining layout with EP after MOE (MOE at 19, EP at 20, as Pai's MoE finetuning places them)|ENV
+    MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC
+    DO FL SP TE MOE EP SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS WARMUP_TOKENS OUTPUT_BASEPATH"
+)
+# Pai-Megatron-Patch's current MoE script (examples/qwen3/run_mcore_qwen3.sh, also qwen2/run_mcore_qwen2_moe.sh since
+# 2025-07): one script for pretraining and SFT, no MEGATRON_PATCH_PATH (the checkout holding the script), no
+# EXTRA_VOCAB_SIZE, EP at 14 after CP and ETP. Read by the pretraining scripts with SFT=false; what this toolkit does not
+# have is refused (CP > 1, ETP other than TP, OPTIMIZER_OFFLOAD, SFT=true: finetuning reads jsonl with
+# run_finetune_*). VALID_DATASET_PATH is not used (pretraining splits DATASET_PATH 98,2,0, as Pai's idxmap mode).
+MP_PRETRAIN_LAYOUTS+=(
+  "pai-2025-mcore|Pai-Megatron-Patch's current MoE layout (run_mcore_qwen3.sh: CP ETP EP at 12-14, SFT at 18)|ENV
+    MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN PR TP PP CP ETP EP SP DO FL SFT AC
+    OPTIMIZER_OFFLOAD SAVE_INTERVAL DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS WARMUP_TOKENS
+    OUTPUT_BASEPATH"
+)
+MP_FINETUNE_LAYOUTS+=(
+  "pai-2025-05-moe|Pai-Megatron-Patch's MoE finetuning layout since 2025-05 (MOE at 19, EP at 20, iterations)|ENV
+    MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC
+    DO FL SP TE MOE EP SAVE_INTERVAL DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_ITERS WARMUP_ITERS
+    OUTPUT_BASEPATH"
+  "pai-2024-04-moe|Pai-Megatron-Patch's MoE finetuning layout of 2024-04 (MOE at 19, no EP, iterations)|ENV
+    MEGATRON_PATCH_PATH MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN EXTRA_VOCAB_SIZE PR TP PP AC
+    DO FL SP TE MOE SAVE_INTERVAL DATASET_PATH VALID_DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_ITERS WARMUP_ITERS
+    OUTPUT_BASEPATH"
+)
+# The mixture-of-experts families and the load-balancing loss weight their scripts train with: HF's
+# router_aux_loss_coef of the family's released configs (Pai's MoE scripts fix the MoE options inside the script too;
+# MP_EXTRA_ARGS="--moe-aux-loss-coeff X" overrides, the last flag wins). Tokens reach their experts through the
+# alltoall dispatcher.
+declare -gA MP_MOE_AUX_LOSS_COEFF=([qwen_moe]=0.001 [mixtral]=0.02)
+MP_EP=1  # the expert-parallel size the launcher sizes ENV=cpu for (set by mp_moe_flags)
 MP_OTHER_LAYOUTS=()  # the argument lists `usage:` prints after the one read
 # Finetuning also takes an optional last argument after any layout, PEFT: none | lora | lora:RANK | lora:RANK:ALPHA
 # (default rank 8, alpha 2 x rank; adapters on qkv, proj, fc1, fc2; MP_EXTRA_ARGS may add --lora-dropout /
@@ -96,10 +137,11 @@ mp_looks_like() {  # mp_looks_like <name> <value>: whether value has the shape o
     MODEL_SIZE) [[ "$v" =~ ^[A-Za-z0-9._-]+$ && "$v" =~ [A-Za-z] ]] && [ ! -d "$v" ] ;;
     PR) [[ "$v" =~ ^(fp32|fp16|bf16|fp8)$ ]] ;;
     AC) [[ "$v" =~ ^(none|sel|full)$ ]] ;;
-    DO|FL|SP|TE) [[ "$v" =~ ^(true|false)$ ]] ;;
+    DO|FL|SP|TE|MOE|SFT) [[ "$v" =~ ^(true|false)$ ]] ;;
+    OPTIMIZER_OFFLOAD) [[ "$v" =~ ^(false|[0-9]*\.?[0-9]+)$ ]] ;;
     LR|MIN_LR|TOP_P|TEMPERATURE|REPETITION_PENALTY) [[ "$v" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] ;;
-    BATCH_SIZE|GLOBAL_BATCH_SIZE|SEQ_LEN|PAD_LEN|EXTRA_VOCAB_SIZE|TP|PP|SAVE_INTERVAL|TRAIN_TOKENS|WARMUP_TOKENS|EPOCH|BS|TOP_K|INPUT_SEQ_LEN|\
-    OUTPUT_SEQ_LEN)
+    BATCH_SIZE|GLOBAL_BATCH_SIZE|SEQ_LEN|PAD_LEN|EXTRA_VOCAB_SIZE|TP|PP|EP|CP|ETP|SAVE_INTERVAL|TRAIN_TOKENS|WARMUP_TOKENS|EPOCH|BS|\
+    TOP_K|INPUT_SEQ_LEN|OUTPUT_SEQ_LEN|TRAIN_ITERS|WARMUP_ITERS)
       [[ "$v" =~ ^[0-9]+$ ]] ;;
     *) return 0 ;;  # paths and data: anything may be a path
   esac
@@ -141,13 +183,17 @@ mp_parse_layouts() {  # mp_parse_layouts <script> <layouts array name> -- "$@": 
   for entry in "${all[@]}"; do [ "$entry" = "${MP_NAMES[*]}" ] || MP_OTHER_LAYOUTS+=("$entry"); done
   echo "layout: $MP_LAYOUT_TEXT, $# arguments" >&2
   # What a layout leaves out: MEGATRON_PATH none (the installed megatron-core), PAD_LEN = SEQ_LEN, TE decided by
-  # PR / FL / SP (never taken from the environment).
-  MEGATRON_PATH=none; PAD_LEN=""; TE=""
+  # PR / FL / SP, no MOE / EP / iterations: never taken from the environment (every name of every layout is cleared).
   local name
+  for name in ${all[*]}; do printf -v "$name" '%s' ""; done
+  MEGATRON_PATH=none
   for name in "${MP_NAMES[@]}"; do
     printf -v "$name" '%s' "$1"
     shift
   done
+  # Pai's current layout names neither the checkout (it is the one holding the script) nor EXTRA_VOCAB_SIZE.
+  if [ -z "$MEGATRON_PATCH_PATH" ]; then MEGATRON_PATCH_PATH=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd); fi
+  if [ -z "$EXTRA_VOCAB_SIZE" ]; then EXTRA_VOCAB_SIZE=0; fi
   if [ -z "$PAD_LEN" ]; then PAD_LEN=$SEQ_LEN; fi
 }
 
@@ -165,6 +211,17 @@ mp_validate_common() {
   mp_choice AC none sel full
   mp_bool DO; mp_bool FL; mp_bool SP
   if [ -n "${TE:-}" ]; then mp_bool TE; fi
+  if [ -n "${MOE:-}" ]; then mp_bool MOE; fi
+  if [ -n "${EP:-}" ]; then mp_int EP; fi
+  if [ -n "${CP:-}" ]; then  # Pai's current layout: what this toolkit does not have is refused, naming it
+    mp_int CP; mp_int ETP; mp_bool SFT
+    [ "$CP" -eq 1 ] || mp_fail "CP=$CP: context parallelism is not supported here (pass CP=1)"
+    if [ -n "${MP_MOE_AUX_LOSS_COEFF[$MP_FAMILY]:-}" ] && [ "$ETP" -ne "$TP" ]; then  # (a dense model has no experts)
+      mp_fail "ETP=$ETP: the experts are split over the TP ranks here (expert-TP = TP): pass ETP=$TP"
+    fi
+    [ "$OPTIMIZER_OFFLOAD" = false ] || mp_fail "OPTIMIZER_OFFLOAD=$OPTIMIZER_OFFLOAD: optimizer offload is not supported here (pass false)"
+    [ "$SFT" = false ] || mp_fail "SFT=true: finetuning reads a jsonl with run_finetune_megatron_$MP_FAMILY.sh (Pai's layout with SFT=true reads indexed SFT data, which this toolkit does not)"
+  fi
   if [ "$PRETRAIN_CHECKPOINT_PATH" != none ] && [ ! -e "$PRETRAIN_CHECKPOINT_PATH" ]; then
     mp_fail "PRETRAIN_CHECKPOINT_PATH '$PRETRAIN_CHECKPOINT_PATH' does not exist (or pass none to train from scratch)"
   fi
@@ -191,7 +248,7 @@ mp_launcher() {  # sets MP_LAUNCH (array) and MP_WORLD_SIZE from ENV
   local nproc torchrun=("${PYTHON:-python}" -m megatron_patch.torchrun)
   case "$ENV" in
     cpu)
-      nproc=$((TP * PP))
+      nproc=$((TP * PP * MP_EP))  # EP is carved out of data parallelism: the smallest world it fits in
       export CUDA_VISIBLE_DEVICES=""  # gloo on the CPU even on a GPU machine
       MP_LAUNCH=("${torchrun[@]}" --nproc-per-node "$nproc" --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-$((20000 + RANDOM % 20000))}")
       MP_WORLD_SIZE=$nproc ;;
@@ -251,6 +308,25 @@ mp_common_flags() {  # sets MP_FLAGS (array) from the validated common arguments
   return 0
 }
 
+mp_moe_flags() {  # checks MOE / EP against the family; sets MP_EP and MP_MOE_FLAGS (array), MP_EP_TAG (run name)
+  MP_MOE_FLAGS=(); MP_EP_TAG=""
+  local coeff=${MP_MOE_AUX_LOSS_COEFF[$MP_FAMILY]:-}
+  MP_EP=${EP:-1}
+  if [ -z "$coeff" ]; then
+    [ "${MOE:-false}" = false ] || mp_fail "MOE=true, but $MP_FAMILY is a dense family (no experts; turning a dense" \
+      "model into experts is not supported): mixture-of-experts checkpoints train with the scripts in" \
+      "examples/{${!MP_MOE_AUX_LOSS_COEFF[*]}}"
+    [ "$MP_EP" -eq 1 ] || mp_fail "EP=$MP_EP needs a mixture-of-experts model; $MP_FAMILY has no experts (pass EP=1)"
+    return 0
+  fi
+  [ "${MOE:-true}" = true ] || mp_fail "MOE=false, but $MP_FAMILY is a mixture-of-experts family: pass MOE=true"
+  # Rules between EP and the model or the world size (EP divides the experts and world / (TP x PP)) are the
+  # pre-flight's, which reads the checkpoint.
+  MP_MOE_FLAGS=(--expert-model-parallel-size "$MP_EP" --moe-token-dispatcher-type alltoall
+                --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff "$coeff")
+  MP_EP_TAG="-ep$MP_EP"
+}
+
 mp_python_path() {  # MEGATRON_PATH (unless none) and this checkout on PYTHONPATH
   if [ "$MEGATRON_PATH" != none ]; then export PYTHONPATH="$MEGATRON_PATH${PYTHONPATH:+:$PYTHONPATH}"; fi
   export PYTHONPATH="$MEGATRON_PATCH_PATH${PYTHONPATH:+:$PYTHONPATH}"
@@ -272,7 +348,8 @@ MP_FLAG_ARGUMENTS=(--model-size=MODEL_SIZE --micro-batch-size=BATCH_SIZE --globa
   --train-iters=TRAIN_TOKENS --lr-warmup-iters=WARMUP_TOKENS --epochs=EPOCH --save-interval=SAVE_INTERVAL
   --train-iters=TRAIN_ITERS --dpo-beta=BETA --critic-lr=CRITIC_LR --kl-coef=KL_COEF --clip-ratio=CLIP_RATIO
   --max-new-tokens=MAX_NEW_TOKENS --prompt-data-path=PROMPT_DATASET_PATH --reward=REWARD --reward-model=REWARD
-  --ptx-data-path=PTX_DATASET_PATH --ptx-coef=PTX_COEF --n-samples-per-prompt=N_SAMPLES)
+  --ptx-data-path=PTX_DATASET_PATH --ptx-coef=PTX_COEF --n-samples-per-prompt=N_SAMPLES
+  --expert-model-parallel-size=EP --lr-warmup-iters=WARMUP_ITERS --train-data-path=DATASET_PATH)
 
 mp_script_args_table() {  # lines "<flag>=<ARGUMENT>=<value>" for the arguments this launch has
   local entry flag name
@@ -344,6 +421,7 @@ mp_pretrain() {  # mp_pretrain <family> "$@"
   for word in $DATASET_PATH; do
     [[ "$word" =~ ^[0-9]*\.?[0-9]+$ ]] || [ -f "$word.bin" ] || mp_fail "DATASET_PATH: $word.bin does not exist"
   done
+  mp_moe_flags
   mp_launcher
   # Python never sees token counts: turning them into iterations, and the checks of that arithmetic, stay here.
   local tokens_per_iter=$((GLOBAL_BATCH_SIZE * SEQ_LEN))
@@ -358,8 +436,8 @@ mp_pretrain() {  # mp_pretrain <family> "$@"
   # reads SEQ_LEN-token samples from the indexed dataset.
   MP_FLAGS+=(--global-batch-size "$GLOBAL_BATCH_SIZE" --train-iters "$train_iters" --lr-warmup-iters "$warmup_iters"
              --lr-decay-style linear --save-interval "$SAVE_INTERVAL" --data-path "${data[@]}" --split 98,2,0
-             --eval-interval 100 --eval-iters 10 --data-cache-path "$OUTPUT_BASEPATH/data_cache")
-  mp_exec pretrain "pretrain-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-gbs$GLOBAL_BATCH_SIZE-seq$SEQ_LEN-lr$LR-$PR-tp$TP-pp$PP"
+             --eval-interval 100 --eval-iters 10 --data-cache-path "$OUTPUT_BASEPATH/data_cache" "${MP_MOE_FLAGS[@]}")
+  mp_exec pretrain "pretrain-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-gbs$GLOBAL_BATCH_SIZE-seq$SEQ_LEN-lr$LR-$PR-tp$TP-pp$PP$MP_EP_TAG"
 }
 
 mp_finetune() {  # mp_finetune <family> "$@"
@@ -368,14 +446,30 @@ mp_finetune() {  # mp_finetune <family> "$@"
   if [ $# -gt 0 ] && [[ "${!#}" =~ ^(none|lora(:.*)?)$ ]]; then PEFT=${!#}; set -- "${@:1:$(($# - 1))}"; fi
   mp_parse_layouts "run_finetune_megatron_$MP_FAMILY.sh" MP_FINETUNE_LAYOUTS -- "$@"
   mp_validate_common
-  [ -f "$TRAIN_DATASET_PATH" ] || mp_fail "TRAIN_DATASET_PATH '$TRAIN_DATASET_PATH' is not a file"
+  # Pai's MoE finetuning layouts name the training jsonl DATASET_PATH and count iterations (TRAIN_ITERS,
+  # WARMUP_ITERS) with a global batch and a save interval; the others count epochs at micro batch x data parallel.
+  if [ -n "$DATASET_PATH" ]; then TRAIN_DATASET_PATH=$DATASET_PATH; fi
+  local train_name=TRAIN_DATASET_PATH
+  if [ -n "$DATASET_PATH" ]; then train_name=DATASET_PATH; fi
+  [ -f "$TRAIN_DATASET_PATH" ] || mp_fail "$train_name '$TRAIN_DATASET_PATH' is not a file"
   [ "$VALID_DATASET_PATH" = none ] || [ -f "$VALID_DATASET_PATH" ] || mp_fail "VALID_DATASET_PATH '$VALID_DATASET_PATH' is not a file (or none)"
-  mp_int EPOCH
+  if [ -n "$TRAIN_ITERS" ]; then
+    mp_int GLOBAL_BATCH_SIZE; mp_int SAVE_INTERVAL; mp_int TRAIN_ITERS; mp_int WARMUP_ITERS 0
+  else
+    mp_int EPOCH
+  fi
+  mp_moe_flags
   mp_launcher
   mp_common_flags
-  MP_FLAGS+=(--global-batch-size $((BATCH_SIZE * MP_DP)) --epochs "$EPOCH" --max-padding-length "$PAD_LEN"
-             --train-data-path "$TRAIN_DATASET_PATH" --lr-decay-style cosine)
+  MP_FLAGS+=(--max-padding-length "$PAD_LEN" --train-data-path "$TRAIN_DATASET_PATH" --lr-decay-style cosine)
+  if [ -n "$TRAIN_ITERS" ]; then
+    MP_FLAGS+=(--global-batch-size "$GLOBAL_BATCH_SIZE" --train-iters "$TRAIN_ITERS" --lr-warmup-iters "$WARMUP_ITERS"
+               --save-interval "$SAVE_INTERVAL")
+  else
+    MP_FLAGS+=(--global-batch-size $((BATCH_SIZE * MP_DP)) --epochs "$EPOCH")
+  fi
   if [ "$VALID_DATASET_PATH" != none ]; then MP_FLAGS+=(--valid-data-path "$VALID_DATASET_PATH"); fi
+  MP_FLAGS+=("${MP_MOE_FLAGS[@]}")
   local peft_tag=""
   if [ "$PEFT" != none ]; then
     [[ "$PEFT" =~ ^lora(:([0-9]+)(:([0-9]*\.?[0-9]+))?)?$ ]] || mp_fail "PEFT must be none, lora, lora:RANK or lora:RANK:ALPHA (got '$PEFT')"
@@ -384,5 +478,5 @@ mp_finetune() {  # mp_finetune <family> "$@"
     MP_FLAGS+=(--lora-rank "$LORA_RANK" --lora-alpha "$LORA_ALPHA")
     peft_tag="-lora$LORA_RANK"
   fi
-  mp_exec finetune "finetune-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-seq$SEQ_LEN-lr$LR-$PR-tp$TP-pp$PP$peft_tag"
+  mp_exec finetune "finetune-$MP_FAMILY-$MODEL_SIZE-mbs$BATCH_SIZE-seq$SEQ_LEN-lr$LR-$PR-tp$TP-pp$PP$MP_EP_TAG$peft_tag"
 }

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor-parallel size to run at, whatever the checkpoint was saved at (default: 1)")
     p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1,
                    help="pipeline-parallel size to run at (default: 1)")
+    p.add_argument("--expert-model-parallel-size", "--ep", dest="ep", type=int, default=1,
+                   help="expert-parallel size of a mixture-of-experts model, carved out of the data-parallel ranks "
+                        "(each holds num_experts / EP experts; the ranks of an EP group step together; default: 1)")
     p.add_argument("--micro-batch-size", type=int, default=1, help="prompts generated together (default: 1)")
     p.add_argument("--seq-length", type=int, required=True, help="longest prompt + completion, in tokens")
     p.add_argument("--max-padding-length", type=int, default=None,

@@ -26,8 +26,13 @@
 #               copy task, with the held-out line (greedy answers to prompts never trained on)
 #   rl-demo     python -m megatron_patch.rlhf.examples.demo (SFT on mixed demonstrations, then 20 GRPO iterations on
 #               the copy task): its held-out line (greedy exact match on 128 prompts never trained on, before -> after)
+#   moe-convert a tiny Qwen2-MoE (4 experts top-2, a gated shared expert, a dense layer) built offline, converted by
+#               model_convertor.sh (torch_dist, EP=1) and verified against transformers
+#   moe-train   examples/qwen_moe/run_pretrain_megatron_qwen_moe.sh with ENV=dsw (MOE=true, EP=1: one GPU), bf16,
+#               10 steps on the corpus tokenized for it; the load-balancing loss and the expert load in the log
 #   benchmark   toolkits/benchmarks/train_throughput.py (on the GPU where it takes --device; operator tables of both
 #               sides in logs/profile/)
+#   benchmark-moe  the same with its MoE shape (--shape moe-gpu: against transformers' MixtralForCausalLM)
 #   pytest-gpu  python -m pytest tests/gpu
 #
 # Without an importable megatron-core the wheel (megatron_core-*.whl) is looked for in $MEGATRON_CORE_WHEEL_DIR,
@@ -236,6 +241,37 @@ step_mcore2hf() {
   key "$(tail -n 1 "$STEP_LOG")"
 }
 
+# Mixture of experts: a tiny Qwen2-MoE converted, verified and trained for 10 steps through the MoE launch script
+# (the 26-argument layout: ... SP TE MOE EP SAVE_INTERVAL ...). Its tokenizer is its own: the corpus is indexed again.
+MOE_HF=$WORK/moe_hf MOE_MCORE=$WORK/moe_mcore MOE_DATA=$WORK/moe_data/corpus_text_document MOE_TRAIN=$WORK/moe_train
+
+step_moe_convert() {
+  run "$PY" "$HELPERS" tiny-hf "$MOE_HF" qwen_moe
+  run bash "$REPO/toolkits/model_checkpoints_convertor/model_convertor.sh" none "$MOE_HF" "$MOE_MCORE" 1 1 qwen_moe 0 \
+    false torch_dist 1
+  run "$PY" -m megatron_patch.convert verify --hf "$MOE_HF" --mcore "$MOE_MCORE"
+  live || return 0
+  key "$(grep -o 'qwen_moe tiny: .*' "$STEP_LOG" | head -n 1); $(grep -o 'max_abs_diff=[^ ]*' "$STEP_LOG" | tail -n 1)"
+}
+
+step_moe_train() {
+  run mkdir -p "$(dirname "$MOE_DATA")"
+  run "$PY" -m megatron_patch.data.preprocess --input "$WORK/corpus.jsonl" --output-prefix "${MOE_DATA%_text_document}" \
+    --tokenizer "$MOE_HF" --workers 1
+  run env GPUS_PER_NODE=1 MP_EXTRA_ARGS="--log-interval 5" bash "$REPO/examples/qwen_moe/run_pretrain_megatron_qwen_moe.sh" \
+    dsw "$REPO" tiny 4 "$GBS" 1e-3 1e-4 "$SEQ" "$SEQ" 0 bf16 1 1 none false false false false true 1 10 "$MOE_DATA" \
+    "$MOE_MCORE" $((10 * GBS * SEQ)) $((GBS * SEQ)) "$MOE_TRAIN"
+  live || return 0
+  local loss lb load
+  loss=$(last_loss "$STEP_LOG")
+  lb=$(grep -o 'load_balancing_loss: [0-9.E+-]*' "$STEP_LOG" | tail -n 1 | cut -d' ' -f2)
+  load=$(grep -o 'expert load max/mean: [0-9.E+-]*' "$STEP_LOG" | tail -n 1 | cut -d' ' -f4)
+  [ -n "$loss" ] && [ -n "$lb" ] && [ -n "$load" ] || { echo "no lm loss / load_balancing_loss / expert load in the log"; return 1; }
+  ls -d "$MOE_TRAIN"/checkpoint/pretrain-qwen_moe-*-ep1/iter_0000010 > /dev/null \
+    || { echo "no iteration-10 checkpoint under $MOE_TRAIN/checkpoint"; return 1; }
+  key "iteration 10 loss $loss, load_balancing_loss $lb, expert load max/mean $load, $(last_ms "$STEP_LOG") ms/iteration"
+}
+
 # RLHF on the converted tiny model, a few bf16 iterations each through the positional scripts: the reward model (on
 # the toy preference pairs), DPO, PPO with that reward model (the critic starts from it), GRPO with a programmatic
 # reward.
@@ -306,6 +342,13 @@ step_benchmark() {
   fi
 }
 
+step_benchmark_moe() {
+  run "$PY" "$REPO/toolkits/benchmarks/train_throughput.py" --skip-preprocessing --rounds 1 --warmup 3 --steps 10 \
+    --device cuda --shape moe-gpu --profile "$LOGS/profile-moe"
+  live || return 0
+  key "cuda moe-gpu: $(grep -i 'ratio' "$STEP_LOG" | tail -n 1)"
+}
+
 step_pytest_gpu() {
   run "$PY" -m pytest -q -p no:cacheprovider "$REPO/tests/gpu"
   live || return 0
@@ -332,7 +375,10 @@ step dpo hf2mcore
 step ppo reward-model
 step grpo hf2mcore
 step rl-demo gpu
+step moe-convert gpu
+step moe-train moe-convert data
 step benchmark gpu
+step benchmark-moe gpu
 step pytest-gpu gpu
 echo "total $((SECONDS - start))s; $([ "$FAILED" = 0 ] && echo 'no step failed' || echo 'FAILED')"
 exit "$FAILED"

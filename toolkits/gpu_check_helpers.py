@@ -1,7 +1,7 @@
 """Small Python pieces of toolkits/gpu_check.sh, one subcommand each (so the script's steps stay one-liners).
 
-    python toolkits/gpu_check_helpers.py gpu-info | tiny-hf DIR | corpus JSONL | prompts FILE | completions JSONL N |
-                                         toy-preferences DIR | rl-prompts DIR | load-hf DIR
+    python toolkits/gpu_check_helpers.py gpu-info | tiny-hf DIR [FAMILY] | corpus JSONL | prompts FILE |
+                                         completions JSONL N | toy-preferences DIR | rl-prompts DIR | load-hf DIR
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ def gpu_info() -> str:
     return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}"
 
 
-def tiny_hf(out_dir: str) -> str:
+def tiny_hf(out_dir: str, family: str = "llama") -> str:
     from megatron_patch.models import get_family
     from megatron_patch.models.tiny import make_hf_checkpoint
 
-    config = get_family("llama").flavor("tiny")
+    config = get_family(family).flavor("tiny")
     make_hf_checkpoint(out_dir, config, seed=0)
-    return f"llama tiny: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}"
+    experts = get_family(family).arch_from_hf(config).num_experts
+    return (f"{family} tiny: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}"
+            + (f", {experts} experts top-{config['num_experts_per_tok']}" if experts else ""))
 
 
 def corpus(path: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 PARALLEL_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size")
+EP_FLAG = "--expert-model-parallel-size"
 
 
 def check_request(args: Namespace) -> None:
@@ -20,13 +21,19 @@ def check_request(args: Namespace) -> None:
     from ..checkpoint.paths import check_output_path, check_outputs
     from .sampling import SamplingParams
 
-    for flag in ("tp", "pp", "micro_batch_size", "seq_length", "out_seq_length"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    ep = getattr(args, "ep", 1)
+    for flag in ("tp", "pp", "ep", "micro_batch_size", "seq_length", "out_seq_length"):
+        if getattr(args, flag, 1) < 1:
+            raise ConfigError(f"{EP_FLAG if flag == 'ep' else '--' + flag.replace('_', '-')} must be >= 1 "
+                              f"(got {getattr(args, flag, 1)})")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (args.tp * args.pp):
         raise ConfigError(f"{world} processes were launched for TP x PP = {args.tp} x {args.pp}; launch a multiple "
                           f"of TP x PP processes (torchrun --nproc-per-node {args.tp * args.pp})")
+    if (world // (args.tp * args.pp)) % ep:
+        raise ConfigError(f"{EP_FLAG} {ep} does not divide the data-parallel size {world // (args.tp * args.pp)}"
+                          f" ({world} processes / TP x PP {args.tp}x{args.pp}): expert parallelism is carved out of "
+                          f"data parallelism (torchrun --nproc-per-node {args.tp * args.pp * ep})")
     if args.input_len is not None:
         if args.input_len < 1:
             raise ConfigError(f"--input-len must be >= 1 (got {args.input_len})")
@@ -100,6 +107,7 @@ def check_checkpoint(args: Namespace, meta: dict) -> None:
                           f"{meta['extra_vocab_size']} (the value it was converted with)")
     arch = family.arch_from_hf(meta["hf_config"])
     arch.check_parallel(args.tp, args.pp, PARALLEL_FLAGS)
+    arch.check_expert_parallel(getattr(args, "ep", 1), EP_FLAG)
     if args.seq_length > arch.max_position_embeddings:
         raise ConfigError(f"--seq-length {args.seq_length} exceeds the model's {arch.max_position_embeddings} "
                           "positions")

@@ -16,6 +16,11 @@ TP rank 0 picks the tokens and broadcasts them, so all ranks feed identical inpu
 is one forward-only pass of megatron-core's pipeline schedule (activations sent stage to stage, the KV cache of a
 stage's layers kept on that stage); the last stage picks the tokens and broadcasts them to every stage. A checkpoint
 saved at any TP x PP loads at any other.
+
+Expert parallelism: the ranks of an expert-parallel group exchange tokens inside every MoE layer, so they must run
+the same number of forward passes although each generates its own prompts. With ``lockstep_group`` every step ends
+with a vote over that group; a rank whose rows are done (or that has no prompts in this round) keeps running a
+one-token forward, whose output it discards, until every rank of the group is done.
 """
 
 from __future__ import annotations
@@ -49,10 +54,12 @@ class GenerationEngine:
         eos_token_id: id(s) that end a row; None generates exactly ``max_new_tokens``.
         max_sequence_length: longest prompt + completion the model supports (position embeddings, SEQ_LEN).
         use_cache: use megatron-core's KV cache (one token per step) instead of re-running the prefix.
+        lockstep_group: a process group whose ranks step together (expert parallelism, see above); every rank of it
+            calls ``generate`` equally often, with an empty prompt list when it has none left.
     """
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, eos_token_id: int | Sequence[int] | None,
-                 max_sequence_length: int, use_cache: bool = True):
+                 max_sequence_length: int, use_cache: bool = True, lockstep_group=None):
         from megatron.core import parallel_state
 
         if weights_source(model) is None:
@@ -65,6 +72,7 @@ class GenerationEngine:
         self.eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.max_sequence_length = max_sequence_length
         self.use_cache = use_cache
+        self._lockstep = lockstep_group
         self._tp_group = parallel_state.get_tensor_model_parallel_group()
         self._tp_src = parallel_state.get_tensor_model_parallel_src_rank()
         self._tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -132,6 +140,20 @@ class GenerationEngine:
             torch.distributed.broadcast(chosen, self._pp_last, group=self._pp_group)
         return chosen
 
+    def _all_done(self, done: bool) -> bool:
+        """Whether every rank of the lockstep group is done (each rank votes once per step)."""
+        vote = torch.tensor([0 if done else 1], dtype=torch.int32, device=local_device())
+        torch.distributed.all_reduce(vote, group=self._lockstep)
+        return int(vote.item()) == 0
+
+    def _idle_until_peers_done(self) -> None:
+        """One-token forwards (outputs discarded) until the lockstep group's last rank is done."""
+        idle = torch.zeros(1, 1, dtype=torch.long, device=local_device())
+        while True:
+            self._forward(idle, 0, None)
+            if self._all_done(True):
+                return
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingParams | None = None) -> list[list[int]]:
@@ -140,6 +162,9 @@ class GenerationEngine:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         sampling = sampling or SamplingParams()
+        if self._lockstep is not None and not prompts:
+            self._idle_until_peers_done()
+            return []
         self._check(prompts, max_new_tokens)
         batch = len(prompts)
         total = max(len(p) for p in prompts) + max_new_tokens
@@ -168,7 +193,14 @@ class GenerationEngine:
             tokens[:, cur] = torch.where(generating, chosen, tokens[:, cur])
             done |= generating & torch.isin(chosen, eos)
             done |= cur + 1 >= ends
-            if bool(done.all()):
+            if self._lockstep is not None:
+                finished = bool(done.all())
+                if self._all_done(finished):
+                    break
+                if finished:  # the others are still generating: step with them
+                    self._idle_until_peers_done()
+                    break
+            elif bool(done.all()):
                 break
 
         completions = []

@@ -47,7 +47,8 @@ class LoadedModel:
 
 def load_model(checkpoint: str | os.PathLike, precision: str = "fp32", allow_non_finite: bool = False) -> LoadedModel:
     """Load a converted or trained checkpoint (torch_dist or legacy, saved at any TP x PP) into a model stage for
-    the current TP x PP (this rank's pipeline stage). ``init_distributed(tp, pp)`` must have run on every rank.
+    the current TP x PP (x EP for a mixture of experts: this rank's experts). ``init_distributed`` must have run on
+    every rank.
     NaN/Inf weights are refused (they would generate empty completions) unless ``allow_non_finite``."""
     from megatron.core import parallel_state
 
@@ -62,8 +63,16 @@ def load_model(checkpoint: str | os.PathLike, precision: str = "fp32", allow_non
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     spec.sharding(tp, pp)  # a one-line error when the model cannot be split so
+    experts = ({"expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+                "expert_tensor_parallel_size": parallel_state.get_expert_tensor_parallel_world_size()}
+               if spec.arch.is_moe else {})
+    spec.arch.check_expert_parallel(experts.get("expert_model_parallel_size", 1))
+    if experts.get("expert_model_parallel_size", 1) > 1:
+        # The ranks of an EP group generate different prompts: megatron-core's allgather dispatcher gathers equal
+        # token counts only, the alltoall one exchanges each rank's counts first.
+        experts["moe_token_dispatcher_type"] = "alltoall"
     config = transformer_config(spec.arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                params_dtype=DTYPES[precision])
+                                params_dtype=DTYPES[precision], **experts)
     model = place_model(build_model(spec.arch, spec.padded_vocab_size, config=config, parallel_output=False,
                                     vocab_size=spec.vocab_size))
     ckpt.load_into(model, allow_non_finite)  # copied into the placed parameters

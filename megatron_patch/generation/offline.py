@@ -37,7 +37,8 @@ def generate_file(args: Namespace) -> int:
     truncated = sum(len(ids) > limit for ids in encoded)
     encoded = [ids[-limit:] for ids in encoded]
 
-    init_distributed(args.tp, args.pp, seed=args.seed)
+    ep = getattr(args, "ep", 1)
+    init_distributed(args.tp, args.pp, seed=args.seed, expert_model_parallel_size=ep)
     rank0 = dist.get_rank() == 0
     if truncated and rank0:
         print(f"warning: {truncated} prompt(s) longer than {limit} tokens keep their last {limit} tokens",
@@ -47,14 +48,19 @@ def generate_file(args: Namespace) -> int:
     if eos is None:
         eos = codec.tokenizer.eod
     eos_ids = [eos] if isinstance(eos, int) else list(eos)
-    engine = GenerationEngine(loaded.model, loaded.vocab_size, eos_ids, args.seq_length, use_cache=args.use_cache)
+    # Expert parallelism: the ranks of an EP group (data-parallel ranks) step together, every rank as many rounds
+    # as the largest share needs (an empty one once its prompts are done); the whole world votes, for simplicity.
+    lockstep = dist.group.WORLD if ep > 1 else None
+    engine = GenerationEngine(loaded.model, loaded.vocab_size, eos_ids, args.seq_length, use_cache=args.use_cache,
+                              lockstep_group=lockstep)
     sampling = SamplingParams(args.top_k, args.top_p, args.temperature, args.repetition_penalty, args.seed)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine = list(range(dp_rank, len(prompts), dp))
     done: dict[int, str] = {}
     batch = args.micro_batch_size
+    rounds = -(-len(range(0, len(prompts), dp)) // batch) if lockstep is not None else -(-len(mine) // batch)
     with progress(total=len(mine), desc="generate", unit="prompt", enabled=rank0) as bar:
-        for start in range(0, len(mine), batch):
+        for start in range(0, rounds * batch, batch):
             indices = mine[start : start + batch]
             completions = engine.generate([encoded[i] for i in indices], args.out_seq_length, sampling)
             done.update({i: codec.decode(ids, eos_ids) for i, ids in zip(indices, completions)})

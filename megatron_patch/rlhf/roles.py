@@ -12,7 +12,9 @@ The preference trainers build theirs here too: DPO's policy is an actor and its 
 reward-model trainer trains a stage built as the critic is (``build_trained_reward_model``).
 
 ``check_vocabularies`` and ``check_full_weights`` run before any process group exists: every model must share the
-actor's vocabulary, and start from full weights.
+actor's vocabulary, and start from full weights. Mixture-of-experts checkpoints are built as their families say
+(megatron-core's MoE layer) at expert-parallel size 1: ``check_expert_parallel`` refuses more before any process group
+exists.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..layers.lora import adapters_disabled
 from ..layers.lora_config import read_lora_meta
 from ..models.builder import build_model
 from ..models.checkpoint import Checkpoint
 from ..runtime.device import place_model
-from ..training.arguments import TrainConfig
+from ..training.arguments import EP_FLAG, TrainConfig
 from ..training.setup import (
     attach_schedule_hooks,
     build_ddp_model,
@@ -60,6 +62,14 @@ def check_full_weights(checkpoints: dict[str, Path]) -> None:
         if record is not None:
             raise CheckpointError(f"{flag} {iter_dir} holds LoRA adapters only (on {record['base']}): RLHF starts from "
                                   "full weights; merge them first (mcore2hf --merge-lora, then hf2mcore)")
+
+
+def check_expert_parallel(cfg: TrainConfig) -> None:
+    """Refuse (one line) an expert-parallel size above 1: the process groups here are TP x PP x DP only, and the
+    rollouts of a rank would have to meet every other rank of its EP group at each generated token."""
+    if cfg.expert_model_parallel_size != 1:
+        raise ConfigError(f"{EP_FLAG} {cfg.expert_model_parallel_size}: RLHF and the preference trainers run "
+                          "mixture-of-experts models at expert-parallel size 1 (each rank holds every expert)")
 
 
 def _with_optimizer(cfg: TrainConfig, source, config, model, optimizer_steps: int) -> TrainedModel:

@@ -133,8 +133,9 @@ def check_lora_shapes(cfg: TrainConfig, spec: ModelSpec) -> None:
 
 
 # The MoE flags and their defaults: set on a dense model, each is a mistake worth one line.
-_MOE_FLAG_DEFAULTS = {"expert_model_parallel_size": 1, "moe_aux_loss_coeff": 0.0, "moe_z_loss_coeff": None,
-                      "moe_router_dtype": None}
+_MOE_FLAG_DEFAULTS = {name: TrainConfig.__dataclass_fields__[name].default for name in (
+    "expert_model_parallel_size", "moe_token_dispatcher_type", "moe_router_load_balancing_type", "moe_aux_loss_coeff",
+    "moe_z_loss_coeff", "moe_router_dtype")}
 
 
 def check_moe_flags(cfg: TrainConfig, arch) -> None:

@@ -86,3 +86,15 @@ def moe_train_job(cfg: dict):
     history = train(trainer)
     trainer.logger.close()
     return history, trainer.moe_history, local_experts
+
+
+def generate_cli_job(argv: list[str]) -> int:
+    """``python -m megatron_patch.generate ARGV`` on this rank (the entry's own parsing, checks and offline loop)."""
+    from megatron_patch.generate import build_parser
+    from megatron_patch.generation.offline import generate_file
+    from megatron_patch.runtime import destroy_distributed
+
+    try:
+        return generate_file(build_parser().parse_args(argv))
+    finally:
+        destroy_distributed()

@@ -239,6 +239,30 @@ def test_greedy_generation_matches_transformers(hf_dirs, tmp_path):
         assert len({tuple(c) for c in ours[name]}) > 1 and len(set(ours[name][0])) > 2, "degenerate text"
 
 
+def test_offline_generation_at_expert_parallel_size_2(make_hf, tmp_path):
+    """The generation entry at EP=2 (two ranks, each with 2 of Mixtral's 4 experts, a torch_dist checkpoint saved at
+    EP=1): three prompts of different lengths one per batch, so the ranks generate different numbers of steps and
+    rounds (rank 1 has one prompt, rank 0 two) and must step together; the completions equal transformers' greedy."""
+    import shutil
+
+    from tests.generation.test_cli import OUTPUT_LEN, transformers_completions
+
+    hf = tmp_path / "hf"
+    shutil.copytree(make_hf("moe_generate_mixtral", family="mixtral", seed=4), hf)
+    _router_weights_decisive(hf)
+    mcore = hf_to_mcore(hf, tmp_path / "mcore")
+    prompts = ["The quick brown fox jumps over", "A quiet village", "Megatron splits each layer across the ranks of"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "out.jsonl"
+    argv = ["--load", str(mcore), "--expert-model-parallel-size", "2", "--micro-batch-size", "1", "--seq-length", "64",
+            "--out-seq-length", str(OUTPUT_LEN), "--text-generate-input-file", str(tmp_path / "prompts.txt"),
+            "--text-generate-output-file", str(out)]
+    assert run_on_local_ranks(moe_workers.generate_cli_job, 2, argv, env=ENV, timeout=600) == [3, 3]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["completion"] for row in rows] == transformers_completions(hf, prompts)
+    assert len({row["completion"] for row in rows}) == 3
+
+
 def test_verify_cli_at_expert_parallel_size(hf_dirs, tmp_path, capsys):
     from megatron_patch.convert.__main__ import main
 

@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "toolkits" / "gpu_check.sh"
 STEPS = ["install", "gpu", "tiny-hf", "hf2mcore", "verify", "data", "pretrain", "resume", "generate", "mcore2hf",
-         "reward-model", "dpo", "ppo", "grpo", "rl-demo", "benchmark", "pytest-gpu"]
+         "reward-model", "dpo", "ppo", "grpo", "rl-demo", "moe-convert", "moe-train", "benchmark", "benchmark-moe",
+         "pytest-gpu"]
 
 
 def run_check(*args, env=None) -> subprocess.CompletedProcess:
@@ -70,6 +71,10 @@ def test_dry_run_prints_one_line_per_step_with_the_positional_scripts(tmp_path):
     assert "fn:digit_match" in lines["grpo"] and "--eval-prompt-data-path" in lines["grpo"]
     assert "train_throughput.py" in lines["benchmark"] and "--profile" in lines["benchmark"]
     assert "megatron_patch.rlhf.examples.demo" in lines["rl-demo"]
+    assert "tiny-hf" in lines["moe-convert"] and "qwen_moe" in lines["moe-convert"] and "verify" in lines["moe-convert"]
+    # The MoE launch script's 26 arguments: MOE=true and EP=1 after TE (one GPU).
+    assert "run_pretrain_megatron_qwen_moe.sh dsw" in lines["moe-train"] and " false true 1 10 " in lines["moe-train"]
+    assert "--shape moe-gpu" in lines["benchmark-moe"]
     assert "tests/gpu" in lines["pytest-gpu"]
 
 

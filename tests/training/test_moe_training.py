@@ -1,8 +1,8 @@
 """Pretraining a mixture-of-experts model on CPU (gloo, fp32, tiny Qwen2-MoE: a dense layer, a gated shared expert,
 4 experts top-2): expert parallelism over 2 ranks with the alltoall dispatcher follows the EP=1 loss curve,
 load-balancing loss and expert load; the loss falls; the load-balancing loss and each MoE layer's expert load (busiest
-expert's tokens over the mean) reach the log and TensorBoard; MoE flags are refused
-for a dense model; a resumed EP=2 run equals the uninterrupted one. The distributed optimizer (sharding the optimizer
+expert's tokens over the mean) reach the log and TensorBoard; a resumed EP=2 run equals the uninterrupted one (MoE
+flags on a dense model: test_moe_refusals.py, by the pre-flight, which runs the ranks' own check). The distributed optimizer (sharding the optimizer
 state over the data-parallel ranks, expert and dense parameters each over their own group) follows it too."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.data.indexed import build_indexed_dataset
-from megatron_patch.errors import ConfigError, WorkerError
+from megatron_patch.errors import ConfigError
 from megatron_patch.runtime import run_on_local_ranks
 from tests.models.moe_workers import moe_train_job
 
@@ -82,13 +82,6 @@ def test_ep2_resume_equals_uninterrupted(moe_workspace, tmp_path):
                                  timeout=900)[0]
     assert [i for i, _ in resumed[0]] == list(range(4, STEPS + 1)) and resumed[2] == 2
     assert resumed[0] == full[0][3:] and resumed[1] == full[1][3:]
-
-
-def test_moe_flags_refused_for_a_dense_model(workspace):
-    cfg = dict(mode="pretrain", load=workspace["ckpt"], data_path=[workspace["data"]], train_iters=2,
-               expert_model_parallel_size=2, moe_aux_loss_coeff=0.01)
-    with pytest.raises(WorkerError, match="--expert-model-parallel-size, --moe-aux-loss-coeff given for a dense"):
-        run_on_local_ranks(moe_train_job, 2, cfg, env=ENV, timeout=300)
 
 
 def test_expert_parallel_size_must_divide_data_parallel():

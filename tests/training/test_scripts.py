@@ -96,7 +96,7 @@ def test_pai_megatron_patch_25_argument_layout(tmp_path):
     result = run_script("llama", "pretrain", args[:18] + ["maybe"] + args[18:])
     assert result.returncode == 2 and "TE must be one of: true false" in result.stderr
     result = run_script("llama", "pretrain", args[:-2])
-    assert result.returncode == 2 and "expected 23/24/25 arguments (the layouts above), got 22" in result.stderr
+    assert result.returncode == 2 and "expected 23/24/25/26/27 arguments (the layouts above), got 22" in result.stderr
     assert "   or: run_pretrain_megatron_llama.sh ENV MEGATRON_PATH" in result.stderr
 
 
@@ -115,7 +115,7 @@ def test_rules_between_arguments_are_checked_once_in_python(tmp_path):
 
 def test_wrong_count(tmp_path):
     result = run_script("qwen", "finetune", finetune_args(tmp_path)[:-1])
-    assert result.returncode == 2 and "expected 22/23 arguments (the layouts above), got 21" in result.stderr
+    assert result.returncode == 2 and "expected 22/23/26/27 arguments (the layouts above), got 21" in result.stderr
 
 
 def test_dlc_needs_scheduler_env(tmp_path):

@@ -3,6 +3,11 @@
 Training: the toolkit's ``train_step`` (megatron-core GPTModel with the local layer spec, megatron-core DDP and
 optimizer, the pipeline schedule, grad clipping) against a plain PyTorch loop over transformers' ``LlamaForCausalLM``
 of the same shape, batch, sequence length and optimizer (Adam, same betas/eps/weight decay, grad clipping 1.0).
+The MoE shapes (``--shape moe-small`` / ``moe-gpu``, or ``--experts N --topk K``) are Mixtral-shaped: every layer a
+mixture of N SwiGLU experts of width ``--ffn``, top K; the toolkit's side is megatron-core's MoE layer (router,
+alltoall dispatcher, SequentialMLP experts) at EP=1, the baseline transformers' ``MixtralForCausalLM`` (its default
+grouped_mm experts on the CPU; on CUDA its per-expert loop, which bf16 autocast reaches); neither adds the
+load-balancing loss (transformers' ``output_router_logits`` off, ``--moe-aux-loss-coeff`` 0).
 On CUDA the baseline is what a careful user writes: fp32 weights, SDPA attention, bf16 autocast, fused AdamW; the
 toolkit trains bf16 weights with fp32 main weights and fp32 gradient buffers. Each side (and the matmul probe) runs
 in its own fresh process, alternating A, B for ``--rounds`` rounds; a round reports the median step time.
@@ -15,6 +20,7 @@ layer included, embedding lookup excluded) + 12 x layers x sequence x attention 
     python toolkits/benchmarks/train_throughput.py --device cuda            # 7b-layer shape, bf16
     python toolkits/benchmarks/train_throughput.py --device cpu             # small shape, fp32
     python toolkits/benchmarks/train_throughput.py --device cpu --shape small --layers 2 --skip-preprocessing
+    python toolkits/benchmarks/train_throughput.py --device cpu --shape moe-small --skip-preprocessing  # MoE
 
 Preprocessing (``--skip-training --corpus-mb 200``): the preprocessing CLI (jsonl -> indexed dataset: parse,
 tokenize, EOD, write) at 1, 2 and all cores' workers against one process of the bare tokenizer encoding the same
@@ -47,14 +53,24 @@ class Shape:
     seq_length: int
     micro_batch_size: int
     dtype: str  # "float32" | "bfloat16"
+    experts: int = 0  # 0: dense (llama); else a Mixtral-shaped MoE: every layer routes to ``topk`` of ``experts``
+    topk: int = 0
+
+    @property
+    def family(self) -> str:
+        return "mixtral" if self.experts else "llama"
 
     def flops_per_step(self) -> float:
-        """Model FLOPs of one training step (forward + backward) of one micro-batch."""
+        """Model FLOPs of one training step (forward + backward) of one micro-batch. A MoE layer counts the matmuls a
+        token runs through: the router and its top-k experts (not the experts it skips)."""
         head_dim = self.hidden // self.heads
         attention_width = self.heads * head_dim
+        mlp = 3 * self.hidden * self.ffn  # SwiGLU fc1 (gate, up) + fc2
+        if self.experts:
+            mlp = self.topk * mlp + self.hidden * self.experts
         per_layer = (self.hidden * (attention_width + 2 * self.kv_heads * head_dim)  # qkv
                      + attention_width * self.hidden  # proj
-                     + 3 * self.hidden * self.ffn)  # SwiGLU fc1 (gate, up) + fc2
+                     + mlp)
         matmul_params = self.layers * per_layer + self.vocab * self.hidden  # + output layer
         per_token = 6 * matmul_params + 12 * self.layers * self.seq_length * attention_width
         return per_token * self.seq_length * self.micro_batch_size
@@ -71,6 +87,14 @@ SHAPES = {
     # Four llama-7B layers: the shape of shared/notes/gpu-facts.md.
     "7b-layer": Shape(layers=4, hidden=4096, ffn=11008, heads=32, kv_heads=32, vocab=32000, seq_length=4096,
                       micro_batch_size=1, dtype="bfloat16"),
+    # "small" with 8 experts of about a quarter of its FFN width (176: transformers 5 runs its experts through
+    # grouped_mm, which needs rows of a multiple of 16 bytes), top-2.
+    "moe-small": Shape(layers=4, hidden=256, ffn=176, heads=8, kv_heads=8, vocab=2048, seq_length=256,
+                       micro_batch_size=4, dtype="float32", experts=8, topk=2),
+    # Half a Mixtral-8x7B layer's widths (hidden 2048, 8 experts of 5632, top-2, 4 kv heads), 4 layers: ~1.3B
+    # parameters, ~23 GB of bf16 weights + fp32 main weights, gradients and Adam state on the toolkit's side.
+    "moe-gpu": Shape(layers=4, hidden=2048, ffn=5632, heads=16, kv_heads=4, vocab=32000, seq_length=4096,
+                     micro_batch_size=1, dtype="bfloat16", experts=8, topk=2),
 }
 
 # bf16 dense tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name (SXM parts; datasheets).
@@ -90,10 +114,12 @@ def datasheet_peak(device_name: str) -> float | None:
 def hf_config(shape: Shape) -> dict:
     from megatron_patch.models import get_family
 
-    cfg = get_family("llama").flavor("tiny")
+    cfg = get_family(shape.family).flavor("tiny")
     cfg.update(num_hidden_layers=shape.layers, hidden_size=shape.hidden, intermediate_size=shape.ffn,
                num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.hidden // shape.heads,
                vocab_size=shape.vocab, max_position_embeddings=max(512, shape.seq_length), tie_word_embeddings=False)
+    if shape.experts:
+        cfg.update(num_local_experts=shape.experts, num_experts_per_tok=shape.topk, output_router_logits=False)
     return cfg
 
 
@@ -151,15 +177,22 @@ def peak_memory_bytes(device) -> int:
 
 def measure_hf(shape: Shape, args, device) -> dict:
     import torch
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(hf_config(shape))
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    on_cuda = device.type == "cuda"
+    experts = {}
+    if shape.experts and on_cuda and int(transformers.__version__.split(".")[0]) >= 5:
+        # transformers 5 runs experts through grouped_mm, which autocast does not reach: with the loop's fp32 weights
+        # they would multiply in fp32. Its per-expert loop ("eager", transformers 4's only one) runs them in bf16, as
+        # megatron-core's SequentialMLP does on the other side.
+        experts = {"experts_implementation": "eager"}
     torch.manual_seed(0)
     with device:  # initialise where it trains (a 7B-layer model initialises slowly on the host)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa", **experts)
     model.train()
-    on_cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
                             **({"fused": True} if on_cuda else {}))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=shape.dtype == "bfloat16")
@@ -199,9 +232,9 @@ def measure_toolkit(shape: Shape, args, device) -> dict:
     )
     from megatron_patch.training.step import TrainedModel
 
-    spec = ModelSpec.from_hf_config(hf_config(shape), tp=1, family="llama", make_vocab_size_divisible_by=128)
+    spec = ModelSpec.from_hf_config(hf_config(shape), tp=1, family=shape.family, make_vocab_size_divisible_by=128)
     iters = args.warmup + args.steps
-    cfg = TrainConfig(mode="pretrain", model_name="llama", model_size="tiny", tokenizer_model="-", data_path=["-"],
+    cfg = TrainConfig(mode="pretrain", model_name=shape.family, model_size="tiny", tokenizer_model="-", data_path=["-"],
                       micro_batch_size=shape.micro_batch_size, global_batch_size=shape.micro_batch_size,
                       seq_length=shape.seq_length, train_iters=iters, lr=1e-4, min_lr=1e-4,
                       lr_decay_style="constant", weight_decay=0.01, clip_grad=1.0,
@@ -274,19 +307,26 @@ def run_side(side: str, shape: Shape, args) -> dict:
 def resolve_shape(args) -> Shape:
     shape = SHAPES[args.shape or ("7b-layer" if args.device == "cuda" else "small")]
     overrides = {name: getattr(args, name) for name in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab",
-                                                         "seq_length", "micro_batch_size", "dtype")}
+                                                         "seq_length", "micro_batch_size", "dtype", "experts", "topk")}
     shape = replace(shape, **{k: v for k, v in overrides.items() if v is not None})
     if args.kv_heads is None and args.heads is not None:
         shape = replace(shape, kv_heads=shape.heads)
+    if shape.experts and not shape.topk:
+        shape = replace(shape, topk=min(2, shape.experts))
     if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
         raise SystemExit(f"--heads {shape.heads} must divide --hidden {shape.hidden} and be a multiple of --kv-heads "
                          f"{shape.kv_heads}")
+    if shape.experts and not 1 <= shape.topk <= shape.experts:
+        raise SystemExit(f"--topk {shape.topk} must be between 1 and --experts {shape.experts}")
+    if not shape.experts and shape.topk:
+        raise SystemExit(f"--topk {shape.topk} needs --experts (a dense shape routes nowhere)")
     return shape
 
 
 def report_training(shape: Shape, args) -> None:
     flops = shape.flops_per_step()
-    print(f"shape: {shape.layers} layers, hidden {shape.hidden}, ffn {shape.ffn}, {shape.heads} heads "
+    experts = f"{shape.experts} experts of ffn {shape.ffn}, top-{shape.topk}" if shape.experts else f"ffn {shape.ffn}"
+    print(f"shape: {shape.layers} layers, hidden {shape.hidden}, {experts}, {shape.heads} heads "
           f"({shape.kv_heads} kv), vocab {shape.vocab}; batch {shape.micro_batch_size} x seq {shape.seq_length}; "
           f"{shape.dtype}; Adam; {args.device}; {args.steps} timed steps after {args.warmup} per run; "
           f"{flops / 1e12:.3f} model TFLOP per step", flush=True)
@@ -324,7 +364,7 @@ def report_training(shape: Shape, args) -> None:
     print(f"| side | ms/step (median) |{cpu_header} tokens/s | model TFLOP/s | MFU (datasheet) | MFU (measured matmul) "
           "| peak memory |")
     print("| --- " * (8 if on_cpu else 7) + "|")
-    hf_step = row("transformers LlamaForCausalLM loop", runs["hf"])
+    hf_step = row(f"transformers {'MixtralForCausalLM' if shape.experts else 'LlamaForCausalLM'} loop", runs["hf"])
     tk_step = row("megatron-patch train_step", runs["toolkit"])
     ratios = [statistics.median(h["step_s"]) / statistics.median(t["step_s"]) for h, t in zip(runs["hf"], runs["toolkit"])]
     summary = (f"training throughput megatron-patch / transformers loop: {hf_step / tk_step:.2f}x "
@@ -427,6 +467,9 @@ def main() -> int:
                         help="size preset (default: 7b-layer on cuda, small on cpu); the flags below override it")
     for name in ("layers", "hidden", "ffn", "heads", "kv-heads", "vocab", "seq-length", "micro-batch-size"):
         parser.add_argument(f"--{name}", type=int, default=None)
+    parser.add_argument("--experts", type=int, default=None,
+                        help="a Mixtral-shaped MoE: every layer N experts of width --ffn (0: dense)")
+    parser.add_argument("--topk", type=int, default=None, help="experts per token of a MoE shape (default 2)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)

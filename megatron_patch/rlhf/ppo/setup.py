@@ -28,6 +28,7 @@ from ..roles import (
     build_critic,
     build_frozen_reward_model,
     build_policy_reference,
+    check_expert_parallel,
     check_full_weights,
     check_vocabularies,
 )
@@ -56,6 +57,7 @@ def _validate(cfg: TrainConfig, rl: RLConfig, world_size: int | None = None):
         raise ConfigError("RLHF needs --load: the SFT (or converted) checkpoint the actor starts from")
     if not cfg.train_iters:
         raise ConfigError("--train-iters (RL iterations) is required")
+    check_expert_parallel(cfg)
     rl.validate(cfg.seq_length, cfg.global_batch_size, cfg.micro_batch_size, world // (tp * pp))
     rl = rl.resolved()
     cfg.check_lora()

@@ -38,6 +38,7 @@ from ...training.entry import add_entry_arguments
 from ...training.logging import MetricsLogger
 from ...training.setup import check_precision_support, load_model_tokenizer, resolve_model_source
 from ...training.step import TrainedModel, optimizer_step, schedule_pass
+from ..roles import check_expert_parallel
 from ..schedule_utils import find_resume_dir, reduce_sums
 
 
@@ -225,6 +226,7 @@ def check_run(cfg: TrainConfig, objective: PreferenceObjective, skip_bad_lines: 
     ``limit`` lines for a launch's pre-flight). Returns ``(load_dir, source, train_data, valid_data)``."""
     cfg.validate(world_size)
     objective.check(cfg)
+    check_expert_parallel(cfg)
     check_precision_support(cfg)
     load_dir = find_iteration_dir(cfg.load) if cfg.load else None
     source = resolve_model_source(cfg, load_dir)
