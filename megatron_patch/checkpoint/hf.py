@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError
 from ..mapping import Pieces
 from .bulk_file import BulkFile
+from .checksums import verify_manifest
 from .paths import check_inside
 from .serialization import prefault
 
@@ -125,6 +126,7 @@ class HFCheckpointReader:
 
     def __init__(self, hf_dir: str | os.PathLike):
         self.dir = Path(hf_dir)
+        verify_manifest(self.dir)  # an HF directory this toolkit wrote: every file as it was written
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, _SafetensorsShard | _TorchShard] = {}
         self._open_all()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.checksums import verify_manifest, write_manifest
 from ..checkpoint.hf import copy_assets
 from ..checkpoint.megatron import ASSETS, TRACKER, assets_root, iteration_dir_name
 from ..checkpoint.megatron_lm_args import load_model_state
@@ -149,6 +150,9 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
             write_lora_meta(tmp, cfg.lora_config(), lora_base(source.checkpoint.iter_dir))
         if after_model_save is not None:
             after_model_save(tmp)
+        # megatron-core wrote the .distcp files: hashed here from the page cache they were just written through
+        write_manifest(tmp / TRAIN_STATE)
+        write_manifest(tmp)  # the weights and metadata; train_state/ has its own (weights-only loads skip it)
         if final.exists():
             old = save / f".{name}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -293,6 +297,7 @@ def load_train_state(iter_dir: Path, model, optimizer, scheduler, load_optim: bo
         template.pop("optimizer")
     if not load_rng:
         template.pop("rng_state")
+    verify_manifest(Path(iter_dir) / TRAIN_STATE)
     check_torch_dist_checkpoint(Path(iter_dir) / TRAIN_STATE)  # megatron-core unpickles without restriction
     loaded = dist_checkpointing.load(template, str(Path(iter_dir) / TRAIN_STATE))
     if load_optim:

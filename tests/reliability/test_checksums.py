@@ -1,0 +1,105 @@
+"""Bit flips are caught (issue 23, item 8): every checkpoint this toolkit writes carries ``checksums.json``, and a
+byte flipped in the middle of a weight file is refused on load in one line naming the file, unless
+``--no-verify-checksums``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from megatron_patch.checkpoint import checksums
+from megatron_patch.checkpoint.checksums import MANIFEST, verify_manifest, write_manifest
+from megatron_patch.convert.__main__ import main as convert_main
+from megatron_patch.errors import CheckpointError
+
+from .conftest import refused
+
+
+@pytest.fixture(autouse=True)
+def fresh_verification():
+    """Each case starts with checking on and nothing remembered as already verified."""
+    checksums._verified.clear()
+    checksums.set_verification(True)
+    yield
+    checksums._verified.clear()
+    checksums.set_verification(True)
+
+
+def flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_every_written_file_is_listed_with_its_digest(converted, tmp_path):
+    """hf2mcore's manifest (digests taken while streaming) equals one computed from the files; mcore2hf's too."""
+    iter_dir = converted / "release"
+    listed = json.loads((iter_dir / MANIFEST).read_text())["files"]
+    on_disk = sorted(p.relative_to(iter_dir).as_posix() for p in iter_dir.rglob("*")
+                     if p.is_file() and p.name != MANIFEST)
+    assert sorted(listed) == on_disk and "__0_0.distcp" in listed
+    for name, entry in listed.items():
+        assert (entry["size"], entry[checksums.ALGORITHM]) == checksums.hash_file(iter_dir / name), name
+    assert convert_main(["mcore2hf", "--load", str(converted), "--save", str(tmp_path / "hf")]) == 0
+    hf_listed = json.loads((tmp_path / "hf" / MANIFEST).read_text())["files"]
+    assert "model.safetensors" in hf_listed and "config.json" in hf_listed
+    assert verify_manifest(tmp_path / "hf")
+
+
+def test_a_flipped_byte_in_a_distcp_is_refused(ckpt, tmp_path, capsys):
+    flip_middle_byte(ckpt / "release" / "__0_0.distcp")
+    code = convert_main(["mcore2hf", "--load", str(ckpt), "--save", str(tmp_path / "hf")])
+    refused(code, capsys, f"{ckpt / 'release' / '__0_0.distcp'} does not match its checksum")
+    assert not (tmp_path / "hf").exists()
+    code = convert_main(["mcore2hf", "--load", str(ckpt), "--save", str(tmp_path / "hf"), "--no-verify-checksums"])
+    assert code == 0, capsys.readouterr().err  # the user's explicit choice: read as before
+
+
+def test_a_flipped_byte_in_a_safetensors_shard_is_refused(converted, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    assert convert_main(["mcore2hf", "--load", str(converted), "--save", str(hf)]) == 0
+    flip_middle_byte(hf / "model.safetensors")
+    code = convert_main(["hf2mcore", "--load", str(hf), "--save", str(tmp_path / "back")])
+    refused(code, capsys, f"{hf / 'model.safetensors'} does not match its checksum")
+    assert not (tmp_path / "back").exists()
+
+
+def test_a_flipped_byte_in_a_legacy_rank_file_is_refused(make_hf, tmp_path, capsys):
+    legacy = tmp_path / "legacy"
+    assert convert_main(["hf2mcore", "--load", make_hf("reliability-shared"), "--save", str(legacy),
+                         "--format", "legacy", "--tp", "2"]) == 0
+    rank_file = legacy / "release" / "mp_rank_01" / "model_optim_rng.pt"
+    flip_middle_byte(rank_file)
+    code = convert_main(["mcore2hf", "--load", str(legacy), "--save", str(tmp_path / "hf")])
+    refused(code, capsys, f"{rank_file} does not match its checksum")
+
+
+def test_a_truncated_or_missing_file_and_a_bad_manifest_are_one_line(ckpt, tmp_path):
+    iter_dir = ckpt / "release"
+    shutil.copy(iter_dir / "common.pt", tmp_path / "common.pt")
+    (iter_dir / "common.pt").unlink()
+    with pytest.raises(CheckpointError, match="common.pt is listed in .* but missing"):
+        verify_manifest(iter_dir)
+    shutil.copy(tmp_path / "common.pt", iter_dir / "common.pt")
+    with open(iter_dir / "__0_0.distcp", "r+b") as file:
+        file.truncate(100)
+    with pytest.raises(CheckpointError, match="has 100 bytes, .* were written"):
+        verify_manifest(iter_dir)
+    manifest = json.loads((iter_dir / MANIFEST).read_text())
+    manifest["files"]["../../secrets/id_rsa"] = {"size": 11, checksums.ALGORITHM: "0"}
+    (iter_dir / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="is not a file inside the checkpoint"):
+        verify_manifest(iter_dir)
+    (iter_dir / MANIFEST).write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot read .*checksums.json"):
+        verify_manifest(iter_dir)
+
+
+def test_a_directory_without_a_manifest_is_read_as_before(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    assert verify_manifest(tmp_path) is False
+    write_manifest(tmp_path)
+    assert verify_manifest(tmp_path) is True
