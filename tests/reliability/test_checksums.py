@@ -18,6 +18,21 @@ from megatron_patch.errors import CheckpointError
 from .conftest import refused
 
 
+@pytest.fixture(scope="module")
+def written(make_hf, tmp_path_factory):
+    """A tiny HF llama converted to torch_dist, with its manifest (copy it before damaging it)."""
+    out = tmp_path_factory.mktemp("checksums") / "ckpt"
+    assert convert_main(["hf2mcore", "--load", make_hf("reliability-shared"), "--save", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def ckpt(written, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(written, copy)
+    return copy
+
+
 @pytest.fixture(autouse=True)
 def fresh_verification():
     """Each case starts with checking on and nothing remembered as already verified."""
@@ -34,16 +49,16 @@ def flip_middle_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_every_written_file_is_listed_with_its_digest(converted, tmp_path):
+def test_every_written_file_is_listed_with_its_digest(written, tmp_path):
     """hf2mcore's manifest (digests taken while streaming) equals one computed from the files; mcore2hf's too."""
-    iter_dir = converted / "release"
+    iter_dir = written / "release"
     listed = json.loads((iter_dir / MANIFEST).read_text())["files"]
     on_disk = sorted(p.relative_to(iter_dir).as_posix() for p in iter_dir.rglob("*")
                      if p.is_file() and p.name != MANIFEST)
     assert sorted(listed) == on_disk and "__0_0.distcp" in listed
     for name, entry in listed.items():
         assert (entry["size"], entry[checksums.ALGORITHM]) == checksums.hash_file(iter_dir / name), name
-    assert convert_main(["mcore2hf", "--load", str(converted), "--save", str(tmp_path / "hf")]) == 0
+    assert convert_main(["mcore2hf", "--load", str(written), "--save", str(tmp_path / "hf")]) == 0
     hf_listed = json.loads((tmp_path / "hf" / MANIFEST).read_text())["files"]
     assert "model.safetensors" in hf_listed and "config.json" in hf_listed
     assert verify_manifest(tmp_path / "hf")
@@ -58,9 +73,9 @@ def test_a_flipped_byte_in_a_distcp_is_refused(ckpt, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err  # the user's explicit choice: read as before
 
 
-def test_a_flipped_byte_in_a_safetensors_shard_is_refused(converted, tmp_path, capsys):
+def test_a_flipped_byte_in_a_safetensors_shard_is_refused(written, tmp_path, capsys):
     hf = tmp_path / "hf"
-    assert convert_main(["mcore2hf", "--load", str(converted), "--save", str(hf)]) == 0
+    assert convert_main(["mcore2hf", "--load", str(written), "--save", str(hf)]) == 0
     flip_middle_byte(hf / "model.safetensors")
     code = convert_main(["hf2mcore", "--load", str(hf), "--save", str(tmp_path / "back")])
     refused(code, capsys, f"{hf / 'model.safetensors'} does not match its checksum")
