@@ -17,6 +17,11 @@ from megatron_patch.errors import ConfigError, DataError
     ({"instruction": "q", "output": None}, '"output" must be a string (got NoneType)'),
     ({"messages": [{"content": "hi"}]}, '"messages" must be a list of {"role", "content"} objects'),
     ({"messages": [{"role": "user", "content": 3}]}, 'a message\'s "role" and "content" must be strings'),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "asistant", "content": "x"}]},
+     "unknown role 'asistant' (expected one of system, user, assistant, tool)"),
+    ({"instruction": "q", "output": " "}, '"output" is empty (nothing to train on)'),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+     '"messages" has no assistant turn with content (nothing to train on)'),
 ])
 def test_sft_record_fields_are_checked(tmp_path, record, message):
     path = tmp_path / "sft.jsonl"
