@@ -82,10 +82,14 @@ def check_no_custom_code(path: str | os.PathLike) -> None:
     is no flag that allows it outside ``verify --trust-remote-code``); transformers would otherwise fail with a stack
     trace, or load ``tokenizer.json`` without the custom class and give other ids."""
     custom = custom_tokenizer_code(path)
-    if custom is not None:
-        raise DataError(f"the tokenizer in {path} needs its own Python code ({custom}), which this toolkit does not "
-                        "run (no flag enables it): give a directory with a plain tokenizer.json, a sentencepiece "
-                        "tokenizer.model or qwen.tiktoken")
+    if custom is None:
+        return
+    spm = Path(path) / "tokenizer.model"
+    way_out = (f"its {spm} may be used as a plain sentencepiece model (--tokenizer-model {spm} in training and "
+               "preprocessing)" if spm.is_file() else
+               "give a directory with a plain tokenizer.json, a sentencepiece tokenizer.model or qwen.tiktoken")
+    raise DataError(f"the tokenizer in {path} needs its own Python code ({custom}), which this toolkit does not "
+                    f"run (no flag enables it): {way_out}")
 
 
 class HFTokenizer(Tokenizer):
