@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -199,6 +200,15 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def cpu_seconds_of(cmd: list[str], settle_first) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process and the children it waited for). On a shared
+    machine CPU time is the steadier measure of work added (a hash is CPU work; wall time also counts waiting)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds = run_measured(cmd, settle_first)[0]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seconds, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
 def run_measured(cmd: list[str], settle_first=None) -> tuple[float, int, int]:
     """Wall time, peak PSS and peak anonymous PSS summed over the process tree (polled every 50 ms).
 
@@ -297,18 +307,21 @@ def main() -> None:
             for _ in range(args.repeat):
                 shutil.rmtree(mc if key.startswith("hf2mcore") else work / f"back_{fmt}", ignore_errors=True)
                 step_input = hf if key.startswith("hf2mcore") else mc
-                rows.append((name, *run_measured(convert + cli, settle_first=settled(step_input))))
+                if args.checksum_cost:
+                    with_time, with_cpu = cpu_seconds_of(convert + cli, settled(step_input))
+                    rows.append((name, with_time, 0, 0))  # memory is measured by the runs without --checksum-cost
+                else:
+                    rows.append((name, *run_measured(convert + cli, settle_first=settled(step_input))))
                 if args.checksum_cost:  # the same step at once, without checksums (its output replaced)
                     shutil.rmtree(mc if key.startswith("hf2mcore") else work / f"back_{fmt}", ignore_errors=True)
                     flags = ["--no-verify-checksums"] if key.startswith("mcore2hf") else []
+                    without, without_cpu = cpu_seconds_of(unchecked + cli + flags, settled(step_input))
                     if key.startswith("hf2mcore"):  # written again with its manifest: mcore2hf reads it checked
-                        without = run_measured(unchecked + cli + flags, settle_first=settled(step_input))[0]
                         shutil.rmtree(mc)
                         subprocess.run(convert + cli, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    else:
-                        without = run_measured(unchecked + cli + flags, settle_first=settled(step_input))[0]
-                    checksum_rows.append((name, rows[-1][1], without))
-                    print(f"  {name} without checksums: {without:.1f} s", flush=True)
+                    checksum_rows.append((name, with_time, without, with_cpu, without_cpu))
+                    print(f"  {name} without checksums: {without:.1f} s ({without_cpu:.1f} CPU s; with: "
+                          f"{with_cpu:.1f} CPU s)", flush=True)
                 baselines.append(baseline())
                 print(f"  {name}: {rows[-1][1]:.1f} s (baselines around it {baselines[-2][0]:.1f} s, "
                       f"{baselines[-1][0]:.1f} s)", flush=True)
@@ -327,9 +340,10 @@ def main() -> None:
         before = f"   {before[0]:>8}, {before[1]}" if before else ""
         print(f"{name:34} {seconds:8.1f} {seconds / base_time:11.2f} {memory / size:16.2f} {anon / size:21.2f}{before}")
     if checksum_rows:
-        print(f"\n{'step':34} {'with checksums':>15} {'without':>8} {'with / without':>15}")
-        for name, with_time, without in checksum_rows:
-            print(f"{name:34} {with_time:15.1f} {without:8.1f} {with_time / without:15.3f}")
+        print(f"\n{'step':34} {'wall with':>10} {'without':>8} {'ratio':>6} {'CPU with':>9} {'without':>8} {'ratio':>6}")
+        for name, with_time, without, with_cpu, without_cpu in checksum_rows:
+            print(f"{name:34} {with_time:10.1f} {without:8.1f} {with_time / without:6.3f} {with_cpu:9.1f} "
+                  f"{without_cpu:8.1f} {with_cpu / without_cpu:6.3f}")
 
 
 if __name__ == "__main__":
