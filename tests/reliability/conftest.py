@@ -10,7 +10,8 @@ import pytest
 
 from megatron_patch.checkpoint.checksums import MANIFEST
 
-OUTCOMES = ("tried", "refused cleanly", "tracebacks", "hangs", "partial outputs", "code run")
+# "silent": a wrong exit 0; "hangs" and "code run" are counted by the cases that can produce them.
+OUTCOMES = ("tried", "refused cleanly", "tracebacks", "silent", "hangs", "partial outputs", "code run")
 TALLY: Counter = Counter()
 
 
@@ -54,6 +55,8 @@ def refused(code: int, capsys, expected: str) -> str:
     """Tally one CLI case; return its stderr after checking: exit 1, no traceback, ``expected`` in the line."""
     TALLY["tried"] += 1
     err = capsys.readouterr().err
+    TALLY["silent"] += code == 0
+    TALLY["tracebacks"] += "Traceback" in err
     assert code == 1, err
     assert "Traceback" not in err and expected in err, err
     TALLY["refused cleanly"] += 1
