@@ -8,8 +8,9 @@ development machine, shared): xxh3_64 17.9 GB/s, crc32c 13.4, zlib.crc32 3.7, sh
 
 Writing: the large files go through ``BulkFile``, which hashes each buffer as it is written (no second read) and
 leaves its digest here (``remember``); ``write_manifest`` takes those and hashes only the small files it was not
-given (metadata, configs, tokenizer files) and files written by others (a training save's ``.distcp`` files, which
-megatron-core's writer produces: read back from the page cache right after they were written).
+given (metadata, configs, tokenizer files). A training save's ``.distcp`` files are written by megatron-core: each
+rank hashes its own right after the save, from its page cache, and hands the digests to rank 0
+(``training.checkpointing``).
 
 Reading: ``verify_manifest`` rehashes every listed file and refuses a mismatch in one line naming the file. A
 checkpoint without a manifest (Megatron-LM's, an older one) is read as before. ``--no-verify-checksums`` turns the
