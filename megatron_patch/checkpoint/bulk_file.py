@@ -48,7 +48,7 @@ class BulkFile:
     """
 
     def __init__(self, path: str | os.PathLike, stage_bytes: int = STAGE_BYTES):
-        self._path, self._digest = path, checksums.new_digest()
+        self._path, self._digest = path, checksums.ChunkedDigest()
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self._fd, self._position, self._direct = -1, 0, False
         self._stages: list[memoryview] = []
@@ -168,7 +168,7 @@ class BulkFile:
                     pass
             self._stages = []
         if done:  # the whole file went through the digest: the manifest takes it from here
-            checksums.remember(self._path, self._position, self._digest.hexdigest())
+            checksums.remember(self._path, self._position, self._digest.hexdigests())
 
     def __enter__(self) -> BulkFile:
         return self

@@ -113,6 +113,27 @@ def test_a_truncated_or_missing_file_and_a_bad_manifest_are_one_line(ckpt, tmp_p
         verify_manifest(iter_dir)
 
 
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["direct", "buffered"])
+def test_chunk_digests_taken_while_writing_are_those_of_the_file(tmp_path, monkeypatch, direct):
+    """Chunks of 8 KiB (64 MiB in use), pieces crossing them; a flipped byte names its chunk's bytes."""
+    from megatron_patch.checkpoint.bulk_file import BulkFile
+
+    monkeypatch.setattr(checksums, "CHUNK_BYTES", 8192)
+    monkeypatch.setenv("MEGATRON_PATCH_DIRECT_IO", direct)
+    data = bytes(range(256)) * 115  # 29440 bytes: 3 whole chunks and a part
+    with BulkFile(tmp_path / "weights.bin", stage_bytes=4096) as out:
+        for start in range(0, len(data), 3000):
+            out.write(data[start:start + 3000])
+    write_manifest(tmp_path)
+    digests = json.loads((tmp_path / MANIFEST).read_text())["files"]["weights.bin"][checksums.ALGORITHM]
+    assert len(digests) == 4 and checksums.hash_file(tmp_path / "weights.bin") == (len(data), digests)
+    assert verify_manifest(tmp_path)
+    checksums._verified.clear()
+    flip_middle_byte(tmp_path / "weights.bin")  # byte 14720: in the second chunk
+    with pytest.raises(CheckpointError, match=r"weights.bin does not match its checksum .*\(bytes 8192-16384 changed"):
+        verify_manifest(tmp_path)
+
+
 def test_a_directory_without_a_manifest_is_read_as_before(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"x" * 10)
     assert verify_manifest(tmp_path) is False

@@ -188,8 +188,8 @@ import sys
 from megatron_patch.checkpoint import checksums
 class _NoDigest:
     def update(self, data): pass
-    def hexdigest(self): return ""
-checksums.new_digest = _NoDigest
+    def hexdigests(self): return []
+checksums.ChunkedDigest = _NoDigest
 checksums.remember = lambda *args: None
 checksums.write_manifest = lambda directory: None
 for name in ("megatron_patch.convert.hf_to_mcore", "megatron_patch.convert.mcore_to_hf"):
