@@ -9,8 +9,9 @@ tail is written after ``O_DIRECT`` is switched off. Where the filesystem refuses
 mounts), off Linux, or with ``MEGATRON_PATCH_DIRECT_IO=0``, writes go straight to an ordinary file descriptor.
 Checkpoint files are read later by other processes, so skipping the page cache costs nothing they would reuse.
 
-Every byte is hashed as it is written (``checksums``: XXH3-64, for the checkpoint's manifest): with ``O_DIRECT`` by
-the writer thread, on the staging buffer it is about to write, so the hash overlaps the caller filling the other one.
+Every byte is hashed as it is written (``checksums``: XXH3-64 per 64 MiB chunk, for the checkpoint's manifest): with
+``O_DIRECT`` by the writer thread, on the staging buffer it is about to write, so the hash overlaps the caller filling
+the other one.
 """
 
 from __future__ import annotations
