@@ -5,7 +5,10 @@ byte flipped in the middle of a weight file is refused on load in one line namin
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,28 @@ def test_a_directory_without_a_manifest_is_read_as_before(tmp_path):
     assert verify_manifest(tmp_path) is False
     write_manifest(tmp_path)
     assert verify_manifest(tmp_path) is True
+
+
+@pytest.mark.parametrize("tool", ["generate", "train"])
+def test_generation_and_training_refuse_a_flipped_byte(ckpt, make_hf, tmp_path, tool):
+    """The launchers' own line (rank 0 checks under torchrun); nothing is generated or trained."""
+    iter_dir = ckpt / "release"
+    flip_middle_byte(iter_dir / "__0_0.distcp")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n")
+    commands = {
+        "generate": ["-m", "megatron_patch.generate", "--load", str(ckpt), "--seq-length", "64", "--out-seq-length",
+                     "4", "--text-generate-input-file", str(prompts), "--text-generate-output-file",
+                     str(tmp_path / "out.jsonl")],
+        "train": ["-m", "megatron_patch.train", "pretrain", "--load", str(ckpt), "--data-path",
+                  str(tmp_path / "unused_text_document"), "--micro-batch-size", "1", "--global-batch-size", "1",
+                  "--seq-length", "32", "--train-iters", "1", "--lr", "1e-4", "--save", str(tmp_path / "run")],
+    }
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run([sys.executable, *commands[tool]], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and f"{iter_dir / '__0_0.distcp'} does not match its checksum" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "run" / "iter_0000001").exists()
