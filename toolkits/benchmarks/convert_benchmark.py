@@ -184,7 +184,9 @@ def settle(scratch_dir: Path, nbytes: int, step_input: Path) -> None:
 # The converter with the checksums of ``checkpoint/checksums.py`` switched off (benchmark only: the product always
 # writes them): a digest that does nothing and no manifest. ``--no-verify-checksums`` is passed on the command line.
 WITHOUT_CHECKSUMS = """
+import os
 import sys
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the converter's main() sets it before torch loads
 from megatron_patch.checkpoint import checksums
 class _NoDigest:
     def update(self, data): pass
