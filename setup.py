@@ -17,6 +17,7 @@ setup(
         "tensorboard",
         "tiktoken",
         "psutil",  # megatron-core dist_checkpointing writers need it but do not declare it
+        "xxhash>=3",  # checkpoint checksum manifests (XXH3-64: the fastest hash measured, see checkpoint/checksums)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "model) and exit; $WORLD_SIZE is the number of processes the launch will start")
     p.add_argument("--allow-non-finite", action="store_true",
                    help="load weights holding NaN/Inf (warn once) instead of refusing the checkpoint")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="load the checkpoint without checking its checksums.json (a changed file is otherwise "
+                        "refused)")
     add_verbose_flag(p)
     return p
 
@@ -74,10 +77,12 @@ def main(argv=None) -> int:
     from .runtime.noise import quiet_third_party
 
     quiet_third_party(args.verbose or None)
+    from .checkpoint.checksums import set_verification
     from .errors import run_reporting_errors
     from .generation.offline import generate_file
     from .runtime import destroy_distributed
 
+    set_verification(not args.no_verify_checksums)
     if args.check_only:
         from .generation.checks import preflight
 

@@ -8,6 +8,10 @@ lengths and offsets, so bytes are staged in page-aligned buffers and written a w
 tail is written after ``O_DIRECT`` is switched off. Where the filesystem refuses ``O_DIRECT`` (tmpfs, some FUSE
 mounts), off Linux, or with ``MEGATRON_PATCH_DIRECT_IO=0``, writes go straight to an ordinary file descriptor.
 Checkpoint files are read later by other processes, so skipping the page cache costs nothing they would reuse.
+
+Every byte is hashed as it is written (``checksums``: XXH3-64 per 64 MiB chunk, for the checkpoint's manifest): with
+``O_DIRECT`` by the writer thread, on the staging buffer it is about to write, so the hash overlaps the caller filling
+the other one.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from . import checksums
 from .serialization import write_all
 
 STAGE_BYTES = 64 << 20  # a multiple of any block size O_DIRECT asks for (512 B - 4 KiB)
@@ -44,6 +49,7 @@ class BulkFile:
     """
 
     def __init__(self, path: str | os.PathLike, stage_bytes: int = STAGE_BYTES):
+        self._path, self._digest = path, checksums.ChunkedDigest()
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self._fd, self._position, self._direct = -1, 0, False
         self._stages: list[memoryview] = []
@@ -69,6 +75,7 @@ class BulkFile:
     def write(self, data) -> int:
         view = _as_bytes(data)
         if not self._stages:
+            self._digest.update(view)
             write_all(self._fd, [view])
         else:
             taken = 0
@@ -86,8 +93,10 @@ class BulkFile:
     def write_all(self, buffers) -> None:
         """Write ``buffers`` one after another (gathered into one system call per 1024 without ``O_DIRECT``)."""
         if not self._stages:
-            buffers = [memoryview(b) for b in buffers]
-            write_all(self._fd, buffers)  # casts each to bytes itself
+            buffers = [_as_bytes(b) for b in buffers]
+            for buffer in buffers:
+                self._digest.update(buffer)
+            write_all(self._fd, buffers)
             self._position += sum(b.nbytes for b in buffers)
         else:
             for buffer in buffers:
@@ -112,6 +121,7 @@ class BulkFile:
             pending.result()  # a write error surfaces here, in the caller's thread
 
     def _write_stage(self, stage: memoryview) -> None:
+        self._digest.update(stage)
         start = os.lseek(self._fd, 0, os.SEEK_CUR)
         try:
             write_all(self._fd, [stage])
@@ -136,12 +146,15 @@ class BulkFile:
     def _close(self, flush: bool) -> None:
         if self._fd < 0:
             return
+        done = False
         try:
             if self._stages and flush:
                 self._wait()
                 if self._fill:
                     self._buffered()  # the tail is not a whole number of blocks
+                    self._digest.update(self._stages[0][:self._fill])
                     write_all(self._fd, [self._stages[0][:self._fill]])
+            done = flush
         finally:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)  # after an error the pending write may still run: let it end
@@ -155,6 +168,8 @@ class BulkFile:
                 except BufferError:  # a view of it lives on in a traceback: unmapped when that goes
                     pass
             self._stages = []
+        if done:  # the whole file went through the digest: the manifest takes it from here
+            checksums.remember(self._path, self._position, self._digest.hexdigests())
 
     def __enter__(self) -> BulkFile:
         return self

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError
 from ..mapping import Pieces
 from .bulk_file import BulkFile
+from .checksums import MANIFEST, verify_manifest
 from .paths import check_inside
 from .serialization import prefault
 
@@ -125,6 +126,7 @@ class HFCheckpointReader:
 
     def __init__(self, hf_dir: str | os.PathLike):
         self.dir = Path(hf_dir)
+        verify_manifest(self.dir)  # an HF directory this toolkit wrote: every file as it was written
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, _SafetensorsShard | _TorchShard] = {}
         self._open_all()
@@ -343,7 +345,8 @@ class StreamingSafetensorsWriter:
 
 
 def asset_files(src_dir: str | os.PathLike, root: str | os.PathLike | None = None) -> list[Path]:
-    """The non-weight files of a HF directory (config, generation config, tokenizer files). Cheap: call it before work.
+    """The non-weight files of a HF directory (config, generation config, tokenizer files; not its checksum
+    manifest). Cheap: call it before work.
 
     Raises CheckpointError for a link that leads outside ``root`` (default: ``src_dir`` itself): never copy a file
     from elsewhere. A checkpoint's ``hf_assets/`` passes its iteration directory as ``root``, so ``hf_assets`` being
@@ -354,7 +357,9 @@ def asset_files(src_dir: str | os.PathLike, root: str | os.PathLike | None = Non
     check_inside(src, base, f"{src}")  # the directory itself, when it is a link
     assets = []
     for path in sorted(src.iterdir()):
-        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in (SAFE_INDEX, BIN_INDEX):
+        # The checksum manifest describes its own directory: a copy of it elsewhere would be wrong at once.
+        if (path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES)
+                and path.name not in (SAFE_INDEX, BIN_INDEX, MANIFEST)):
             if not path.resolve().is_relative_to(src.resolve()):
                 raise CheckpointError(f"{path} is a link to {path.resolve()}, outside {src}; copy the file in instead")
             assets.append(path)

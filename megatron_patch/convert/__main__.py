@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pp", type=int, default=2, help="pipeline-parallel size (default: 2)")
     demo.add_argument("--format", dest="fmt", choices=FORMAT_CHOICES, default="torch_dist",
                       help="checkpoint format (default: torch_dist)")
+    for command in (h2m, m2h, ver):
+        command.add_argument("--no-verify-checksums", action="store_true",
+                             help="read checkpoints without checking their checksums.json (a file whose bytes "
+                                  "changed since it was written is otherwise refused)")
     for command in (h2m, m2h, ver, demo):
         add_verbose_flag(command)
     return parser
@@ -108,6 +112,9 @@ def run(args) -> int | None:
 
 
 def _run(args) -> int | None:
+    from ..checkpoint.checksums import set_verification
+
+    set_verification(not getattr(args, "no_verify_checksums", False))
     if args.command in ("hf2mcore", "mcore2hf"):
         from ..checkpoint.paths import check_outputs
 

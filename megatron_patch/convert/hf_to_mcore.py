@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.atomic import atomic_output_dir, check_output_dir
+from ..checkpoint.checksums import write_manifest
 from ..checkpoint.formats import format_names, get_format
 from ..checkpoint.hf import HFCheckpointReader, asset_files, copy_assets, read_config
 from ..checkpoint.megatron import ASSETS, TRACKER, TRANSFORMER_IMPLS
@@ -109,5 +110,6 @@ def hf_to_mcore(
         copy_assets(hf_dir, iter_dir / ASSETS)
         write_checkpoint_meta(iter_dir, plan.spec, fmt=fmt, tp=tp, pp=pp, transformer_impl=transformer_impl,
                               dtype=dtype, tokenizer_dir=Path(out_dir).resolve() / "release" / ASSETS, ep=ep)
+        write_manifest(iter_dir)  # the weight files' digests were taken as they were written
         (temp / TRACKER).write_text("release")
     return Path(out_dir)

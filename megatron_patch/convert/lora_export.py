@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.atomic import atomic_output_dir, check_output_dir
+from ..checkpoint.checksums import write_manifest
 from ..checkpoint.hf import ShardedSafetensorsWriter, copy_assets
 from ..checkpoint.megatron import assets_root
 from ..checkpoint.torch_dist_io import TorchDistReader
@@ -113,6 +114,7 @@ def export_merged(load, save, overwrite: bool = False, max_shard_bytes: int = 5 
                 raise CheckpointError(f"merged tensor {name} holds NaN or Inf")
             writer.add(name, tensor)
         writer.close()
+        write_manifest(temp)
     return Path(save)
 
 
@@ -183,4 +185,5 @@ def export_peft_adapter(load, save, overwrite: bool = False, base_model_name_or_
     with atomic_output_dir(save, overwrite) as temp:
         save_file(tensors, str(temp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (temp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        write_manifest(temp)
     return Path(save)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.atomic import atomic_output_dir, check_output_dir
+from ..checkpoint.checksums import write_manifest
 from ..checkpoint.hf import StreamingSafetensorsWriter, asset_files, copy_assets
 from ..checkpoint.megatron import assets_root
 from ..errors import CheckpointError, ConfigError
@@ -118,4 +119,5 @@ merged or HF tensor is built, see ``mapping.pieces``). ``model_name`` / ``hf_con
 
                 writer.add(name, pieces, inspect)
         writer.close()
+        write_manifest(temp)  # the shards' digests were taken as they were written
     return Path(save)

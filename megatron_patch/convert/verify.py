@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checkpoint.checksums import verify_manifest
 from ..errors import CheckpointError, ConfigError
 from ..models.checkpoint import Checkpoint
 from ..runtime.progress import progress
@@ -115,6 +116,7 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, tp: int | No
     for flag, value in (("--tp", tp), ("--pp", pp), ("--ep", ep)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
+    verify_manifest(hf_dir)  # an HF directory this toolkit wrote (transformers reads it without a check)
     ckpt = Checkpoint.open(mcore_dir)
     tp, pp, ep = tp or ckpt.tp, pp or ckpt.pp, ep or ckpt.ep
     ckpt.sharding(tp, pp, ep)  # TP must divide the heads and groups, PP the layers, EP the experts: one line now

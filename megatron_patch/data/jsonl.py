@@ -44,9 +44,15 @@ def string_field(record: dict, key: str, line_no: int, hint: str = "") -> str:
 
 
 def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """``(line number, line)`` for each non-blank line of a UTF-8 text file."""
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
+    """``(line number, line)`` for each non-blank line of a UTF-8 text file; a line that is not UTF-8 is a
+    ``BadLineError`` that already names the file."""
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:  # named here: a decoding text file would stop with a traceback
+                raise BadLineError(f"{path}: line {line_no}: not valid UTF-8 (byte {error.start + 1} of the "
+                                   "line)") from None
             if line.strip():
                 yield line_no, line
 

@@ -28,6 +28,9 @@ PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n#
 
 
 SCHEMA = '{"instruction": ..., "input": ... (optional), "output": ...} or {"messages": [{"role", "content"}, ...]}'
+# The roles chat templates know; only "assistant" turns are trained on. Any other role (a typo such as "asistant")
+# would be rendered as prompt and silently never trained.
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def parse_record(line: str, line_no: int) -> dict:
@@ -42,9 +45,16 @@ def parse_record(line: str, line_no: int) -> dict:
     for message in record.get("messages", []):
         if not (isinstance(message["role"], str) and isinstance(message["content"], str)):
             raise BadLineError(f'{where}: a message\'s "role" and "content" must be strings')
+        if message["role"] not in ROLES:
+            raise BadLineError(f'{where}: unknown role {message["role"]!r:.40} (expected one of {", ".join(ROLES)})')
     for key in ("instruction", "input", "output"):
         if key in record and not isinstance(record[key], str):
             raise BadLineError(f'{where}: "{key}" must be a string (got {type(record[key]).__name__})')
+    # A sample whose response is empty teaches only the end-of-text token.
+    if "messages" in record and not any(m["role"] == "assistant" and m["content"].strip() for m in record["messages"]):
+        raise BadLineError(f'{where}: "messages" has no assistant turn with content (nothing to train on)')
+    if "messages" not in record and not record["output"].strip():
+        raise BadLineError(f'{where}: "output" is empty (nothing to train on)')
     return record
 
 

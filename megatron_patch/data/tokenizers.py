@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import abc
 import base64
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+from jinja2.exceptions import TemplateError
 from tokenizers import Tokenizer as RustTokenizer
 
 from ..errors import ConfigError, DataError
@@ -58,13 +60,50 @@ class Tokenizer(abc.ABC):
         return self.encode
 
 
+def custom_tokenizer_code(path: str | os.PathLike) -> str | None:
+    """The tokenizer class a HF directory asks to be loaded from its own Python files (``auto_map`` of
+    ``tokenizer_config.json`` or ``config.json``, as transformers reads it with ``trust_remote_code``), or None."""
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            config = json.loads((Path(path) / name).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # absent or unreadable: the tokenizer's own load reports what is wrong with it
+        auto_map = config.get("auto_map") if isinstance(config, dict) else None
+        if isinstance(auto_map, dict) and auto_map.get("AutoTokenizer"):
+            entry = auto_map["AutoTokenizer"]
+            classes = [c for c in (entry if isinstance(entry, list) else [entry]) if isinstance(c, str)]
+            named = ", ".join(classes) if classes else repr(entry)
+            return f"{name} auto_map: {named[:80]}"
+    return None
+
+
+def check_no_custom_code(path: str | os.PathLike) -> None:
+    """Refuse a tokenizer that needs ``trust_remote_code``: this toolkit never runs code shipped with a model (there
+    is no flag that allows it outside ``verify --trust-remote-code``); transformers would otherwise fail with a stack
+    trace, or load ``tokenizer.json`` without the custom class and give other ids."""
+    custom = custom_tokenizer_code(path)
+    if custom is None:
+        return
+    spm = Path(path) / "tokenizer.model"
+    way_out = (f"its {spm} may be used as a plain sentencepiece model (--tokenizer-model {spm} in training and "
+               "preprocessing)" if spm.is_file() else
+               "give a directory with a plain tokenizer.json, a sentencepiece tokenizer.model or qwen.tiktoken")
+    raise DataError(f"the tokenizer in {path} needs its own Python code ({custom}), which this toolkit does not "
+                    f"run (no flag enables it): {way_out}")
+
+
 class HFTokenizer(Tokenizer):
     kind = "hf"
 
     def __init__(self, path: str | os.PathLike):
         from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        check_no_custom_code(path)
+        self.path = path
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError) as error:  # a missing, damaged or foreign tokenizer file
+            raise DataError(f"cannot load the HF tokenizer in {path}: {' '.join(str(error).split())[:300]}") from None
         if self.tok.eos_token_id is None:
             raise DataError(f"the tokenizer in {path} has no eos token to mark document ends")
 
@@ -99,7 +138,11 @@ class HFTokenizer(Tokenizer):
         ids: list[int] = []
         mask: list[bool] = []
         for end in range(1, len(messages) + 1):
-            rendered = self.tok.apply_chat_template(messages[:end], tokenize=False)
+            try:
+                rendered = self.tok.apply_chat_template(messages[:end], tokenize=False)
+            except TemplateError as error:  # incl. the sandbox's SecurityError: a template reaching for internals
+                raise DataError(f"the chat template of the tokenizer in {self.path} cannot be rendered: "
+                                f"{type(error).__name__}: {' '.join(str(error).split())[:200]}") from None
             full = self.tok.encode(rendered, add_special_tokens=False)
             if full[: len(ids)] != ids:
                 raise DataError("the chat template does not render a conversation prefix-consistently")

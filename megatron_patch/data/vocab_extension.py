@@ -33,8 +33,10 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.checksums import write_manifest
 from ..errors import CheckpointError, ConfigError, DataError, run_reporting_errors
 from ..runtime.progress import progress
+from .tokenizers import check_no_custom_code
 
 SP_MODEL = "tokenizer.model"
 FAST_TOKENIZER = "tokenizer.json"
@@ -209,6 +211,7 @@ def extend_tokenizer(old_dir: Path, new_dir: Path, trained_model: Path) -> int:
 def _backend(tokenizer_dir: Path):
     from transformers import AutoTokenizer
 
+    check_no_custom_code(tokenizer_dir)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, trust_remote_code=False)
     if not hasattr(tok, "backend_tokenizer"):
         raise CheckpointError(f"the tokenizer in {tokenizer_dir} is not a fast (tokenizers) tokenizer")
@@ -298,6 +301,7 @@ def extend_hf(hf_dir: Path, out_dir: Path, trained_model: Path, overwrite: bool 
         rows = sub_pieces(hf_dir, temp)
         vocab_size = len(_backend(temp))
         resize_hf(hf_dir, temp, rows, vocab_size)
+        write_manifest(temp)
     return {"added_tokens": added, "vocab_size": vocab_size}
 
 

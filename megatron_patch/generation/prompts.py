@@ -22,7 +22,10 @@ def read_prompts(path: str | os.PathLike, prompt_key: str = "prompt") -> list[st
             except BadLineError as error:
                 raise in_file(path, error) from None
     else:
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not valid UTF-8 (byte {error.start + 1} of the file)") from None
     if not prompts:
         raise DataError(f"{path} holds no prompts")
     return prompts

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.checksums import verify_manifest
 from ..checkpoint.formats import CheckpointFormat, MegatronTensors, get_format
 from ..checkpoint.megatron import ASSETS, META, find_iteration_dir, read_meta, write_meta
 from ..checkpoint.megatron_lm_args import write_megatron_lm_common
@@ -50,6 +51,7 @@ class Checkpoint:
         ``megatron_patch.json``): the family and the HF config / tokenizer they do not record.
         """
         iter_dir = find_iteration_dir(path)
+        verify_manifest(iter_dir)  # a checkpoint this toolkit wrote: every file as it was written (once a process)
         if (iter_dir / META).is_file():
             meta, where = read_meta(iter_dir), iter_dir / META
             assets = iter_dir / ASSETS

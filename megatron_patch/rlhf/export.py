@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.atomic import atomic_output_dir, check_output_dir
+from ..checkpoint.checksums import write_manifest
 from ..checkpoint.hf import ShardedSafetensorsWriter, asset_files, copy_assets
 from ..checkpoint.megatron import ASSETS
 from ..checkpoint.paths import check_outputs
@@ -84,6 +85,7 @@ def reward_model_to_hf(load: str | os.PathLike, save: str | os.PathLike, overwri
             writer.add(name, tensor)
         writer.add(SCORE, state[f"{HEAD_PREFIX}weight"])
         writer.close()
+        write_manifest(temp)  # the checksum manifest every checkpoint this toolkit writes carries
     return Path(save)
 
 

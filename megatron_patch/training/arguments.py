@@ -142,6 +142,8 @@ class TrainConfig:
         "help": "save every N steps (default: only at the end)"})
     no_load_optim: bool = field(default=False, metadata={"help": "resume without the optimizer state"})
     no_load_rng: bool = field(default=False, metadata={"help": "resume without the RNG state"})
+    no_verify_checksums: bool = field(default=False, metadata={
+        "help": "load checkpoints without checking their checksums.json (a changed file is otherwise refused)"})
     finetune: bool = field(default=False, metadata={"help": "load weights only and restart at iteration 0"})
     override_opt_param_scheduler: bool = field(default=False, metadata={
         "help": "resuming: take the LR schedule from these flags, not from the checkpoint",

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.checksums import hash_file, remember, verify_manifest, write_manifest
 from ..checkpoint.hf import copy_assets
 from ..checkpoint.megatron import ASSETS, TRACKER, assets_root, iteration_dir_name
 from ..checkpoint.megatron_lm_args import load_model_state
@@ -130,10 +131,12 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
         tmp.mkdir(parents=True)
     dist.barrier()
     _dcp_save(model_state_to_save(model.module), tmp, save)
+    _hash_own_files(tmp)
     if rank == 0:
         (tmp / TRAIN_STATE).mkdir()
     dist.barrier()
     _dcp_save(_train_state_dict(model, optimizer, scheduler, state, False), tmp / TRAIN_STATE, save)
+    _hash_own_files(tmp / TRAIN_STATE)
     dist.barrier()
     if rank == 0:
         dtype = next(model.module.parameters()).dtype
@@ -149,6 +152,9 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
             write_lora_meta(tmp, cfg.lora_config(), lora_base(source.checkpoint.iter_dir))
         if after_model_save is not None:
             after_model_save(tmp)
+        # the .distcp digests come from their writers (_hash_own_files); the small files are hashed here
+        write_manifest(tmp / TRAIN_STATE)
+        write_manifest(tmp)  # the weights and metadata; train_state/ has its own (weights-only loads skip it)
         if final.exists():
             old = save / f".{name}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -160,6 +166,20 @@ def save_checkpoint(save: str | os.PathLike, iteration: int, model, optimizer, s
         _write_tracker(save, iteration)
     dist.barrier()
     return final
+
+
+def _hash_own_files(directory: Path) -> None:
+    """Each rank hashes the ``.distcp`` files it has just written (DCP names them ``__<rank>_<n>.distcp``), from its
+    page cache, and rank 0 keeps every rank's digests for the checksum manifest: rank 0 alone reading the whole
+    optimizer state again would keep every other rank waiting. A file no rank claims is hashed by rank 0."""
+    rank = dist.get_rank()
+    mine = {str(path.absolute()): hash_file(path) for path in sorted(Path(directory).glob(f"__{rank}_*.distcp"))}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        for digests in gathered:
+            for path, (size, digest) in digests.items():
+                remember(path, size, digest)
 
 
 def model_state_to_save(module) -> dict:
@@ -298,6 +318,7 @@ def load_train_state(iter_dir: Path, model, optimizer, scheduler, load_optim: bo
         template.pop("optimizer")
     if not load_rng:
         template.pop("rng_state")
+    verify_manifest(Path(iter_dir) / TRAIN_STATE)
     check_torch_dist_checkpoint(Path(iter_dir) / TRAIN_STATE)  # megatron-core unpickles without restriction
     loaded = dist_checkpointing.load(template, str(Path(iter_dir) / TRAIN_STATE))
     if load_optim:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.checksums import set_verification
 from ..checkpoint.hf import asset_files
 from ..checkpoint.megatron import TRACKER, assets_root, is_model_variant
 from ..checkpoint.paths import check_disjoint
@@ -47,6 +48,7 @@ def resolve_model_source(cfg: TrainConfig, load_dir: Path | None) -> ModelSource
     Checks the flags against the model on the way (family, size preset, extra vocabulary, TP x PP, --seq-length),
     each error naming the training flag to change. The ranks and ``train check`` both run it.
     """
+    set_verification(not cfg.no_verify_checksums)  # every checkpoint the run opens from here on
     if cfg.save and load_dir is not None:
         check_save_keeps_load(cfg.save, load_dir)
     source = _model_source(cfg, load_dir)

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from megatron_patch.checkpoint import bulk_file
+from megatron_patch.checkpoint import bulk_file, checksums
 from megatron_patch.checkpoint.bulk_file import BulkFile
 
 STAGE = 2 * 4096  # a small staging buffer, so that a few KiB cross it many times
@@ -36,6 +36,8 @@ def test_bytes_round_trip(tmp_path, monkeypatch, direct, sizes):
             assert out.write(piece) == len(piece)
             assert out.tell() == sum(sizes[: i + 1])
     assert path.read_bytes() == b"".join(pieces)
+    # the digest taken while writing is the file's (what the checksum manifest records without reading it again)
+    assert checksums._streamed[str(path.absolute())][::2] == checksums.hash_file(path)
 
 
 def test_gathered_writes(tmp_path):

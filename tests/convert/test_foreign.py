@@ -38,6 +38,7 @@ def _strip_ours(root):
     """Our checkpoint without what only this toolkit writes."""
     iter_dir = root / "release"
     (iter_dir / "megatron_patch.json").unlink()
+    (iter_dir / "checksums.json").unlink()
     shutil.rmtree(iter_dir / "hf_assets")
     return iter_dir
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron_patch.convert.__main__ import main as convert_main
 
-from .conftest import TALLY
+from .conftest import TALLY, without_manifests
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,7 @@ def sources(make_hf, tmp_path_factory):
     assert convert_main(["hf2mcore", "--load", str(hf), "--save", str(root / "legacy"), "--format", "legacy",
                          "--tp", "2"]) == 0
     assert convert_main(["hf2mcore", "--load", str(hf), "--save", str(root / "torch_dist")]) == 0
+    without_manifests(root)
     return {"hf": hf, "legacy": root / "legacy", "torch_dist": root / "torch_dist"}
 
 

@@ -22,6 +22,8 @@ import torch
 from megatron_patch.checkpoint import check_torch_dist_checkpoint
 from megatron_patch.errors import CheckpointError
 
+from .conftest import without_manifests
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -73,7 +75,7 @@ def clean_checkpoint(make_hf, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trusted")
     hf_to_mcore(make_hf("gqa_untied"), root / "mcore")
-    return root / "mcore"
+    return without_manifests(root / "mcore")
 
 
 def _crafted(clean: Path, tmp_path: Path, where: str) -> tuple[Path, Path]:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from megatron_patch.checkpoint.checksums import MANIFEST, verify_manifest
 from megatron_patch.errors import WorkerError
 from megatron_patch.runtime import run_on_local_ranks
 
@@ -50,6 +51,12 @@ def test_loss_falls_and_logs(baseline):
     saved = json.loads((baseline["save"] / "train_config.json").read_text())
     assert saved["tensor_model_parallel_size"] == 1 and saved["train_iters"] == STEPS
     assert (baseline["save"] / "latest_checkpointed_iteration.txt").read_text() == "10"
+    # Each save carries checksum manifests (weights, and train_state/ apart) that match its files.
+    for iteration in ("iter_0000005", "iter_0000010"):
+        iter_dir = baseline["save"] / iteration
+        listed = json.loads((iter_dir / MANIFEST).read_text())["files"]
+        assert any(name.endswith(".distcp") for name in listed) and not any(n.startswith("train_state/") for n in listed)
+        assert verify_manifest(iter_dir) and verify_manifest(iter_dir / "train_state")
 
 
 @pytest.mark.parametrize("tp,pp,extra", [(2, 1, {}), (1, 2, {}), (1, 1, {"recompute_granularity": "full"})],

@@ -10,7 +10,9 @@ width 1408, top-2: many small tensors per layer, placed on ``--ep`` expert-paral
   hf2mcore   the converter CLI at TP x PP, torch_dist and legacy
   mcore2hf   back to HF from each
 (``--steps`` times only some of them: an mcore2hf step whose hf2mcore is not selected still runs that hf2mcore, untimed;
-``--repeat N`` times each selected step N times, each against its own baselines, for medians on a noisy machine)
+``--repeat N`` times each selected step N times, each against its own baselines, for medians on a noisy machine;
+``--checksum-cost`` also times each step without the checksum manifest (hf2mcore hashing nothing as it writes,
+mcore2hf also with ``--no-verify-checksums``), right after it, and prints with / without)
 and prints each time / baseline time (the mean of the baseline runs just before and after the step: the machine may
 be shared) and the peak memory of the whole process tree / checkpoint size, as PSS summed over processes (shared
 pages count once; includes the page cache of memory-mapped files) and as anonymous PSS (what the processes
@@ -28,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -178,6 +181,36 @@ def settle(scratch_dir: Path, nbytes: int, step_input: Path) -> None:
                     pass
 
 
+# The converter with the checksums of ``checkpoint/checksums.py`` switched off (benchmark only: the product always
+# writes them): a digest that does nothing and no manifest. ``--no-verify-checksums`` is passed on the command line.
+WITHOUT_CHECKSUMS = """
+import os
+import sys
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the converter's main() sets it before torch loads
+from megatron_patch.checkpoint import checksums
+class _NoDigest:
+    def update(self, data): pass
+    def hexdigests(self): return []
+checksums.ChunkedDigest = _NoDigest
+checksums.remember = lambda *args: None
+checksums.write_manifest = lambda directory: None
+for name in ("megatron_patch.convert.hf_to_mcore", "megatron_patch.convert.mcore_to_hf"):
+    __import__(name)
+    sys.modules[name].write_manifest = checksums.write_manifest
+from megatron_patch.convert.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cpu_seconds_of(cmd: list[str], settle_first) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process and the children it waited for). On a shared
+    machine CPU time is the steadier measure of work added (a hash is CPU work; wall time also counts waiting)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds = run_measured(cmd, settle_first)[0]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seconds, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
 def run_measured(cmd: list[str], settle_first=None) -> tuple[float, int, int]:
     """Wall time, peak PSS and peak anonymous PSS summed over the process tree (polled every 50 ms).
 
@@ -220,6 +253,8 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
                         help="the steps to time (default: all four)")
     parser.add_argument("--repeat", type=int, default=1, help="time each selected step this many times")
+    parser.add_argument("--checksum-cost", action="store_true",
+                        help="also time each step without the checksum manifest, right after it")
     parser.add_argument("--reuse-checkpoint", action="store_true",
                         help="keep WORKDIR/hf from an earlier run with the same shape instead of writing it again")
     args = parser.parse_args()
@@ -254,6 +289,8 @@ def main() -> None:
     # The machine is shared: each step is compared with the mean of the baseline runs just before and after it.
     baselines = [baseline()]
     rows = []
+    checksum_rows = []  # (step, seconds with checksums, seconds without)
+    unchecked = [sys.executable, "-c", WITHOUT_CHECKSUMS]
     convert = [sys.executable, "-m", "megatron_patch.convert"]
     for fmt in ("torch_dist", "legacy"):
         mc = work / f"mcore_{fmt}"
@@ -272,7 +309,21 @@ def main() -> None:
             for _ in range(args.repeat):
                 shutil.rmtree(mc if key.startswith("hf2mcore") else work / f"back_{fmt}", ignore_errors=True)
                 step_input = hf if key.startswith("hf2mcore") else mc
-                rows.append((name, *run_measured(convert + cli, settle_first=settled(step_input))))
+                if args.checksum_cost:
+                    with_time, with_cpu = cpu_seconds_of(convert + cli, settled(step_input))
+                    rows.append((name, with_time, 0, 0))  # memory is measured by the runs without --checksum-cost
+                else:
+                    rows.append((name, *run_measured(convert + cli, settle_first=settled(step_input))))
+                if args.checksum_cost:  # the same step at once, without checksums (its output replaced)
+                    shutil.rmtree(mc if key.startswith("hf2mcore") else work / f"back_{fmt}", ignore_errors=True)
+                    flags = ["--no-verify-checksums"] if key.startswith("mcore2hf") else []
+                    without, without_cpu = cpu_seconds_of(unchecked + cli + flags, settled(step_input))
+                    if key.startswith("hf2mcore"):  # written again with its manifest: mcore2hf reads it checked
+                        shutil.rmtree(mc)
+                        subprocess.run(convert + cli, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    checksum_rows.append((name, with_time, without, with_cpu, without_cpu))
+                    print(f"  {name} without checksums: {without:.1f} s ({without_cpu:.1f} CPU s; with: "
+                          f"{with_cpu:.1f} CPU s)", flush=True)
                 baselines.append(baseline())
                 print(f"  {name}: {rows[-1][1]:.1f} s (baselines around it {baselines[-2][0]:.1f} s, "
                       f"{baselines[-1][0]:.1f} s)", flush=True)
@@ -290,6 +341,11 @@ def main() -> None:
         before = BEFORE.get(name) if args.model == "llama" else None  # measured for the llama shape only
         before = f"   {before[0]:>8}, {before[1]}" if before else ""
         print(f"{name:34} {seconds:8.1f} {seconds / base_time:11.2f} {memory / size:16.2f} {anon / size:21.2f}{before}")
+    if checksum_rows:
+        print(f"\n{'step':34} {'wall with':>10} {'without':>8} {'ratio':>6} {'CPU with':>9} {'without':>8} {'ratio':>6}")
+        for name, with_time, without, with_cpu, without_cpu in checksum_rows:
+            print(f"{name:34} {with_time:10.1f} {without:8.1f} {with_time / without:6.3f} {with_cpu:9.1f} "
+                  f"{without_cpu:8.1f} {with_cpu / without_cpu:6.3f}")
 
 
 if __name__ == "__main__":
