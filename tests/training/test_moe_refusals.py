@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from megatron_patch.checkpoint.checksums import MANIFEST
 from megatron_patch.convert.hf_to_mcore import hf_to_mcore
 from megatron_patch.errors import CheckpointError, ConfigError
 from megatron_patch.generate import build_parser
@@ -61,6 +62,7 @@ def test_top_k_larger_than_the_experts(moe_ckpt, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["hf_config"]["num_experts_per_tok"] = 5
     meta_path.write_text(json.dumps(meta))
+    (bad / "release" / MANIFEST).unlink()  # the edit is the case: the metadata check behind the checksum is tested
     cfg = TrainConfig(mode="pretrain", load=str(bad), data_path=[str(moe_ckpt / "d_text_document")], train_iters=1)
     with pytest.raises(CheckpointError, match=r"megatron_patch\.json: top-k 5 \(num_experts_per_tok\) must be between 1 "
                                               r"and the number of experts \(4\)$"):
