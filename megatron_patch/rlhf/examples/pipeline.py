@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...data.sft import PROMPT
-from ...data.tokenizers import load_tokenizer
-from ...generation import GenerationEngine, SamplingParams, load_model
 from ...runtime import init_distributed, run_on_local_ranks
 from ..ppo.rewards import digit_match_score
 from ..preference.train_reward_model import run as run_reward_model
@@ -46,6 +44,7 @@ from .demo import (
     sft_config,
 )
 from .tasks import DISTRACTORS, get_task, write_digit_task
+from .toy import greedy_answers
 
 TASK = "copy"
 
@@ -118,11 +117,7 @@ def greedy_task_reward(checkpoints: list[str], eval_path: str) -> list[tuple[flo
     init_distributed(1, 1)
     means = []
     for checkpoint in checkpoints:
-        loaded = load_model(checkpoint)
-        tokenizer = load_tokenizer(str(loaded.assets_dir))
-        prompts = [tokenizer.encode(r["prompt"]) for r in records]
-        engine = GenerationEngine(loaded.model, loaded.vocab_size, loaded.eos_token_id(), loaded.max_sequence_length)
-        answers = engine.generate(prompts, NEW_TOKENS, SamplingParams(top_k=1))
+        tokenizer, answers = greedy_answers(checkpoint, [r["prompt"] for r in records], NEW_TOKENS)
         texts = [tokenizer.decode([t for t in a if t != tokenizer.eod]) for a in answers]
         means.append((sum(digit_match_score(t, r["answer"]) for t, r in zip(texts, records)) / len(records),
                       sum(t.strip() == r["answer"].strip() for t, r in zip(texts, records)) / len(records)))

@@ -60,6 +60,16 @@ def write_toy_preferences(out_dir: str | Path, valid_fraction: float = 0.1, limi
     return paths[0], paths[1]
 
 
+def greedy_answers(checkpoint: str, prompts: list[str], max_new_tokens: int, stop_at_eos: bool = True):
+    """``(tokenizer, token ids of the greedy answer to each prompt)`` of a checkpoint, with the generation engine on
+    this rank (the process group must exist). Without ``stop_at_eos`` every answer runs ``max_new_tokens`` tokens."""
+    loaded = load_model(checkpoint)
+    tokenizer = load_tokenizer(str(loaded.assets_dir))
+    engine = GenerationEngine(loaded.model, loaded.vocab_size, loaded.eos_token_id() if stop_at_eos else None,
+                              loaded.max_sequence_length)
+    return tokenizer, engine.generate([tokenizer.encode(p) for p in prompts], max_new_tokens, SamplingParams(top_k=1))
+
+
 def greedy_continuation_accuracy(checkpoints: list[str], pairs_path: str | Path, max_new_tokens: int = 8,
                                  limit: int | None = None) -> list[dict]:
     """Greedy continuations of each held-out prompt against its true continuation (``chosen``), per checkpoint.
@@ -78,12 +88,9 @@ def greedy_continuation_accuracy(checkpoints: list[str], pairs_path: str | Path,
     init_distributed(1, 1)
     scores = []
     for checkpoint in checkpoints:
-        loaded = load_model(checkpoint)
-        tokenizer = load_tokenizer(str(loaded.assets_dir))
-        prompts = [tokenizer.encode(r["prompt"]) for r in records]
+        prompts = [r["prompt"] for r in records]
+        tokenizer, outputs = greedy_answers(checkpoint, prompts, max_new_tokens, stop_at_eos=False)
         truths = [tokenizer.encode(r["chosen"])[:max_new_tokens] for r in records]
-        engine = GenerationEngine(loaded.model, loaded.vocab_size, None, loaded.max_sequence_length)
-        outputs = engine.generate(prompts, max_new_tokens, SamplingParams(top_k=1))
         right = sum(g == t for out, truth in zip(outputs, truths) for g, t in zip(out, truth))
         scores.append({"token_accuracy": right / sum(len(t) for t in truths),
                        "first_token_accuracy": sum(out[0] == t[0] for out, t in zip(outputs, truths)) / len(truths),
